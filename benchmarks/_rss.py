@@ -1,0 +1,103 @@
+"""Peak resident memory of one save or one restore, each in a fresh process.
+
+The parent calls `measure_rss`, which runs this file as a worker:
+
+    python benchmarks/_rss.py --side pytree_ckpt --op save --tree small --path DIR [--smoke]
+
+The worker imports everything, warms its side up on a tiny tree (thread pools, TensorStore
+contexts), and reads its resident set size: the **base**. For `save` it then builds the
+tree. Right before the operation it resets the kernel's high-water mark (`5` into
+`/proc/self/clear_refs`), runs the operation (a restore until every array is ready), and
+reads `VmHWM`: the **peak**. It prints one JSON line.
+
+Reported: `(peak - base) / tree bytes`. For a save, the tree itself is in that number
+(1.0 is the tree, the rest is the checkpointer's copies); for a restore, the restored
+tree is (1.0 is the result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+KIB = 1024
+
+
+def measure_rss(side: str, op: str, tree: str, path: str, smoke: bool) -> dict:
+    """Run one worker; return its base, peak and `(peak - base) / tree_bytes`."""
+    command = [sys.executable, __file__, "--side", side, "--op", op, "--tree", tree]
+    command += ["--path", path] + (["--smoke"] if smoke else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"RSS worker {side} {op} {tree} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["ratio"] = (result["peak_rss"] - result["base_rss"]) / result["tree_bytes"]
+    return result
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * KIB
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _warm_up(side, scratch: str) -> None:
+    import jax.numpy as jnp
+
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+        tiny = {"w": jnp.ones(1024, jnp.float32)}
+        side.save(tiny, os.path.join(tmp, "warm"))
+        side.restore(os.path.join(tmp, "warm"), {"w": tiny["w"]})
+
+
+def _run(args: argparse.Namespace) -> dict:
+    import gc
+
+    import jax
+    from _sides import make_side
+    from _trees import materialize, tree_bytes, tree_spec
+
+    side = make_side(args.side)
+    _warm_up(side, scratch=os.path.dirname(os.path.abspath(args.path)))
+    spec = tree_spec(args.tree, args.smoke)
+    gc.collect()
+    base = _status_bytes("VmRSS")
+    tree = materialize(spec) if args.op == "save" else None
+    gc.collect()
+    reset = _reset_peak()
+    if args.op == "save":
+        side.save(tree, args.path)
+    else:
+        jax.block_until_ready(side.restore(args.path, spec))
+    peak = _status_bytes("VmHWM")
+    side.close()
+    return {"base_rss": base, "peak_rss": peak, "tree_bytes": tree_bytes(spec), "reset": reset}
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", required=True)
+    parser.add_argument("--op", choices=("save", "restore"), required=True)
+    parser.add_argument("--tree", required=True)
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--smoke", action="store_true")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    print(json.dumps(_run(_parse())))

@@ -1,0 +1,140 @@
+"""The timing protocol for one tree.
+
+Every side runs every operation once as a warm-up (not recorded), then `repeats` times.
+Within a repeat each operation is timed for all sides back to back, the side order
+reversed on every other repeat, so no side always goes first (or last) after the disk
+has been busy. Every save goes into a fresh directory; every checkpoint is deleted when
+its repeat is done (outside the timing), except the last one of each side, which the
+RSS workers restore.
+
+Before each timed call: `gc.collect()` and `os.sync()` (so no earlier writeback or
+deletion is still in flight), and with `cold=True` before each read, the page cache
+is dropped (`echo 3 > /proc/sys/vm/drop_caches`). Without `cold`, reads come from a warm
+page cache for every side alike: each side reads the checkpoint it has just written.
+
+A restore is timed until every restored array is ready (`jax.block_until_ready`).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+from _sides import Side
+from _trees import Subtree
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+# Operations in the order they run within a repeat; async saves report two numbers.
+TIMED_OPS = ("save", "restore", "metadata", "restore_at", "save_async")
+ASYNC_PARTS = ("save_async_block", "save_async_total")
+
+Runs = dict[str, dict[str, list[float]]]  # side -> operation -> seconds per repeat
+
+
+class TreeCase(NamedTuple):
+    """What every side is timed on."""
+
+    tree: Any
+    spec: Any
+    subtree: Subtree | None  # restore_at is skipped without one
+
+
+class Timings(NamedTuple):
+    runs: Runs
+    last_checkpoints: dict[str, str]  # side -> path of its last saved checkpoint
+
+
+def time_sides(
+    case: TreeCase, sides: Sequence[Side], repeats: int, workdir: str, cold: bool
+) -> Timings:
+    """Warm up every side once, then time `repeats` alternating rounds."""
+    runs: Runs = defaultdict(lambda: defaultdict(list))
+    for side in sides:
+        side.prepare(case.tree)
+    previous_root = None
+    for repeat in range(-1, repeats):
+        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
+        root = f"{workdir}/round{repeat + 1}"
+        checkpoints = _one_round(case, order, root, cold, runs, record=repeat >= 0)
+        if previous_root:
+            _remove(previous_root)
+        previous_root = root
+    for side in sides:
+        side.release()
+    return Timings({k: dict(v) for k, v in runs.items()}, checkpoints)
+
+
+def _one_round(
+    case: TreeCase, order: list[Side], root: str, cold: bool, runs: Runs, record: bool
+) -> dict[str, str]:
+    os.makedirs(root)
+    paths = {side.name: os.path.join(root, side.name) for side in order}
+    timers: dict[str, Callable[[Side], dict[str, float]]] = {
+        "save": lambda s: {"save": _timed(s.save, case.tree, paths[s.name])},
+        "restore": lambda s: {"restore": _timed(s.restore, paths[s.name], case.spec)},
+        "metadata": lambda s: {"metadata": _timed(s.metadata, paths[s.name])},
+        "restore_at": lambda s: {"restore_at": _timed(s.restore_at, paths[s.name], case.subtree)},
+        "save_async": lambda s: _timed_async(s, case.tree, paths[s.name] + "-async"),
+    }
+    for op in TIMED_OPS:
+        for side in order:
+            if op not in side.ops or (op == "restore_at" and case.subtree is None):
+                continue
+            _settle(drop_cache=cold and op not in ("save", "save_async"))
+            for key, seconds in timers[op](side).items():
+                if record:
+                    runs[side.name][key].append(seconds)
+    for side in order:
+        _remove(paths[side.name] + "-async")
+    return paths
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> float:
+    start = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - start
+    del out  # freed outside the timing
+    return seconds
+
+
+def _timed_async(side: Side, tree: Any, path: str) -> dict[str, float]:
+    start = time.perf_counter()
+    wait = side.save_async(tree, path)
+    blocked = time.perf_counter() - start
+    wait()
+    return {"save_async_block": blocked, "save_async_total": time.perf_counter() - start}
+
+
+def _settle(drop_cache: bool) -> None:
+    gc.collect()
+    os.sync()
+    if drop_cache:
+        drop_page_cache()
+
+
+def drop_page_cache() -> None:
+    with open(DROP_CACHES, "w") as f:
+        f.write("3\n")
+
+
+def can_drop_page_cache() -> bool:
+    try:
+        drop_page_cache()
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.remove(path)

@@ -1,0 +1,72 @@
+"""The benchmark script runs end to end on tiny trees and writes the JSON it promises.
+
+Timings are not checked (they mean nothing at smoke size); the structure is.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+TREES = ("small", "big", "train", "sharded")
+SIDES = ("pytree_ckpt", "orbax", "np.save", "disk")
+TREE_KEYS = {"tree", "leaves", "bytes", "repeats", "page_cache", "subtree", "seconds", "rss"}
+TREE_KEYS |= {"derived", "targets"}
+TARGET_KEYS = {"name", "key", "op", "bound", "unit", "measured", "pass"}
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def smoke_record(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if importlib.util.find_spec("orbax") is None:
+        pytest.skip("orbax-checkpoint is not installed (the `bench` extra)")
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "smoke.json"
+    command = [sys.executable, str(BENCH), "--smoke", "--out", str(out), "--workdir", str(tmp)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=540, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_every_tree_is_reported(smoke_record: dict) -> None:
+    assert set(smoke_record) == {"environment", "trees"}
+    assert tuple(smoke_record["trees"]) == TREES
+    for name, tree in smoke_record["trees"].items():
+        assert TREE_KEYS <= set(tree), name
+        assert tree["tree"] == name
+        assert tree["bytes"] > 0 and tree["leaves"] > 0
+
+
+def test_every_side_is_timed(smoke_record: dict) -> None:
+    for name, tree in smoke_record["trees"].items():
+        assert tuple(tree["seconds"]) == SIDES, name
+        for side, ops in tree["seconds"].items():
+            assert {"save", "restore"} <= set(ops), (name, side)
+            assert all(len(op["runs"]) == 1 for op in ops.values()), (name, side)
+        checkpointer_ops = {"save_async_block", "save_async_total", "metadata"}
+        assert checkpointer_ops <= set(tree["seconds"]["orbax"]), name
+        assert checkpointer_ops <= set(tree["seconds"]["pytree_ckpt"]), name
+
+
+def test_peak_rss_is_measured_for_both_checkpointers(smoke_record: dict) -> None:
+    for name, tree in smoke_record["trees"].items():
+        assert set(tree["rss"]) == {"pytree_ckpt", "orbax"}, name
+        for ops in tree["rss"].values():
+            assert {"save", "restore"} == set(ops)
+            assert all(op["peak_rss"] >= op["base_rss"] > 0 for op in ops.values())
+
+
+def test_targets_are_judged(smoke_record: dict) -> None:
+    for name, tree in smoke_record["trees"].items():
+        assert tree["targets"], name
+        for target in tree["targets"]:
+            assert set(target) == TARGET_KEYS
+            assert target["pass"] in (True, False), (name, target["name"])
+    small_targets = {t["key"] for t in smoke_record["trees"]["small"]["targets"]}
+    assert {"ratio_save", "ratio_restore", "ratio_save_async_block", "metadata_ms"} <= small_targets
+    assert "save_disk_fraction" in {t["key"] for t in smoke_record["trees"]["big"]["targets"]}
