@@ -6,11 +6,11 @@ that the checkpoint lacks, what the checkpoint holds that nobody used, and what 
 name but not in shape or dtype.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 try:
-    __version__ = version("pytree_ckpt")
-except PackageNotFoundError:  # running from a source tree
+    __version__ = _metadata.version("pytree_ckpt")
+except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 from ._async import SaveFuture as SaveFuture

@@ -8,9 +8,10 @@ A leaf's **path** is the names of the edges from the root to it, joined with ``/
 - a sequence index (list, tuple, ``SequenceKey``, ``FlattenedIndexKey``): its decimal digits;
 - an attribute (dataclass, flax ``struct.dataclass``, NamedTuple field): the field name.
 
-Inside a name, ``\\`` is written ``\\\\`` and ``/`` is written ``\\/`` so that every path
-splits back into its names exactly (:func:`split_path` undoes :func:`join_path`). The root
-leaf of a tree that is a single leaf has the empty path ``""``.
+Inside a name, ``\\`` is written ``\\\\`` and ``/`` is written ``\\/``, and an empty name is
+written ``\\_``, so that every path splits back into its names exactly (:func:`split_path`
+undoes :func:`join_path`). The root leaf of a tree that is a single leaf has the empty path
+``""``.
 
 Matching is by these names only, never by position or container type, which is why a
 checkpoint saved from a flax ``struct.dataclass`` restores into a dict or a NamedTuple with
@@ -34,6 +35,7 @@ from ._errors import PathCollisionError
 # (indexed children). The type's name is kept for display only, never imported.
 DICT, LIST, TUPLE, NAMED = "dict", "list", "tuple", "named"
 NODE_KINDS = frozenset({DICT, LIST, TUPLE, NAMED})
+EMPTY = "\\_"  # an empty name (a dict key "") inside a path
 
 
 class Node(NamedTuple):
@@ -55,6 +57,8 @@ class Flat(NamedTuple):
 
 def escape(name: str) -> str:
     """Escapes one edge name so that ``/`` inside it cannot split the path."""
+    if not name:
+        return EMPTY
     if "\\" in name or "/" in name:
         return name.replace("\\", "\\\\").replace("/", "\\/")
     return name
@@ -79,7 +83,8 @@ def split_path(path: str) -> list[str]:
     names, current, chars = [], [], iter(path)
     for ch in chars:
         if ch == "\\":
-            current.append(next(chars, ""))
+            escaped = next(chars, "")
+            current.append("" if escaped == "_" else escaped)
         elif ch == "/":
             names.append("".join(current))
             current = []
@@ -137,8 +142,8 @@ def _children(node: Any) -> tuple[list[tuple[Any, Any]], bool]:
         except TypeError:
             # JAX sorts dict keys; mixed key types cannot be sorted, so say which.
             raise PathCollisionError(
-                f"dict keys {sorted(map(repr, node))} cannot be ordered; "
-                "use keys of one type (str or int)"
+                f"dict keys {sorted(map(repr, node))} cannot be ordered (JAX sorts dict keys, "
+                "and int and str keys could collide as path names); use keys of one type"
             ) from None
         return [(DictKey(k), node[k]) for k in keys], True
     if tp is list or tp is tuple:
