@@ -290,6 +290,8 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _Snapshot, old: lis
             kv.write(COMMIT_FILE, _format.encode(commit)).result()
         except Exception as e:
             raise SaveError(f"{loc.url}: writing the commit file failed: {e}") from e
+        if loc.local is not None:
+            _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
         for generation in old:
             if generation != data:
                 _storage.delete_prefix(loc, kv, generation)

@@ -138,21 +138,22 @@ def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
     kv.delete_range(ts.KvStore.KeyRange(start, end)).result()
 
 
-def fsync_tree(directory: str) -> None:
-    """fsyncs every directory below ``directory`` (TensorStore syncs files and their own
-    directory, but not the entries of directories it created on the way)."""
-    for root, _dirs, _files in os.walk(directory, topdown=False):
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    parent = os.path.dirname(directory.rstrip("/"))
-    fd = os.open(parent, os.O_RDONLY)
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(directory: str) -> None:
+    """fsyncs every directory below ``directory`` and its parent: TensorStore syncs files
+    and their own directory, not the entries of the directories it created on the way."""
+    if not os.path.isdir(directory):
+        return
+    for root, _dirs, _files in os.walk(directory, topdown=False):
+        fsync_dir(root)
+    fsync_dir(os.path.dirname(directory.rstrip("/")))
 
 
 def choose_chunks(shard_shape: Iterable[int], itemsize: int, limit: int = CHUNK_BYTES) -> list[int]:
