@@ -71,9 +71,12 @@ def location(path: str | os.PathLike | dict) -> Location:
         spec: dict[str, Any] = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket,
                                 "path": key.strip("/") + "/" if key else ""}
         if scheme == "s3":
+            # TensorStore's s3:// URLs ignore AWS_ENDPOINT_URL; a spec takes the endpoint.
             for field, var in _S3_ENV:
                 if var in os.environ and field not in spec:
                     spec[field] = os.environ[var]
+            if "AWS_ACCESS_KEY_ID" in os.environ:
+                spec["aws_credentials"] = {"type": "environment"}
         return Location(text, spec, None)
     raise ValueError(f"{text!r}: unsupported scheme {scheme!r} (use a path, file://, "
                      "memory://, gs:// or s3://)")
