@@ -1,0 +1,60 @@
+"""pytree_ckpt: a functional checkpointer for JAX pytrees.
+
+``save(tree, path)`` writes every leaf through TensorStore; ``restore(path, target)`` returns
+a new tree and a pure :class:`RestoreStatus` saying what matched, what the target asked for
+that the checkpoint lacks, what the checkpoint holds that nobody used, and what matched in
+name but not in shape or dtype.
+"""
+
+import importlib.metadata as _metadata
+
+try:
+    __version__ = _metadata.version("pytree_ckpt")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+local"
+
+from ._async import SaveFuture as SaveFuture
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointExistsError as CheckpointExistsError
+from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._errors import CorruptCheckpointError as CorruptCheckpointError
+from ._errors import FormatVersionError as FormatVersionError
+from ._errors import IncompleteCheckpointError as IncompleteCheckpointError
+from ._errors import NotACheckpointError as NotACheckpointError
+from ._errors import PathCollisionError as PathCollisionError
+from ._errors import PathNotFoundError as PathNotFoundError
+from ._errors import SaveError as SaveError
+from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._metadata import CheckpointMetadata as CheckpointMetadata
+from ._metadata import LeafMetadata as LeafMetadata
+from ._metadata import metadata as metadata
+from ._restore import restore as restore
+from ._save import save as save
+from ._save import save_async as save_async
+from ._status import Cast as Cast
+from ._status import Mismatch as Mismatch
+from ._status import RestoreStatus as RestoreStatus
+
+__all__ = [
+    "Cast",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointMetadata",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "IncompleteCheckpointError",
+    "LeafMetadata",
+    "Mismatch",
+    "NotACheckpointError",
+    "PathCollisionError",
+    "PathNotFoundError",
+    "RestoreStatus",
+    "SaveError",
+    "SaveFuture",
+    "UnsupportedLeafError",
+    "metadata",
+    "restore",
+    "save",
+    "save_async",
+]

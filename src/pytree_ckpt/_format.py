@@ -1,0 +1,286 @@
+"""The commit file: its encoding, written down here beside the code, and its validation.
+
+Layout of a checkpoint at ``<path>``::
+
+    <path>/checkpoint.msgpack       the commit file, written LAST: its presence = committed
+    <path>/d-<32 hex>/a/<id>/       one zarr3 array per large leaf (chunks with crc32c)
+    <path>/d-<32 hex>/p/<n>         packed small leaves, one blob per writing process
+
+Storage keys are ids assigned by the writer (``a/17``, ``p/0``); no user string ever becomes
+a storage key, so a dict key such as ``../../etc`` cannot leave the checkpoint directory. The
+data lives in a generation folder ``d-<hex>`` named by the commit file, so an overwrite
+writes a new generation next to the old one and replaces the commit file in one atomic
+step; the old generation is deleted only after that.
+
+The commit file is msgpack. Its outer value is a 4-element array::
+
+    ["pytree_ckpt", FORMAT_VERSION, crc32(body), body]
+
+where ``body`` (bytes) is itself msgpack of a map::
+
+    "data":   "d-<hex>"                         generation folder holding the arrays and blobs
+    "nodes":  [[path, kind, type_name], ...]    inner nodes, root first; kind in _graph.NODE_KINDS
+    "leaves": [[path, origin, dtype, shape, impl, storage, sharding], ...]
+    "blobs":  [nbytes, ...]                     size of packed blob n (stored at p/<n>)
+    "arrays": count                             zarr arrays are a/0 .. a/<count-1>
+    "writer": {"library": ..., "jax": ..., "tensorstore": ..., "processes": int, "time": float}
+
+and each leaf's ``storage`` is one of::
+
+    ["v", value]                                a Python leaf's value (_leaves.encode_py)
+    ["z", array_id, chunk_shape, stored_dtype]  zarr3 array a/<array_id>
+    ["p", blob, offset, nbytes, crc32]          bytes [offset, offset+nbytes) of blob p/<blob>
+
+``sharding`` is None or ``[mesh_shape, axis_names, partition_spec]`` (spec entries None, a
+name, or a list of names), recorded for display and as the default layout on restore.
+``stored_dtype`` differs from ``dtype`` only where TensorStore lacks the dtype; the bytes are
+then stored as unsigned integers of the same width. All checksums are zlib's CRC-32; the zarr3
+chunks carry the crc32c codec. The reader treats every field as untrusted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import msgpack
+
+from . import _graph, _leaves
+from ._errors import CorruptCheckpointError, FormatVersionError
+
+MAGIC = "pytree_ckpt"
+FORMAT_VERSION = 1
+COMMIT_FILE = "checkpoint.msgpack"
+MAX_COMMIT_BYTES = 1 << 30
+_GEN_RE = re.compile(r"d-[0-9a-f]{32}")
+_MAX_RANK = 64
+_MAX_ELEMENTS = 1 << 62
+
+
+class Storage(NamedTuple):
+    """Where a leaf's value lives: inline (py), in a zarr array, or in a packed blob."""
+
+    kind: str  # "v", "z" or "p"
+    value: Any = None  # "v": the decoded Python value
+    index: int = 0  # "z": array id; "p": blob number
+    chunks: tuple[int, ...] = ()  # "z"
+    stored_dtype: str = ""  # "z"
+    offset: int = 0  # "p"
+    nbytes: int = 0  # "p"
+    crc: int = 0  # "p"
+
+
+class LeafRecord(NamedTuple):
+    """One saved leaf, as described by the commit file."""
+
+    path: str
+    origin: str
+    dtype: str
+    shape: tuple[int, ...]
+    impl: str | None
+    storage: Storage
+    sharding: tuple | None
+
+    @property
+    def nbytes(self) -> int:
+        if self.origin == _leaves.PY:
+            return 0
+        return math.prod(self.shape) * _leaves.DTYPES[self.dtype].itemsize
+
+
+class Commit(NamedTuple):
+    """A decoded, validated commit file."""
+
+    data: str
+    nodes: tuple[_graph.Node, ...]
+    leaves: dict[str, LeafRecord]
+    blobs: tuple[int, ...]
+    arrays: int
+    writer: dict[str, Any]
+
+
+def encode(commit: Commit) -> bytes:
+    """The commit file's bytes for ``commit``."""
+    body = msgpack.packb(
+        {
+            "data": commit.data,
+            "nodes": [list(n) for n in commit.nodes],
+            "leaves": [_encode_leaf(r) for r in commit.leaves.values()],
+            "blobs": list(commit.blobs),
+            "arrays": commit.arrays,
+            "writer": commit.writer,
+        },
+        use_bin_type=True,
+    )
+    return msgpack.packb([MAGIC, FORMAT_VERSION, zlib.crc32(body), body], use_bin_type=True)
+
+
+def _encode_leaf(r: LeafRecord) -> list:
+    s = r.storage
+    if s.kind == "v":
+        storage = ["v", _leaves.encode_py(s.value)]
+    elif s.kind == "z":
+        storage = ["z", s.index, list(s.chunks), s.stored_dtype]
+    else:
+        storage = ["p", s.index, s.offset, s.nbytes, s.crc]
+    return [r.path, r.origin, r.dtype, list(r.shape), r.impl, storage, r.sharding]
+
+
+def _unpack(data: bytes, where: str) -> Any:
+    # Explicit limits: the commit file is untrusted, and msgpack would otherwise size its
+    # containers from declared lengths.
+    limit = len(data)
+    try:
+        return msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=limit, max_bin_len=limit,
+            max_array_len=limit, max_map_len=limit, max_ext_len=0,
+        )
+    except Exception as e:  # msgpack raises several unrelated types for malformed input
+        raise CorruptCheckpointError(f"{where}: not a valid commit file ({e})") from None
+
+
+def decode(data: bytes, where: str) -> Commit:
+    """Decodes and validates commit file bytes; ``where`` names the file in errors.
+
+    Raises :class:`CorruptCheckpointError` for anything malformed (with the leaf's path where
+    it applies) and :class:`FormatVersionError` for a version this library cannot read.
+    """
+    if len(data) > MAX_COMMIT_BYTES:
+        raise CorruptCheckpointError(f"{where}: commit file of {len(data)} bytes is too large")
+    outer = _unpack(data, where)
+    if not (isinstance(outer, list) and len(outer) == 4 and outer[0] == MAGIC):
+        raise CorruptCheckpointError(f"{where}: not a pytree_ckpt commit file")
+    _, version, crc, body = outer
+    if version != FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{where}: format version {version!r}; this pytree_ckpt reads version "
+            f"{FORMAT_VERSION} (upgrade pytree_ckpt to read newer checkpoints)"
+        )
+    if not isinstance(body, bytes) or crc != zlib.crc32(body):
+        raise CorruptCheckpointError(f"{where}: commit file checksum mismatch (a flipped bit?)")
+    fields = _unpack(body, where)
+    try:
+        return _validate(fields, where)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+        if isinstance(e, CorruptCheckpointError):
+            raise
+        raise CorruptCheckpointError(f"{where}: malformed commit file ({e!r})") from None
+
+
+def _fail(where: str, msg: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{where}: {msg}")
+
+
+def _int(x: Any, lo: int, hi: int) -> bool:
+    return type(x) is int and lo <= x <= hi
+
+
+def _validate(f: Any, where: str) -> Commit:
+    if not isinstance(f, dict):
+        raise _fail(where, "body is not a map")
+    data, nodes, leaves = f["data"], f["nodes"], f["leaves"]
+    blobs, arrays, writer = f["blobs"], f["arrays"], f["writer"]
+    if not (isinstance(data, str) and _GEN_RE.fullmatch(data)):
+        raise _fail(where, f"bad data folder name {data!r}")
+    if not (isinstance(blobs, list) and all(_int(b, 0, 1 << 62) for b in blobs)):
+        raise _fail(where, "bad blob sizes")
+    if not _int(arrays, 0, 1 << 31):
+        raise _fail(where, f"bad array count {arrays!r}")
+    if not isinstance(writer, dict):
+        raise _fail(where, "bad writer record")
+    if not isinstance(nodes, list) or not isinstance(leaves, list):
+        raise _fail(where, "nodes and leaves must be lists")
+    node_list = tuple(_validate_node(n, where) for n in nodes)
+    records: dict[str, LeafRecord] = {}
+    for raw in leaves:
+        r = _validate_leaf(raw, where, blobs, arrays)
+        if r.path in records:
+            raise _fail(where, f"leaf {r.path!r} appears twice")
+        records[r.path] = r
+    return Commit(data, node_list, records, tuple(blobs), arrays, writer)
+
+
+def _validate_node(n: Any, where: str) -> _graph.Node:
+    if not (isinstance(n, list) and len(n) == 3 and all(isinstance(x, str) for x in n)):
+        raise _fail(where, f"bad node record {n!r:.80}")
+    if n[1] not in _graph.NODE_KINDS:
+        raise _fail(where, f"node {n[0]!r} has unknown kind {n[1]!r:.40}")
+    return _graph.Node(*n)
+
+
+def _validate_leaf(raw: Any, where: str, blobs: list[int], arrays: int) -> LeafRecord:
+    if not (isinstance(raw, list) and len(raw) == 7 and isinstance(raw[0], str)):
+        raise _fail(where, f"bad leaf record {raw!r:.80}")
+    path, origin, dtype, shape, impl, storage, sharding = raw
+    at = f"{where}: leaf {path!r}"
+    if not (isinstance(shape, list) and len(shape) <= _MAX_RANK
+            and all(_int(d, 0, _MAX_ELEMENTS) for d in shape)
+            and math.prod(shape) <= _MAX_ELEMENTS):
+        raise CorruptCheckpointError(f"{at}: bad shape {shape!r:.80}")
+    if not (impl is None or isinstance(impl, str)):
+        raise CorruptCheckpointError(f"{at}: bad PRNG implementation {impl!r:.40}")
+    if not isinstance(storage, list) or not storage:
+        raise CorruptCheckpointError(f"{at}: bad storage record")
+    if origin == _leaves.PY:
+        if storage[0] != "v" or len(storage) != 2 or shape:
+            raise CorruptCheckpointError(f"{at}: bad Python leaf record")
+        value = _leaves.decode_py(dtype, storage[1], at)
+        return LeafRecord(path, origin, dtype, (), None, Storage("v", value), None)
+    if origin not in _leaves.ARRAY_ORIGINS:
+        raise CorruptCheckpointError(f"{at}: unknown leaf kind {origin!r:.40}")
+    itemsize = _leaves.dtype_from_name(dtype, at).itemsize
+    nbytes = math.prod(shape) * itemsize
+    kind = storage[0]
+    if kind == "z" and len(storage) == 4:
+        _, index, chunks, stored = storage
+        if not (_int(index, 0, arrays - 1) and isinstance(chunks, list)
+                and len(chunks) == len(shape)
+                and all(_int(c, 1, max(d, 1)) for c, d in zip(chunks, shape, strict=True))):
+            raise CorruptCheckpointError(f"{at}: bad array storage {storage!r:.80}")
+        if _leaves.dtype_from_name(stored, at).itemsize != itemsize:
+            raise CorruptCheckpointError(f"{at}: stored dtype {stored!r} has the wrong width")
+        st = Storage("z", index=index, chunks=tuple(chunks), stored_dtype=stored)
+    elif kind == "p" and len(storage) == 5:
+        _, blob, offset, size, crc = storage
+        if not (_int(blob, 0, len(blobs) - 1) and _int(offset, 0, 1 << 62)
+                and size == nbytes and offset + size <= blobs[blob]
+                and _int(crc, 0, 0xFFFFFFFF)):
+            raise CorruptCheckpointError(f"{at}: bad packed storage {storage!r:.80}")
+        st = Storage("p", index=blob, offset=offset, nbytes=size, crc=crc)
+    else:
+        raise CorruptCheckpointError(f"{at}: bad storage record {storage!r:.80}")
+    return LeafRecord(path, origin, dtype, tuple(shape), impl, st, _validate_sharding(sharding, at))
+
+
+def _validate_sharding(s: Any, at: str) -> tuple | None:
+    if s is None:
+        return None
+    ok = (isinstance(s, list) and len(s) == 3 and isinstance(s[0], list)
+          and all(_int(d, 1, 1 << 20) for d in s[0]) and isinstance(s[1], list)
+          and len(s[1]) == len(s[0]) and all(isinstance(n, str) for n in s[1])
+          and isinstance(s[2], list))
+    if ok:
+        for entry in s[2]:
+            names = entry if isinstance(entry, list) else [entry]
+            ok = ok and all(n is None or n in s[1] for n in names)
+    if not ok:
+        raise CorruptCheckpointError(f"{at}: bad sharding record {s!r:.80}")
+    spec = tuple(tuple(e) if isinstance(e, list) else e for e in s[2])
+    return (tuple(s[0]), tuple(s[1]), spec)
+
+
+def writer_info(processes: int, time: float) -> Mapping[str, Any]:
+    from importlib.metadata import version
+
+    import jax
+
+    from . import __version__
+
+    return {
+        "library": f"pytree_ckpt {__version__}", "jax": jax.__version__,
+        "tensorstore": version("tensorstore"), "processes": processes, "time": time,
+    }

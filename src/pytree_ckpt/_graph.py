@@ -1,0 +1,276 @@
+"""A pytree as a named object graph: leaf paths, node kinds, and rebuilding without a target.
+
+A leaf's **path** is the names of the edges from the root to it, joined with ``/``:
+``params/dense/kernel``, ``opt_state/0/mu/params/dense/kernel``. Edge names come from
+``jax.tree_util`` key entries:
+
+- a dict key: the key itself if it is a ``str``, its decimal digits if it is an ``int``;
+- a sequence index (list, tuple, ``SequenceKey``, ``FlattenedIndexKey``): its decimal digits;
+- an attribute (dataclass, flax ``struct.dataclass``, NamedTuple field): the field name.
+
+Inside a name, ``\\`` is written ``\\\\`` and ``/`` is written ``\\/``, and an empty name is
+written ``\\_``, so that every path splits back into its names exactly (:func:`split_path`
+undoes :func:`join_path`). The root leaf of a tree that is a single leaf has the empty path
+``""``.
+
+Matching is by these names only, never by position or container type, which is why a
+checkpoint saved from a flax ``struct.dataclass`` restores into a dict or a NamedTuple with
+the same field names. ``None`` is a leaf here (JAX treats it as an empty node) because a
+checkpoint must give back the ``None`` it was given.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+from ._errors import PathCollisionError
+
+# Node kinds recorded in the commit file. Only "dict", "list" and "tuple" are rebuilt as
+# such without a target; every other node comes back as a dict (named children) or a list
+# (indexed children). The type's name is kept for display only, never imported.
+DICT, LIST, TUPLE, NAMED = "dict", "list", "tuple", "named"
+NODE_KINDS = frozenset({DICT, LIST, TUPLE, NAMED})
+EMPTY = "\\_"  # an empty name (a dict key "") inside a path
+
+
+class Node(NamedTuple):
+    """An inner node of the graph: its path, kind and the type's qualified name."""
+
+    path: str
+    kind: str
+    type_name: str
+
+
+class Flat(NamedTuple):
+    """A flattened tree: leaf paths and leaves in ``jax.tree_util`` order, and inner nodes."""
+
+    paths: list[str]
+    leaves: list[Any]
+    nodes: list[Node]
+    treedef: Any
+
+
+def escape(name: str) -> str:
+    """Escapes one edge name so that ``/`` inside it cannot split the path."""
+    if not name:
+        return EMPTY
+    if "\\" in name or "/" in name:
+        return name.replace("\\", "\\\\").replace("/", "\\/")
+    return name
+
+
+def join_path(prefix: str, name: str) -> str:
+    """Appends the (unescaped) edge ``name`` to the path ``prefix``."""
+    name = escape(name)
+    return f"{prefix}/{name}" if prefix else name
+
+
+def split_path(path: str) -> list[str]:
+    """Splits a path back into its edge names, undoing the escapes of :func:`join_path`.
+
+    >>> split_path(r"a/b\\/c/d\\\\")
+    ['a', 'b/c', 'd\\\\']
+    """
+    if path == "":
+        return []
+    if "\\" not in path:
+        return path.split("/")
+    names, current, chars = [], [], iter(path)
+    for ch in chars:
+        if ch == "\\":
+            escaped = next(chars, "")
+            current.append("" if escaped == "_" else escaped)
+        elif ch == "/":
+            names.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    names.append("".join(current))
+    return names
+
+
+def _key_name(entry: Any, parent: str) -> str:
+    if isinstance(entry, DictKey):
+        key = entry.key
+        if isinstance(key, str):
+            return key
+        if isinstance(key, bool) or not hasattr(key, "__index__"):
+            raise PathCollisionError(
+                f"dict key {key!r} of type {type(key).__name__} at path {parent or '<root>'!r} "
+                "cannot name a checkpoint path: use str or int dict keys"
+            )
+        return str(operator.index(key))
+    if isinstance(entry, GetAttrKey):
+        return entry.name
+    if isinstance(entry, SequenceKey):
+        return str(entry.idx)
+    if isinstance(entry, FlattenedIndexKey):
+        return str(entry.key)
+    return str(entry)
+
+
+def _type_name(tp: type) -> str:
+    return f"{tp.__module__}.{tp.__qualname__}"
+
+
+def _node_kind(node: Any, entries: Sequence[Any]) -> str:
+    tp = type(node)
+    if tp is dict:
+        return DICT
+    if tp is list:
+        return LIST
+    if tp is tuple:
+        return TUPLE
+    if entries and all(isinstance(e, (SequenceKey, FlattenedIndexKey)) for e in entries):
+        return LIST
+    return NAMED
+
+
+def _children(node: Any) -> tuple[list[tuple[Any, Any]], bool]:
+    """One level of ``node``: ``([(key entry, child), ...], is_node)``."""
+    if node is None:
+        return [], False
+    tp = type(node)
+    if tp is dict:
+        try:
+            keys = sorted(node)
+        except TypeError:
+            # JAX sorts dict keys; mixed key types cannot be sorted, so say which.
+            raise PathCollisionError(
+                f"dict keys {sorted(map(repr, node))} cannot be ordered (JAX sorts dict keys, "
+                "and int and str keys could collide as path names); use keys of one type"
+            ) from None
+        return [(DictKey(k), node[k]) for k in keys], True
+    if tp is list or tp is tuple:
+        return [(SequenceKey(i), c) for i, c in enumerate(node)], True
+    if isinstance(node, tuple) and hasattr(tp, "_fields"):
+        # jax 0.10.2's flatten_one_level_with_keys names every NamedTuple child after the
+        # first field; the fields themselves are the right names.
+        return [(GetAttrKey(f), c) for f, c in zip(tp._fields, node, strict=True)], True
+    try:
+        children, _ = jax.tree_util.flatten_one_level_with_keys(node)
+    except ValueError:
+        return [], False
+    return list(children), True
+
+
+def flatten(tree: Any) -> Flat:
+    """Flattens ``tree`` into named leaves and inner nodes, in ``jax.tree_util`` leaf order.
+
+    Raises :class:`PathCollisionError` when two edges of one node encode to the same name.
+
+    >>> flatten({"a": [1, 2], "b/c": None}).paths
+    ['a/0', 'a/1', 'b\\\\/c']
+    """
+    paths: list[str] = []
+    leaves: list[Any] = []
+    nodes: list[Node] = []
+
+    def walk(node: Any, path: str) -> None:
+        children, is_node = _children(node)
+        if not is_node:
+            paths.append(path)
+            leaves.append(node)
+            return
+        entries = [e for e, _ in children]
+        nodes.append(Node(path, _node_kind(node, entries), _type_name(type(node))))
+        seen: dict[str, Any] = {}
+        for entry, child in children:
+            name = _key_name(entry, path)
+            if name in seen:
+                raise PathCollisionError(
+                    f"two children of {path or '<root>'!r} ({type(node).__name__}) both encode "
+                    f"as {name!r}: keys {seen[name]!r} and {entry!r}; rename one of them"
+                )
+            seen[name] = entry
+            walk(child, join_path(path, name))
+
+    walk(tree, "")
+    treedef = jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None)
+    return Flat(paths, leaves, nodes, treedef)
+
+
+def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
+    """Rebuilds nested dicts, lists and tuples from recorded nodes and leaf values by path.
+
+    Nodes of other types come back as dicts (named children) or lists (indexed children):
+    their types are never imported from checkpoint content.
+
+    >>> rebuild([Node("", "dict", "builtins.dict"), Node("a", "tuple", "builtins.tuple")],
+    ...         {"a/0": 1, "a/1": 2})
+    {'a': (1, 2)}
+    """
+    if "" in values and not nodes:
+        return values[""]
+    kinds = {n.path: n.kind for n in nodes}
+    for path in values:
+        for ancestor in iter_prefixes(path):
+            kinds.setdefault(ancestor, DICT)  # a renamed leaf may need a new parent
+    children: dict[str, list[tuple[str, str]]] = {path: [] for path in kinds}
+    for path in list(kinds) + list(values):
+        if path == "":
+            continue
+        names = split_path(path)
+        parent = "/".join(escape(n) for n in names[:-1])
+        if parent in children:
+            children[parent].append((names[-1], path))
+
+    def build(path: str) -> Any:
+        if path not in kinds:
+            return values[path]
+        kids = children[path]
+        if kinds[path] in (LIST, TUPLE):
+            seq = [build(p) for _, p in sorted(kids, key=lambda kp: int(kp[0]))]
+            return tuple(seq) if kinds[path] == TUPLE else seq
+        return {name: build(p) for name, p in kids}
+
+    return build("")
+
+
+def iter_prefixes(path: str) -> Iterator[str]:
+    """Yields the proper ancestors of ``path``, root first (``""``, ``a``, ``a/b`` for ``a/b/c``)."""
+    names = split_path(path)
+    prefix = ""
+    yield prefix
+    for name in names[:-1]:
+        prefix = join_path(prefix, name)
+        yield prefix
+
+
+def relative_to(path: str, at: str) -> str | None:
+    """``path`` relative to the subtree ``at``, or None if it lies outside it."""
+    if at == "":
+        return path
+    if path == at:
+        return ""
+    if path.startswith(at + "/"):
+        return path[len(at) + 1 :]
+    return None
+
+
+def renamer(rename: Mapping[str, str] | Callable[[str], str] | None) -> Callable[[str], str]:
+    """A function from checkpoint paths to target paths.
+
+    A mapping renames the longest matching prefix (whole names only): with
+    ``{"encoder/old": "encoder/new"}``, ``encoder/old/kernel`` becomes ``encoder/new/kernel``.
+    A function is used as given.
+    """
+    if rename is None:
+        return lambda p: p
+    if callable(rename):
+        return rename
+    pairs = sorted(rename.items(), key=lambda kv: -len(kv[0]))
+
+    def apply(path: str) -> str:
+        for old, new in pairs:
+            rest = relative_to(path, old)
+            if rest is not None:
+                return new if rest == "" else (f"{new}/{rest}" if new else rest)
+        return path
+
+    return apply

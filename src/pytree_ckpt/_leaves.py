@@ -1,0 +1,152 @@
+"""What a leaf is, how it is saved exactly, and what it becomes on restore.
+
+Leaf kinds (the ``origin`` stored per leaf in the commit file):
+
+- ``jax``: a ``jax.Array``; restored as a ``jax.Array``.
+- ``numpy``: a ``numpy.ndarray``; restored as one.
+- ``npscalar``: a NumPy scalar (``np.float32(1.5)``); restored as the same scalar type.
+- ``prngkey``: a typed PRNG key array (``jax.random.key``); its key data is stored
+  (``jax.random.key_data``) with the implementation's name, and rewrapped on restore.
+- ``py``: ``None``, ``bool``, ``int``, ``float``, ``complex``, ``str``, ``bytes``; the value is
+  stored in the commit file itself (covered by its checksum) and restored as the same type.
+
+Anything else raises :class:`UnsupportedLeafError` naming the leaf's path. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from ._errors import CorruptCheckpointError, UnsupportedLeafError
+
+JAX, NUMPY, NPSCALAR, PRNGKEY, PY = "jax", "numpy", "npscalar", "prngkey", "py"
+ARRAY_ORIGINS = frozenset({JAX, NUMPY, NPSCALAR, PRNGKEY})
+
+# The dtypes a checkpoint may name. A closed list: the commit file is untrusted, and an
+# object dtype must never be built from it.
+_DTYPE_NAMES = (
+    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 "
+    "complex64 complex128 bfloat16 int2 int4 uint2 uint4 float4_e2m1fn float8_e3m4 float8_e4m3 "
+    "float8_e4m3b11fnuz float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz float8_e8m0fnu"
+).split()
+DTYPES: dict[str, np.dtype] = {}
+for _name in _DTYPE_NAMES:
+    _tp = getattr(ml_dtypes, _name, None) or getattr(np, _name, None)
+    if _tp is not None:
+        DTYPES[_name] = np.dtype(_tp)
+
+# Python leaf types by the name stored for them.
+PY_TYPES: dict[str, type] = {
+    "none": type(None), "bool": bool, "int": int, "float": float,
+    "complex": complex, "str": str, "bytes": bytes,
+}
+_PY_NAMES = {tp: name for name, tp in PY_TYPES.items()}
+
+
+class LeafInfo(NamedTuple):
+    """How one leaf is saved: its kind, dtype name and shape (``()`` for Python leaves)."""
+
+    origin: str
+    dtype: str
+    shape: tuple[int, ...]
+    impl: str | None = None  # PRNG implementation name, for prngkey leaves
+
+
+def dtype_name(dtype: Any) -> str:
+    return np.dtype(dtype).name
+
+
+def dtype_from_name(name: str, where: str) -> np.dtype:
+    """The NumPy dtype named ``name``; a clear error for a name outside the closed list."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise CorruptCheckpointError(f"{where}: unknown dtype {name!r}") from None
+
+
+def is_prng_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def describe(path: str, leaf: Any) -> LeafInfo:
+    """Classifies one leaf of a tree being saved, or raises :class:`UnsupportedLeafError`."""
+    tp = type(leaf)
+    if tp in _PY_NAMES:
+        return LeafInfo(PY, _PY_NAMES[tp], ())
+    if isinstance(leaf, jax.Array):
+        if is_prng_key(leaf):
+            data = jax.random.key_data(leaf)
+            impl = str(jax.random.key_impl(leaf))
+            return LeafInfo(PRNGKEY, dtype_name(data.dtype), tuple(data.shape), impl)
+        return LeafInfo(JAX, _checked_dtype(path, leaf.dtype), tuple(leaf.shape))
+    if isinstance(leaf, np.ndarray):
+        return LeafInfo(NUMPY, _checked_dtype(path, leaf.dtype), tuple(leaf.shape))
+    if isinstance(leaf, np.generic):
+        return LeafInfo(NPSCALAR, _checked_dtype(path, leaf.dtype), ())
+    raise UnsupportedLeafError(
+        f"leaf {path or '<root>'!r} has type {tp.__module__}.{tp.__qualname__}, which cannot be "
+        "saved exactly; supported leaves are jax.Array, numpy arrays and scalars, typed PRNG "
+        "keys, and None/bool/int/float/complex/str/bytes (convert it, or register its class "
+        "as a pytree node)"
+    )
+
+
+def _checked_dtype(path: str, dtype: Any) -> str:
+    name = dtype_name(dtype)
+    if name not in DTYPES:
+        raise UnsupportedLeafError(
+            f"leaf {path or '<root>'!r} has dtype {name}, which cannot be saved; supported "
+            f"dtypes: {', '.join(DTYPES)}"
+        )
+    return name
+
+
+def encode_py(value: Any) -> Any:
+    """A Python leaf as a msgpack value (exact: big ints as decimal text, complex as a pair)."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, complex):
+        return [value.real, value.imag]
+    return value
+
+
+def decode_py(type_name: str, stored: Any, where: str) -> Any:
+    """Inverse of :func:`encode_py`, checking that the stored value has the declared type."""
+    tp = PY_TYPES.get(type_name) if isinstance(type_name, str) else None
+    ok = False
+    value = stored
+    if tp is int and isinstance(stored, str) and len(stored) <= 4300:
+        try:
+            value, ok = int(stored), True
+        except ValueError:
+            ok = False
+    elif tp is complex and isinstance(stored, list) and len(stored) == 2:
+        if all(isinstance(x, float) for x in stored):
+            value, ok = complex(stored[0], stored[1]), True
+    elif tp is not None:
+        ok = type(stored) is tp
+    if not ok:
+        raise CorruptCheckpointError(
+            f"{where}: stored Python value {type(stored).__name__} does not match its "
+            f"declared type {type_name!r}"
+        )
+    return value
+
+
+def item_kind(dtype: np.dtype) -> str:
+    """'b' bool, 'i' signed, 'u' unsigned, 'f' floating (ml_dtypes too), 'c' complex."""
+    if dtype == np.bool_:
+        return "b"
+    if jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        return "f"
+    if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
+        return "c"
+    if jax.numpy.issubdtype(dtype, jax.numpy.unsignedinteger):
+        return "u"
+    return "i"

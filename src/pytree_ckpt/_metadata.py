@@ -1,0 +1,105 @@
+"""metadata: what a checkpoint holds, read from its commit file alone (no array data)."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from . import _graph, _leaves, _storage
+from ._restore import load_commit
+
+
+class LeafMetadata(NamedTuple):
+    """One saved leaf: its path, kind, shape, dtype, size, saved sharding and, for Python
+    leaves, its value."""
+
+    path: str
+    kind: str  # "jax", "numpy", "npscalar", "prngkey" or "py"
+    shape: tuple[int, ...]
+    dtype: str  # a NumPy dtype name, or the Python type ("int", "str", "none", ...)
+    nbytes: int
+    sharding: str | None = None
+    value: Any = None
+
+    def __str__(self) -> str:
+        if self.kind == _leaves.PY:
+            return f"{self.path}: {self.dtype} = {self.value!r:.60}"
+        where = f" sharded {self.sharding}" if self.sharding else ""
+        return f"{self.path}: {self.kind} {self.dtype}{list(self.shape)} ({self.nbytes} B){where}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMetadata:
+    """A checkpoint's structure, read from its commit file only.
+
+    - ``tree``: the saved tree rebuilt as nested dicts/lists/tuples of :class:`LeafMetadata`.
+    - ``leaves``: :class:`LeafMetadata` by path, in save order.
+    - ``node_types``: the saved inner nodes' type names by path (for display; never imported).
+    - ``nbytes``: the total bytes of array data.
+    - ``writer``: library versions, process count and time of the save.
+    """
+
+    path: str
+    format_version: int
+    tree: Any
+    leaves: Mapping[str, LeafMetadata]
+    node_types: Mapping[str, str]
+    nbytes: int
+    writer: Mapping[str, Any]
+
+    def __hash__(self) -> int:
+        return hash((self.path, tuple(self.leaves.items())))
+
+    def __str__(self) -> str:
+        head = (f"checkpoint {self.path}: {len(self.leaves)} leaves, {self.nbytes:,} bytes, "
+                f"written by {self.writer.get('library', '?')}")
+        return "\n".join([head] + [f"  {leaf}" for leaf in self.leaves.values()])
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td><code>{html.escape(m.path)}</code></td><td>{m.kind}</td>"
+            f"<td>{html.escape(m.dtype)}</td><td>{list(m.shape)}</td><td>{m.nbytes:,}</td>"
+            f"<td>{html.escape(m.sharding or '')}</td>"
+            f"<td>{html.escape(repr(m.value)[:60]) if m.kind == _leaves.PY else ''}</td></tr>"
+            for m in self.leaves.values())
+        return (f"<details open><summary><b>{html.escape(str(self).splitlines()[0])}</b>"
+                "</summary><table><tr><th>path</th><th>kind</th><th>dtype</th><th>shape</th>"
+                f"<th>bytes</th><th>sharding</th><th>value</th></tr>{rows}</table></details>")
+
+
+def _sharding_text(s: tuple | None) -> str | None:
+    if s is None:
+        return None
+    mesh_shape, names, spec = s
+    mesh = ", ".join(f"{n}={d}" for n, d in zip(names, mesh_shape, strict=True))
+    return f"P{tuple(spec)} over mesh({mesh})"
+
+
+def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
+    """Describes the checkpoint at ``path`` from its commit file, reading no array data.
+
+    **Returns:** a :class:`CheckpointMetadata` (``str()`` lists every leaf; it renders as a
+    table in a notebook).
+
+    **Raises:** as :func:`restore` does for a missing, incomplete or corrupt checkpoint.
+
+    Example::
+
+        >>> info = pc.metadata("memory://doc/save")
+        >>> info.leaves["w"].shape, info.leaves["step"].value
+        ((3,), 7)
+    """
+    loc = _storage.location(path)
+    commit = load_commit(loc, _storage.open_kvstore(loc))
+    leaves = {}
+    for p, r in commit.leaves.items():
+        value = r.storage.value if r.origin == _leaves.PY else None
+        leaves[p] = LeafMetadata(p, r.origin, r.shape, r.dtype, r.nbytes,
+                                 _sharding_text(r.sharding), value)
+    return CheckpointMetadata(
+        path=loc.url, format_version=1, tree=_graph.rebuild(commit.nodes, leaves),
+        leaves=leaves, node_types={n.path: n.type_name for n in commit.nodes},
+        nbytes=sum(m.nbytes for m in leaves.values()), writer=dict(commit.writer))

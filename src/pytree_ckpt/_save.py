@@ -1,0 +1,343 @@
+"""save and save_async: snapshot in the caller's thread, write and commit in the background.
+
+A save has three phases:
+
+1. **Snapshot** (the only part ``save_async`` waits for): flatten the tree, classify every
+   leaf, and copy the shards this process owns to host memory. Small leaves are copied
+   straight into this process's packed blob. After this the caller may donate, mutate or
+   delete its arrays.
+2. **Write** (background): every zarr3 chunk and the packed blob, concurrently, through
+   TensorStore, into a fresh generation folder ``d-<hex>`` of the checkpoint.
+3. **Commit** (background): all processes report success; then the primary writes the commit
+   file (atomically: TensorStore's file driver writes through a rename and fsyncs; an object
+   store PUT is atomic) and only then deletes an overwritten checkpoint's old generation.
+
+Until the commit file exists, nothing is restorable and earlier checkpoints are untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+import zlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from . import _async, _distributed, _format, _graph, _leaves, _storage
+from ._errors import (
+    CheckpointExistsError,
+    NotACheckpointError,
+    SaveError,
+)
+from ._format import COMMIT_FILE, LeafRecord, Storage
+
+# Leaves up to this size are packed into one blob per process instead of a zarr array each:
+# 10,000 small arrays become one write rather than 10,000.
+PACK_BYTES = 256 << 10
+_ALIGN = 16
+_BARRIER_TIMEOUT_S = float(os.environ.get("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600))
+_save_counter = 0
+
+
+class _ArrayWrite(NamedTuple):
+    index: int
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    stored_dtype: str
+    shards: list[tuple[tuple[slice, ...], np.ndarray]]
+
+
+class _Snapshot(NamedTuple):
+    nodes: tuple[_graph.Node, ...]
+    records: dict[str, LeafRecord]
+    arrays: list[_ArrayWrite]
+    n_arrays: int
+    blob: bytearray
+    packed: list[tuple[str, int, int]]  # (path, offset, nbytes) inside this process's blob
+
+
+def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) -> str:
+    """Saves ``tree`` to ``path``; committed and durable when it returns.
+
+    **Arguments:**
+
+    - ``tree``: any pytree of ``jax.Array``, NumPy arrays and scalars, typed PRNG keys and
+      Python ``None``/``bool``/``int``/``float``/``complex``/``str``/``bytes`` leaves.
+    - ``path``: a local directory, or ``file://``, ``memory://``, ``gs://bucket/dir``,
+      ``s3://bucket/dir``, or a TensorStore kvstore spec dict.
+    - ``overwrite``: replace an existing checkpoint at ``path``. The old one stays intact and
+      restorable until the new one is committed.
+
+    **Returns:** the checkpoint's path, as a string.
+
+    **Raises:** :class:`CheckpointExistsError` if a checkpoint is there and ``overwrite`` is
+    False; :class:`NotACheckpointError` if ``path`` holds anything else (it is never
+    deleted); :class:`UnsupportedLeafError` or :class:`PathCollisionError` naming the leaf;
+    :class:`SaveError` if a write fails (nothing is committed).
+
+    Example::
+
+        >>> import jax.numpy as jnp, pytree_ckpt as pc
+        >>> pc.save({"w": jnp.ones(3), "step": 7}, "memory://doc/save")
+        'memory://doc/save'
+    """
+    return save_async(tree, path, overwrite=overwrite).result()
+
+
+def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False
+               ) -> _async.SaveFuture:
+    """Starts saving ``tree`` to ``path``; returns once the tree is snapshotted.
+
+    The snapshot copies the shards this process owns to host memory, so the caller may
+    donate or overwrite its arrays at once (e.g. the next jitted step with
+    ``donate_argnums``). Writing and committing continue in the background. A save started
+    while another is in flight first waits for it.
+
+    **Arguments:** as :func:`save`.
+
+    **Returns:** a :class:`SaveFuture`; ``result()`` returns the path once committed and
+    re-raises any background error.
+
+    **Raises:** at once, what :func:`save` raises before writing (existing checkpoint,
+    foreign directory, unsupported leaf); later, from ``result()``, :class:`SaveError`.
+
+    Example::
+
+        >>> fut = pc.save_async({"w": jnp.zeros(2)}, "memory://doc/async")
+        >>> fut.result()
+        'memory://doc/async'
+    """
+    _async.wait_all()
+    loc = _storage.location(path)
+    kv = _storage.open_kvstore(loc)
+    old_generations = _check_destination(loc, kv, overwrite)
+    snap = _snapshot(tree)
+    global _save_counter
+    _save_counter += 1
+    name = f"pytree_ckpt/save/{_save_counter}"
+    return _async.submit(lambda: _write_and_commit(loc, kv, snap, old_generations, name),
+                         loc.url)
+
+
+def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> list[str]:
+    """Refuses foreign or (without overwrite) committed destinations; returns the data
+    generations already there, to delete after the commit."""
+    names = _storage.top_level_names(loc, kv)
+    if not names:
+        return []
+    foreign = sorted(n for n in names if n != COMMIT_FILE and not _is_ours(n))
+    if foreign:
+        raise NotACheckpointError(
+            f"{loc.url}: refusing to write into a directory that is not a previous checkpoint "
+            f"(it holds {', '.join(map(repr, foreign[:5]))}); choose an empty or new path"
+        )
+    if COMMIT_FILE in names and not overwrite:
+        raise CheckpointExistsError(
+            f"{loc.url}: a checkpoint already exists; pass overwrite=True to replace it"
+        )
+    return sorted(n for n in names if n.startswith("d-"))
+
+
+def _is_ours(name: str) -> bool:
+    # Data generations, and TensorStore's own temporary files of an interrupted commit.
+    return name.startswith("d-") or name.startswith(COMMIT_FILE + ".")
+
+
+def _snapshot(tree: Any) -> _Snapshot:
+    flat = _graph.flatten(tree)
+    me = _distributed.process_index()
+    records: dict[str, LeafRecord] = {}
+    arrays: list[_ArrayWrite] = []
+    to_pack: list[tuple[str, np.ndarray]] = []
+    n_arrays = 0
+    for path, leaf in zip(flat.paths, flat.leaves, strict=True):
+        info = _leaves.describe(path, leaf)
+        if info.origin == _leaves.PY:
+            records[path] = LeafRecord(path, info.origin, info.dtype, (), None,
+                                       Storage("v", leaf), None)
+            continue
+        value = jax.random.key_data(leaf) if info.origin == _leaves.PRNGKEY else leaf
+        nbytes = math.prod(info.shape) * _leaves.DTYPES[info.dtype].itemsize
+        sharding = getattr(value, "sharding", None)
+        record = LeafRecord(path, info.origin, info.dtype, info.shape, info.impl,
+                            Storage("p"), _describe_sharding(sharding))
+        if nbytes <= PACK_BYTES and _whole_on_one_device(value):
+            host = _owned_whole(value, me)
+            if host is not None:
+                to_pack.append((path, host))
+        else:
+            itemsize = _leaves.DTYPES[info.dtype].itemsize
+            chunks = tuple(_storage.choose_chunks(_shard_shape(value), itemsize))
+            stored = _stored_dtype(info.dtype)
+            arrays.append(_ArrayWrite(n_arrays, info.shape, chunks, stored,
+                                      _owned_shards(value, me)))
+            record = record._replace(storage=Storage("z", index=n_arrays, chunks=chunks,
+                                                     stored_dtype=stored))
+            n_arrays += 1
+        records[path] = record
+    blob, packed = _pack(to_pack)
+    return _Snapshot(tuple(flat.nodes), records, arrays, n_arrays, blob, packed)
+
+
+def _describe_sharding(sharding: Any) -> tuple | None:
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in sharding.spec)
+    return (tuple(mesh.devices.shape), tuple(mesh.axis_names), spec)
+
+
+def _whole_on_one_device(value: Any) -> bool:
+    if not isinstance(value, jax.Array):
+        return True
+    sharding = value.sharding
+    return sharding.is_fully_replicated or len(sharding.device_set) == 1
+
+
+def _is_cpu(x: jax.Array) -> bool:
+    return all(d.platform == "cpu" for d in x.sharding.device_set)
+
+
+def _host_copy(x: Any) -> np.ndarray:
+    """A host copy that shares no memory with ``x``.
+
+    On the CPU, ``np.asarray(jax_array)`` is a view of the device buffer: holding it would
+    corrupt the snapshot when the buffer is donated (and stop XLA from donating), so copy.
+    """
+    if isinstance(x, jax.Array) and not _is_cpu(x):
+        return np.asarray(x)
+    return np.array(x, copy=True, order="C")
+
+
+def _owned_whole(value: Any, me: int) -> np.ndarray | None:
+    """The whole value if this process writes it (owner of replica 0), else None."""
+    if not isinstance(value, jax.Array):
+        return np.asarray(value) if me == 0 else None
+    for shard in value.addressable_shards:
+        if shard.replica_id == 0:
+            return np.asarray(shard.data)  # packing copies it
+    return None
+
+
+def _owned_shards(value: Any, me: int) -> list[tuple[tuple[slice, ...], np.ndarray]]:
+    """(index, host copy) of every shard this process writes: replica 0 of each region."""
+    if not isinstance(value, jax.Array):
+        if me != 0:
+            return []
+        return [(tuple(slice(None) for _ in np.shape(value)), _host_copy(value))]
+    owned = [s for s in value.addressable_shards if s.replica_id == 0]
+    for s in owned:
+        s.data.copy_to_host_async()
+    return [(s.index, _host_copy(s.data)) for s in owned]
+
+
+def _shard_shape(value: Any) -> tuple[int, ...]:
+    if isinstance(value, jax.Array):
+        return tuple(value.sharding.shard_shape(value.shape))
+    return tuple(np.shape(value))
+
+
+def _stored_dtype(name: str) -> str:
+    # TensorStore's zarr3 lacks a few ml_dtypes; their bytes go in as same-width uints.
+    return {"float8_e4m3": "uint8", "int2": "uint8", "uint2": "uint8"}.get(name, name)
+
+
+def _pack(items: list[tuple[str, np.ndarray]]) -> tuple[bytearray, list[tuple[str, int, int]]]:
+    offsets, total = [], 0
+    for _path, arr in items:
+        offsets.append(total)
+        total += -(-arr.nbytes // _ALIGN) * _ALIGN
+    blob = bytearray(total)
+    view = memoryview(blob)
+    packed = []
+    for (path, arr), offset in zip(items, offsets, strict=True):
+        n = arr.nbytes
+        if n:
+            view[offset:offset + n] = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        packed.append((path, offset, n))
+    return blob, packed
+
+
+def _write_and_commit(loc: _storage.Location, kv: Any, snap: _Snapshot, old: list[str],
+                      name: str) -> str:
+    me, primary = _distributed.process_index(), _distributed.process_index() == 0
+    data = _distributed.broadcast_str(f"{name}/data", f"d-{uuid.uuid4().hex}" if primary
+                                      else None, _BARRIER_TIMEOUT_S)
+    error = None
+    try:
+        _write_data(kv, data, snap, me, primary)
+        if loc.local is not None:
+            _storage.fsync_tree(os.path.join(loc.local, data))
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    # Every process reports; any failure (or silence) anywhere means no commit anywhere.
+    try:
+        _distributed.report_and_check(f"{name}/written", error, _BARRIER_TIMEOUT_S)
+    except Exception as e:
+        raise SaveError(f"{loc.url}: save failed, nothing was committed: {e}") from e
+    crcs = _gather_packed(name, snap, me)
+    if primary:
+        commit = _format.Commit(
+            data=data, nodes=snap.nodes, leaves=_finish_records(snap, crcs),
+            blobs=tuple(crcs["sizes"]), arrays=snap.n_arrays,
+            writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
+        )
+        try:
+            kv.write(COMMIT_FILE, _format.encode(commit)).result()
+        except Exception as e:
+            raise SaveError(f"{loc.url}: writing the commit file failed: {e}") from e
+        if loc.local is not None:
+            _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
+        for generation in old:
+            if generation != data:
+                _storage.delete_prefix(loc, kv, generation)
+    _distributed.barrier(f"{name}/committed", _BARRIER_TIMEOUT_S)
+    return loc.url
+
+
+def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> None:
+    opens = []
+    for w in snap.arrays:
+        spec = _storage.array_spec(w.shape, w.chunks, w.stored_dtype)
+        if primary or w.shards:
+            opens.append((w, _storage.open_array(kv, f"{data}/a/{w.index}", spec,
+                                                 create=primary)))
+    futures = []
+    if snap.blob or snap.packed:
+        futures.append(kv.write(f"{data}/p/{me}", snap.blob))
+    for w, opening in opens:
+        store = opening.result()
+        for index, host in w.shards:
+            if host.dtype.name != w.stored_dtype:
+                host = host.view(_leaves.DTYPES[w.stored_dtype])
+            futures.append(store[index].write(host, can_reference_source_data_indefinitely=True))
+    for f in futures:
+        f.result()
+
+
+def _gather_packed(name: str, snap: _Snapshot, me: int) -> dict[str, Any]:
+    """Checksums of the packed leaves, by path, and every process's blob size."""
+    view = memoryview(snap.blob)
+    entries = {path: (me, off, n, zlib.crc32(view[off:off + n]))
+               for path, off, n in snap.packed}
+    sizes = {me: len(snap.blob)} if snap.packed else {}
+    if _distributed.is_multiprocess():
+        entries, sizes = _distributed.gather_packed(f"{name}/packed", entries, sizes,
+                                                    _BARRIER_TIMEOUT_S)
+    n_blobs = max(sizes, default=-1) + 1
+    return {"entries": entries, "sizes": [sizes.get(i, 0) for i in range(n_blobs)]}
+
+
+def _finish_records(snap: _Snapshot, crcs: dict[str, Any]) -> dict[str, LeafRecord]:
+    records = dict(snap.records)
+    for path, (blob, offset, n, crc) in crcs["entries"].items():
+        records[path] = records[path]._replace(
+            storage=Storage("p", index=blob, offset=offset, nbytes=n, crc=crc))
+    missing = [p for p, r in records.items() if r.storage.kind == "p" and p not in crcs["entries"]]
+    if missing:
+        raise SaveError(f"no process wrote the small leaves {missing[:5]}")
+    return records

@@ -1,0 +1,127 @@
+"""The restore status: a frozen record of what matched, what did not, and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+from typing import NamedTuple
+
+
+class Mismatch(NamedTuple):
+    """A target path found in the checkpoint with another shape or an unsafe dtype.
+
+    The restored tree keeps the target's value there.
+    """
+
+    path: str
+    saved_shape: tuple[int, ...]
+    saved_dtype: str
+    target_shape: tuple[int, ...]
+    target_dtype: str
+
+    def __str__(self) -> str:
+        return (f"{self.path}: saved {self.saved_dtype}{list(self.saved_shape)}, "
+                f"target {self.target_dtype}{list(self.target_shape)}")
+
+
+class Cast(NamedTuple):
+    """A matched path whose value was converted to the target's dtype (e.g. float32 to
+    bfloat16, or a Python int to an int32 array)."""
+
+    path: str
+    saved_dtype: str
+    target_dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.saved_dtype} -> {self.target_dtype}"
+
+
+def _listing(title: str, items: tuple) -> list[str]:
+    if not items:
+        return []
+    return [f"  {title} ({len(items)}):"] + [f"    {item}" for item in items]
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreStatus:
+    """What a restore did, path by path. Frozen and hashable: equal restores, equal statuses.
+
+    - ``matched``: target paths restored from the checkpoint (including ``cast`` ones).
+    - ``unmatched``: target paths the checkpoint lacks; they keep the target's value.
+    - ``unused``: checkpoint paths no target path asked for (under ``at`` when given).
+    - ``mismatched``: :class:`Mismatch` records, name found but shape or dtype incompatible;
+      they keep the target's value.
+    - ``cast``: :class:`Cast` records for matched paths converted to the target's dtype.
+
+    Example::
+
+        >>> tree, status = pc.restore("memory://doc/save", {"w": jnp.zeros(3), "b": 0.0})
+        >>> status.matched, status.unmatched, status.unused
+        (('w',), ('b',), ('step',))
+    """
+
+    matched: tuple[str, ...] = ()
+    unmatched: tuple[str, ...] = ()
+    unused: tuple[str, ...] = ()
+    mismatched: tuple[Mismatch, ...] = ()
+    cast: tuple[Cast, ...] = ()
+
+    def assert_consumed(self) -> RestoreStatus:
+        """Asserts every target path matched and every checkpoint entry was used.
+
+        **Raises:** ``AssertionError`` naming every unmatched, unused and mismatched path.
+        """
+        problems = (_listing("unmatched (in target, not in checkpoint)", self.unmatched)
+                    + _listing("unused (in checkpoint, not in target)", self.unused)
+                    + _listing("mismatched", self.mismatched))
+        if problems:
+            raise AssertionError("restore did not consume the checkpoint exactly:\n"
+                                 + "\n".join(problems))
+        return self
+
+    def assert_existing_matched(self) -> RestoreStatus:
+        """Asserts every target path was found (and fit); unused checkpoint entries are fine.
+
+        **Raises:** ``AssertionError`` naming every unmatched and mismatched path.
+        """
+        problems = (_listing("unmatched (in target, not in checkpoint)", self.unmatched)
+                    + _listing("mismatched", self.mismatched))
+        if problems:
+            raise AssertionError("some target paths were not restored:\n" + "\n".join(problems))
+        return self
+
+    def assert_nontrivial_match(self) -> RestoreStatus:
+        """Asserts at least one leaf was restored from the checkpoint.
+
+        **Raises:** ``AssertionError`` listing what the target asked for otherwise.
+        """
+        if not self.matched:
+            raise AssertionError(
+                "nothing was restored from the checkpoint (wrong path, at= or rename?):\n"
+                + "\n".join(_listing("unmatched", self.unmatched)
+                            + _listing("mismatched", self.mismatched)
+                            + _listing("unused", self.unused)))
+        return self
+
+    def __str__(self) -> str:
+        lines = [f"RestoreStatus: {len(self.matched)} matched, {len(self.unmatched)} unmatched, "
+                 f"{len(self.unused)} unused, {len(self.mismatched)} mismatched, "
+                 f"{len(self.cast)} cast"]
+        lines += _listing("unmatched", self.unmatched) + _listing("unused", self.unused)
+        lines += _listing("mismatched", self.mismatched) + _listing("cast", self.cast)
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = [("matched", p, "") for p in self.matched]
+        rows += [("unmatched", p, "kept the target's value") for p in self.unmatched]
+        rows += [("unused", p, "in the checkpoint only") for p in self.unused]
+        rows += [("mismatched", m.path, str(m).split(": ", 1)[1]) for m in self.mismatched]
+        rows += [("cast", c.path, str(c).split(": ", 1)[1]) for c in self.cast]
+        colors = {"matched": "#2e7d32", "unmatched": "#c62828", "unused": "#ef6c00",
+                  "mismatched": "#c62828", "cast": "#1565c0"}
+        body = "".join(
+            f"<tr><td style='color:{colors[k]}'>{k}</td><td><code>{html.escape(p)}</code></td>"
+            f"<td>{html.escape(d)}</td></tr>" for k, p, d in rows)
+        summary = html.escape(str(self).splitlines()[0])
+        return (f"<details open><summary><b>{summary}</b></summary><table>"
+                f"<tr><th>status</th><th>path</th><th>detail</th></tr>{body}</table></details>")

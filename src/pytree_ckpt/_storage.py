@@ -1,0 +1,220 @@
+"""All I/O, through TensorStore kvstores: ``file``, ``memory``, ``gcs`` and ``s3`` alike.
+
+A checkpoint *location* is a kvstore spec whose path ends in ``/``; every key below is
+relative to it. Zarr3 arrays are opened with ``fill_missing_data_reads=False`` and
+``store_data_equal_to_fill_value=True`` (see NOTES.md): a missing chunk must be an error,
+never zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import tensorstore as ts
+
+from ._errors import CheckpointError
+
+# Chunks of at most this many bytes (and lined up with shard boundaries) read and write in
+# parallel; one big chunk per array read back ~2x slower here (NOTES.md).
+CHUNK_BYTES = 4 << 20
+
+
+class Location(NamedTuple):
+    """Where a checkpoint lives: a kvstore spec and, for local files, the directory."""
+
+    url: str
+    spec: dict[str, Any]
+    local: str | None
+
+    def child(self, name: str) -> Location:
+        """The location of ``name`` inside this one (for a manager's numbered steps)."""
+        spec = dict(self.spec, path=self.spec.get("path", "") + name.strip("/") + "/")
+        local = os.path.join(self.local, name) if self.local is not None else None
+        return Location(f"{self.url.rstrip('/')}/{name}", spec, local)
+
+
+_S3_ENV = (("endpoint", "AWS_ENDPOINT_URL_S3"), ("endpoint", "AWS_ENDPOINT_URL"),
+           ("aws_region", "AWS_REGION"), ("aws_region", "AWS_DEFAULT_REGION"))
+
+
+def location(path: str | os.PathLike | dict) -> Location:
+    """Parses a user's path: a local path, ``file://``, ``memory://``, ``gs://``, ``s3://``.
+
+    A dict is taken as a TensorStore kvstore spec (for options no URL can say).
+    """
+    if isinstance(path, dict):
+        spec = dict(path)
+        spec["path"] = spec.get("path", "").rstrip("/") + "/"
+        local = spec["path"] if spec.get("driver") == "file" else None
+        return Location(f"{spec.get('driver')}://{spec['path']}", spec, local)
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        raise TypeError(f"checkpoint path must be str, os.PathLike or a kvstore spec dict: {path!r}")
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "file", text
+    rest = rest.strip("/") if scheme != "file" else rest
+    if scheme == "file":
+        local = os.path.abspath(rest)
+        return Location(local, {"driver": "file", "path": local.rstrip("/") + "/"}, local)
+    if scheme == "memory":
+        return Location(text, {"driver": "memory", "path": rest + "/"}, None)
+    if scheme in ("gs", "s3"):
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"{text!r}: no bucket name")
+        spec: dict[str, Any] = {"driver": "gcs" if scheme == "gs" else "s3", "bucket": bucket,
+                                "path": key.strip("/") + "/" if key else ""}
+        if scheme == "s3":
+            # TensorStore's s3:// URLs ignore AWS_ENDPOINT_URL; a spec takes the endpoint.
+            for field, var in _S3_ENV:
+                if var in os.environ and field not in spec:
+                    spec[field] = os.environ[var]
+            if "AWS_ACCESS_KEY_ID" in os.environ:
+                spec["aws_credentials"] = {"type": "environment"}
+        return Location(text, spec, None)
+    raise ValueError(f"{text!r}: unsupported scheme {scheme!r} (use a path, file://, "
+                     "memory://, gs:// or s3://)")
+
+
+_context_lock = threading.Lock()
+
+
+@functools.cache
+def context() -> ts.Context:
+    """The one TensorStore context (created on first use, not at import).
+
+    One context means one ``memory://`` store per process, so a checkpoint saved to memory
+    can be restored by a later call; and caching is off, since a checkpoint's bytes are read
+    once.
+    """
+    with _context_lock:
+        return ts.Context({
+            "cache_pool": {"total_bytes_limit": 0},
+            "file_io_concurrency": {"limit": 64},
+            "data_copy_concurrency": {"limit": max(os.cpu_count() or 1, 1)},
+        })
+
+
+def open_kvstore(loc: Location) -> ts.KvStore:
+    try:
+        return ts.KvStore.open(loc.spec, context=context()).result()
+    except Exception as e:
+        raise CheckpointError(f"{loc.url}: cannot open storage ({e})") from e
+
+
+def read_key(kv: ts.KvStore, key: str) -> bytes | None:
+    """The value of ``key``, or None if it is missing."""
+    result = kv.read(key).result()
+    return bytes(result.value) if result.state == "value" else None
+
+
+def top_level_names(loc: Location, kv: ts.KvStore) -> set[str] | None:
+    """Names directly inside the location, or None if it does not exist at all."""
+    if loc.local is not None:
+        try:
+            return set(os.listdir(loc.local))
+        except FileNotFoundError:
+            return None
+        except NotADirectoryError:
+            return {""}
+    keys = kv.list().result()
+    if not keys:
+        return None
+    return {k.decode("utf-8", "replace").split("/", 1)[0] for k in keys}
+
+
+def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
+    """Deletes everything under ``prefix`` (a folder name inside the location)."""
+    if loc.local is not None:
+        import shutil
+
+        shutil.rmtree(os.path.join(loc.local, prefix), ignore_errors=True)
+        return
+    start = prefix.rstrip("/") + "/"
+    end = start[:-1] + chr(ord("/") + 1)
+    kv.delete_range(ts.KvStore.KeyRange(start, end)).result()
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: str) -> None:
+    """fsyncs every directory below ``directory`` and its parent: TensorStore syncs files
+    and their own directory, not the entries of the directories it created on the way."""
+    if not os.path.isdir(directory):
+        return
+    for root, _dirs, _files in os.walk(directory, topdown=False):
+        fsync_dir(root)
+    fsync_dir(os.path.dirname(directory.rstrip("/")))
+
+
+def choose_chunks(shard_shape: Iterable[int], itemsize: int, limit: int = CHUNK_BYTES) -> list[int]:
+    """A chunk shape that divides ``shard_shape`` exactly and holds at most ~``limit`` bytes.
+
+    Chunks never straddle shard boundaries, so each device writes its own chunks with no
+    read-modify-write; splitting further lets reads and writes run in parallel.
+
+    >>> choose_chunks((4096, 4096), 4)
+    [256, 4096]
+    """
+    chunks = [max(int(d), 1) for d in shard_shape]
+    while math.prod(chunks) * itemsize > limit:
+        for axis in sorted(range(len(chunks)), key=lambda a: -chunks[a]):
+            p = _smallest_factor(chunks[axis])
+            if p:
+                chunks[axis] //= p
+                break
+        else:
+            break
+    return chunks
+
+
+def _smallest_factor(n: int) -> int:
+    if n < 2:
+        return 0
+    for p in (2, 3, 5, 7):
+        if n % p == 0:
+            return p
+    f = 11
+    while f * f <= n:
+        if n % f == 0:
+            return f
+        f += 2
+    return n
+
+
+def array_spec(shape: Iterable[int], chunks: Iterable[int], stored_dtype: str) -> dict[str, Any]:
+    """The zarr3 spec of one stored array (crc32c on every chunk)."""
+    return {
+        "driver": "zarr3",
+        "metadata": {
+            "shape": list(shape),
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+            "chunk_key_encoding": {"name": "default"},
+            "data_type": stored_dtype,
+            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                       {"name": "crc32c"}],
+        },
+        "fill_missing_data_reads": False,
+        "store_data_equal_to_fill_value": True,
+    }
+
+
+def open_array(kv: ts.KvStore, key: str, spec: dict[str, Any], *, create: bool) -> ts.Future:
+    """Opens the zarr3 array under ``key``; ``create`` writes its ``zarr.json`` (the primary
+    process does), otherwise the metadata is taken from the checked commit file, not read."""
+    store = kv / (key.rstrip("/") + "/")
+    if create:
+        return ts.open(spec, kvstore=store, create=True, context=context())
+    return ts.open(spec, kvstore=store, open=True, assume_metadata=True, context=context())

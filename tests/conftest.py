@@ -1,0 +1,42 @@
+"""Shared pytest setup: 8 virtual CPU devices (set before JAX is imported) and fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+# ---- Object-storage servers on loopback (helpers and TensorStore notes: tests/_servers.py) ----
+# Session-scoped: TensorStore reads GOOGLE_AUTH_TOKEN_FOR_TESTING once per process, at the first
+# gs:// request, so the variables are set before any test that asks for `gcs_server` runs and
+# stay set until the session ends. Each test should write under its own path in the bucket.
+from _servers import (  # noqa: E402
+    GcsServer,
+    S3Server,
+    fake_gcs_server,
+    moto_s3_server,
+    patched_environ,
+)
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GcsServer]:
+    """fake-gcs-server with an empty bucket; TensorStore's gs:// goes there meanwhile."""
+    with fake_gcs_server() as server, patched_environ(server.env()):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server with an empty bucket; use ``s3_server.spec(path)`` (not a URL)."""
+    with moto_s3_server() as server, patched_environ(server.env()):
+        yield server
+
+
+# ---- End of object-storage servers ----

@@ -1,0 +1,153 @@
+"""Bad input gets a clear, typed error naming the path and the leaf, and loses nothing."""
+
+import os
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pytree_ckpt as pc
+from pytree_ckpt import _format
+
+
+def data_files(root, kind):
+    (gen,) = [p for p in pathlib.Path(root).iterdir() if p.name.startswith("d-")]
+    base = gen / kind
+    return sorted(p for p in base.rglob("*") if p.is_file() and p.name != "zarr.json")
+
+
+def flip_byte(path, offset):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(pc.CheckpointNotFoundError, match=r"nope: no checkpoint there"):
+        pc.restore(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError):
+        pc.metadata(tmp_path / "nope")
+
+
+def test_directory_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"meow")
+    with pytest.raises(pc.CheckpointNotFoundError, match=r"photos: not a checkpoint.*'cat.jpg'"):
+        pc.restore(tmp_path / "photos")
+    for overwrite in (False, True):
+        with pytest.raises(pc.NotACheckpointError, match="refusing to write into a directory"):
+            pc.save({"a": 1}, tmp_path / "photos", overwrite=overwrite)
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"meow"
+
+
+def test_existing_checkpoint_needs_overwrite_and_is_replaced_only_on_commit(tmp_path):
+    path = tmp_path / "c"
+    pc.save({"a": np.ones(3)}, path)
+    with pytest.raises(pc.CheckpointExistsError, match="pass overwrite=True"):
+        pc.save({"a": np.zeros(3)}, path)
+    with pytest.raises(pc.UnsupportedLeafError):
+        pc.save({"a": object()}, path, overwrite=True)
+    np.testing.assert_array_equal(pc.restore(path)[0]["a"], np.ones(3))
+    pc.save({"a": np.full(3, 2.0), "big": np.ones((512, 512))}, path, overwrite=True)
+    np.testing.assert_array_equal(pc.restore(path)[0]["a"], np.full(3, 2.0))
+    assert len([p for p in path.iterdir() if p.name.startswith("d-")]) == 1
+
+
+def test_empty_existing_directory_is_fine(tmp_path):
+    (tmp_path / "empty").mkdir()
+    pc.save({"a": 1}, tmp_path / "empty")
+    assert pc.restore(tmp_path / "empty")[0] == {"a": 1}
+
+
+def test_uncommitted_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "c"
+    pc.save({"a": jnp.ones((300, 300))}, path)
+    os.remove(path / _format.COMMIT_FILE)
+    with pytest.raises(pc.IncompleteCheckpointError, match=r"c: incomplete checkpoint"):
+        pc.restore(path)
+    pc.save({"a": 2}, path, overwrite=True)  # an incomplete save can be replaced
+    assert pc.restore(path)[0] == {"a": 2}
+
+
+def test_truncated_commit_file(tmp_path):
+    path = tmp_path / "c"
+    pc.save({"a": 1, "b": np.ones(4)}, path)
+    commit = path / _format.COMMIT_FILE
+    commit.write_bytes(commit.read_bytes()[:-7])
+    with pytest.raises(pc.CorruptCheckpointError, match=r"checkpoint.msgpack: not a valid commit file"):
+        pc.restore(path)
+
+
+def test_flipped_bit_in_a_python_leaf_is_caught_by_the_commit_checksum(tmp_path):
+    path = tmp_path / "c"
+    pc.save({"lr": 12345}, path)
+    commit = path / _format.COMMIT_FILE
+    raw = commit.read_bytes()
+    flip_byte(commit, raw.rindex((12345).to_bytes(2, "big")))
+    with pytest.raises(pc.CorruptCheckpointError, match="checksum mismatch"):
+        pc.restore(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    import msgpack
+
+    path = tmp_path / "c"
+    pc.save({"a": 1}, path)
+    commit = path / _format.COMMIT_FILE
+    magic, _, crc, body = msgpack.unpackb(commit.read_bytes())
+    commit.write_bytes(msgpack.packb([magic, 99, crc, body]))
+    with pytest.raises(pc.FormatVersionError, match="format version 99; this pytree_ckpt reads version 1"):
+        pc.restore(path)
+
+
+def test_flipped_byte_in_an_array_chunk_names_the_leaf(tmp_path):
+    path = tmp_path / "c"
+    pc.save({"params": {"w": jnp.arange(300 * 300, dtype=jnp.float32).reshape(300, 300)}}, path)
+    chunk = data_files(path, "a")[0]
+    flip_byte(chunk, 100)
+    with pytest.raises(pc.CorruptCheckpointError, match=r"leaf 'params/w'.*cannot read"):
+        pc.restore(path)
+
+
+def test_flipped_byte_in_a_packed_leaf_names_the_leaf(tmp_path):
+    path = tmp_path / "c"
+    pc.save({"a": np.arange(8.0), "b": np.arange(8.0) * 2}, path)
+    (blob,) = data_files(path, "p")
+    flip_byte(blob, 80)  # inside "b", the second leaf (16-byte aligned offsets)
+    with pytest.raises(pc.CorruptCheckpointError, match=r"leaf 'b': checksum mismatch in packed blob"):
+        pc.restore(path)
+    # A restore that does not need the damaged leaf still works.
+    tree, status = pc.restore(path, {"a": np.zeros(8)})
+    np.testing.assert_array_equal(tree["a"], np.arange(8.0))
+
+
+def test_missing_array_chunk_is_an_error_not_zeros(tmp_path):
+    path = tmp_path / "c"
+    pc.save({"w": np.zeros((1024, 1024))}, path)  # all zeros: equal to the fill value
+    chunks = data_files(path, "a")
+    assert len(chunks) > 1
+    os.remove(chunks[-1])
+    with pytest.raises(pc.CorruptCheckpointError, match="leaf 'w'"):
+        pc.restore(path)
+
+
+HOSTILE_KEYS = ["../../etc", "/abs", "a/b", "..", "nul\x00byte", "ünï😀", "\\", "", "c\\/d"]
+
+
+def test_hostile_keys_round_trip_and_never_leave_the_directory(tmp_path):
+    tree = {k: {k: np.full(70000, i, np.float32)} for i, k in enumerate(HOSTILE_KEYS)}
+    path = tmp_path / "inner" / "c"
+    pc.save(tree, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inner"]
+    assert sorted(p.name for p in (tmp_path / "inner").iterdir()) == ["c"]
+    restored, status = pc.restore(path)
+    status.assert_consumed()
+    assert restored.keys() == tree.keys()
+    for i, k in enumerate(HOSTILE_KEYS):
+        np.testing.assert_array_equal(restored[k][k], np.full(70000, i, np.float32))
+    restored, status = pc.restore(path, tree)
+    status.assert_consumed()
+    for name in (p.name for p in path.rglob("*")):
+        assert name in {"checkpoint.msgpack", "zarr.json", "a", "p", "c"} or name.isdigit() \
+            or name.startswith("d-"), name

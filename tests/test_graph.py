@@ -1,0 +1,85 @@
+import collections
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pytree_ckpt as pc
+from pytree_ckpt import _graph
+
+
+@given(st.lists(st.text(), min_size=1, max_size=5))
+def test_paths_split_back_into_their_names(names):
+    path = ""
+    for name in names:
+        path = _graph.join_path(path, name)
+    assert _graph.split_path(path) == names
+
+
+def test_escaping_of_slash_and_backslash():
+    assert _graph.join_path("a", "b/c") == "a/b\\/c"
+    assert _graph.join_path("a", "d\\") == "a/d\\\\"
+    assert _graph.split_path("a/b\\/c/d\\\\") == ["a", "b/c", "d\\"]
+    assert _graph.join_path("", "") == "\\_" and _graph.split_path("\\_/\\_") == ["", ""]
+
+
+def test_flatten_names_every_kind_of_edge():
+    NT = collections.namedtuple("NT", "mu nu")
+    tree = {"d": {"x": 1, "y/z": "two"}, "i": {2: 0, 10: 1}, "l": [None, (3.0,)],
+            "nt": NT(np.zeros(1), np.ones(1))}
+    flat = _graph.flatten(tree)
+    assert flat.paths == ["d/x", "d/y\\/z", "i/2", "i/10", "l/0", "l/1/0", "nt/mu", "nt/nu"]
+    kinds = {n.path: n.kind for n in flat.nodes}
+    assert kinds == {"": "dict", "d": "dict", "i": "dict", "l": "list", "l/1": "tuple",
+                     "nt": "named"}
+    # Leaf order is jax.tree_util's, with None as a leaf.
+    assert len(flat.leaves) == len(jax.tree_util.tree_leaves(tree, is_leaf=lambda x: x is None))
+
+
+def test_namedtuple_fields_are_named_correctly():
+    # jax 0.10.2's flatten_one_level_with_keys names every NamedTuple child after field 0.
+    NT = collections.namedtuple("NT", "count mu nu")
+    assert _graph.flatten(NT(0, 1, 2)).paths == ["count", "mu", "nu"]
+
+
+def test_int_and_str_keys_that_collide_as_text_raise_clearly():
+    # JAX itself cannot order {1: a, "1": b}; we say so instead of losing either leaf.
+    with pytest.raises(pc.PathCollisionError, match=r"dict keys \[\"'1'\", '1'\] cannot be ordered"):
+        _graph.flatten({"inner": {1: "a", "1": "b"}})
+
+
+def test_custom_nodes_whose_keys_collide_raise_naming_the_node():
+    @jax.tree_util.register_pytree_with_keys_class
+    class Twice:
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+        def tree_flatten_with_keys(self):
+            return [(jax.tree_util.GetAttrKey("x"), self.a), (jax.tree_util.DictKey("x"), self.b)], None
+
+        @classmethod
+        def tree_unflatten(cls, aux, children):
+            return cls(*children)
+
+    with pytest.raises(pc.PathCollisionError, match=r"two children of 'inner' \(Twice\) both encode as 'x'"):
+        _graph.flatten({"inner": Twice(1, 2)})
+
+
+def test_unnameable_dict_key_raises():
+    with pytest.raises(pc.PathCollisionError, match=r"dict key \(1, 2\) of type tuple"):
+        _graph.flatten({(1, 2): 1})
+
+
+def test_rebuild_restores_dicts_lists_tuples_and_empty_nodes():
+    tree = {"a": [1, (2, 3)], "e": {}, "t": (), "x/y": {"z": None}}
+    flat = _graph.flatten(tree)
+    assert _graph.rebuild(flat.nodes, dict(zip(flat.paths, flat.leaves, strict=True))) == tree
+
+
+def test_renamer_replaces_whole_name_prefixes_only():
+    f = _graph.renamer({"enc/old": "enc/new", "a": ""})
+    assert f("enc/old/kernel") == "enc/new/kernel"
+    assert f("enc/older/kernel") == "enc/older/kernel"
+    assert f("a/b") == "b"

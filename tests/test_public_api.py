@@ -1,0 +1,35 @@
+import inspect
+
+import pytree_ckpt as pc
+
+DOCUMENTED = {
+    "save", "save_async", "restore", "metadata", "SaveFuture", "RestoreStatus", "Mismatch", "Cast",
+    "CheckpointMetadata", "LeafMetadata", "CheckpointError", "CheckpointNotFoundError",
+    "IncompleteCheckpointError", "CheckpointExistsError", "NotACheckpointError",
+    "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",
+    "PathNotFoundError", "SaveError",
+}
+
+
+def test_exported_names_are_exactly_the_documented_ones():
+    assert set(pc.__all__) >= DOCUMENTED
+    assert all(hasattr(pc, name) for name in pc.__all__)
+    public = {n for n in dir(pc) if not n.startswith("_") and not inspect.ismodule(getattr(pc, n))}
+    assert public == set(pc.__all__)
+
+
+def test_every_public_function_has_a_docstring_with_an_example():
+    for name in pc.__all__:
+        obj = getattr(pc, name)
+        if inspect.isfunction(obj):
+            assert obj.__doc__ and ("Example" in obj.__doc__ or ">>>" in obj.__doc__), name
+
+
+def test_errors_also_derive_from_fitting_builtins():
+    assert issubclass(pc.CheckpointNotFoundError, FileNotFoundError)
+    assert issubclass(pc.CheckpointExistsError, FileExistsError)
+    assert issubclass(pc.CorruptCheckpointError, ValueError)
+    assert issubclass(pc.FormatVersionError, pc.CorruptCheckpointError)
+    assert issubclass(pc.UnsupportedLeafError, TypeError)
+    assert all(issubclass(getattr(pc, n), pc.CheckpointError)
+               for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError")
