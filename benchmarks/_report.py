@@ -83,9 +83,7 @@ def derived_numbers(
     numbers["save_gib_s"] = _per_second(nbytes, pc.get("save"))
     numbers["restore_gib_s"] = _per_second(nbytes, pc.get("restore"))
     numbers["save_disk_fraction"] = _ratio(disk.get("save"), pc.get("save"))
-    numbers["overhead_per_leaf_us"] = _overhead_per_leaf(
-        pc.get("restore"), disk.get("restore"), leaves
-    )
+    numbers["overhead_per_leaf_us"] = _overhead_per_leaf(pc.get("restore"), disk.get("restore"), leaves)
     numbers["metadata_ms"] = None if pc.get("metadata") is None else pc["metadata"] * 1e3
     numbers["at_fraction"] = _ratio(pc.get("restore_at"), pc.get("restore"))
     numbers["rss_save"] = rss.get(PC, {}).get("save", {}).get("ratio")

@@ -58,9 +58,7 @@ def _measure_rss(
     return rss
 
 
-def _record(
-    name: str, spec: Any, runs: dict, rss: dict, repeats: int, cold: bool
-) -> dict[str, Any]:
+def _record(name: str, spec: Any, runs: dict, rss: dict, repeats: int, cold: bool) -> dict[str, Any]:
     subtree = subtree_near(spec)
     nbytes, leaves = tree_bytes(spec), leaf_count(spec)
     medians = _report.medians(runs)

@@ -62,6 +62,10 @@ class Side:
     def restore_at(self, path: str, subtree: Subtree) -> Tree:
         raise NotImplementedError
 
+    def check(self, restored: Tree, expected: Tree) -> None:
+        """Raise unless `restored` holds `expected`'s values on its shardings."""
+        check_same(restored, expected, self.name)
+
     def close(self) -> None:
         """Release threads and files."""
 
@@ -82,15 +86,19 @@ class PytreeCkpt(Side):
         return self.pc.save_async(tree, path).result
 
     def restore(self, path: str, spec: Tree) -> Tree:
-        tree, _status = self.pc.restore(path, spec)
+        tree, self.status = self.pc.restore(path, spec)
         return tree
 
     def metadata(self, path: str) -> Any:
         return self.pc.metadata(path)
 
     def restore_at(self, path: str, subtree: Subtree) -> Tree:
-        tree, _status = self.pc.restore(path, subtree.spec, at=subtree.path)
+        tree, self.status = self.pc.restore(path, subtree.spec, at=subtree.path)
         return tree
+
+    def check(self, restored: Tree, expected: Tree) -> None:
+        self.status.assert_consumed()  # every leaf matched, both ways
+        super().check(restored, expected)
 
 
 class Orbax(Side):
@@ -168,6 +176,14 @@ class Disk(Side):
             f.readinto(out.data)
         return out
 
+    def check(self, restored: Tree, expected: Tree) -> None:
+        offset = 0
+        for buffer in self.buffers:
+            chunk = restored[offset : offset + buffer.nbytes]
+            if not np.array_equal(chunk, buffer.view(np.uint8)):
+                raise AssertionError("disk: the bytes read back differ from those written")
+            offset += buffer.nbytes
+
     def release(self) -> None:
         self.buffers = []
 
@@ -177,6 +193,20 @@ SIDES: dict[str, type[Side]] = {s.name: s for s in (PytreeCkpt, Orbax, NpSave, D
 
 def make_side(name: str) -> Side:
     return SIDES[name]()
+
+
+def check_same(restored: Tree, expected: Tree, side: str) -> None:
+    """Same structure, same values, same shardings; an AssertionError naming the leaf if not."""
+    got, got_def = jax.tree_util.tree_flatten_with_path(restored)
+    want, want_def = jax.tree_util.tree_flatten_with_path(expected)
+    if got_def != want_def:
+        raise AssertionError(f"{side}: restored structure {got_def} != saved {want_def}")
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        where = f"{side}: leaf {jax.tree_util.keystr(path)}"
+        if not np.array_equal(np.asarray(a), np.asarray(b)):
+            raise AssertionError(f"{where} restored with other values")
+        if isinstance(b, jax.Array) and not a.sharding.is_equivalent_to(b.sharding, b.ndim):
+            raise AssertionError(f"{where} restored on {a.sharding}, saved on {b.sharding}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The timing protocol for one tree.
 
-Every side runs every operation once as a warm-up (not recorded), then `repeats` times.
+Every side runs every operation once as a warm-up (not recorded, and checked: each
+restore must give back the saved values on the target's shardings, so no side is timed
+doing less than the others), then `repeats` times.
 Within a repeat each operation is timed for all sides back to back, the side order
 reversed on every other repeat, so no side always goes first (or last) after the disk
 has been busy. Every save goes into a fresh directory; every checkpoint is deleted when
@@ -27,7 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 from _sides import Side
-from _trees import Subtree
+from _trees import Subtree, subtree_of
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -51,9 +53,7 @@ class Timings(NamedTuple):
     last_checkpoints: dict[str, str]  # side -> path of its last saved checkpoint
 
 
-def time_sides(
-    case: TreeCase, sides: Sequence[Side], repeats: int, workdir: str, cold: bool
-) -> Timings:
+def time_sides(case: TreeCase, sides: Sequence[Side], repeats: int, workdir: str, cold: bool) -> Timings:
     """Warm up every side once, then time `repeats` alternating rounds."""
     runs: Runs = defaultdict(lambda: defaultdict(list))
     for side in sides:
@@ -76,11 +76,20 @@ def _one_round(
 ) -> dict[str, str]:
     os.makedirs(root)
     paths = {side.name: os.path.join(root, side.name) for side in order}
+
+    def checked(side: Side, expected: Any) -> Callable[[Any], None] | None:
+        return None if record else lambda restored: side.check(restored, expected)
+
+    subtree = case.subtree and subtree_of(case.tree, case.subtree.path)
     timers: dict[str, Callable[[Side], dict[str, float]]] = {
         "save": lambda s: {"save": _timed(s.save, case.tree, paths[s.name])},
-        "restore": lambda s: {"restore": _timed(s.restore, paths[s.name], case.spec)},
+        "restore": lambda s: {
+            "restore": _timed(s.restore, paths[s.name], case.spec, check=checked(s, case.tree))
+        },
         "metadata": lambda s: {"metadata": _timed(s.metadata, paths[s.name])},
-        "restore_at": lambda s: {"restore_at": _timed(s.restore_at, paths[s.name], case.subtree)},
+        "restore_at": lambda s: {
+            "restore_at": _timed(s.restore_at, paths[s.name], case.subtree, check=checked(s, subtree))
+        },
         "save_async": lambda s: _timed_async(s, case.tree, paths[s.name] + "-async"),
     }
     for op in TIMED_OPS:
@@ -96,11 +105,14 @@ def _one_round(
     return paths
 
 
-def _timed(fn: Callable[..., Any], *args: Any) -> float:
+def _timed(fn: Callable[..., Any], *args: Any, check: Callable | None = None) -> float:
+    """Seconds until `fn(*args)` is ready; `check` then sees the result, untimed."""
     start = time.perf_counter()
     out = fn(*args)
     jax.block_until_ready(out)
     seconds = time.perf_counter() - start
+    if check is not None:
+        check(out)
     del out  # freed outside the timing
     return seconds
 

@@ -238,12 +238,17 @@ def subtree_near(spec: Any, fraction: float = 0.01) -> Subtree | None:
     every checkpointer's naming. None for a flat tree (`big`): no inner node to pick.
     """
     total = tree_bytes(spec)
-    candidates = [
-        Subtree(path, node, tree_bytes(node) / total) for path, node in _dict_subtrees(spec, "")
-    ]
+    candidates = [Subtree(path, node, tree_bytes(node) / total) for path, node in _dict_subtrees(spec, "")]
     if not candidates:
         return None
     return min(candidates, key=lambda s: abs(np.log(s.fraction / fraction)))
+
+
+def subtree_of(tree: Any, path: str) -> Any:
+    """The node of `tree` at a dict-keyed path `a/b/c`."""
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
 
 
 def _dict_subtrees(node: Any, prefix: str):

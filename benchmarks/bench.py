@@ -115,9 +115,7 @@ def _configure_environment() -> None:
     if (src / "pytree_ckpt" / "__init__.py").exists():
         sys.path.insert(0, str(src))
         # The RSS workers are fresh interpreters: they find the same package.
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(src), os.environ.get("PYTHONPATH")) if p
-        )
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), os.environ.get("PYTHONPATH")) if p)
 
 
 def _require_drop_caches() -> None:
