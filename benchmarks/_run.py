@@ -9,12 +9,14 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import _report
 import jax
+import numpy as np
 from _rss import measure_rss
 from _sides import Side
 from _timing import TreeCase, time_sides
@@ -93,14 +95,31 @@ def environment(args: Any) -> dict[str, Any]:
         "repeats": args.repeats,
         "smoke": args.smoke,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "virtio_balloon": os.path.exists("/sys/bus/virtio/drivers/virtio_balloon"),
+        "first_touch_gib_s": _first_touch_gib_s(),
     }
+
+
+def _first_touch_gib_s(nbytes: int = 256 * 2**20) -> float:
+    """How fast fresh memory is faulted in (writing one byte per 4 KiB page).
+
+    In a VM whose balloon reports free pages to the host, memory freed by any process is
+    handed back within seconds and faulted in again from the host on its next use; that
+    can be slower than the disk and weighs on every allocation of every side.
+    """
+    start = time.perf_counter()
+    fresh = np.empty(nbytes, np.uint8)
+    fresh[::4096] = 1
+    return nbytes / (time.perf_counter() - start) / 2**30
 
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {}
-    for package in ("pytree_ckpt", "jax", "jaxlib", "orbax-checkpoint", "tensorstore", "numpy"):
+    import pytree_ckpt
+
+    found = {"pytree_ckpt": f"{pytree_ckpt.__version__} ({os.path.dirname(pytree_ckpt.__file__)})"}
+    for package in ("jax", "jaxlib", "orbax-checkpoint", "tensorstore", "numpy"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ TIMED_OPS = ("save", "restore", "metadata", "restore_at", "save_async")
 ASYNC_PARTS = ("save_async_block", "save_async_total")
 
 Runs = dict[str, dict[str, list[float]]]  # side -> operation -> seconds per repeat
+Timer = Callable[[Side], dict[str, float]]  # times one operation on a side: {key: seconds}
 
 
 class TreeCase(NamedTuple):
@@ -60,6 +62,11 @@ def time_sides(case: TreeCase, sides: Sequence[Side], repeats: int, workdir: str
         side.prepare(case.tree)
     previous_root = None
     for repeat in range(-1, repeats):
+        print(
+            f"  {workdir}: {'warm-up' if repeat < 0 else f'round {repeat + 1}/{repeats}'}",
+            file=sys.stderr,
+            flush=True,
+        )
         order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
         root = f"{workdir}/round{repeat + 1}"
         checkpoints = _one_round(case, order, root, cold, runs, record=repeat >= 0)
@@ -76,22 +83,7 @@ def _one_round(
 ) -> dict[str, str]:
     os.makedirs(root)
     paths = {side.name: os.path.join(root, side.name) for side in order}
-
-    def checked(side: Side, expected: Any) -> Callable[[Any], None] | None:
-        return None if record else lambda restored: side.check(restored, expected)
-
-    subtree = case.subtree and subtree_of(case.tree, case.subtree.path)
-    timers: dict[str, Callable[[Side], dict[str, float]]] = {
-        "save": lambda s: {"save": _timed(s.save, case.tree, paths[s.name])},
-        "restore": lambda s: {
-            "restore": _timed(s.restore, paths[s.name], case.spec, check=checked(s, case.tree))
-        },
-        "metadata": lambda s: {"metadata": _timed(s.metadata, paths[s.name])},
-        "restore_at": lambda s: {
-            "restore_at": _timed(s.restore_at, paths[s.name], case.subtree, check=checked(s, subtree))
-        },
-        "save_async": lambda s: _timed_async(s, case.tree, paths[s.name] + "-async"),
-    }
+    timers = _timers(case, paths, check=not record)
     for op in TIMED_OPS:
         for side in order:
             if op not in side.ops or (op == "restore_at" and case.subtree is None):
@@ -103,6 +95,26 @@ def _one_round(
     for side in order:
         _remove(paths[side.name] + "-async")
     return paths
+
+
+def _timers(case: TreeCase, paths: dict[str, str], check: bool) -> dict[str, Timer]:
+    """For each operation, a function timing it on one side (checking restores if `check`)."""
+    subtree = case.subtree and subtree_of(case.tree, case.subtree.path)
+
+    def checker(side: Side, expected: Any) -> Callable[[Any], None] | None:
+        return (lambda restored: side.check(restored, expected)) if check else None
+
+    return {
+        "save": lambda s: {"save": _timed(s.save, case.tree, paths[s.name])},
+        "restore": lambda s: {
+            "restore": _timed(s.restore, paths[s.name], case.spec, check=checker(s, case.tree))
+        },
+        "metadata": lambda s: {"metadata": _timed(s.metadata, paths[s.name])},
+        "restore_at": lambda s: {
+            "restore_at": _timed(s.restore_at, paths[s.name], case.subtree, check=checker(s, subtree))
+        },
+        "save_async": lambda s: _timed_async(s, case.tree, paths[s.name] + "-async"),
+    }
 
 
 def _timed(fn: Callable[..., Any], *args: Any, check: Callable | None = None) -> float:

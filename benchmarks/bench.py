@@ -39,8 +39,15 @@ What each number means (seconds are wall-clock medians):
 - orbax/pc: Orbax's median over pytree_ckpt's (above 1: pytree_ckpt is faster).
 - save bandwidth / disk bandwidth: disk's save time over pytree_ckpt's save time.
 - restore overhead per leaf: (pytree_ckpt restore - disk read of the same bytes) / leaves.
-- peak RSS / tree bytes: in a fresh process per operation, (peak RSS during the
-  operation - RSS before the tree existed) / tree bytes (`benchmarks/_rss.py`).
+- peak RSS / tree bytes: in a fresh process per operation, the peak RSS during the
+  operation minus the RSS right before it, over the tree's bytes; a save adds 1 for
+  the tree it holds, a restore's result is in its peak (`benchmarks/_rss.py`).
+
+Memory: in a VM with a free-page-reporting balloon (as on the machine this was written
+on), freed memory goes back to the host within seconds and costs a host page fault when
+touched again (`first_touch_gib_s` in the JSON: ~0.4 GiB/s there, slower than the disk).
+It weighs on every allocation of every side alike, per byte allocated; a restore that
+allocates its result once pays it once.
 
 Output: a table per tree with PASS/FAIL per target, a summary, and a JSON file
 (`--out`, default `benchmarks/results/<name>.json`; the results directory is git-ignored).

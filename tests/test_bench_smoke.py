@@ -58,7 +58,7 @@ def test_peak_rss_is_measured_for_both_checkpointers(smoke_record: dict) -> None
         assert set(tree["rss"]) == {"pytree_ckpt", "orbax"}, name
         for ops in tree["rss"].values():
             assert {"save", "restore"} == set(ops)
-            assert all(op["peak_rss"] >= op["base_rss"] > 0 for op in ops.values())
+            assert all(op["peak_rss"] >= op["before_rss"] > 0 for op in ops.values())
 
 
 def test_targets_are_judged(smoke_record: dict) -> None:
