@@ -189,3 +189,10 @@ def test_an_unretrieved_background_error_is_reported_at_exit(tmp_path):
     assert "OSError: disk full" in proc.stderr
     assert str(tmp_path / "seen") not in proc.stderr  # its error was retrieved
 
+
+
+def test_a_tree_of_python_leaves_only_saves_to_a_new_directory(tmp_path):
+    # No array data at all: the commit still lands in a directory that did not exist.
+    path = tmp_path / "new" / "c"
+    assert pc.save_async({"step": 3, "name": "run"}, path).result() == str(path)
+    assert pc.restore(path)[0] == {"step": 3, "name": "run"}
