@@ -1,5 +1,6 @@
 """save_async: the snapshot, errors from the background, ordering of saves, and exit."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -196,3 +197,71 @@ def test_a_tree_of_python_leaves_only_saves_to_a_new_directory(tmp_path):
     path = tmp_path / "new" / "c"
     assert pc.save_async({"step": 3, "name": "run"}, path).result() == str(path)
     assert pc.restore(path)[0] == {"step": 3, "name": "run"}
+
+
+def test_flax_optax_state_saved_async_in_a_donated_loop_restores_onto_another_mesh(tmp_path):
+    """The issue's "done when": a Flax + optax training state sharded over 8 devices, saved
+    asynchronously every few steps of a jitted loop that donates it, restored onto another
+    mesh with other PartitionSpecs, every path matched both ways."""
+    nn = pytest.importorskip("flax.linen")
+    optax = pytest.importorskip("optax")
+    from flax.training import train_state
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(nn.relu(nn.Dense(64)(x)))
+
+    def specs(tree, two_d, one_d):
+        return jax.tree.map(lambda x: {2: two_d, 1: one_d}.get(x.ndim, P()), tree)
+
+    def place(tree, mesh, two_d, one_d):
+        return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                            tree, specs(tree, two_d, one_d))
+
+    model = MLP()
+    auto = (jax.sharding.AxisType.Auto,) * 2  # let jit propagate shardings through the MLP
+    mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=auto)
+    params = model.init(jax.random.key(0), jnp.ones((16, 32)))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                          tx=optax.adam(1e-2))
+    state = state.replace(step=jnp.int32(0))
+    # Parameters and Adam moments sharded over the 4x2 mesh; step and count replicated.
+    state = place(state, mesh, P("x", "y"), P("y"))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 32), np.float32), rng.standard_normal((16, 8), np.float32)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, x, y):
+        def loss(params):
+            return jnp.mean((state.apply_fn(params, x) - y) ** 2)
+        return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+    futures, expected = {}, {}
+    for i in range(7):
+        if i % 3 == 0:
+            expected[i] = jax.tree.map(lambda v: np.array(v, copy=True), state)
+            futures[i] = pc.save_async(state, tmp_path / f"step_{i}")
+        old, state = state, train_step(state, x, y)
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))  # truly donated
+    assert [f.result() for f in futures.values()] == [str(tmp_path / f"step_{i}")
+                                                       for i in futures]
+
+    info = pc.metadata(tmp_path / "step_3")
+    assert info.leaves["params/params/Dense_0/kernel"].sharding == \
+        "P('x', 'y') over mesh(x=4, y=2)"
+    other = jax.make_mesh((2, 4), ("a", "b"), axis_types=auto)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(other, s)),
+        state, specs(state, P("b", "a"), P("a")))
+    for i in futures:
+        restored, status = pc.restore(tmp_path / f"step_{i}", target)
+        status.assert_consumed()
+        assert int(restored.step) == i
+        for got, want, abstract in zip(jax.tree.leaves(restored),
+                                       jax.tree.leaves(expected[i]),
+                                       jax.tree.leaves(target), strict=True):
+            assert got.sharding == abstract.sharding
+            np.testing.assert_array_equal(np.asarray(got), want)
+    # The restored state trains on the new mesh.
+    assert int(train_step(restored, x, y).step) == 7
