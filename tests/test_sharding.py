@@ -66,6 +66,7 @@ def _targets(mesh):
     two = jax.make_mesh((2,), ("x",), devices=devices[:2])
     eight = jax.make_mesh((8,), ("x",))
     wide = jax.make_mesh((2, 4), ("a", "b"))
+    back = jax.sharding.Mesh(np.array(devices[4:][::-1]).reshape(2, 2), ("p", "q"))
     return {
         "same": NamedSharding(mesh, P("x", "y")),
         "2 devices": NamedSharding(two, P("x")),
@@ -76,6 +77,7 @@ def _targets(mesh):
         "partially replicated": NamedSharding(mesh, P("x", None)),
         "both axes on dim 1": NamedSharding(mesh, P(None, ("x", "y"))),
         "single device": SingleDeviceSharding(devices[3]),
+        "devices 7..4, P(q, p)": NamedSharding(back, P("q", "p")),
     }
 
 
