@@ -25,6 +25,7 @@ from ._errors import PathCollisionError as PathCollisionError
 from ._errors import PathNotFoundError as PathNotFoundError
 from ._errors import SaveError as SaveError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._jit import save_in_jit as save_in_jit
 from ._metadata import CheckpointMetadata as CheckpointMetadata
 from ._metadata import LeafMetadata as LeafMetadata
 from ._metadata import metadata as metadata
@@ -57,4 +58,5 @@ __all__ = [
     "restore",
     "save",
     "save_async",
+    "save_in_jit",
 ]

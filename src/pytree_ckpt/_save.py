@@ -271,6 +271,9 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _Snapshot, old: lis
     try:
         _write_data(kv, data, snap, me, primary)
         if loc.local is not None:
+            # A tree of Python leaves only writes no data: the folder must exist to be synced
+            # (and it makes the checkpoint's own directory exist, durably, before the commit).
+            os.makedirs(os.path.join(loc.local, data), exist_ok=True)
             _storage.fsync_tree(os.path.join(loc.local, data))
     except Exception as e:
         error = f"{type(e).__name__}: {e}"

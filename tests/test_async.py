@@ -1,0 +1,267 @@
+"""save_async: the snapshot, errors from the background, ordering of saves, and exit."""
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pytree_ckpt as pc
+from pytree_ckpt import _async, _save
+
+SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """Holds every background write until ``gate.set()``; records when writes start."""
+    event = threading.Event()
+    event.started = threading.Event()
+    real = _save._write_data
+
+    def write_data(*args):
+        event.started.set()
+        assert event.wait(30), "test gate never opened"
+        return real(*args)
+
+    monkeypatch.setattr(_save, "_write_data", write_data)
+    yield event
+    event.set()
+    _async.wait_all()
+
+
+def _state(mesh):
+    rng = np.random.default_rng(0)
+    return {
+        "w": jax.device_put(rng.standard_normal((256, 512), np.float32),
+                            NamedSharding(mesh, P("x", "y"))),
+        "rep": jax.device_put(rng.standard_normal((128, 512), np.float32),
+                              NamedSharding(mesh, P())),
+        "b": jax.device_put(rng.standard_normal((8,), np.float32), NamedSharding(mesh, P())),
+        "one": jnp.arange(300_000, dtype=jnp.float32),
+        "step": jnp.int32(0),
+    }
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((4, 2), ("x", "y"))
+
+
+def test_snapshot_survives_a_donating_step(tmp_path, mesh, gate):
+    state = _state(mesh)
+    expected = jax.tree.map(np.array, state)
+    step = jax.jit(lambda s: jax.tree.map(lambda v: v * 2 + 1, s), donate_argnums=0)
+    fut = pc.save_async(state, tmp_path / "c")
+    new = step(state)  # donates every buffer the snapshot was taken from
+    jax.block_until_ready(new)
+    # Donation really happened: the snapshot holds no view of device memory (on the CPU,
+    # a NumPy view of a buffer silently stops XLA from donating it).
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
+    assert not fut.done()  # the write had not even started when the step ran
+    gate.set()
+    assert fut.result() == str(tmp_path / "c")
+    restored, status = pc.restore(tmp_path / "c", jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding), new))
+    status.assert_consumed()
+    for path, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(restored[path]), value)
+        assert restored[path].sharding == new[path].sharding
+
+
+def test_background_error_is_reraised_by_result(tmp_path, gate):
+    fut = pc.save_async({"w": np.ones((300, 300))}, tmp_path / "c")
+    assert gate.started.wait(10)
+    # After the snapshot, the destination becomes unwritable: a file where the checkpoint's
+    # directory should be.
+    (tmp_path / "c").write_text("in the way")
+    gate.set()
+    with pytest.raises(pc.SaveError, match="save failed, nothing was committed"):
+        fut.result()
+    assert isinstance(fut.exception(), pc.SaveError)
+    assert fut.done() and "done" in repr(fut)
+    assert (tmp_path / "c").read_text() == "in the way"
+
+
+def test_a_failing_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    pc.save({"w": np.arange(3)}, tmp_path / "c")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_save, "_write_data", fail)
+    fut = pc.save_async({"w": np.arange(5)}, tmp_path / "c", overwrite=True)
+    with pytest.raises(pc.SaveError, match="OSError: disk full"):
+        fut.result()
+    tree, _ = pc.restore(tmp_path / "c")
+    np.testing.assert_array_equal(tree["w"], np.arange(3))
+
+
+def test_a_save_waits_for_the_previous_one(tmp_path, gate):
+    first = pc.save_async({"w": np.arange(4)}, tmp_path / "a")
+    second: list = []
+    thread = threading.Thread(
+        target=lambda: second.append(pc.save_async({"w": np.arange(6)}, tmp_path / "b")))
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and not first.done()  # blocked before its snapshot
+    gate.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert first.done()  # the second save started only after the first finished
+    assert first.result() == str(tmp_path / "a")
+    assert second[0].result() == str(tmp_path / "b")
+    np.testing.assert_array_equal(pc.restore(tmp_path / "b")[0]["w"], np.arange(6))
+
+
+def test_save_to_the_same_path_after_an_async_save(tmp_path, gate):
+    fut = pc.save_async({"w": np.arange(4)}, tmp_path / "c")
+    gate.set()
+    pc.save({"w": np.arange(7)}, tmp_path / "c", overwrite=True)  # waits, then overwrites
+    assert fut.result() == str(tmp_path / "c")
+    np.testing.assert_array_equal(pc.restore(tmp_path / "c")[0]["w"], np.arange(7))
+
+
+def test_result_with_a_timeout_does_not_retrieve_the_error(tmp_path, gate):
+    fut = pc.save_async({"w": np.arange(4)}, tmp_path / "c")
+    with pytest.raises(TimeoutError):
+        fut.result(timeout=0.05)
+    assert "pending" in repr(fut)
+    gate.set()
+    assert fut.result() == str(tmp_path / "c")
+
+
+def _run(script: str, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.path.abspath(SRC), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_interpreter_exit_waits_for_a_pending_save(tmp_path):
+    proc = _run(f"""
+        import time
+        import numpy as np
+        import pytree_ckpt as pc
+        from pytree_ckpt import _save
+
+        real = _save._write_data
+        def slow(*args):
+            time.sleep(1.0)  # still writing when the main thread ends
+            return real(*args)
+        _save._write_data = slow
+        fut = pc.save_async({{"w": np.arange(10.0), "s": "text"}}, {str(tmp_path / "c")!r})
+        assert not fut.done()
+        print("exiting", flush=True)
+        """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "exiting\n" and proc.stderr == ""
+    tree, status = pc.restore(tmp_path / "c")
+    np.testing.assert_array_equal(tree["w"], np.arange(10.0))
+    assert tree["s"] == "text"
+
+
+def test_an_unretrieved_background_error_is_reported_at_exit(tmp_path):
+    proc = _run(f"""
+        import numpy as np
+        import pytree_ckpt as pc
+        from pytree_ckpt import _save
+
+        def fail(*args):
+            raise OSError("disk full")
+        _save._write_data = fail
+        pc.save_async({{"w": np.arange(3)}}, {str(tmp_path / "bad")!r})
+        seen = pc.save_async({{"w": np.arange(3)}}, {str(tmp_path / "seen")!r})
+        try:
+            seen.result()
+        except pc.SaveError:
+            print("caught", flush=True)
+        """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "caught\n"
+    assert "background save to " + str(tmp_path / "bad") in proc.stderr
+    assert "OSError: disk full" in proc.stderr
+    assert str(tmp_path / "seen") not in proc.stderr  # its error was retrieved
+
+
+
+def test_a_tree_of_python_leaves_only_saves_to_a_new_directory(tmp_path):
+    # No array data at all: the commit still lands in a directory that did not exist.
+    path = tmp_path / "new" / "c"
+    assert pc.save_async({"step": 3, "name": "run"}, path).result() == str(path)
+    assert pc.restore(path)[0] == {"step": 3, "name": "run"}
+
+
+def test_flax_optax_state_saved_async_in_a_donated_loop_restores_onto_another_mesh(tmp_path):
+    """The issue's "done when": a Flax + optax training state sharded over 8 devices, saved
+    asynchronously every few steps of a jitted loop that donates it, restored onto another
+    mesh with other PartitionSpecs, every path matched both ways."""
+    nn = pytest.importorskip("flax.linen")
+    optax = pytest.importorskip("optax")
+    from flax.training import train_state
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8)(nn.relu(nn.Dense(64)(x)))
+
+    def specs(tree, two_d, one_d):
+        return jax.tree.map(lambda x: {2: two_d, 1: one_d}.get(x.ndim, P()), tree)
+
+    def place(tree, mesh, two_d, one_d):
+        return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                            tree, specs(tree, two_d, one_d))
+
+    model = MLP()
+    auto = (jax.sharding.AxisType.Auto,) * 2  # let jit propagate shardings through the MLP
+    mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=auto)
+    params = model.init(jax.random.key(0), jnp.ones((16, 32)))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                          tx=optax.adam(1e-2))
+    state = state.replace(step=jnp.int32(0))
+    # Parameters and Adam moments sharded over the 4x2 mesh; step and count replicated.
+    state = place(state, mesh, P("x", "y"), P("y"))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((16, 32), np.float32), rng.standard_normal((16, 8), np.float32)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def train_step(state, x, y):
+        def loss(params):
+            return jnp.mean((state.apply_fn(params, x) - y) ** 2)
+        return state.apply_gradients(grads=jax.grad(loss)(state.params))
+
+    futures, expected = {}, {}
+    for i in range(7):
+        if i % 3 == 0:
+            expected[i] = jax.tree.map(lambda v: np.array(v, copy=True), state)
+            futures[i] = pc.save_async(state, tmp_path / f"step_{i}")
+        old, state = state, train_step(state, x, y)
+        assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))  # truly donated
+    assert [f.result() for f in futures.values()] == [str(tmp_path / f"step_{i}")
+                                                       for i in futures]
+
+    info = pc.metadata(tmp_path / "step_3")
+    assert info.leaves["params/params/Dense_0/kernel"].sharding == \
+        "P('x', 'y') over mesh(x=4, y=2)"
+    other = jax.make_mesh((2, 4), ("a", "b"), axis_types=auto)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(other, s)),
+        state, specs(state, P("b", "a"), P("a")))
+    for i in futures:
+        restored, status = pc.restore(tmp_path / f"step_{i}", target)
+        status.assert_consumed()
+        assert int(restored.step) == i
+        for got, want, abstract in zip(jax.tree.leaves(restored),
+                                       jax.tree.leaves(expected[i]),
+                                       jax.tree.leaves(target), strict=True):
+            assert got.sharding == abstract.sharding
+            np.testing.assert_array_equal(np.asarray(got), want)
+    # The restored state trains on the new mesh.
+    assert int(train_step(restored, x, y).step) == 7

@@ -1,0 +1,358 @@
+"""Sharded saves and resharding restores on 8 virtual CPU devices (see conftest.py).
+
+What is checked, besides equal values: every restored array has exactly the target's
+sharding; the zarr chunk grid lines up with the saved shards; each replicated shard is written
+once; a restore reads each target region once and nothing else; a missing chunk is an error,
+never zeros; and ``metadata`` shows the saved sharding.
+"""
+
+import math
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+import pytree_ckpt as pc
+from pytree_ckpt import _restore, _save, _storage
+
+# Big enough (512 KiB) to be stored as a zarr array rather than packed.
+BIG = (256, 512)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return jax.make_mesh((4, 2), ("x", "y"))
+
+
+def _values(shape, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _put(value, mesh, spec):
+    return jax.device_put(value, NamedSharding(mesh, spec))
+
+
+def _commit(path):
+    loc = _storage.location(path)
+    return _restore.load_commit(loc, _storage.open_kvstore(loc))
+
+
+def _chunk_files(ckpt, commit, leaf):
+    root = os.path.join(ckpt, commit.data, "a", str(commit.leaves[leaf].storage.index), "c")
+    return sorted(os.path.relpath(os.path.join(d, f), root)
+                  for d, _, files in os.walk(root) for f in files)
+
+
+def _check(restored, expected, sharding):
+    assert isinstance(restored, jax.Array)
+    assert restored.sharding == sharding, (restored.sharding, sharding)
+    np.testing.assert_array_equal(np.asarray(restored), expected)
+    for shard in restored.addressable_shards:  # every device holds its own region
+        np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
+
+
+# --- the resharding matrix -------------------------------------------------------------
+
+
+def _targets(mesh):
+    """Target shardings by name: other meshes, other specs, fewer devices, one device."""
+    devices = jax.devices()
+    two = jax.make_mesh((2,), ("x",), devices=devices[:2])
+    eight = jax.make_mesh((8,), ("x",))
+    wide = jax.make_mesh((2, 4), ("a", "b"))
+    back = jax.sharding.Mesh(np.array(devices[4:][::-1]).reshape(2, 2), ("p", "q"))
+    return {
+        "same": NamedSharding(mesh, P("x", "y")),
+        "2 devices": NamedSharding(two, P("x")),
+        "8 devices P(None, x)": NamedSharding(eight, P(None, "x")),
+        "4x2 P(None, x)": NamedSharding(mesh, P(None, "x")),
+        "2x4 P(b, a)": NamedSharding(wide, P("b", "a")),
+        "replicated": NamedSharding(mesh, P()),
+        "partially replicated": NamedSharding(mesh, P("x", None)),
+        "both axes on dim 1": NamedSharding(mesh, P(None, ("x", "y"))),
+        "single device": SingleDeviceSharding(devices[3]),
+        "devices 7..4, P(q, p)": NamedSharding(back, P("q", "p")),
+    }
+
+
+SAVE_SPECS = {
+    "P(x, y)": P("x", "y"),
+    "P(x, None)": P("x", None),
+    "P(None, y)": P(None, "y"),
+    "P((x, y))": P(("x", "y")),
+    "P(y, x)": P("y", "x"),
+    "replicated": P(),
+}
+
+
+@pytest.mark.parametrize("save_spec", SAVE_SPECS.values(), ids=SAVE_SPECS.keys())
+def test_restore_onto_every_target_sharding(tmp_path, mesh, save_spec):
+    value = _values(BIG)
+    ckpt = pc.save({"w": _put(value, mesh, save_spec)}, tmp_path / "c")
+    for sharding in _targets(mesh).values():
+        target = {"w": jax.ShapeDtypeStruct(BIG, jnp.float32, sharding=sharding)}
+        tree, status = pc.restore(ckpt, target)
+        status.assert_consumed()
+        _check(tree["w"], value, sharding)
+
+
+def test_restore_onto_a_concrete_arrays_sharding(tmp_path, mesh):
+    value = _values(BIG)
+    ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
+    wide = jax.make_mesh((2, 4), ("a", "b"))
+    like = jax.device_put(jnp.zeros(BIG), NamedSharding(wide, P(None, "b")))
+    tree, status = pc.restore(ckpt, like)
+    status.assert_consumed()
+    _check(tree, value, like.sharding)
+
+
+def test_shape_dtype_struct_without_sharding_goes_to_the_default_device(tmp_path, mesh):
+    value = _values(BIG)
+    ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
+    tree, _ = pc.restore(ckpt, jax.ShapeDtypeStruct(BIG, jnp.float32))
+    _check(tree, value, SingleDeviceSharding(jax.devices()[0]))
+
+
+def test_restore_without_target_uses_the_saved_sharding(tmp_path, mesh):
+    value = _values(BIG)
+    saved = _put(value, mesh, P("x", "y"))
+    ckpt = pc.save({"w": saved, "b": _put(_values((8, 2)), mesh, P("x", "y"))}, tmp_path / "c")
+    tree, status = pc.restore(ckpt)
+    assert status.matched == ("b", "w")
+    w = tree["w"]
+    # The saved mesh shape, axis names and spec come back on this process's devices (the
+    # mesh's axis types are not recorded).
+    assert isinstance(w.sharding, NamedSharding)
+    assert w.sharding.spec == P("x", "y")
+    assert dict(w.sharding.mesh.shape) == {"x": 4, "y": 2}
+    assert w.sharding.is_equivalent_to(saved.sharding, len(BIG))
+    _check(w, value, w.sharding)
+    assert tree["b"].sharding.spec == P("x", "y")
+
+
+def test_saved_sharding_on_more_devices_than_here_restores_on_the_default_device(
+        tmp_path, mesh, monkeypatch):
+    value = _values(BIG)
+    ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
+    monkeypatch.setattr(jax, "devices", lambda *a: jax.local_devices()[:2])
+    tree, _ = pc.restore(ckpt)
+    _check(tree, value, SingleDeviceSharding(jax.local_devices()[0]))
+
+
+DTYPES = [np.float32, jnp.bfloat16, np.int8, np.bool_, np.complex64, jnp.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_sharded_dtypes(tmp_path, mesh, dtype):
+    rng = np.random.default_rng(1)
+    value = (rng.standard_normal((64, 32)) * 4).astype(dtype)
+    ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
+    target = jax.ShapeDtypeStruct(value.shape, value.dtype,
+                                  sharding=NamedSharding(mesh, P("y", None)))
+    tree, _ = pc.restore(ckpt, target)
+    _check(tree, value, target.sharding)
+
+
+def test_small_sharded_arrays(tmp_path, mesh):
+    """Small arrays split over devices are zarr arrays with one chunk per shard; small
+    replicated ones join the packed blob."""
+    tree = {
+        "tiny": _put(np.arange(8, dtype=np.int32), mesh, P(("x", "y"))),
+        "small": _put(_values((8, 6)), mesh, P("x", "y")),
+        "halves": _put(_values((4, 4)), mesh, P(None, "y")),
+        "rep": _put(_values((3, 5)), mesh, P()),
+        "one": jnp.float32(2.5),
+    }
+    ckpt = pc.save(tree, tmp_path / "c")
+    commit = _commit(ckpt)
+    kinds = {p: r.storage.kind for p, r in commit.leaves.items()}
+    assert kinds == {"tiny": "z", "small": "z", "halves": "z", "rep": "p", "one": "p"}
+    assert commit.leaves["small"].storage.chunks == (2, 3)
+    assert len(_chunk_files(ckpt, commit, "small")) == 8
+    assert len(_chunk_files(ckpt, commit, "halves")) == 2
+    wide = jax.make_mesh((2, 4), ("a", "b"))
+    specs = {"tiny": P("b"), "small": P("b", "a"), "halves": P("b", "a"), "rep": P("a"),
+             "one": P()}
+    tree["rep"] = _put(_values((4, 5)), mesh, P())
+    ckpt = pc.save(tree, tmp_path / "c2")
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(wide, specs[k]))
+              for k, v in tree.items()}
+    restored, status = pc.restore(ckpt, target)
+    status.assert_consumed()
+    for k, v in tree.items():
+        _check(restored[k], np.asarray(v), target[k].sharding)
+    # And without a target: the saved shardings.
+    again, _ = pc.restore(ckpt)
+    for k, v in tree.items():
+        np.testing.assert_array_equal(np.asarray(again[k]), np.asarray(v))
+    assert again["small"].sharding.spec == P("x", "y")
+
+
+def test_sharded_prng_keys(tmp_path, mesh):
+    keys = jax.device_put(jax.random.split(jax.random.key(3), 8),
+                          NamedSharding(mesh, P(("x", "y"))))
+    ckpt = pc.save({"k": keys}, tmp_path / "c")
+    target = {"k": jax.ShapeDtypeStruct(keys.shape, keys.dtype,
+                                        sharding=NamedSharding(mesh, P("x")))}
+    tree, status = pc.restore(ckpt, target)
+    status.assert_consumed()
+    assert tree["k"].sharding == target["k"].sharding
+    np.testing.assert_array_equal(jax.random.key_data(tree["k"]), jax.random.key_data(keys))
+    again, _ = pc.restore(ckpt)
+    np.testing.assert_array_equal(jax.random.key_data(again["k"]), jax.random.key_data(keys))
+
+
+# --- what is written -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(256, 512), (12, 10), (96, 2)], ids=str)
+@pytest.mark.parametrize("spec", [P("x", "y"), P("x", None), P(None, "y"), P()], ids=str)
+def test_chunks_divide_the_shard_shape(tmp_path, mesh, shape, spec, monkeypatch):
+    value = _put(_values(shape), mesh, spec)
+    shard_shape = value.sharding.shard_shape(shape)
+    chunks = tuple(_storage.choose_chunks(shard_shape, 4))
+    assert all(s % c == 0 for s, c in zip(shard_shape, chunks, strict=True))
+    monkeypatch.setattr(_save, "PACK_BYTES", 0)  # every case a zarr array, none packed
+    ckpt = pc.save({"v": value}, tmp_path / "c")
+    commit = _commit(ckpt)
+    record = commit.leaves["v"].storage
+    assert record.kind == "z" and record.chunks == chunks
+    grid = [math.ceil(d / c) for d, c in zip(shape, chunks, strict=True)]
+    assert len(_chunk_files(ckpt, commit, "v")) == math.prod(grid)
+    np.testing.assert_array_equal(np.asarray(pc.restore(ckpt)[0]["v"]), np.asarray(value))
+
+
+def test_big_shards_are_split_into_chunks_on_shard_boundaries():
+    for shard in [(4096, 4096), (1024, 3000), (7, 1 << 21), (1536,), (6, 10, 4096)]:
+        chunks = _storage.choose_chunks(shard, 4, limit=1 << 20)
+        assert all(s % c == 0 for s, c in zip(shard, chunks, strict=True)), (shard, chunks)
+        assert math.prod(chunks) * 4 <= 1 << 20 or min(chunks) == 1, (shard, chunks)
+
+
+@pytest.mark.parametrize("spec,writes", [(P("x", "y"), 8), (P("x", None), 4),
+                                         (P(None, "y"), 2), (P(), 1)], ids=str)
+def test_replicated_shards_are_written_once(tmp_path, mesh, spec, writes, monkeypatch):
+    value = _put(_values(BIG), mesh, spec)
+    snap = _save._snapshot({"w": value})
+    (array,) = snap.arrays
+    assert len(array.shards) == writes
+    regions = {_restore._region_key(i, BIG) for i, _ in array.shards}
+    assert len(regions) == writes  # each distinct region exactly once
+    ckpt = pc.save({"w": value}, tmp_path / "c")
+    commit = _commit(ckpt)
+    assert len(_chunk_files(ckpt, commit, "w")) == writes  # one chunk per shard here
+
+
+def test_snapshot_holds_no_view_of_device_memory(mesh):
+    value = _put(_values(BIG), mesh, P("x", None))
+    snap = _save._snapshot({"w": value})
+    for _, host in snap.arrays[0].shards:
+        assert host.flags.owndata and host.flags.writeable
+    for shard in value.addressable_shards:
+        for _, host in snap.arrays[0].shards:
+            assert not np.shares_memory(host, np.asarray(shard.data))
+
+
+# --- what is read --------------------------------------------------------------------------
+
+
+def _record_reads(monkeypatch):
+    reads = []
+    real = _restore._read_into
+
+    def read_into(store, index, buf):
+        reads.append(_restore._region_key(index, store.shape))
+        return real(store, index, buf)
+
+    monkeypatch.setattr(_restore, "_read_into", read_into)
+    return reads
+
+
+@pytest.mark.parametrize("name", ["2 devices", "replicated", "partially replicated",
+                                  "2x4 P(b, a)", "single device"])
+def test_restore_reads_each_needed_region_once(tmp_path, mesh, monkeypatch, name):
+    value = _values(BIG)
+    ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
+    sharding = _targets(mesh)[name]
+    reads = _record_reads(monkeypatch)
+    tree, _ = pc.restore(ckpt, jax.ShapeDtypeStruct(BIG, jnp.float32, sharding=sharding))
+    _check(tree, value, sharding)
+    needed = {_restore._region_key(tuple(i), BIG)
+              for i in sharding.addressable_devices_indices_map(BIG).values()}
+    assert sorted(reads) == sorted(needed)
+
+
+def test_a_process_reads_only_its_devices_regions(tmp_path, mesh):
+    """As a process owning devices 0-3 would: the chunks of other devices' regions are
+    deleted from disk, and reading this process's regions still works."""
+    value = _values(BIG)
+    ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
+    commit = _commit(ckpt)
+    rec = commit.leaves[""]
+    sharding = NamedSharding(mesh, P("x", None))
+    mine = {d: i for d, i in sharding.addressable_devices_indices_map(BIG).items() if d.id < 4}
+    half = types.SimpleNamespace(addressable_devices_indices_map=lambda shape: mine)
+    chunk_dir = os.path.join(ckpt, commit.data, "a", "0", "c")
+    for row in ("2", "3"):  # the chunks of rows 128..255, which devices 4-7 hold
+        for col in os.listdir(os.path.join(chunk_dir, row)):
+            os.remove(os.path.join(chunk_dir, row, col))
+    loc = _storage.location(ckpt)
+    kv = _storage.open_kvstore(loc)
+    want = _restore.Want("jax", np.dtype(np.float32), BIG, half)
+    pending = _restore._start_zarr_reads(kv, commit, [("", rec, want)])
+    regions, futures, _ = pending[""]
+    for f in futures:
+        f.result()
+    assert sorted(regions) == [((0, 64), (0, 512)), ((64, 128), (0, 512))]
+    for (r0, r1), _ in regions:
+        np.testing.assert_array_equal(regions[((r0, r1), (0, 512))], value[r0:r1])
+    # The whole array needs the deleted chunks: an error naming the leaf, never zeros.
+    with pytest.raises(pc.CorruptCheckpointError, match="leaf '': cannot read its array data"):
+        pc.restore(ckpt, jax.ShapeDtypeStruct(BIG, jnp.float32, sharding=sharding))
+
+
+def test_a_missing_chunk_is_an_error_never_zeros(tmp_path, mesh):
+    value = _values(BIG)
+    ckpt = pc.save({"w": _put(value, mesh, P("x", "y"))}, tmp_path / "c")
+    commit = _commit(ckpt)
+    os.remove(os.path.join(ckpt, commit.data, "a", "0", "c", "1", "1"))
+    for target in (None, {"w": jax.ShapeDtypeStruct(BIG, jnp.float32)}):
+        with pytest.raises(pc.CorruptCheckpointError, match="leaf 'w'"):
+            pc.restore(ckpt, target)
+    # A target needing only other chunks does not touch the missing one: restore reads no
+    # more than the target's regions. (Regions of rows 0..63 exclude chunk row 1.)
+    loc = _storage.location(ckpt)
+    rows = NamedSharding(mesh, P("x", "y")).addressable_devices_indices_map(BIG)
+    mine = {d: i for d, i in rows.items() if i[0].start == 0}
+    want = _restore.Want("jax", np.dtype(np.float32), BIG,
+                         types.SimpleNamespace(addressable_devices_indices_map=lambda s: mine))
+    regions, futures, _ = _restore._start_zarr_reads(
+        _storage.open_kvstore(loc), commit, [("w", commit.leaves["w"], want)])["w"]
+    for f in futures:
+        f.result()
+    assert len(regions) == 2
+
+
+# --- metadata ------------------------------------------------------------------------------
+
+
+def test_metadata_shows_the_saved_sharding(tmp_path, mesh):
+    tree = {"w": _put(_values(BIG), mesh, P("x", "y")),
+            "b": _put(_values((8,)), mesh, P(("x", "y"))),
+            "r": _put(_values((4,)), mesh, P()),
+            "n": np.zeros(3), "s": 1}
+    info = pc.metadata(pc.save(tree, tmp_path / "c"))
+    assert info.leaves["w"].sharding == "P('x', 'y') over mesh(x=4, y=2)"
+    assert info.leaves["b"].sharding == "P(('x', 'y'),) over mesh(x=4, y=2)"
+    assert info.leaves["r"].sharding == "P() over mesh(x=4, y=2)"
+    assert info.leaves["n"].sharding is None and info.leaves["s"].sharding is None
+    assert "sharded P('x', 'y') over mesh(x=4, y=2)" in str(info)
+    commit = _commit(tmp_path / "c")
+    assert commit.leaves["w"].sharding == ((4, 2), ("x", "y"), ("x", "y"))
+    assert commit.leaves["b"].sharding == ((4, 2), ("x", "y"), (("x", "y"),))
