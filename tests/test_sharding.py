@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _restore, _save, _storage
+from pytree_ckpt import _read, _restore, _save, _storage
 
 # Big enough (512 KiB) to be stored as a zarr array rather than packed.
 BIG = (256, 512)
@@ -242,7 +242,7 @@ def test_replicated_shards_are_written_once(tmp_path, mesh, spec, writes, monkey
     snap = _save._snapshot({"w": value})
     (array,) = snap.arrays
     assert len(array.shards) == writes
-    regions = {_restore._region_key(i, BIG) for i, _ in array.shards}
+    regions = {_read._region_key(i, BIG) for i, _ in array.shards}
     assert len(regions) == writes  # each distinct region exactly once
     ckpt = pc.save({"w": value}, tmp_path / "c")
     commit = _commit(ckpt)
@@ -264,13 +264,13 @@ def test_snapshot_holds_no_view_of_device_memory(mesh):
 
 def _record_reads(monkeypatch):
     reads = []
-    real = _restore._read_into
+    real = _read._read_into
 
     def read_into(store, index, buf):
-        reads.append(_restore._region_key(index, store.shape))
+        reads.append(_read._region_key(index, store.shape))
         return real(store, index, buf)
 
-    monkeypatch.setattr(_restore, "_read_into", read_into)
+    monkeypatch.setattr(_read, "_read_into", read_into)
     return reads
 
 
@@ -283,7 +283,7 @@ def test_restore_reads_each_needed_region_once(tmp_path, mesh, monkeypatch, name
     reads = _record_reads(monkeypatch)
     tree, _ = pc.restore(ckpt, jax.ShapeDtypeStruct(BIG, jnp.float32, sharding=sharding))
     _check(tree, value, sharding)
-    needed = {_restore._region_key(tuple(i), BIG)
+    needed = {_read._region_key(tuple(i), BIG)
               for i in sharding.addressable_devices_indices_map(BIG).values()}
     assert sorted(reads) == sorted(needed)
 
@@ -304,9 +304,9 @@ def test_a_process_reads_only_its_devices_regions(tmp_path, mesh):
             os.remove(os.path.join(chunk_dir, row, col))
     loc = _storage.location(ckpt)
     kv = _storage.open_kvstore(loc)
-    want = _restore.Want("jax", np.dtype(np.float32), BIG, half)
-    pending = _restore._start_zarr_reads(kv, commit, [("", rec, want)])
-    regions, futures, _ = pending[""]
+    want = _read.Want("jax", np.dtype(np.float32), BIG, half)
+    ((*_, regions, futures),) = _read._start_zarr_reads(kv, commit, [("", rec, want)],
+                                                        _read._Layouts())
     for f in futures:
         f.result()
     assert sorted(regions) == [((0, 64), (0, 512)), ((64, 128), (0, 512))]
@@ -330,10 +330,10 @@ def test_a_missing_chunk_is_an_error_never_zeros(tmp_path, mesh):
     loc = _storage.location(ckpt)
     rows = NamedSharding(mesh, P("x", "y")).addressable_devices_indices_map(BIG)
     mine = {d: i for d, i in rows.items() if i[0].start == 0}
-    want = _restore.Want("jax", np.dtype(np.float32), BIG,
+    want = _read.Want("jax", np.dtype(np.float32), BIG,
                          types.SimpleNamespace(addressable_devices_indices_map=lambda s: mine))
-    regions, futures, _ = _restore._start_zarr_reads(
-        _storage.open_kvstore(loc), commit, [("w", commit.leaves["w"], want)])["w"]
+    ((*_, regions, futures),) = _read._start_zarr_reads(
+        _storage.open_kvstore(loc), commit, [("w", commit.leaves["w"], want)], _read._Layouts())
     for f in futures:
         f.result()
     assert len(regions) == 2

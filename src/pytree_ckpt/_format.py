@@ -4,9 +4,9 @@ Layout of a checkpoint at ``<path>``::
 
     <path>/checkpoint.msgpack       the commit file, written LAST: its presence = committed
     <path>/d-<32 hex>/a/<id>/       one zarr3 array per large leaf (chunks with crc32c)
-    <path>/d-<32 hex>/p/<n>         packed small leaves, one blob per writing process
+    <path>/d-<32 hex>/p/<proc>/<k>  packed small leaves: blobs of a few MiB per writing process
 
-Storage keys are ids assigned by the writer (``a/17``, ``p/0``); no user string ever becomes
+Storage keys are ids assigned by the writer (``a/17``, ``p/0/3``); no user string ever becomes
 a storage key, so a dict key such as ``../../etc`` cannot leave the checkpoint directory. The
 data lives in a generation folder ``d-<hex>`` named by the commit file, so an overwrite
 writes a new generation next to the old one and replaces the commit file in one atomic
@@ -21,7 +21,7 @@ where ``body`` (bytes) is itself msgpack of a map::
     "data":   "d-<hex>"                         generation folder holding the arrays and blobs
     "nodes":  [[path, kind, type_name], ...]    inner nodes, root first; kind in _graph.NODE_KINDS
     "leaves": [[path, origin, dtype, shape, impl, storage, sharding], ...]
-    "blobs":  [nbytes, ...]                     size of packed blob n (stored at p/<n>)
+    "blobs":  [[proc, k, nbytes], ...]          packed blob n is p/<proc>/<k>, nbytes long
     "arrays": count                             zarr arrays are a/0 .. a/<count-1>
     "writer": {"library": ..., "jax": ..., "tensorstore": ..., "processes": int, "time": float}
 
@@ -29,7 +29,7 @@ and each leaf's ``storage`` is one of::
 
     ["v", value]                                a Python leaf's value (_leaves.encode_py)
     ["z", array_id, chunk_shape, stored_dtype]  zarr3 array a/<array_id>
-    ["p", blob, offset, nbytes, crc32]          bytes [offset, offset+nbytes) of blob p/<blob>
+    ["p", blob, offset, nbytes, crc32]          bytes [offset, offset+nbytes) of blobs[blob]
 
 ``sharding`` is None or ``[mesh_shape, axis_names, partition_spec]`` (spec entries None, a
 name, or a list of names), recorded for display and as the default layout on restore.
@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from . import _graph, _leaves
+from . import _gc, _graph, _leaves
 from ._errors import CorruptCheckpointError, FormatVersionError
 
 MAGIC = "pytree_ckpt"
@@ -97,9 +97,13 @@ class Commit(NamedTuple):
     data: str
     nodes: tuple[_graph.Node, ...]
     leaves: dict[str, LeafRecord]
-    blobs: tuple[int, ...]
+    blobs: tuple[tuple[int, int, int], ...]  # (process, part, nbytes)
     arrays: int
     writer: dict[str, Any]
+
+    def blob_key(self, blob: int) -> str:
+        proc, part, _ = self.blobs[blob]
+        return f"{self.data}/p/{proc}/{part}"
 
 
 def encode(commit: Commit) -> bytes:
@@ -109,7 +113,7 @@ def encode(commit: Commit) -> bytes:
             "data": commit.data,
             "nodes": [list(n) for n in commit.nodes],
             "leaves": [_encode_leaf(r) for r in commit.leaves.values()],
-            "blobs": list(commit.blobs),
+            "blobs": [list(b) for b in commit.blobs],
             "arrays": commit.arrays,
             "writer": commit.writer,
         },
@@ -157,18 +161,18 @@ def decode(data: bytes, where: str) -> Commit:
     _, version, crc, body = outer
     if version != FORMAT_VERSION:
         raise FormatVersionError(
-            f"{where}: format version {version!r}; this pytree_ckpt reads version "
+            f"{where}: format version {version!r:.40}; this pytree_ckpt reads version "
             f"{FORMAT_VERSION} (upgrade pytree_ckpt to read newer checkpoints)"
         )
     if not isinstance(body, bytes) or crc != zlib.crc32(body):
         raise CorruptCheckpointError(f"{where}: commit file checksum mismatch (a flipped bit?)")
-    fields = _unpack(body, where)
     try:
-        return _validate(fields, where)
+        with _gc.paused():
+            return _validate(_unpack(body, where), where)
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
         if isinstance(e, CorruptCheckpointError):
             raise
-        raise CorruptCheckpointError(f"{where}: malformed commit file ({e!r})") from None
+        raise CorruptCheckpointError(f"{where}: malformed commit file ({e!r:.200})") from None
 
 
 def _fail(where: str, msg: str) -> CorruptCheckpointError:
@@ -186,8 +190,11 @@ def _validate(f: Any, where: str) -> Commit:
     blobs, arrays, writer = f["blobs"], f["arrays"], f["writer"]
     if not (isinstance(data, str) and _GEN_RE.fullmatch(data)):
         raise _fail(where, f"bad data folder name {data!r}")
-    if not (isinstance(blobs, list) and all(_int(b, 0, 1 << 62) for b in blobs)):
-        raise _fail(where, "bad blob sizes")
+    if not (isinstance(blobs, list) and all(
+            isinstance(b, list) and len(b) == 3 and _int(b[0], 0, 1 << 20)
+            and _int(b[1], 0, 1 << 31) and _int(b[2], 0, 1 << 62) for b in blobs)):
+        raise _fail(where, "bad blob records")
+    sizes = [b[2] for b in blobs]
     if not _int(arrays, 0, 1 << 31):
         raise _fail(where, f"bad array count {arrays!r}")
     if not isinstance(writer, dict):
@@ -197,11 +204,11 @@ def _validate(f: Any, where: str) -> Commit:
     node_list = tuple(_validate_node(n, where) for n in nodes)
     records: dict[str, LeafRecord] = {}
     for raw in leaves:
-        r = _validate_leaf(raw, where, blobs, arrays)
+        r = _validate_leaf(raw, where, sizes, arrays)
         if r.path in records:
             raise _fail(where, f"leaf {r.path!r} appears twice")
         records[r.path] = r
-    return Commit(data, node_list, records, tuple(blobs), arrays, writer)
+    return Commit(data, node_list, records, tuple(tuple(b) for b in blobs), arrays, writer)
 
 
 def _validate_node(n: Any, where: str) -> _graph.Node:

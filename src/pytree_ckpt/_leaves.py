@@ -56,8 +56,15 @@ class LeafInfo(NamedTuple):
     impl: str | None = None  # PRNG implementation name, for prngkey leaves
 
 
+_NAMES: dict[Any, str] = {}
+
+
 def dtype_name(dtype: Any) -> str:
-    return np.dtype(dtype).name
+    # np.dtype.name is computed in Python on every access (~15 µs); trees have few dtypes.
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = np.dtype(dtype).name
+    return name
 
 
 def dtype_from_name(name: str, where: str) -> np.dtype:
