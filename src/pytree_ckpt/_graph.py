@@ -22,6 +22,7 @@ checkpoint must give back the ``None`` it was given.
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -195,11 +196,20 @@ def flatten(tree: Any) -> Flat:
     return Flat(paths, leaves, nodes, treedef)
 
 
+def _parent_and_name(path: str) -> tuple[str, str]:
+    if "\\" not in path:
+        parent, _, name = path.rpartition("/")
+        return parent, name
+    names = split_path(path)
+    return "/".join(escape(n) for n in names[:-1]), names[-1]
+
+
 def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
     """Rebuilds nested dicts, lists and tuples from recorded nodes and leaf values by path.
 
     Nodes of other types come back as dicts (named children) or lists (indexed children):
-    their types are never imported from checkpoint content.
+    their types are never imported from checkpoint content. A leaf whose parent node is
+    not recorded (after a rename) gets dict parents.
 
     >>> rebuild([Node("", "dict", "builtins.dict"), Node("a", "tuple", "builtins.tuple")],
     ...         {"a/0": 1, "a/1": 2})
@@ -208,25 +218,25 @@ def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
     if "" in values and not nodes:
         return values[""]
     kinds = {n.path: n.kind for n in nodes}
-    for path in values:
-        for ancestor in iter_prefixes(path):
-            kinds.setdefault(ancestor, DICT)  # a renamed leaf may need a new parent
-    children: dict[str, list[tuple[str, str]]] = {path: [] for path in kinds}
-    for path in list(kinds) + list(values):
-        if path == "":
-            continue
-        names = split_path(path)
-        parent = "/".join(escape(n) for n in names[:-1])
-        if parent in children:
-            children[parent].append((names[-1], path))
+    kinds.setdefault("", DICT)
+    children: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for path in [*kinds, *values]:
+        while path:
+            parent, name = _parent_and_name(path)
+            children[parent].append((name, path))
+            if parent in kinds:
+                break
+            kinds[parent] = DICT  # a renamed leaf may need a new parent
+            path = parent
 
     def build(path: str) -> Any:
-        if path not in kinds:
+        kind = kinds.get(path)
+        if kind is None:
             return values[path]
-        kids = children[path]
-        if kinds[path] in (LIST, TUPLE):
+        kids = children.get(path, ())
+        if kind == LIST or kind == TUPLE:
             seq = [build(p) for _, p in sorted(kids, key=lambda kp: int(kp[0]))]
-            return tuple(seq) if kinds[path] == TUPLE else seq
+            return tuple(seq) if kind == TUPLE else seq
         return {name: build(p) for name, p in kids}
 
     return build("")

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from . import _graph, _leaves, _storage
+from . import _gc, _graph, _leaves, _storage
 from ._restore import load_commit
 
 
@@ -92,7 +92,11 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
         >>> info.leaves["w"].shape, info.leaves["step"].value
         ((3,), 7)
     """
-    loc = _storage.location(path)
+    with _gc.paused():  # per-leaf loops: see _gc
+        return _metadata(_storage.location(path))
+
+
+def _metadata(loc: _storage.Location) -> CheckpointMetadata:
     commit = load_commit(loc, _storage.open_kvstore(loc))
     leaves = {}
     for p, r in commit.leaves.items():

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _graph, _leaves, _storage
+from . import _gc, _graph, _leaves, _storage
 from ._errors import (
     CheckpointNotFoundError,
     IncompleteCheckpointError,
@@ -84,6 +84,11 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         >>> status.matched, status.unused
         (('w',), ())
     """
+    with _gc.paused():  # per-leaf loops: see _gc
+        return _restore(path, target, at, rename)
+
+
+def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, RestoreStatus]:
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
     commit = load_commit(loc, kv)
