@@ -20,11 +20,14 @@ from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import IncompleteCheckpointError as IncompleteCheckpointError
+from ._errors import LockedError as LockedError
 from ._errors import NotACheckpointError as NotACheckpointError
 from ._errors import PathCollisionError as PathCollisionError
 from ._errors import PathNotFoundError as PathNotFoundError
 from ._errors import SaveError as SaveError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._manager import CheckpointManager as CheckpointManager
+from ._manager import latest as latest
 from ._metadata import CheckpointMetadata as CheckpointMetadata
 from ._metadata import LeafMetadata as LeafMetadata
 from ._metadata import metadata as metadata
@@ -39,12 +42,14 @@ __all__ = [
     "Cast",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointMetadata",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "IncompleteCheckpointError",
     "LeafMetadata",
+    "LockedError",
     "Mismatch",
     "NotACheckpointError",
     "PathCollisionError",
@@ -53,6 +58,7 @@ __all__ = [
     "SaveError",
     "SaveFuture",
     "UnsupportedLeafError",
+    "latest",
     "metadata",
     "restore",
     "save",
