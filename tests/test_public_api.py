@@ -7,7 +7,7 @@ DOCUMENTED = {
     "CheckpointMetadata", "LeafMetadata", "CheckpointError", "CheckpointNotFoundError",
     "IncompleteCheckpointError", "CheckpointExistsError", "NotACheckpointError",
     "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",
-    "PathNotFoundError", "SaveError",
+    "PathNotFoundError", "SaveError", "CheckpointManager", "latest", "LockedError",
 }
 
 
