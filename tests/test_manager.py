@@ -298,7 +298,9 @@ def test_lock_on_object_store(monkeypatch):
     # ... and one that looked dead while alive (a stalled heartbeat) learns at its next save.
     kv.write(_lock.LOCK_FILE, b'{"host": "elsewhere", "pid": 1, "token": "u", "time": 1e10}'
              ).result()
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10
+    while not second._lock._lost and time.monotonic() < deadline:
+        time.sleep(0.01)
     with pytest.raises(pc.LockedError, match="heartbeat went stale"):
         second.save(1, {"a": 1})
     second.close()

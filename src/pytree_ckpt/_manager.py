@@ -20,6 +20,10 @@ directory is left alone and ignored.
 
 Deleting a step removes its commit file first, so a crash half-way leaves an incomplete folder
 (cleaned at the next start), never a committed checkpoint with missing data.
+
+In a multi-process job every process creates a manager and calls save() with the same steps
+(save is collective); every process lists the steps, and only the primary (process 0) holds
+the lock, cleans, writes metrics files and deletes old steps.
 """
 
 from __future__ import annotations
@@ -163,7 +167,11 @@ class CheckpointManager:
 
     def best_step(self) -> int | None:
         """The committed step with the best ``best_fn(metrics)``, or None (no ``best_fn``, or no
-        committed step has metrics)."""
+        committed step has metrics).
+
+        **Raises:** what ``best_fn`` raises; :class:`CorruptCheckpointError` for an unreadable
+        metrics file.
+        """
         self._poll()
         return self._best()
 
@@ -463,7 +471,11 @@ def latest(directory: str | os.PathLike | dict) -> str | None:
     """The path of the newest committed checkpoint in a :class:`CheckpointManager`'s directory,
     or None if it has none; for code that has no manager (an evaluator, a notebook).
 
-    It takes no lock and deletes nothing.
+    It takes no lock and deletes nothing; the manager writing the directory may delete that
+    checkpoint later under its retention rules, so restore it soon after asking.
+
+    **Raises:** :class:`CheckpointError` if the storage cannot be opened; ``ValueError`` for
+    an unsupported URL scheme.
 
     Example::
 
