@@ -7,12 +7,12 @@ DOCUMENTED = {
     "CheckpointMetadata", "LeafMetadata", "CheckpointError", "CheckpointNotFoundError",
     "IncompleteCheckpointError", "CheckpointExistsError", "NotACheckpointError",
     "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",
-    "PathNotFoundError", "SaveError",
+    "PathNotFoundError", "SaveError", "CheckpointManager", "latest", "LockedError",
 }
 
 
 def test_exported_names_are_exactly_the_documented_ones():
-    assert set(pc.__all__) >= DOCUMENTED
+    assert set(pc.__all__) == DOCUMENTED
     assert all(hasattr(pc, name) for name in pc.__all__)
     public = {n for n in dir(pc) if not n.startswith("_") and not inspect.ismodule(getattr(pc, n))}
     assert public == set(pc.__all__)

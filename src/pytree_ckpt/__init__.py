@@ -20,12 +20,15 @@ from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import IncompleteCheckpointError as IncompleteCheckpointError
+from ._errors import LockedError as LockedError
 from ._errors import NotACheckpointError as NotACheckpointError
 from ._errors import PathCollisionError as PathCollisionError
 from ._errors import PathNotFoundError as PathNotFoundError
 from ._errors import SaveError as SaveError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._jit import save_in_jit as save_in_jit
+from ._manager import CheckpointManager as CheckpointManager
+from ._manager import latest as latest
 from ._metadata import CheckpointMetadata as CheckpointMetadata
 from ._metadata import LeafMetadata as LeafMetadata
 from ._metadata import metadata as metadata
@@ -40,12 +43,14 @@ __all__ = [
     "Cast",
     "CheckpointError",
     "CheckpointExistsError",
+    "CheckpointManager",
     "CheckpointMetadata",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "IncompleteCheckpointError",
     "LeafMetadata",
+    "LockedError",
     "Mismatch",
     "NotACheckpointError",
     "PathCollisionError",
@@ -54,6 +59,7 @@ __all__ = [
     "SaveError",
     "SaveFuture",
     "UnsupportedLeafError",
+    "latest",
     "metadata",
     "restore",
     "save",

@@ -13,7 +13,8 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── UnsupportedLeafError         (TypeError)          a leaf that cannot be saved exactly
     ├── PathCollisionError           (ValueError)         two leaves with one path, e.g. {1: a, "1": b}
     ├── PathNotFoundError            (KeyError)           ``at=`` names nothing in the checkpoint
-    └── SaveError                    (RuntimeError)       a write failed, here or on another process
+    ├── SaveError                    (RuntimeError)       a write failed, here or on another process
+    └── LockedError                  (RuntimeError)       another CheckpointManager holds the directory
 """
 
 from __future__ import annotations
@@ -65,3 +66,7 @@ class PathNotFoundError(CheckpointError, KeyError):
 
 class SaveError(CheckpointError, RuntimeError):
     """Writing a checkpoint failed; nothing was committed and earlier checkpoints are intact."""
+
+
+class LockedError(CheckpointError, RuntimeError):
+    """Another :class:`CheckpointManager` (here or in another live process) holds the directory."""

@@ -129,6 +129,33 @@ def top_level_names(loc: Location, kv: ts.KvStore) -> set[str] | None:
     return {k.decode("utf-8", "replace").split("/", 1)[0] for k in keys}
 
 
+def child_names(loc: Location, kv: ts.KvStore) -> dict[str, set[str]]:
+    """Names directly inside the location, each with the names directly inside it (an empty
+    set for a file). For a manager's directory of numbered checkpoints.
+
+    On object stores this lists every key below the location (TensorStore has no delimiter
+    listing), i.e. costs one request per 1,000 keys.
+    """
+    out: dict[str, set[str]] = {}
+    if loc.local is not None:
+        try:
+            names = os.listdir(loc.local)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            try:
+                out[name] = set(os.listdir(os.path.join(loc.local, name)))
+            except OSError:  # a file, or gone meanwhile
+                out[name] = set()
+        return out
+    for key in kv.list().result():
+        first, _, rest = key.decode("utf-8", "replace").partition("/")
+        inside = out.setdefault(first, set())
+        if rest:
+            inside.add(rest.split("/", 1)[0])
+    return out
+
+
 def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
     """Deletes everything under ``prefix`` (a folder name inside the location)."""
     if loc.local is not None:
