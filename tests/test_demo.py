@@ -19,4 +19,4 @@ def test_demo_runs_and_resumes_with_identical_losses(tmp_path):
     assert "RestoreStatus: 14 matched, 0 unmatched, 0 unused, 0 mismatched" in out.stdout
     assert "identical losses" in out.stdout
     assert "10 unused under ['opt_state', 'step']" in out.stdout
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["200", "240", "280"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["200", "240", "280", "manager.lock"]
