@@ -3,7 +3,8 @@ import inspect
 import pytree_ckpt as pc
 
 DOCUMENTED = {
-    "save", "save_async", "save_in_jit", "restore", "metadata", "SaveFuture", "RestoreStatus", "Mismatch", "Cast",
+    "save", "save_async", "save_in_jit", "restore", "metadata", "SaveFuture", "RestoreStatus",
+    "Mismatch", "Cast",
     "CheckpointMetadata", "LeafMetadata", "CheckpointError", "CheckpointNotFoundError",
     "IncompleteCheckpointError", "CheckpointExistsError", "NotACheckpointError",
     "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from . import _gc, _graph, _leaves, _storage
+from . import _format, _gc, _graph, _leaves, _storage
 from ._restore import load_commit
 
 
@@ -104,6 +104,7 @@ def _metadata(loc: _storage.Location) -> CheckpointMetadata:
         leaves[p] = LeafMetadata(p, r.origin, r.shape, r.dtype, r.nbytes,
                                  _sharding_text(r.sharding), value)
     return CheckpointMetadata(
-        path=loc.url, format_version=1, tree=_graph.rebuild(commit.nodes, leaves),
+        path=loc.url, format_version=_format.FORMAT_VERSION,
+        tree=_graph.rebuild(commit.nodes, leaves),
         leaves=leaves, node_types={n.path: n.type_name for n in commit.nodes},
         nbytes=sum(m.nbytes for m in leaves.values()), writer=dict(commit.writer))

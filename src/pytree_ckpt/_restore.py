@@ -38,7 +38,7 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
         names = _storage.top_level_names(loc, kv)
         if not names:
             raise CheckpointNotFoundError(f"{loc.url}: no checkpoint there (nothing exists)")
-        if any(n.startswith("d-") for n in names):
+        if any(n.startswith(("d-", COMMIT_FILE + ".")) for n in names):
             raise IncompleteCheckpointError(
                 f"{loc.url}: incomplete checkpoint (data but no {COMMIT_FILE}): a save did not "
                 "finish, so nothing here is restorable")

@@ -161,7 +161,10 @@ def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
     if loc.local is not None:
         import shutil
 
-        shutil.rmtree(os.path.join(loc.local, prefix), ignore_errors=True)
+        try:
+            shutil.rmtree(os.path.join(loc.local, prefix))
+        except FileNotFoundError:
+            pass  # already gone: deleting is idempotent, failing to delete is not silent
         return
     start = prefix.rstrip("/") + "/"
     end = start[:-1] + chr(ord("/") + 1)
