@@ -76,8 +76,9 @@ __all__ = [
 
 _SRC = str(Path(__file__).resolve().parent.parent / "src")
 
-# rank 0 logs this (from gRPC) when the coordinator port was taken between our pick
-# and its bind: the run is retried on a fresh port instead of failing 10 s later.
+# rank 0 logs this (from gRPC) when it cannot bind the coordinator port (a socket
+# without SO_REUSEPORT holds it): the run is retried on a fresh port at once, instead
+# of every process failing at the initialization timeout.
 _PORT_TAKEN = "Failed to add port to server"
 _PORT_ATTEMPTS = 3
 
@@ -291,11 +292,22 @@ def _child_env(devices_per_process: int, extra: Mapping[str, str] | None) -> dic
     return env
 
 
-def _free_port() -> int:
-    # The port is free now; it can be taken before rank 0 binds it (we retry then).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+def _reserve_port() -> socket.socket:
+    """A socket holding a free loopback port for the coordinator, until it is closed.
+
+    It is bound but never listens, with SO_REUSEPORT: gRPC binds its own listener with
+    SO_REUSEPORT too, so it can share the port, while no other ``bind(0)`` (another run
+    of this harness, say) is handed the same port meanwhile. Only listening sockets
+    receive connections, so this one never steals the coordinator's.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 class _Child:
@@ -369,8 +381,9 @@ class _Run:
     """One attempt: N children on one port, and the decision of how they end."""
 
     def __init__(self, n: int, env: dict[str, str], cwd: str, kill_on: dict[int, str]) -> None:
-        env = dict(env, _MP_PORT=str(_free_port()))
         self.children: list[_Child] = []
+        self.port = _reserve_port()
+        env = dict(env, _MP_PORT=str(self.port.getsockname()[1]))
         try:
             for rank in range(n):
                 self.children.append(_Child(rank, env, cwd, kill_on.get(rank)))
@@ -412,6 +425,7 @@ class _Run:
 
     def close(self) -> None:
         """Kill and reap every child still running, and finish draining their output."""
+        self.port.close()
         for c in self.children:
             c.kill()
         for c in self.children:

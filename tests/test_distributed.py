@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
+import _multiprocess
 import pytest
 from _multiprocess import (
     MultiprocessError,
@@ -228,6 +233,47 @@ def test_report_and_check_names_a_dead_process(num_processes, devices):
         assert r["elapsed"] < 5
 
 
+def test_report_and_check_late_process_sees_that_others_gave_up():
+    # Process 1 is slow, not dead: process 0 gives up after 1 s. When process 1 reports
+    # at 3 s it must not read process 0's earlier "ok" and carry on alone (e.g. commit).
+    runs = _run(
+        """
+        if process_id == 1:
+            time.sleep(3)
+        try:
+            _distributed.report_and_check("save/0/written", None, timeout_s=1 if process_id == 0 else 20)
+            result(error=None)
+        except DistributedError as e:
+            result(error=str(e))
+        """,
+        2,
+        1,
+    )
+    assert_all_ok(runs)
+    first, late = _results(runs)
+    assert "process(es) 1 did not report within 1 s" in first["error"]
+    assert "process 0 failed: gave up waiting for process(es) 1 after 1 s" in late["error"]
+
+
+def test_broadcast_times_out_without_primary():
+    runs = _run(
+        """
+        if process_id == 1:
+            try:
+                _distributed.broadcast_str("never-sent", None, timeout_s=1)
+                result(error=None)
+            except DistributedError as e:
+                result(error=str(e))
+        _distributed.barrier("after", timeout_s=20)
+        """,
+        2,
+        1,
+    )
+    assert_all_ok(runs)
+    (record,) = _results(runs, [1])
+    assert "process 0 did not publish a value within 1 s" in record["error"]
+
+
 def test_report_and_check_dead_process_killed_by_marker():
     # The other way to kill: the parent SIGKILLs process 1 when it prints a marker.
     runs = _run(
@@ -297,6 +343,93 @@ def test_globally_sharded_array(num_processes, devices):
 
 
 # --- the harness itself ------------------------------------------------------------------
+
+
+def test_harness_retries_when_the_port_is_taken(monkeypatch):
+    # A plain listener (no SO_REUSEPORT) holds the first port handed out: rank 0 cannot
+    # bind it, and the harness must start over on a fresh port at once.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        handed_out = []
+        real_reserve = _multiprocess._reserve_port
+
+        def reserve():
+            held = _HeldElsewhere(taken_port) if not handed_out else real_reserve()
+            handed_out.append(held.getsockname()[1])
+            return held
+
+        monkeypatch.setattr(_multiprocess, "_reserve_port", reserve)
+        t = time.monotonic()
+        runs = run_multiprocess("print('hello', process_id)", num_processes=2, timeout_s=30)
+    assert_all_ok(runs)
+    assert len(handed_out) == 2 and handed_out[0] == taken_port, handed_out
+    assert runs[1].stdout == "hello 1\n"
+    assert time.monotonic() - t < 15  # not a wait for the 20 s initialization timeout
+
+
+class _HeldElsewhere:
+    """Stands in for the harness's port reservation, naming a port another socket holds."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def close(self) -> None:
+        pass
+
+
+def test_harness_children_die_with_the_parent(tmp_path):
+    # Even a parent killed outright (no finally, no atexit) leaves no process behind.
+    pid_file = tmp_path / "pids"
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import _multiprocess\n"
+        "_multiprocess.run_multiprocess(\n"
+        "    'import os, time\\n'\n"
+        "    'open(args, \"a\").write(f\"{os.getpid()}\\\\n\")\\n'\n"
+        "    'time.sleep(60)\\n',\n"
+        f"    num_processes=2, timeout_s=50, args={str(pid_file)!r},\n"
+        ")\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(driver)],
+        env=dict(os.environ, PYTHONPATH=_multiprocess._SRC),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_read_pids(pid_file)) < 2:
+            time.sleep(0.05)
+        pids = _read_pids(pid_file)
+        assert len(pids) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _read_pids(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def _alive(pid: int) -> bool:
+    # Dead grandchildren are reparented and reaped by init; a zombie (if init is slow,
+    # or is not a reaping init, as in some containers) counts as dead too.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 def test_harness_timeout_kills_every_process():
