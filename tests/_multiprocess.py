@@ -444,4 +444,3 @@ class _Run:
             ProcessResult(c.proc.returncode, "".join(c.stdout), "".join(c.stderr))
             for c in self.children
         ]
-

@@ -241,7 +241,8 @@ def test_report_and_check_late_process_sees_that_others_gave_up():
         if process_id == 1:
             time.sleep(3)
         try:
-            _distributed.report_and_check("save/0/written", None, timeout_s=1 if process_id == 0 else 20)
+            timeout_s = 1 if process_id == 0 else 20
+            _distributed.report_and_check("save/0/written", None, timeout_s=timeout_s)
             result(error=None)
         except DistributedError as e:
             result(error=str(e))
@@ -329,7 +330,7 @@ def test_globally_sharded_array(num_processes, devices):
     assert_all_ok(runs)
     records = _results(runs)
     n_dev = num_processes * devices
-    for i, r in enumerate(records):
+    for r in records:
         assert r["shape"] == [n_dev * 4, 3]
         assert r["global_devices"] == n_dev
         assert r["fully_addressable"] is False
@@ -392,14 +393,15 @@ def test_harness_children_die_with_the_parent(tmp_path):
         "import _multiprocess\n"
         "_multiprocess.run_multiprocess(\n"
         "    'import os, time\\n'\n"
-        "    'open(args, \"a\").write(f\"{os.getpid()}\\\\n\")\\n'\n"
+        '    \'open(args, "a").write(f"{os.getpid()}\\\\n")\\n\'\n'
         "    'time.sleep(60)\\n',\n"
         f"    num_processes=2, timeout_s=50, args={str(pid_file)!r},\n"
         ")\n"
     )
     parent = subprocess.Popen(
         [sys.executable, str(driver)],
-        env=dict(os.environ, PYTHONPATH=_multiprocess._SRC),
+        # The killed driver cannot remove its temporary directory: keep it in tmp_path.
+        env=dict(os.environ, PYTHONPATH=_multiprocess._SRC, TMPDIR=str(tmp_path)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
