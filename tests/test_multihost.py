@@ -1,0 +1,165 @@
+"""Multi-host saves and restores in real ``jax.distributed`` processes on loopback.
+
+A globally sharded Flax-style training state (params plus optax Adam moments with non-zero
+values, and a step) is saved by 2 processes x 2 devices and by 4 processes x 1 device,
+synchronously and asynchronously; restored in the same job onto another mesh, in one process
+with 4 devices, and in this (8-device) test process; and a process killed in the middle of a
+save leaves no commit, an error naming it on the survivors, and the earlier checkpoint intact.
+"""
+
+import numpy as np
+import pytest
+from _multiprocess import assert_all_ok, format_results, run_multiprocess
+
+import pytree_ckpt as pc
+from pytree_ckpt import _restore, _storage
+
+STATE = r"""
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import pytree_ckpt as pc
+
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("x", "y"))
+
+def make(shape, spec, k):
+    full = (np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1) * k
+    return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), lambda i: full[i])
+
+params = {"dense": {"kernel": make((16, 8), P("x", "y"), 1.0), "bias": make((8,), P(), 2.0)},
+          "embed": make((32, 4), P(None, "x"), 3.0)}
+tx = optax.adam(0.1)
+opt_state = jax.jit(tx.init)(params)
+grads = jax.tree.map(lambda p: p * 0.5, params)
+_, opt_state = jax.jit(tx.update)(grads, opt_state, params)
+# A leaf on one device of the last process: only that process can write it (packed there).
+local = jax.make_array_from_callback(
+    (5,), jax.sharding.SingleDeviceSharding(jax.devices()[-1]),
+    lambda i: np.arange(5, dtype=np.float32)[i] * 1.5, dtype=np.float32)
+state = {"params": params, "opt_state": opt_state, "step": 7, "extra": {"local": local}}
+"""
+
+SAVE = STATE + r"""
+pc.save(state, args["sync"])
+fut = pc.save_async(state, args["async"])
+assert fut.result() == args["async"]
+from pytree_ckpt import _graph
+flat = _graph.flatten(state)
+full = {p: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        for p, x in zip(flat.paths, flat.leaves) if p in args["paths"]}
+assert sorted(full) == sorted(args["paths"])
+if process_id == 0:
+    np.savez(args["expected"], **{p.replace("/", "|"): v for p, v in full.items()})
+print("SAVED", process_id)
+"""
+
+RESTORE = r"""
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import pytree_ckpt as pc
+
+expected = {k.replace("|", "/"): v for k, v in np.load(args["expected"]).items()}
+mesh = Mesh(np.array(jax.devices()).reshape(-1), ("d",))
+for ckpt in (args["sync"], args["async"]):
+    info = pc.metadata(ckpt)
+    target = {}
+    for path, leaf in info.leaves.items():
+        spec = P("d") if leaf.shape and leaf.shape[0] % len(jax.devices()) == 0 else P()
+        target[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, spec))
+    tree = {}
+    for path in target:  # restore leaf by leaf through at=, each onto its new sharding
+        tree[path], status = pc.restore(ckpt, target[path], at=path)
+        status.assert_consumed()
+    for path, value in expected.items():
+        assert tree[path].sharding == target[path].sharding, path
+        for shard in tree[path].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index], err_msg=path)
+    assert pc.restore(ckpt, 0, at="step")[0] == 7
+    np.testing.assert_array_equal(np.asarray(tree["extra/local"]), np.arange(5.0) * 1.5)
+print("RESTORED", process_id, len(expected))
+"""
+
+LEAVES = ["opt_state/0/count", "opt_state/0/mu/dense/bias", "opt_state/0/mu/dense/kernel",
+          "opt_state/0/mu/embed", "opt_state/0/nu/dense/bias", "opt_state/0/nu/dense/kernel",
+          "opt_state/0/nu/embed", "params/dense/bias", "params/dense/kernel", "params/embed"]
+
+
+def paths(tmp_path):
+    return {"sync": str(tmp_path / "sync"), "async": str(tmp_path / "async"),
+            "expected": str(tmp_path / "expected.npz"), "paths": LEAVES}
+
+
+def check_here(args):
+    """This process (8 devices, not the saved 4) restores both checkpoints, no target."""
+    expected = {k.replace("|", "/"): v for k, v in np.load(args["expected"]).items()}
+    assert sorted(expected) == sorted(LEAVES)
+    for ckpt in (args["sync"], args["async"]):
+        tree, status = pc.restore(ckpt)
+        status.assert_consumed()
+        for path, value in expected.items():
+            leaf = tree
+            for name in path.split("/"):
+                leaf = leaf[int(name)] if isinstance(leaf, (list, tuple)) else leaf[name]
+            np.testing.assert_array_equal(np.asarray(leaf), value, err_msg=path)
+        assert tree["step"] == 7
+        np.testing.assert_array_equal(np.asarray(tree["extra"]["local"]), np.arange(5.0) * 1.5)
+        assert pc.metadata(ckpt).leaves["params/dense/kernel"].sharding == (
+            "P('x', 'y') over mesh(x=2, y=2)")
+
+
+@pytest.mark.timeout(170)
+@pytest.mark.parametrize("processes,devices", [(2, 2), (4, 1)])
+def test_multihost_save_and_restore_on_other_topologies(tmp_path, processes, devices):
+    args = paths(tmp_path)
+    results = run_multiprocess(SAVE, num_processes=processes, devices_per_process=devices,
+                               timeout_s=60, args=args)
+    assert_all_ok(results)
+    assert all(f"SAVED {i}" in r.stdout for i, r in enumerate(results)), format_results(results)
+    assert pc.metadata(args["sync"]).writer["processes"] == processes
+    loc = _storage.location(args["sync"])
+    commit = _restore.load_commit(loc, _storage.open_kvstore(loc))
+    assert {proc for proc, _, _ in commit.blobs} == {0, processes - 1}  # "local" packed there
+    # The same checkpoints restored by a job of another shape, onto another mesh.
+    other = (4, 1) if (processes, devices) == (2, 2) else (2, 2)
+    results = run_multiprocess(RESTORE, num_processes=other[0], devices_per_process=other[1],
+                               timeout_s=60, args=args)
+    assert_all_ok(results)
+    assert all(f"RESTORED {i} 10" in r.stdout for i, r in enumerate(results))
+    # One process with 4 devices, and this process with 8.
+    results = run_multiprocess(RESTORE, num_processes=1, devices_per_process=4,
+                               timeout_s=60, args=args)
+    assert_all_ok(results)
+    check_here(args)
+
+
+KILLED = STATE + r"""
+from pytree_ckpt import _save
+pc.save(state, args["before"])
+if process_id == 1:
+    def dying(*a, **k):
+        crash()  # SIGKILL in the middle of the save, before reporting its part
+    _save._write_data = dying
+try:
+    pc.save(state, args["after"])
+except pc.SaveError as e:
+    print("SAVE FAILED:", e)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_process_killed_mid_save_means_no_commit(tmp_path):
+    args = {"before": str(tmp_path / "before"), "after": str(tmp_path / "after")}
+    results = run_multiprocess(KILLED, num_processes=2, devices_per_process=2, timeout_s=60,
+                               args=args, env={"PYTREE_CKPT_BARRIER_TIMEOUT_S": "4"})
+    assert results[1].returncode != 0  # killed
+    assert results[0].returncode == 0, format_results(results)
+    assert "SAVE FAILED:" in results[0].stdout and "nothing was committed" in results[0].stdout
+    assert "process(es) 1" in results[0].stdout
+    with pytest.raises(pc.IncompleteCheckpointError):
+        pc.restore(args["after"])
+    tree, status = pc.restore(args["before"])
+    status.assert_consumed()
+    assert tree["step"] == 7
+    np.testing.assert_array_equal(
+        np.asarray(tree["params"]["embed"]),
+        (np.arange(128, dtype=np.float32).reshape(32, 4) + 1) * 3.0)
