@@ -24,8 +24,8 @@ from ._errors import CorruptCheckpointError
 from ._format import Commit, LeafRecord
 
 _COALESCE_GAP = 256 << 10  # nearby packed ranges are read as one: fewer requests
-_RANGE_BYTES = 16 << 20  # ...up to about this size each
-_RANGES_IN_FLIGHT = 8
+_RANGE_BYTES = 4 << 20  # ...up to about this size each
+_RANGES_IN_FLIGHT = 4
 _ALIGN = 64  # the CPU backend adopts 64-byte-aligned host memory without a copy
 
 

@@ -41,8 +41,8 @@ from ._format import COMMIT_FILE, LeafRecord, Storage
 # Leaves up to this size are packed into one blob per process instead of a zarr array each:
 # 10,000 small arrays become one write rather than 10,000.
 PACK_BYTES = 256 << 10
-PART_BYTES = 8 << 20  # packed leaves go in blobs of about this size, written a few at a time
-_PARTS_IN_FLIGHT = 4
+PART_BYTES = 4 << 20  # packed leaves go in blobs of about this size, written a few at a time
+_PARTS_IN_FLIGHT = 2
 _ALIGN = 16
 _BARRIER_TIMEOUT_S = float(os.environ.get("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600))
 _save_counter = 0
