@@ -44,7 +44,7 @@ import functools
 import math
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import msgpack
@@ -97,7 +97,7 @@ class Commit(NamedTuple):
 
     data: str
     nodes: tuple[_graph.Node, ...]
-    leaves: dict[str, LeafRecord]
+    leaves: Mapping[str, LeafRecord]
     blobs: tuple[tuple[int, int, int], ...]  # (process, part, nbytes)
     arrays: int
     writer: dict[str, Any]
@@ -190,7 +190,7 @@ def _validate(f: Any, where: str) -> Commit:
     data, nodes, leaves = f["data"], f["nodes"], f["leaves"]
     blobs, arrays, writer = f["blobs"], f["arrays"], f["writer"]
     if not (isinstance(data, str) and _GEN_RE.fullmatch(data)):
-        raise _fail(where, f"bad data folder name {data!r}")
+        raise _fail(where, f"bad data folder name {data!r:.80}")
     if not (isinstance(blobs, list) and all(
             isinstance(b, list) and len(b) == 3 and _int(b[0], 0, 1 << 20)
             and _int(b[1], 0, 1 << 31) and _int(b[2], 0, 1 << 62) for b in blobs)):
@@ -203,13 +203,47 @@ def _validate(f: Any, where: str) -> Commit:
     if not isinstance(nodes, list) or not isinstance(leaves, list):
         raise _fail(where, "nodes and leaves must be lists")
     node_list = tuple(_validate_node(n, where) for n in nodes)
-    records: dict[str, LeafRecord] = {}
-    for raw in leaves:
-        r = _validate_leaf(raw, where, sizes, arrays)
-        if r.path in records:
-            raise _fail(where, f"leaf {r.path!r} appears twice")
-        records[r.path] = r
+    if not all(type(raw) is list and raw and type(raw[0]) is str for raw in leaves):
+        raise _fail(where, "bad leaf records")
+    by_path = {raw[0]: raw for raw in leaves}
+    if len(by_path) != len(leaves):
+        raise _fail(where, "a leaf path appears twice")
+    records = _Records(by_path, where, sizes, arrays)
     return Commit(data, node_list, records, tuple(tuple(b) for b in blobs), arrays, writer)
+
+
+class _Records(Mapping):
+    """Leaf records by path, each validated when first looked up.
+
+    Nothing unvalidated is ever handed out, and a restore of a small subtree (``at=``)
+    validates only the records it uses: on a 10,000-leaf checkpoint that is most of its
+    cost. Iterating yields paths only; ``items()``/``values()`` validate everything.
+    """
+
+    def __init__(self, raw: dict[str, list], where: str, sizes: list[int], arrays: int):
+        self._raw, self._where, self._sizes, self._arrays = raw, where, sizes, arrays
+        self._done: dict[str, LeafRecord] = {}
+
+    def __getitem__(self, path: str) -> LeafRecord:
+        record = self._done.get(path)
+        if record is None:
+            try:
+                record = _validate_leaf(self._raw[path], self._where, self._sizes, self._arrays)
+            except (TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+                if isinstance(e, CorruptCheckpointError):
+                    raise
+                raise _bad_leaf(self._where, path, f"malformed record ({e!r:.200})") from None
+            self._done[path] = record
+        return record
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._raw
 
 
 def _validate_node(n: Any, where: str) -> _graph.Node:

@@ -126,10 +126,11 @@ def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str], url
             ) -> dict[str, tuple[str, LeafRecord]]:
     """Checkpoint entries by target path (after ``at`` and ``rename``), with their own path."""
     out: dict[str, tuple[str, LeafRecord]] = {}
-    for path, record in commit.leaves.items():
+    for path in commit.leaves:  # validating only the records used (see _format._Records)
         rel = _graph.relative_to(path, at) if at is not None else path
         if rel is None:
             continue
+        record = commit.leaves[path]
         new = rename_fn(rel)
         if new in out:
             raise PathCollisionError(
