@@ -11,6 +11,7 @@ buffer semantics); the restore path allocates its read buffers that way.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,13 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the jax v
     _batched = None
 
 
+@functools.lru_cache(maxsize=4096)
+def _aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    # Building an abstract value costs about as much as the transfer itself; trees repeat
+    # their shapes (every layer of a model, its two Adam moments).
+    return _ShapedArray(shape, dtype)
+
+
 def assemble(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding,
              pieces: Sequence[np.ndarray], devices: Sequence[Any]) -> jax.Array:
     """The ``jax.Array`` of ``shape`` on ``sharding`` whose shard on ``devices[i]`` is
@@ -34,8 +42,7 @@ def assemble(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sha
     global _batched
     if _batched is not None:
         try:
-            return _batched(_ShapedArray(shape, dtype), sharding, list(pieces), list(devices),
-                            True)
+            return _batched(_aval(shape, dtype), sharding, list(pieces), list(devices), True)
         except TypeError:  # pragma: no cover - signature changed: use the public path
             _batched = None
     arrays = [jax.device_put(p, d, may_alias=True) for p, d in zip(pieces, devices, strict=True)]
