@@ -232,3 +232,17 @@ def test_metadata_reads_structure_without_array_data(where):
     assert info.nbytes == 64
     assert "params/w: jax bfloat16[4, 8] (64 B)" in str(info)
     assert "<table>" in info._repr_html_()
+
+
+def test_large_single_device_arrays_are_read_in_slabs_exactly(tmp_path):
+    from pytree_ckpt import _read
+
+    value = np.arange(4096 * 1024, dtype=np.float32).reshape(4096, 1024)
+    slabs = list(_read._slabs(((0, 4096), (0, 1024)), (1024, 1024), 4))
+    assert [rows for rows, _ in slabs] == [slice(0, 2048), slice(2048, 4096)]
+    pc.save({"w": value, "j": jnp.asarray(value)}, tmp_path / "c")
+    restored, status = pc.restore(tmp_path / "c", {"w": np.zeros_like(value),
+                                                   "j": jax.ShapeDtypeStruct(value.shape, jnp.float32)})
+    status.assert_consumed()
+    np.testing.assert_array_equal(restored["w"], value)
+    np.testing.assert_array_equal(restored["j"], value)

@@ -10,6 +10,7 @@ into leaves before its bytes are dropped, so a restore holds little beyond the t
 from __future__ import annotations
 
 import collections
+import math
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from ._format import Commit, LeafRecord
 _COALESCE_GAP = 256 << 10  # nearby packed ranges are read as one: fewer requests
 _RANGE_BYTES = 4 << 20  # ...up to about this size each
 _RANGES_IN_FLIGHT = 4
+_SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, concurrently
 _ALIGN = 64  # the CPU backend adopts 64-byte-aligned host memory without a copy
 
 
@@ -126,12 +128,33 @@ def _start_zarr_reads(kv: Any, commit: Commit, jobs: list[Job], layouts: _Layout
             whole = tuple(slice(0, d) for d in rec.shape)
             regions = {_region_key(whole, rec.shape): whole}
         buffers, futures = {}, []
-        for key, index in regions.items():
+        for key in regions:
             buf = _aligned_empty(tuple(b - a for a, b in key), stored)
             buffers[key] = buf
-            futures.append(_read_into(store, index, buf))
+            for rows, sub in _slabs(key, rec.storage.chunks, stored.itemsize):
+                futures.append(_read_into(store, sub, buf[rows] if rows else buf))
         pending.append((path, rec, want, buffers, futures))
     return pending
+
+
+def _slabs(key: tuple, chunks: tuple[int, ...], itemsize: int
+           ) -> Iterator[tuple[slice | None, tuple[slice, ...]]]:
+    """Splits a region into slabs of whole chunk rows, ~_SLAB_BYTES each, read concurrently.
+
+    TensorStore copies one read's chunks into the target one after another; a region read
+    as several slabs decodes on every core (5x faster for a 100 MB single-device array).
+    Yields ``(rows of the region's buffer, index into the stored array)``.
+    """
+    index = tuple(slice(a, b) for a, b in key)
+    if not key or key[0][1] - key[0][0] <= chunks[0]:
+        yield None, index
+        return
+    (start, stop), rest = key[0], index[1:]
+    row_bytes = itemsize * math.prod(b - a for a, b in key[1:])
+    step = chunks[0] * max(1, _SLAB_BYTES // max(chunks[0] * row_bytes, 1))
+    for a in range(start, stop, step):
+        b = min(a + step, stop)
+        yield slice(a - start, b - start), (slice(a, b), *rest)
 
 
 def _read_into(store: Any, index: tuple[slice, ...], buf: np.ndarray) -> Any:
