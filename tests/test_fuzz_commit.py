@@ -194,7 +194,7 @@ def targeted(body: dict, data: st.DataObject) -> None:
         "drop_key", "deep"]))
     i = data.draw(st.integers(0, len(leaves) - 1))
     rec = leaves[i]
-    value = data.draw(weird)
+    value = copy.deepcopy(data.draw(weird))  # sampled_from shares its objects
     if what == "shape":
         rec[3] = value
     elif what == "dim" and rec[3]:
@@ -241,11 +241,15 @@ def mutate(real: Real, data: st.DataObject) -> bytes:
     body = copy.deepcopy(real.body)
     for _ in range(data.draw(st.integers(1, 3))):
         if data.draw(st.booleans()):
-            targeted(body, data)
+            try:
+                targeted(body, data)
+            except (TypeError, IndexError, KeyError, AttributeError, StopIteration):
+                pass  # an earlier mutation changed the shape this one aims at
         else:  # anywhere at all
             where = positions(body)
-            container, key = where[data.draw(st.integers(0, len(where) - 1))]
-            container[key] = data.draw(weird)
+            if where:
+                container, key = where[data.draw(st.integers(0, len(where) - 1))]
+                container[key] = copy.deepcopy(data.draw(weird))
     body_bytes = msgpack.packb(body, use_bin_type=True)
     sentinel = msgpack.packb(SENTINEL, use_bin_type=True)
     return repack(None, body_bytes.replace(sentinel, DEEP))
