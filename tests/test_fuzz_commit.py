@@ -272,7 +272,8 @@ def scratch(real, tmp_path_factory):
 def fingerprint(rec: _format.LeafRecord) -> tuple:
     """What a leaf is, apart from where its packed bytes lie (checked by their CRC)."""
     s = rec.storage
-    loc = (s.kind, s.index, s.chunks, s.stored_dtype) if s.kind == "z" else (s.kind,)
+    loc = ((s.kind, s.index, s.chunks, s.stored_dtype) if s.kind == "z"
+           else (s.kind, type(s.value), repr(s.value)) if s.kind == "v" else (s.kind,))
     return (rec.path, rec.origin, rec.dtype, rec.shape, rec.impl, loc)
 
 
@@ -361,6 +362,11 @@ def test_hand_picked_forgeries_end_to_end(real, scratch):
         body = copy.deepcopy(real.body)
         fn(body)
         cases[name] = repack(body)
+    for bad_sharding in ([[2, 4], ["d", "d"], ["d"]], [[8], ["d"], ["d", "d"]],
+                         [[8], ["d"], [None, ["d", "d"]]], [[8], ["d"], ["d", None, None]]):
+        body = copy.deepcopy(real.body)
+        body["leaves"][leaf_index(body, "params/sharded")][6] = bad_sharding
+        cases[f"sharding {bad_sharding}"] = repack(body)
     cases["deep body"] = repack(None, DEEP)
     for name, raw in cases.items():
         (scratch / _format.COMMIT_FILE).write_bytes(raw)

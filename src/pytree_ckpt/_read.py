@@ -20,7 +20,7 @@ import numpy as np
 import tensorstore as ts
 
 from . import _gc, _leaves, _storage, _transfer
-from ._errors import CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
 
 _COALESCE_GAP = 256 << 10  # nearby packed ranges are read as one: fewer requests
@@ -52,7 +52,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job]) -> dict[str,
     out: dict[str, Any] = {}
     layouts = _Layouts()
     with _gc.paused():
-        zarr = _start_zarr_reads(kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
+        zarr = _start_zarr_reads(url, kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
                                  layouts)
         for path, rec, want, host in _read_packed(url, kv, commit,
                                                   [j for j in jobs if j[1].storage.kind == "p"]):
@@ -109,7 +109,8 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def _start_zarr_reads(kv: Any, commit: Commit, jobs: list[Job], layouts: _Layouts) -> list:
+def _start_zarr_reads(url: str, kv: Any, commit: Commit, jobs: list[Job], layouts: _Layouts
+                      ) -> list:
     opens = []
     for path, rec, want in jobs:
         s = rec.storage
@@ -127,7 +128,15 @@ def _start_zarr_reads(kv: Any, commit: Commit, jobs: list[Job], layouts: _Layout
             regions = {_region_key(whole, rec.shape): whole}
         buffers, futures = {}, []
         for key, index in regions.items():
-            buf = _aligned_empty(tuple(b - a for a, b in key), stored)
+            try:
+                buf = _aligned_empty(tuple(b - a for a, b in key), stored)
+            except MemoryError:
+                # Sizes come from the (checksummed but untrusted) commit file: say which
+                # leaf, rather than a bare MemoryError from deep inside.
+                raise CheckpointError(
+                    f"{url}: leaf {rec.path!r:.200}: cannot allocate host memory for "
+                    f"its shape {rec.shape} ({rec.dtype}); too little memory, or a forged "
+                    "commit file") from None
             buffers[key] = buf
             futures.append(_read_into(store, index, buf))
         pending.append((path, rec, want, buffers, futures))
