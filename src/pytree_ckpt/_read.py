@@ -168,13 +168,15 @@ def _range_groups(jobs: list[Job]) -> Iterator[list[Job]]:
     for items in by_blob.values():
         items.sort(key=lambda j: j[1].storage.offset)
         group: list[Job] = []
+        end = 0  # the group's end: with overlapping (forged) ranges, not its last job's
         for job in items:
             s = job[1].storage
-            if group and (s.offset - _end(group[-1]) > _COALESCE_GAP
+            if group and (s.offset - end > _COALESCE_GAP
                           or _end(job) - group[0][1].storage.offset > _RANGE_BYTES):
                 yield group
                 group = []
             group.append(job)
+            end = max(end, _end(job)) if len(group) > 1 else _end(job)
         if group:
             yield group
 
@@ -185,7 +187,7 @@ def _end(job: Job) -> int:
 
 def _start_range(kv: Any, commit: Commit, group: list[Job]) -> tuple:
     blob = group[0][1].storage.index
-    start, stop = group[0][1].storage.offset, _end(group[-1])
+    start, stop = group[0][1].storage.offset, max(_end(j) for j in group)
     future = kv.read(commit.blob_key(blob), byte_range=slice(start, max(stop, start)))
     return start, future, group, blob
 
