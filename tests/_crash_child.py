@@ -20,12 +20,12 @@ import sys
 
 import numpy as np
 
-SMALL_LEAVES = 2000
+SMALL_LEAVES = 1500
 
 
 def tree(step: int) -> dict:
     """The tree saved at ``step``: every leaf depends on the step, so a mix of two
-    generations cannot pass for either (~10 MB in 3 zarr arrays, 2000 packed leaves)."""
+    generations cannot pass for either (~10 MB in 3 zarr arrays, 1500 packed leaves)."""
     small = np.arange(16, dtype=np.int32)
     return {
         "step": step,

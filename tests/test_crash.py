@@ -105,7 +105,7 @@ def test_sigkill_at_random_instants(zygote, tmp_path, mode):
         before = len(acked(log))
         pid = spawn(zygote, mode, root, next_step, log)
         # The first save of a fresh child includes starting JAX's CPU backend: ~0.3-1 s.
-        time.sleep(rng.uniform(0.2, 1.6))
+        time.sleep(rng.uniform(0.15, 1.3))
         os.kill(pid, signal.SIGKILL)
         _wait_gone(zygote, pid)
         acks = acked(log)

@@ -52,8 +52,8 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job]) -> dict[str,
     out: dict[str, Any] = {}
     layouts = _Layouts()
     with _gc.paused():
-        zarr = _start_zarr_reads(url, kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
-                                 layouts)
+        zarr = _start_zarr_reads(kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
+                                 layouts, url)
         for path, rec, want, host in _read_packed(url, kv, commit,
                                                   [j for j in jobs if j[1].storage.kind == "p"]):
             out[path] = _build(rec, want, {(): host}, layouts, whole=True)
@@ -109,8 +109,8 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def _start_zarr_reads(url: str, kv: Any, commit: Commit, jobs: list[Job], layouts: _Layouts
-                      ) -> list:
+def _start_zarr_reads(kv: Any, commit: Commit, jobs: list[Job], layouts: _Layouts,
+                      url: str = "") -> list:
     opens = []
     for path, rec, want in jobs:
         s = rec.storage
