@@ -21,7 +21,7 @@ import numpy as np
 import tensorstore as ts
 
 from . import _gc, _leaves, _storage, _transfer
-from ._errors import CorruptCheckpointError
+from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
 
 _COALESCE_GAP = 256 << 10  # nearby packed ranges are read as one: fewer requests
@@ -55,7 +55,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job]) -> dict[str,
     layouts = _Layouts()
     with _gc.paused():
         zarr = _start_zarr_reads(kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
-                                 layouts)
+                                 layouts, url)
         for path, rec, want, host in _read_packed(url, kv, commit,
                                                   [j for j in jobs if j[1].storage.kind == "p"]):
             out[path] = _build(rec, want, {(): host}, layouts, whole=True)
@@ -111,7 +111,8 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def _start_zarr_reads(kv: Any, commit: Commit, jobs: list[Job], layouts: _Layouts) -> list:
+def _start_zarr_reads(kv: Any, commit: Commit, jobs: list[Job], layouts: _Layouts,
+                      url: str = "") -> list:
     opens = []
     for path, rec, want in jobs:
         s = rec.storage
@@ -129,7 +130,15 @@ def _start_zarr_reads(kv: Any, commit: Commit, jobs: list[Job], layouts: _Layout
             regions = {_region_key(whole, rec.shape): whole}
         buffers, futures = {}, []
         for key in regions:
-            buf = _aligned_empty(tuple(b - a for a, b in key), stored)
+            try:
+                buf = _aligned_empty(tuple(b - a for a, b in key), stored)
+            except MemoryError:
+                # Sizes come from the (checksummed but untrusted) commit file: say which
+                # leaf, rather than a bare MemoryError from deep inside.
+                raise CheckpointError(
+                    f"{url}: leaf {rec.path!r:.200}: cannot allocate host memory for "
+                    f"its shape {rec.shape} ({rec.dtype}); too little memory, or a forged "
+                    "commit file") from None
             buffers[key] = buf
             for rows, sub in _slabs(key, rec.storage.chunks, stored.itemsize):
                 futures.append(_read_into(store, sub, buf[rows] if rows else buf))
@@ -182,13 +191,15 @@ def _range_groups(jobs: list[Job]) -> Iterator[list[Job]]:
     for items in by_blob.values():
         items.sort(key=lambda j: j[1].storage.offset)
         group: list[Job] = []
+        end = 0  # the group's end: with overlapping (forged) ranges, not its last job's
         for job in items:
             s = job[1].storage
-            if group and (s.offset - _end(group[-1]) > _COALESCE_GAP
+            if group and (s.offset - end > _COALESCE_GAP
                           or _end(job) - group[0][1].storage.offset > _RANGE_BYTES):
                 yield group
                 group = []
             group.append(job)
+            end = max(end, _end(job)) if len(group) > 1 else _end(job)
         if group:
             yield group
 
@@ -199,7 +210,7 @@ def _end(job: Job) -> int:
 
 def _start_range(kv: Any, commit: Commit, group: list[Job]) -> tuple:
     blob = group[0][1].storage.index
-    start, stop = group[0][1].storage.offset, _end(group[-1])
+    start, stop = group[0][1].storage.offset, max(_end(j) for j in group)
     future = kv.read(commit.blob_key(blob), byte_range=slice(start, max(stop, start)))
     return start, future, group, blob
 

@@ -18,6 +18,7 @@ import numpy as np
 from . import _gc, _graph, _leaves, _storage
 from ._errors import (
     CheckpointNotFoundError,
+    CorruptCheckpointError,
     IncompleteCheckpointError,
     PathCollisionError,
     PathNotFoundError,
@@ -259,8 +260,15 @@ def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
         mesh_shape, names, spec = rec.sharding
         devices = jax.devices()
         if int(np.prod(mesh_shape)) == len(devices):
-            mesh = jax.sharding.Mesh(np.array(devices).reshape(mesh_shape), names)
-            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+            try:
+                mesh = jax.sharding.Mesh(np.array(devices).reshape(mesh_shape), names)
+                sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+                sharding.shard_shape(rec.shape)  # the spec must fit the array
+                return sharding
+            except Exception as e:  # the commit file is untrusted; JAX's errors vary
+                raise CorruptCheckpointError(
+                    f"leaf {rec.path!r:.200}: saved sharding {rec.sharding!r:.100} does not "
+                    f"fit its shape {rec.shape} ({e})") from None
     return jax.sharding.SingleDeviceSharding(default_device())
 
 

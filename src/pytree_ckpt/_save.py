@@ -131,7 +131,12 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
 
 def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> list[str]:
     """Refuses foreign or (without overwrite) committed destinations; returns the data
-    generations already there, to delete after the commit."""
+    generation the current commit file names, to delete after our commit.
+
+    Only that one: a ``d-*`` folder no commit file names may be another process's save in
+    progress (two writers overwriting one path), and deleting it would leave that writer's
+    commit file naming deleted data. Leftovers of crashed saves therefore stay (a
+    CheckpointManager deletes its incomplete steps on start)."""
     names = _storage.top_level_names(loc, kv)
     if not names:
         return []
@@ -145,7 +150,17 @@ def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> list
         raise CheckpointExistsError(
             f"{loc.url}: a checkpoint already exists; pass overwrite=True to replace it"
         )
-    return sorted(n for n in names if n.startswith("d-"))
+    committed = _committed_generation(kv)
+    return [committed] if committed is not None and committed in names else []
+
+
+def _committed_generation(kv: Any) -> str | None:
+    """The generation named by the commit file now there (None if none, or unreadable)."""
+    try:
+        raw = _storage.read_key(kv, COMMIT_FILE)
+    except Exception:
+        return None
+    return None if raw is None else _format.generation_of(raw)
 
 
 def _is_ours(name: str) -> bool:
@@ -342,8 +357,11 @@ def _commit(loc: _storage.Location, kv: Any, snap: _Snapshot, data: str, entries
     kv.write(COMMIT_FILE, _format.encode(commit)).result()
     if loc.local is not None:
         _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
+    # Re-read: never delete what the commit file now names (should another writer's commit
+    # have landed after ours, it names its own generation, which is not in ``old``).
+    current = _committed_generation(kv)
     for generation in old:
-        if generation != data:
+        if generation not in (data, current):
             _storage.delete_prefix(loc, kv, generation)
 
 
