@@ -265,7 +265,9 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
         given.add(key)
         pieces.append(host)
         devices.append(device)
-    return _transfer.assemble(rec.shape, want.dtype, want.sharding, pieces, devices)
+    # Packed leaves are views into a whole range of a blob: copy them, so that no restored
+    # leaf keeps the range alive (that held the small-leaf tree in memory twice).
+    return _transfer.assemble(rec.shape, want.dtype, want.sharding, pieces, devices, copy=whole)
 
 
 def _py_to_want(value: Any, want: Want) -> Any:

@@ -36,14 +36,20 @@ def _aval(shape: tuple[int, ...], dtype: np.dtype) -> Any:
 
 
 def assemble(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sharding,
-             pieces: Sequence[np.ndarray], devices: Sequence[Any]) -> jax.Array:
+             pieces: Sequence[np.ndarray], devices: Sequence[Any], *, copy: bool) -> jax.Array:
     """The ``jax.Array`` of ``shape`` on ``sharding`` whose shard on ``devices[i]`` is
-    ``pieces[i]`` (every addressable device, in ``addressable_devices_indices_map`` order)."""
+    ``pieces[i]`` (every addressable device, in ``addressable_devices_indices_map`` order).
+
+    ``copy=False`` lets the CPU backend adopt aligned pieces as they are (buffers we own);
+    ``copy=True`` for views into a larger buffer, which adopting would keep alive whole.
+    """
     global _batched
     if _batched is not None:
         try:
-            return _batched(_aval(shape, dtype), sharding, list(pieces), list(devices), True)
+            return _batched(_aval(shape, dtype), sharding, list(pieces), list(devices), True,
+                            copy)
         except TypeError:  # pragma: no cover - signature changed: use the public path
             _batched = None
-    arrays = [jax.device_put(p, d, may_alias=True) for p, d in zip(pieces, devices, strict=True)]
+    arrays = [jax.device_put(p, d, may_alias=not copy)
+              for p, d in zip(pieces, devices, strict=True)]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
