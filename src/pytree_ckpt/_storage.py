@@ -193,20 +193,19 @@ def choose_chunks(shard_shape: Iterable[int], itemsize: int, limit: int = CHUNK_
     """A chunk shape that divides ``shard_shape`` exactly and holds at most ~``limit`` bytes.
 
     Chunks never straddle shard boundaries, so each device writes its own chunks with no
-    read-modify-write; splitting further lets reads and writes run in parallel.
+    read-modify-write; splitting further lets reads and writes run in parallel. The leading
+    axes are split first, so a chunk is a contiguous block of whole rows in memory.
 
     >>> choose_chunks((4096, 4096), 4)
     [256, 4096]
     """
     chunks = [max(int(d), 1) for d in shard_shape]
-    while math.prod(chunks) * itemsize > limit:
-        for axis in sorted(range(len(chunks)), key=lambda a: -chunks[a]):
+    for axis in range(len(chunks)):
+        while math.prod(chunks) * itemsize > limit:
             p = _smallest_factor(chunks[axis])
-            if p:
-                chunks[axis] //= p
+            if not p:
                 break
-        else:
-            break
+            chunks[axis] //= p
     return chunks
 
 
