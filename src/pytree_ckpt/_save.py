@@ -27,6 +27,7 @@ import zlib
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import msgpack
 import numpy as np
 
@@ -53,7 +54,7 @@ class _ArrayWrite(NamedTuple):
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     stored_dtype: str
-    shards: list[tuple[tuple[slice, ...], np.ndarray]]
+    shards: list[tuple[tuple[slice, ...], Any]]  # (index, host copy: see _host_copy)
 
 
 class _Snapshot(NamedTuple):
@@ -98,7 +99,9 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
                ) -> _async.SaveFuture:
     """Starts saving ``tree`` to ``path``; returns once the tree is snapshotted.
 
-    The snapshot copies the shards this process owns to host memory, so the caller may
+    The snapshot copies the shards this process owns to host memory (on the CPU backend,
+    large arrays are copied by XLA asynchronously, ordered before any later computation, so
+    the call does not wait for the bytes to move), so the caller may
     donate or overwrite its arrays at once (e.g. the next jitted step with
     ``donate_argnums``). Writing and committing continue in the background. A save started
     while another is in flight first waits for it.
@@ -225,14 +228,17 @@ def _is_cpu(x: jax.Array) -> bool:
     return all(d.platform == "cpu" for d in x.sharding.device_set)
 
 
-def _host_copy(x: Any) -> np.ndarray:
-    """A host copy that shares no memory with ``x``.
+def _host_copy(x: Any) -> Any:
+    """A copy in host memory that shares nothing with ``x``.
 
-    On the CPU, ``np.asarray(jax_array)`` is a view of the device buffer: holding it would
-    corrupt the snapshot when the buffer is donated (and stop XLA from donating), so copy.
+    On the CPU, device memory is host memory: the copy is an XLA op, dispatched
+    asynchronously (the caller does not wait for 1 GiB to be copied) and read in the
+    background as a NumPy view of the copy's own buffer. ``np.asarray(x)`` itself would be
+    a view of ``x``'s buffer: donating ``x`` would corrupt it (and holding it stops XLA
+    from donating). On an accelerator, a device-to-host transfer.
     """
-    if isinstance(x, jax.Array) and not _is_cpu(x):
-        return np.asarray(x)
+    if isinstance(x, jax.Array):
+        return jnp.array(x, copy=True) if _is_cpu(x) else np.asarray(x)
     return np.array(x, copy=True, order="C")
 
 
@@ -266,7 +272,8 @@ def _owned_shards(value: Any, me: int) -> list[tuple[tuple[slice, ...], np.ndarr
         return [(tuple(slice(None) for _ in np.shape(value)), _host_copy(value))]
     owned = [s for s in value.addressable_shards if s.replica_id == 0]
     for s in owned:
-        s.data.copy_to_host_async()
+        if s.device.platform != "cpu":
+            s.data.copy_to_host_async()  # overlaps the transfers of all shards
     return [(s.index, _host_copy(s.data)) for s in owned]
 
 
@@ -378,6 +385,7 @@ def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> 
     for w, opening in opens:
         store = opening.result()
         for index, host in w.shards:
+            host = np.asarray(host)  # a CPU snapshot copy is a jax.Array: waits for it, no copy
             if host.dtype.name != w.stored_dtype:
                 host = host.view(_leaves.DTYPES[w.stored_dtype])
             futures.append(store[index].write(host, can_reference_source_data_indefinitely=True))
