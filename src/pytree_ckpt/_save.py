@@ -3,11 +3,11 @@
 A save has three phases:
 
 1. **Snapshot** (the only part ``save_async`` waits for): flatten the tree, classify every
-   leaf, and copy the shards this process owns to host memory. Small leaves are copied
-   straight into this process's packed blob. After this the caller may donate, mutate or
-   delete its arrays.
-2. **Write** (background): every zarr3 chunk and the packed blob, concurrently, through
-   TensorStore, into a fresh generation folder ``d-<hex>`` of the checkpoint.
+   leaf, and copy the shards this process owns to host memory (see ``_host_copy``). Small
+   leaves are copied straight into this process's packed blobs. After this the caller may
+   donate, mutate or delete its arrays.
+2. **Write** (background): every zarr3 chunk concurrently, and the packed blobs a few at a
+   time, through TensorStore, into a fresh generation folder ``d-<hex>`` of the checkpoint.
 3. **Commit** (background): all processes report success; then the primary writes the commit
    file (atomically: TensorStore's file driver writes through a rename and fsyncs; an object
    store PUT is atomic) and only then deletes an overwritten checkpoint's old generation.
@@ -39,8 +39,8 @@ from ._errors import (
 )
 from ._format import COMMIT_FILE, LeafRecord, Storage
 
-# Leaves up to this size are packed into one blob per process instead of a zarr array each:
-# 10,000 small arrays become one write rather than 10,000.
+# Leaves up to this size are packed into a few blobs per process instead of a zarr array each:
+# 10,000 small arrays (87 MB) become about 20 writes rather than 10,000.
 PACK_BYTES = 256 << 10
 PART_BYTES = 4 << 20  # packed leaves go in blobs of about this size, written a few at a time
 _PARTS_IN_FLIGHT = 2
