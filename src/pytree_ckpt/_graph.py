@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -240,16 +240,6 @@ def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
         return {name: build(p) for name, p in kids}
 
     return build("")
-
-
-def iter_prefixes(path: str) -> Iterator[str]:
-    """Yields the proper ancestors of ``path``, root first (``""``, ``a``, ``a/b`` for ``a/b/c``)."""
-    names = split_path(path)
-    prefix = ""
-    yield prefix
-    for name in names[:-1]:
-        prefix = join_path(prefix, name)
-        yield prefix
 
 
 def relative_to(path: str, at: str) -> str | None:

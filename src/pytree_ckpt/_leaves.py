@@ -67,14 +67,6 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
-def dtype_from_name(name: str, where: str) -> np.dtype:
-    """The NumPy dtype named ``name``; a clear error for a name outside the closed list."""
-    try:
-        return DTYPES[name]
-    except (KeyError, TypeError):
-        raise CorruptCheckpointError(f"{where}: unknown dtype {name!r}") from None
-
-
 def is_prng_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 

@@ -111,7 +111,7 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, 
             continue
         matched.append(path)
         if verdict:
-            casts.append(Cast(path, _dtype_str(hit[1]), _want_dtype_str(want)))
+            casts.append(Cast(path, hit[1].dtype, _want_dtype_str(want)))
         jobs.append((path, hit[1], want))
     used = {entries[p][0] for p in matched} | {entries[m.path][0] for m in mismatched}
     values = read_leaves(loc.url, kv, commit, jobs)
@@ -223,10 +223,6 @@ def _castable(saved: np.dtype, target: np.dtype) -> bool:
     if s in "iu" and t in "iu":
         return bool(np.can_cast(saved, target, "safe"))
     return False
-
-
-def _dtype_str(rec: LeafRecord) -> str:
-    return rec.dtype if rec.origin != _leaves.PY else rec.dtype
 
 
 def _want_dtype_str(want: Want) -> str:
