@@ -13,6 +13,12 @@ A save has three phases:
    store PUT is atomic) and only then deletes an overwritten checkpoint's old generation.
 
 Until the commit file exists, nothing is restorable and earlier checkpoints are untouched.
+
+Without ``overwrite``, the commit file is written only if there is still none (a conditional
+write, as atomic as the store's): of two such saves racing to one path, the first to commit
+wins and the other fails with :class:`SaveError`, instead of silently replacing a checkpoint
+whose save had already returned. (With ``overwrite=True`` the last writer wins, as asked.)
+A save that fails deletes its own uncommitted generation: a full disk is not left fuller.
 """
 
 from __future__ import annotations
@@ -123,13 +129,20 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
     _async.wait_all()
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
+    # Read before the check: a commit landing after it makes ours fail, not replace it.
+    seen = None if overwrite else _commit_stamp(kv)
     old_generations = _check_destination(loc, kv, overwrite)
     snap = _snapshot(tree)
     global _save_counter
     _save_counter += 1
     name = f"pytree_ckpt/save/{_save_counter}"
-    return _async.submit(lambda: _write_and_commit(loc, kv, snap, old_generations, name),
-                         loc.url)
+    return _async.submit(
+        lambda: _write_and_commit(loc, kv, snap, old_generations, name, seen), loc.url)
+
+
+def _commit_stamp(kv: Any) -> bytes:
+    """The commit file's storage generation now (TensorStore's "no value" one if absent)."""
+    return kv.read(COMMIT_FILE, byte_range=slice(0, 0)).result().stamp.generation
 
 
 def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> list[str]:
@@ -318,7 +331,7 @@ def _pack(items: list[tuple[str, Any]]) -> tuple[list[bytearray], list[list[tupl
 
 
 def _write_and_commit(loc: _storage.Location, kv: Any, snap: _Snapshot, old: list[str],
-                      name: str) -> str:
+                      name: str, seen: bytes | None) -> str:
     me = _distributed.process_index()
     primary = me == 0
     data = _distributed.broadcast_str(f"{name}/data", f"d-{uuid.uuid4().hex}" if primary
@@ -334,14 +347,24 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _Snapshot, old: lis
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     # Every process reports; any failure (or silence) anywhere means no commit anywhere.
-    _check(f"{name}/written", error, f"{loc.url}: save failed, nothing was committed")
+    try:
+        _check(f"{name}/written", error, f"{loc.url}: save failed, nothing was committed")
+    except SaveError:
+        if primary:
+            _discard(loc, kv, data)
+        raise
     entries, sizes = _gather_packed(name, entries, snap, me)
     error = None
     if primary:
         try:
-            _commit(loc, kv, snap, data, entries, sizes, old)
+            _commit(loc, kv, snap, data, entries, sizes, old, seen)
+        except _LostRace as e:
+            _discard(loc, kv, data)
+            error = str(e)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
+            if not _may_be_committed(kv, data):  # e.g. no space for the commit file
+                _discard(loc, kv, data)
     _check(f"{name}/committed", error, f"{loc.url}: writing the commit file failed")
     return loc.url
 
@@ -353,15 +376,58 @@ def _check(name: str, error: str | None, what: str) -> None:
         raise SaveError(f"{what}: {e}") from e
 
 
+def _may_be_committed(kv: Any, data: str) -> bool:
+    """Whether the commit file names ``data``, or cannot be read (a write that raised may
+    still have landed: a lost reply from an object store)."""
+    try:
+        raw = _storage.read_key(kv, COMMIT_FILE)
+    except Exception:
+        return True
+    return raw is not None and _format.generation_of(raw) == data
+
+
+class _LostRace(Exception):
+    """Another save committed to this path after this one started."""
+
+
+def _discard(loc: _storage.Location, kv: Any, data: str) -> None:
+    """Deletes this failed save's own, uncommitted generation, if it can (its error is the one
+    to report; a leftover is harmless and a CheckpointManager deletes it on start).
+
+    A failed array write reports its first error while TensorStore may still be writing its
+    other chunks (on a full disk some fit, and deleting a folder being written to can fail),
+    so on a local disk it deletes until the folder has stayed away for a moment (2 s at most).
+    """
+    folder = os.path.join(loc.local, data) if loc.local is not None else None
+    start = quiet_since = time.monotonic()
+    while True:
+        try:
+            if folder is None or os.path.exists(folder):
+                _storage.delete_prefix(loc, kv, data)
+                quiet_since = time.monotonic()
+        except Exception:
+            pass
+        now = time.monotonic()
+        if folder is None or now - quiet_since >= 0.3 or now - start >= 2:
+            return
+        time.sleep(0.05)
+
+
 def _commit(loc: _storage.Location, kv: Any, snap: _Snapshot, data: str, entries: list,
-            sizes: list, old: list[str]) -> None:
-    """Writes the commit file (atomically), then deletes the generations it replaces."""
+            sizes: list, old: list[str], seen: bytes | None) -> None:
+    """Writes the commit file (atomically; if ``seen``, only if its storage generation is
+    still that), then deletes the generations it replaces."""
     commit = _format.Commit(
         data=data, nodes=snap.nodes, arrays=snap.n_arrays,
         blobs=tuple(sorted(sizes)), leaves=_finish_records(snap, entries, sorted(sizes)),
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
     )
-    kv.write(COMMIT_FILE, _format.encode(commit)).result()
+    _storage.reset_stale_temp(loc, COMMIT_FILE)
+    written = kv.write(COMMIT_FILE, _format.encode(commit), if_equal=seen).result()
+    if not written.generation:  # TensorStore's answer to a failed condition
+        raise _LostRace(
+            f"another save committed a checkpoint to {loc.url} while this one was writing "
+            "(with overwrite=False); this save was not committed and the other one is intact")
     if loc.local is not None:
         _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
     # Re-read: never delete what the commit file now names (should another writer's commit
@@ -381,28 +447,36 @@ def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> 
         if primary or w.shards:
             opens.append((w, _storage.open_array(kv, f"{data}/a/{w.index}", spec,
                                                  create=primary)))
-    futures = []
-    for w, opening in opens:
-        store = opening.result()
-        for index, host in w.shards:
-            host = np.asarray(host)  # a CPU snapshot copy is a jax.Array: waits for it, no copy
-            if host.dtype.name != w.stored_dtype:
-                host = host.view(_leaves.DTYPES[w.stored_dtype])
-            futures.append(store[index].write(host, can_reference_source_data_indefinitely=True))
+    futures: list = []
     entries = []
     in_flight: collections.deque = collections.deque()
-    for k, part in enumerate(snap.parts):
-        view = memoryview(part)
-        entries += [(path, me, k, off, n, zlib.crc32(view[off:off + n]))
-                    for path, off, n in snap.packed[k]]
-        del view
-        in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part)))
-        if len(in_flight) >= _PARTS_IN_FLIGHT:
+    try:
+        for w, opening in opens:
+            store = opening.result()
+            for index, host in w.shards:
+                host = np.asarray(host)  # a CPU snapshot copy is a jax.Array: waits, no copy
+                if host.dtype.name != w.stored_dtype:
+                    host = host.view(_leaves.DTYPES[w.stored_dtype])
+                futures.append(store[index].write(
+                    host, can_reference_source_data_indefinitely=True))
+        for k, part in enumerate(snap.parts):
+            view = memoryview(part)
+            entries += [(path, me, k, off, n, zlib.crc32(view[off:off + n]))
+                        for path, off, n in snap.packed[k]]
+            del view
+            in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part)))
+            if len(in_flight) >= _PARTS_IN_FLIGHT:
+                _finish_part(snap, *in_flight.popleft())
+        while in_flight:
             _finish_part(snap, *in_flight.popleft())
-    while in_flight:
-        _finish_part(snap, *in_flight.popleft())
-    for f in futures:
-        f.result()
+        for f in futures:
+            f.result()
+    except BaseException:
+        # Let every write end before reporting the failure: the generation is deleted then,
+        # and a write still in flight would put files back into it.
+        for f in [*(o for _, o in opens), *futures, *(f for _, f in in_flight)]:
+            f.exception()
+        raise
     return entries
 
 

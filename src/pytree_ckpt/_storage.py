@@ -8,6 +8,7 @@ never zeros.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import math
 import os
@@ -169,6 +170,35 @@ def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
     start = prefix.rstrip("/") + "/"
     end = start[:-1] + chr(ord("/") + 1)
     kv.delete_range(ts.KvStore.KeyRange(start, end)).result()
+
+
+def reset_stale_temp(loc: Location, key: str) -> None:
+    """Empties the temporary file that a writer killed while writing ``key`` left behind.
+
+    TensorStore's file driver (0.1.86) writes ``key`` into ``key.__lock`` under an fcntl lock,
+    fsyncs it and renames it over ``key``; but it reuses a ``.__lock`` file left by a killed
+    writer without truncating it, so a new value shorter than the stale one would keep the
+    stale tail (a commit file with trailing garbage: a checkpoint that saved "successfully"
+    and cannot be read). The file is truncated under the same lock, and only if it is still
+    the temporary file (a live writer renames it away before it unlocks).
+    """
+    if loc.local is None:
+        return
+    temp = os.path.join(loc.local, key + ".__lock")
+    try:
+        fd = os.open(temp, os.O_WRONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # conflicts with TensorStore's open-file-description lock
+        try:
+            still_temp = os.stat(temp).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            still_temp = False
+        if still_temp:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def fsync_dir(directory: str) -> None:
