@@ -384,18 +384,26 @@ def test_hand_picked_forgeries_end_to_end(real, scratch):
 
 
 def test_hostile_leaf_paths_stay_names(real, scratch):
-    # A path is only a name to match by (never a storage key): a forged "/etc/passwd" or
-    # "../x" comes back as a name in the tree, and nothing outside the checkpoint is touched.
-    for hostile in ("/etc/passwd", "../../x", "a\x00b", "\\"):
+    # A path is only a name to match by (never a storage key): a forged name such as
+    # "/etc/passwd" or ".." comes back as a name in the tree, and nothing outside the
+    # checkpoint is touched. (Names are escaped: "\\/" is a "/" inside one name.)
+    for hostile in ("py/\\/etc\\/passwd", "py/..", "py/a\x00b", "py/\\\\"):
         body = copy.deepcopy(real.body)
         body["leaves"][leaf_index(body, "py/s")][0] = hostile
         (scratch / _format.COMMIT_FILE).write_bytes(repack(body))
         before = sorted(os.listdir(scratch.parent))
         tree, status = pc.restore(scratch)
         assert hostile in status.matched
-        assert "héllo" not in str(tree["py"])
+        assert _graph.split_path(hostile)[1] in tree["py"]
         assert sorted(os.listdir(scratch.parent)) == before
         assert pc.metadata(scratch).leaves[hostile].value == "héllo"
+    # Unescaped, such a path names ancestors that are not recorded nodes: corrupt.
+    for hostile in ("/etc/passwd", "../../x"):
+        body = copy.deepcopy(real.body)
+        body["leaves"][leaf_index(body, "py/s")][0] = hostile
+        (scratch / _format.COMMIT_FILE).write_bytes(repack(body))
+        with pytest.raises(pc.CorruptCheckpointError, match="its parent is not a recorded node"):
+            pc.restore(scratch)
 
 
 def test_unmutated_round_trip_of_the_scratch_copy(real, scratch):

@@ -155,7 +155,8 @@ def test_a_process_killed_mid_save_means_no_commit(tmp_path):
     assert results[0].returncode == 0, format_results(results)
     assert "SAVE FAILED:" in results[0].stdout and "nothing was committed" in results[0].stdout
     assert "process(es) 1" in results[0].stdout
-    with pytest.raises(pc.IncompleteCheckpointError):
+    # Nothing restorable: the primary deleted the failed save's data (or a part of it is left).
+    with pytest.raises((pc.IncompleteCheckpointError, pc.CheckpointNotFoundError)):
         pc.restore(args["after"])
     tree, status = pc.restore(args["before"])
     status.assert_consumed()

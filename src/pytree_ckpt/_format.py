@@ -41,8 +41,10 @@ chunks carry the crc32c codec. The reader treats every field as untrusted.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
+import reprlib
 import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -162,7 +164,7 @@ def decode(data: bytes, where: str) -> Commit:
     _, version, crc, body = outer
     if version != FORMAT_VERSION:
         raise FormatVersionError(
-            f"{where}: format version {version!r:.40}; this pytree_ckpt reads version "
+            f"{where}: format version {_show(version)}; this pytree_ckpt reads version "
             f"{FORMAT_VERSION} (upgrade pytree_ckpt to read newer checkpoints)"
         )
     if not isinstance(body, bytes) or crc != zlib.crc32(body):
@@ -170,7 +172,8 @@ def decode(data: bytes, where: str) -> Commit:
     try:
         with _gc.paused():
             return _validate(_unpack(body, where), where)
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError,
+            RecursionError) as e:
         if isinstance(e, CorruptCheckpointError):
             raise
         raise CorruptCheckpointError(f"{where}: malformed commit file ({e!r:.200})") from None
@@ -193,6 +196,13 @@ def generation_of(data: bytes) -> str | None:
     return gen if isinstance(gen, str) and _GEN_RE.fullmatch(gen) else None
 
 
+# Values from the commit file are shown in errors through this: bounded in size and depth,
+# where repr() of a 1,000-deep list would raise RecursionError and of a huge one take memory.
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlong = 3, 60, 60, 40
+_show = _repr.repr
+
+
 def _fail(where: str, msg: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{where}: {msg}")
 
@@ -207,15 +217,16 @@ def _validate(f: Any, where: str) -> Commit:
     data, nodes, leaves = f["data"], f["nodes"], f["leaves"]
     blobs, arrays, writer = f["blobs"], f["arrays"], f["writer"]
     if not (isinstance(data, str) and _GEN_RE.fullmatch(data)):
-        raise _fail(where, f"bad data folder name {data!r:.80}")
+        raise _fail(where, f"bad data folder name {_show(data)}")
     if not (isinstance(blobs, list) and all(
             isinstance(b, list) and len(b) == 3 and _int(b[0], 0, 1 << 20)
             and _int(b[1], 0, 1 << 31) and _int(b[2], 0, 1 << 62) for b in blobs)):
         raise _fail(where, "bad blob records")
     sizes = [b[2] for b in blobs]
     if not _int(arrays, 0, 1 << 31):
-        raise _fail(where, f"bad array count {arrays!r}")
-    if not isinstance(writer, dict):
+        raise _fail(where, f"bad array count {_show(arrays)}")
+    if not (isinstance(writer, dict) and all(
+            type(v) in (str, int, float, bool, type(None)) for v in writer.values())):
         raise _fail(where, "bad writer record")
     if not isinstance(nodes, list) or not isinstance(leaves, list):
         raise _fail(where, "nodes and leaves must be lists")
@@ -225,8 +236,44 @@ def _validate(f: Any, where: str) -> Commit:
     by_path = {raw[0]: raw for raw in leaves}
     if len(by_path) != len(leaves):
         raise _fail(where, "a leaf path appears twice")
+    _validate_tree(node_list, by_path, where)
     records = _Records(by_path, where, sizes, arrays)
     return Commit(data, node_list, records, tuple(tuple(b) for b in blobs), arrays, writer)
+
+
+_INDEX = re.compile(r"0|[1-9][0-9]{0,17}")  # the name of a list's or tuple's child
+
+
+def _validate_tree(nodes: tuple[_graph.Node, ...], leaves: Mapping[str, Any],
+                   where: str) -> None:
+    """Nodes and leaves form one tree, as :func:`_graph.flatten` records it: the root node
+    first (or a lone root leaf), every other path's parent a recorded node, list and tuple
+    children named by their index, no path twice.
+
+    Rebuilding a tree (restore without a target, metadata) then costs what the commit file
+    holds: a path whose ancestors are not recorded would have rebuild invent each of them,
+    quadratic in the path's length (a 40 KB commit file took 360 MB, then RecursionError),
+    and a list child named ``x`` cannot be ordered."""
+    kinds: dict[str, str] = {}
+    for n in nodes:
+        if n.path in kinds or n.path in leaves:
+            raise _fail(where, f"node {n.path!r:.200} appears twice")
+        kinds[n.path] = n.kind
+    if not nodes:
+        if leaves.keys() - {""}:
+            raise _fail(where, "leaves but no root node")
+        return
+    if nodes[0].path != "":
+        raise _fail(where, "the first node is not the root")
+    for path in itertools.chain(itertools.islice(kinds, 1, None), leaves):
+        if path == "":
+            raise _fail(where, "a root leaf beside nodes")
+        parent, name = _graph.parent_and_name(path)
+        kind = kinds.get(parent)
+        if kind is None:
+            raise _fail(where, f"{path!r:.200}: its parent is not a recorded node")
+        if (kind == _graph.LIST or kind == _graph.TUPLE) and not _INDEX.fullmatch(name):
+            raise _fail(where, f"{path!r:.200}: a child of a {kind} must be named by its index")
 
 
 class _Records(Mapping):
@@ -246,7 +293,8 @@ class _Records(Mapping):
         if record is None:
             try:
                 record = _validate_leaf(self._raw[path], self._where, self._sizes, self._arrays)
-            except (TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
+            except (TypeError, ValueError, IndexError, AttributeError, OverflowError,
+                    RecursionError) as e:
                 if isinstance(e, CorruptCheckpointError):
                     raise
                 raise _bad_leaf(self._where, path, f"malformed record ({e!r:.200})") from None
@@ -265,30 +313,32 @@ class _Records(Mapping):
 
 def _validate_node(n: Any, where: str) -> _graph.Node:
     if not (isinstance(n, list) and len(n) == 3 and all(isinstance(x, str) for x in n)):
-        raise _fail(where, f"bad node record {n!r:.80}")
+        raise _fail(where, f"bad node record {_show(n)}")
     if n[1] not in _graph.NODE_KINDS:
-        raise _fail(where, f"node {n[0]!r} has unknown kind {n[1]!r:.40}")
+        raise _fail(where, f"node {_show(n[0])} has unknown kind {_show(n[1])}")
     return _graph.Node(*n)
 
 
 def _validate_leaf(raw: Any, where: str, blobs: list[int], arrays: int) -> LeafRecord:
     # Written for speed as well as strictness: it runs once per leaf of every restore.
     if not (type(raw) is list and len(raw) == 7 and type(raw[0]) is str):
-        raise _fail(where, f"bad leaf record {raw!r:.80}")
+        raise _fail(where, f"bad leaf record {_show(raw)}")
     path, origin, dtype, shape, impl, storage, sharding = raw
     bad = functools.partial(_bad_leaf, where, path)
 
     if type(shape) is not list or len(shape) > _MAX_RANK:
-        raise bad(f"bad shape {shape!r:.80}")
+        raise bad(f"bad shape {_show(shape)}")
     elements = 1
     for d in shape:
         if type(d) is not int or not 0 <= d <= _MAX_ELEMENTS:
-            raise bad(f"bad shape {shape!r:.80}")
+            raise bad(f"bad shape {_show(shape)}")
         elements *= d
     if elements > _MAX_ELEMENTS:
-        raise bad(f"bad shape {shape!r:.80}")
-    if not (impl is None or type(impl) is str):
-        raise bad(f"bad PRNG implementation {impl!r:.40}")
+        raise bad(f"bad shape {_show(shape)}")
+    if (impl is not None) != (origin == _leaves.PRNGKEY) or not (
+            impl is None or _prng_fits(impl, dtype, shape)):
+        raise bad(f"bad PRNG implementation {_show(impl)} for key data {_show(dtype)}"
+                  f"{_show(shape)} (unknown here, or key data of another shape)")
     if type(storage) is not list or not storage:
         raise bad("bad storage record")
     if origin == _leaves.PY:
@@ -297,36 +347,45 @@ def _validate_leaf(raw: Any, where: str, blobs: list[int], arrays: int) -> LeafR
         value = _leaves.decode_py(dtype, storage[1], f"{where}: leaf {path!r:.200}")
         return LeafRecord(path, origin, dtype, (), None, Storage("v", value), None)
     if origin not in _leaves.ARRAY_ORIGINS:
-        raise bad(f"unknown leaf kind {origin!r:.40}")
+        raise bad(f"unknown leaf kind {_show(origin)}")
     dt = _leaves.DTYPES.get(dtype) if type(dtype) is str else None
     if dt is None:
-        raise bad(f"unknown dtype {dtype!r:.40}")
+        raise bad(f"unknown dtype {_show(dtype)}")
     nbytes = elements * dt.itemsize
     if nbytes > _MAX_ELEMENTS:  # NumPy could not even describe such an array
-        raise bad(f"bad shape {shape!r:.80}: {nbytes} bytes")
+        raise bad(f"bad shape {_show(shape)}: {nbytes} bytes")
     kind = storage[0]
     if kind == "p" and len(storage) == 5:
         _, blob, offset, size, crc = storage
         if not (type(blob) is int and 0 <= blob < len(blobs) and type(offset) is int
                 and offset >= 0 and size == nbytes and offset + size <= blobs[blob]
                 and type(crc) is int and 0 <= crc <= 0xFFFFFFFF):
-            raise bad(f"bad packed storage {storage!r:.80}")
+            raise bad(f"bad packed storage {_show(storage)}")
         st = Storage("p", None, blob, (), "", offset, size, crc)
     elif kind == "z" and len(storage) == 4:
         _, index, chunks, stored = storage
         if not (_int(index, 0, arrays - 1) and type(chunks) is list
                 and len(chunks) == len(shape)
                 and all(_int(c, 1, max(d, 1)) for c, d in zip(chunks, shape, strict=True))):
-            raise bad(f"bad array storage {storage!r:.80}")
+            raise bad(f"bad array storage {_show(storage)}")
         stored_dt = _leaves.DTYPES.get(stored) if type(stored) is str else None
         if stored_dt is None or stored_dt.itemsize != dt.itemsize:
-            raise bad(f"bad stored dtype {stored!r:.40}")
+            raise bad(f"bad stored dtype {_show(stored)}")
         st = Storage("z", index=index, chunks=tuple(chunks), stored_dtype=stored)
     else:
-        raise bad(f"bad storage record {storage!r:.80}")
+        raise bad(f"bad storage record {_show(storage)}")
     if sharding is not None:
         sharding = _validate_sharding(sharding, f"{where}: leaf {path!r:.200}", len(shape))
     return LeafRecord(path, origin, dtype, tuple(shape), impl, st, sharding)
+
+
+def _prng_fits(impl: Any, dtype: Any, shape: list[int]) -> bool:
+    """``impl`` names a PRNG implementation known here whose key data is ``dtype``/``shape``
+    (jax.random.wrap_key_data raises anything but a CheckpointError otherwise)."""
+    if type(impl) is not str or len(impl) > 64 or dtype != "uint32":
+        return False
+    key_shape = _leaves.prng_key_shape(impl)
+    return key_shape is not None and tuple(shape[len(shape) - len(key_shape):]) == key_shape
 
 
 def _bad_leaf(where: str, path: str, what: str) -> CorruptCheckpointError:
@@ -350,7 +409,7 @@ def _validate_sharding(s: Any, at: str, rank: int) -> tuple | None:
             used += [n for n in names if n is not None]
         ok = ok and len(set(used)) == len(used)
     if not ok:
-        raise CorruptCheckpointError(f"{at}: bad sharding record {s!r:.80}")
+        raise CorruptCheckpointError(f"{at}: bad sharding record {_show(s)}")
     spec = tuple(tuple(e) if isinstance(e, list) else e for e in s[2])
     return (tuple(s[0]), tuple(s[1]), spec)
 

@@ -196,7 +196,8 @@ def flatten(tree: Any) -> Flat:
     return Flat(paths, leaves, nodes, treedef)
 
 
-def _parent_and_name(path: str) -> tuple[str, str]:
+def parent_and_name(path: str) -> tuple[str, str]:
+    """The path of ``path``'s parent node, and ``path``'s own (unescaped) edge name."""
     if "\\" not in path:
         parent, _, name = path.rpartition("/")
         return parent, name
@@ -222,24 +223,33 @@ def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
     children: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for path in [*kinds, *values]:
         while path:
-            parent, name = _parent_and_name(path)
+            parent, name = parent_and_name(path)
             children[parent].append((name, path))
             if parent in kinds:
                 break
             kinds[parent] = DICT  # a renamed leaf may need a new parent
             path = parent
 
-    def build(path: str) -> Any:
+    # Built children first, without recursion: save flattens trees ~1,000 deep, and a
+    # recursive build (two frames per level) hit Python's recursion limit at ~490.
+    built: dict[str, Any] = {}
+    stack = [("", False)]
+    while stack:
+        path, ready = stack.pop()
         kind = kinds.get(path)
         if kind is None:
-            return values[path]
-        kids = children.get(path, ())
-        if kind == LIST or kind == TUPLE:
-            seq = [build(p) for _, p in sorted(kids, key=lambda kp: int(kp[0]))]
-            return tuple(seq) if kind == TUPLE else seq
-        return {name: build(p) for name, p in kids}
-
-    return build("")
+            built[path] = values[path]
+        elif not ready:
+            stack.append((path, True))
+            stack.extend((p, False) for _, p in children.get(path, ()))
+        else:
+            kids = children.get(path, ())
+            if kind == LIST or kind == TUPLE:
+                seq = [built[p] for _, p in sorted(kids, key=lambda kp: int(kp[0]))]
+                built[path] = tuple(seq) if kind == TUPLE else seq
+            else:
+                built[path] = {name: built[p] for name, p in kids}
+    return built[""]
 
 
 def relative_to(path: str, at: str) -> str | None:

@@ -15,6 +15,7 @@ Anything else raises :class:`UnsupportedLeafError` naming the leaf's path. Nothi
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -149,3 +150,21 @@ def item_kind(dtype: np.dtype) -> str:
     if jax.numpy.issubdtype(dtype, jax.numpy.unsignedinteger):
         return "u"
     return "i"
+
+
+def prng_key_shape(impl: str) -> tuple[int, ...] | None:
+    """The key data shape of the PRNG implementation named ``impl`` (its dtype is uint32),
+    or None if no such implementation is registered here. A lookup in JAX's registry by
+    name; nothing is imported."""
+    try:
+        return _prng_key_shape(impl)
+    except (ValueError, TypeError):  # unknown names are not cached
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _prng_key_shape(impl: str) -> tuple[int, ...]:
+    data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+    if data.dtype != np.uint32:
+        raise ValueError(impl)
+    return tuple(data.shape)
