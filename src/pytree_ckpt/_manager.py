@@ -424,7 +424,7 @@ class CheckpointManager:
         if encoded is None:
             self._delete_file(f"{step}.metrics.msgpack")  # a failed earlier save's
         else:
-            self._kv.write(f"{step}.metrics.msgpack", encoded).result()
+            _storage.write_key(self._loc, self._kv, f"{step}.metrics.msgpack", encoded)
 
     def _drop_metrics(self, step: int) -> None:
         if self._primary:

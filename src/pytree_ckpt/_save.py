@@ -422,8 +422,7 @@ def _commit(loc: _storage.Location, kv: Any, snap: _Snapshot, data: str, entries
         blobs=tuple(sorted(sizes)), leaves=_finish_records(snap, entries, sorted(sizes)),
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
     )
-    _storage.reset_stale_temp(loc, COMMIT_FILE)
-    written = kv.write(COMMIT_FILE, _format.encode(commit), if_equal=seen).result()
+    written = _storage.write_key(loc, kv, COMMIT_FILE, _format.encode(commit), if_equal=seen)
     if not written.generation:  # TensorStore's answer to a failed condition
         raise _LostRace(
             f"another save committed a checkpoint to {loc.url} while this one was writing "

@@ -172,6 +172,14 @@ def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
     kv.delete_range(ts.KvStore.KeyRange(start, end)).result()
 
 
+def write_key(loc: Location, kv: ts.KvStore, key: str, value: bytes, **options: Any) -> Any:
+    """Writes one small file (the commit file, a manager's metrics) in one atomic step,
+    first resetting a temporary file a killed writer left (see :func:`reset_stale_temp`).
+    ``options`` go to ``KvStore.write`` (e.g. ``if_equal``); returns its result."""
+    reset_stale_temp(loc, key)
+    return kv.write(key, value, **options).result()
+
+
 def reset_stale_temp(loc: Location, key: str) -> None:
     """Empties the temporary file that a writer killed while writing ``key`` left behind.
 
