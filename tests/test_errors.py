@@ -89,15 +89,18 @@ def test_flipped_bit_in_a_python_leaf_is_caught_by_the_commit_checksum(tmp_path)
         pc.restore(path)
 
 
-def test_newer_format_version_is_refused(tmp_path):
+@pytest.mark.parametrize("version, advice", [(99, "upgrade pytree_ckpt"),
+                                              (1, "written by pre-release versions only")])
+def test_other_format_versions_are_refused(tmp_path, version, advice):
     import msgpack
 
     path = tmp_path / "c"
     pc.save({"a": 1}, path)
     commit = path / _format.COMMIT_FILE
     magic, _, crc, body = msgpack.unpackb(commit.read_bytes())
-    commit.write_bytes(msgpack.packb([magic, 99, crc, body]))
-    with pytest.raises(pc.FormatVersionError, match="format version 99; this pytree_ckpt reads version 1"):
+    commit.write_bytes(msgpack.packb([magic, version, crc, body]))
+    with pytest.raises(pc.FormatVersionError, match=(
+            f"format version {version}; this pytree_ckpt reads version 2 .*{advice}")):
         pc.restore(path)
 
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 import pytest
+from _commit_body import from_rows, to_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -176,31 +177,36 @@ def positions(value: Any, out: list | None = None) -> list[tuple[Any, Any]]:
     return out
 
 
-def leaf_index(body: dict, path: str) -> int:
-    return next(i for i, r in enumerate(body["leaves"]) if r[0] == path)
+def leaf_index(rows: list, path: str) -> int:
+    return next(i for i, r in enumerate(rows) if r[0] == path)
 
 
-def packed_paths(body: dict) -> list[str]:
-    return [r[0] for r in body["leaves"] if r[5][0] == "p"]
+def packed_paths(rows: list) -> list[str]:
+    return [r[0] for r in rows if r[5][0] == "p"]
 
 
-def targeted(body: dict, data: st.DataObject) -> None:
-    """A mutation aimed at a field the validator must bound."""
-    leaves = body["leaves"]
+COLUMNS = ("origin", "dtype", "rank", "shape", "storage", "array", "chunks", "stored", "blob",
+           "offset", "crc", "impl", "sharding")
+
+
+def targeted(body: dict, data: st.DataObject) -> dict:
+    """A mutation aimed at a field the validator must bound: of one leaf's record (written
+    back as columns), of a column's bytes, or of the body."""
+    rows = to_rows(body)
     what = data.draw(st.sampled_from([
-        "shape", "dim", "offset", "size", "crc", "blob", "path", "origin", "dtype", "stored",
+        "shape", "dim", "offset", "crc", "blob", "path", "origin", "dtype", "stored",
         "chunks", "array_id", "node_kind", "node_path", "node_type", "arrays", "blob_size",
         "blob_count", "data", "sharding", "impl", "py_value", "extra_leaf", "dup_leaf",
-        "drop_key", "deep"]))
-    i = data.draw(st.integers(0, len(leaves) - 1))
-    rec = leaves[i]
+        "drop_key", "deep", "column_byte", "column_length"]))
+    i = data.draw(st.integers(0, len(rows) - 1))
+    rec = rows[i]
     value = copy.deepcopy(data.draw(weird))  # sampled_from shares its objects
     if what == "shape":
         rec[3] = value
     elif what == "dim" and rec[3]:
         rec[3][data.draw(st.integers(0, len(rec[3]) - 1))] = value
-    elif what in ("offset", "size", "crc", "blob") and rec[5][0] == "p":
-        rec[5][{"blob": 1, "offset": 2, "size": 3, "crc": 4}[what]] = value
+    elif what in ("offset", "crc", "blob") and rec[5][0] == "p":
+        rec[5][{"blob": 1, "offset": 2, "crc": 3}[what]] = value
     elif what == "path":
         rec[0] = value
     elif what == "origin":
@@ -209,7 +215,19 @@ def targeted(body: dict, data: st.DataObject) -> None:
         rec[2] = value
     elif what in ("stored", "chunks", "array_id") and rec[5][0] == "z":
         rec[5][{"array_id": 1, "chunks": 2, "stored": 3}[what]] = value
-    elif what.startswith("node_"):
+    elif what == "sharding":
+        rec[6] = value
+    elif what == "impl":
+        rec[4] = value
+    elif what == "py_value" and rec[1] == "py":
+        rec[5][1] = value
+    elif what == "extra_leaf":
+        rows.append(copy.deepcopy(rec))
+        rows[-1][0] = value
+    elif what == "dup_leaf":
+        rows.append(copy.deepcopy(rec))
+    body = from_rows(body, rows)
+    if what.startswith("node_"):
         node = body["nodes"][data.draw(st.integers(0, len(body["nodes"]) - 1))]
         node[{"node_path": 0, "node_kind": 1, "node_type": 2}[what]] = value
     elif what == "arrays":
@@ -220,21 +238,21 @@ def targeted(body: dict, data: st.DataObject) -> None:
         body["blobs"] = [[0, 0, 2**62]] * 1000
     elif what == "data":
         body["data"] = value
-    elif what == "sharding":
-        rec[6] = value
-    elif what == "impl":
-        rec[4] = value
-    elif what == "py_value" and rec[1] == "py":
-        rec[5][1] = value
-    elif what == "extra_leaf":
-        leaves.append(copy.deepcopy(rec))
-        leaves[-1][0] = value
-    elif what == "dup_leaf":
-        leaves.append(copy.deepcopy(rec))
     elif what == "drop_key":
         del body[data.draw(st.sampled_from(sorted(body)))]
     elif what == "deep":
         body[data.draw(st.sampled_from(sorted(body)))] = SENTINEL
+    elif what == "column_byte":
+        key = data.draw(st.sampled_from(COLUMNS))
+        if body[key]:
+            raw = bytearray(body[key])
+            raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(
+                st.sampled_from([0, 1, 0x7F, 0x80, 0xFF]))
+            body[key] = bytes(raw)
+    elif what == "column_length":
+        key = data.draw(st.sampled_from(COLUMNS))
+        body[key] = body[key][:-1] if data.draw(st.booleans()) else body[key] + b"\x01"
+    return body
 
 
 def mutate(real: Real, data: st.DataObject) -> bytes:
@@ -242,8 +260,9 @@ def mutate(real: Real, data: st.DataObject) -> bytes:
     for _ in range(data.draw(st.integers(1, 3))):
         if data.draw(st.booleans()):
             try:
-                targeted(body, data)
-            except (TypeError, IndexError, KeyError, AttributeError, StopIteration):
+                body = targeted(body, data)
+            except (TypeError, IndexError, KeyError, AttributeError, StopIteration,
+                    ValueError):
                 pass  # an earlier mutation changed the shape this one aims at
         else:  # anywhere at all
             where = positions(body)
@@ -327,16 +346,16 @@ def test_structured_mutations_restore_end_to_end(real, scratch, data):
 @SLOW
 @given(st.data())
 def test_packed_leaf_location_mutations_never_return_wrong_data(real, scratch, data):
-    body = copy.deepcopy(real.body)
-    path = data.draw(st.sampled_from(packed_paths(body)))
-    storage = body["leaves"][leaf_index(body, path)][5]
-    field = data.draw(st.sampled_from([2, 4, 3]))  # offset, crc, size
+    rows = to_rows(real.body)
+    path = data.draw(st.sampled_from(packed_paths(rows)))
+    storage = rows[leaf_index(rows, path)][5]
+    field = data.draw(st.sampled_from([2, 3]))  # offset, crc
     old = storage[field]
     storage[field] = data.draw(st.integers(0, 2**32 - 1).filter(lambda v: v != old)
                                | st.sampled_from([old + 1, old - 1, old + 16, old - 16, 0]))
     if storage[field] == old:
         return
-    raw = repack(body)
+    raw = repack(from_rows(real.body, rows))
     if decode_or_error(raw) is None:
         return  # refused by the validator (e.g. past the blob's end)
     (scratch / _format.COMMIT_FILE).write_bytes(raw)
@@ -352,31 +371,36 @@ def test_packed_leaf_location_mutations_never_return_wrong_data(real, scratch, d
     assert same(got[path], want[path]), f"wrong data for {path!r}"
 
 
+def _with_leaf(body: dict, path: str, field: int, value: Any) -> dict:
+    rows = to_rows(body)
+    rows[leaf_index(rows, path)][field] = value
+    return from_rows(body, rows)
+
+
+def _with_packed(body: dict, field: int, value: Any) -> dict:
+    rows = to_rows(body)
+    rows[leaf_index(rows, packed_paths(rows)[0])][5][field] = value
+    return from_rows(body, rows)
+
+
 def test_hand_picked_forgeries_end_to_end(real, scratch):
     """A few named cases through restore and metadata, on a real directory."""
-    cases = {}
-    for name, fn in {
-        "huge shape": lambda b: b["leaves"][leaf_index(b, "params/big")].__setitem__(
-            3, [2**62, 2**62]),
-        "object dtype": lambda b: b["leaves"][leaf_index(b, "params/big")].__setitem__(2, "O"),
-        "dotdot data": lambda b: b.__setitem__("data", "../../etc"),
-        "unknown node kind": lambda b: b["nodes"][0].__setitem__(1, "os.system"),
-        "offset past blob": lambda b: b["leaves"][leaf_index(b, packed_paths(b)[0])][5]
-        .__setitem__(2, b["blobs"][0][2]),
-        "negative offset": lambda b: b["leaves"][leaf_index(b, packed_paths(b)[0])][5]
-        .__setitem__(2, -16),
-        "huge array count": lambda b: b.__setitem__("arrays", 2**40),
-    }.items():
-        body = copy.deepcopy(real.body)
-        fn(body)
-        cases[name] = repack(body)
+    body = real.body
+    cases = {
+        "huge shape": _with_leaf(body, "params/big", 3, [2**62, 2**62]),
+        "object dtype": _with_leaf(body, "params/big", 2, "O"),
+        "dotdot data": dict(body, data="../../etc"),
+        "unknown node kind": dict(body, nodes=[["", "os.system", "x"], *body["nodes"][1:]]),
+        "offset past blob": _with_packed(body, 2, body["blobs"][0][2]),
+        "negative offset": _with_packed(body, 2, -16),
+        "huge array count": dict(body, arrays=2**40),
+    }
     for bad_sharding in ([[2, 4], ["d", "d"], ["d"]], [[8], ["d"], ["d", "d"]],
                          [[8], ["d"], [None, ["d", "d"]]], [[8], ["d"], ["d", None, None]]):
-        body = copy.deepcopy(real.body)
-        body["leaves"][leaf_index(body, "params/sharded")][6] = bad_sharding
-        cases[f"sharding {bad_sharding}"] = repack(body)
-    cases["deep body"] = repack(None, DEEP)
-    for _name, raw in cases.items():
+        cases[f"sharding {bad_sharding}"] = _with_leaf(body, "params/sharded", 6, bad_sharding)
+    raws = {name: repack(b) for name, b in cases.items()}
+    raws["deep body"] = repack(None, DEEP)
+    for _name, raw in raws.items():
         (scratch / _format.COMMIT_FILE).write_bytes(raw)
         for call in (pc.restore, pc.metadata, lambda p: pc.restore(p, real.tree)):
             with pytest.raises(pc.CheckpointError, match=r"."):
@@ -388,9 +412,8 @@ def test_hostile_leaf_paths_stay_names(real, scratch):
     # "/etc/passwd" or ".." comes back as a name in the tree, and nothing outside the
     # checkpoint is touched. (Names are escaped: "\\/" is a "/" inside one name.)
     for hostile in ("py/\\/etc\\/passwd", "py/..", "py/a\x00b", "py/\\\\"):
-        body = copy.deepcopy(real.body)
-        body["leaves"][leaf_index(body, "py/s")][0] = hostile
-        (scratch / _format.COMMIT_FILE).write_bytes(repack(body))
+        (scratch / _format.COMMIT_FILE).write_bytes(repack(_with_leaf(real.body, "py/s", 0,
+                                                                       hostile)))
         before = sorted(os.listdir(scratch.parent))
         tree, status = pc.restore(scratch)
         assert hostile in status.matched
@@ -399,9 +422,8 @@ def test_hostile_leaf_paths_stay_names(real, scratch):
         assert pc.metadata(scratch).leaves[hostile].value == "héllo"
     # Unescaped, such a path names ancestors that are not recorded nodes: corrupt.
     for hostile in ("/etc/passwd", "../../x"):
-        body = copy.deepcopy(real.body)
-        body["leaves"][leaf_index(body, "py/s")][0] = hostile
-        (scratch / _format.COMMIT_FILE).write_bytes(repack(body))
+        (scratch / _format.COMMIT_FILE).write_bytes(repack(_with_leaf(real.body, "py/s", 0,
+                                                                       hostile)))
         with pytest.raises(pc.CorruptCheckpointError, match="its parent is not a recorded node"):
             pc.restore(scratch)
 

@@ -78,6 +78,22 @@ def test_rebuild_restores_dicts_lists_tuples_and_empty_nodes():
     assert _graph.rebuild(flat.nodes, dict(zip(flat.paths, flat.leaves, strict=True))) == tree
 
 
+@pytest.mark.parametrize("tree", [
+    {"a": [1, (2, 3)], "e": {}, "t": (), "x/y": {"z": None}, "": {"\\": [[], [{}]]}},
+    [[{"b": (1,)}] * 12, ()],  # list indices 10, 11 sort after 9, not after 1
+    ((((1,),),),),
+])
+def test_rebuild_of_recorded_nodes_takes_the_fast_path_and_agrees(tree):
+    flat = _graph.flatten(tree)
+    values = dict(zip(flat.paths, flat.leaves, strict=True))
+    fast = _graph._rebuild_recorded(flat.nodes, values)
+    assert fast == tree and type(fast) is type(tree)
+    # A leaf without a recorded parent (after a rename) goes the general way: dict parents.
+    assert _graph._rebuild_recorded(flat.nodes, {**values, "new/x": 1}) is None
+    if isinstance(tree, dict):
+        assert _graph.rebuild(flat.nodes[:1], {"new/x": 1}) == {"new": {"x": 1}}
+
+
 def test_renamer_replaces_whole_name_prefixes_only():
     f = _graph.renamer({"enc/old": "enc/new", "a": ""})
     assert f("enc/old/kernel") == "enc/new/kernel"

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 import pytest
+from _commit_body import set_field
 
 import pytree_ckpt as pc
 from pytree_ckpt import _format
@@ -95,14 +96,18 @@ def end_to_end_is_typed(real, data: bytes, tmp_path) -> None:
             assert time.perf_counter() - start < _SECONDS
 
 
-_LEAF_FIELDS = {"path": 0, "origin": 1, "dtype": 2, "shape": 3, "impl": 4, "storage": 5,
-                "sharding": 6}
 HOSTILE_RECORDS = [
-    ("negative offset", "small/0", "storage", ["p", 0, -16, 40, 0]),
-    ("offset past the blob", "small/0", "storage", ["p", 0, 10**9, 40, 0]),
-    ("offset overflowing 64 bits", "small/0", "storage", ["p", 0, 2**64 - 8, 40, 0]),
-    ("no such blob", "small/0", "storage", ["p", 7, 0, 40, 0]),
-    ("crc out of range", "small/0", "storage", ["p", 0, 16, 40, 2**32]),
+    ("negative offset", "small/0", "storage", ["p", 0, -16, 0]),
+    ("offset past the blob", "small/0", "storage", ["p", 0, 10**9, 0]),
+    ("offset overflowing 64 bits", "small/0", "storage", ["p", 0, 2**64 - 8, 0]),
+    ("no such blob", "small/0", "storage", ["p", 7, 0, 0]),
+    ("crc out of range", "small/0", "storage", ["p", 0, 16, 2**32]),
+    ("packed leaf ending past the blob", "small/0", "shape", [10**6]),
+    ("unknown storage kind", "small/0", "storage", ["q", 0]),
+    ("array stored as a value", "small/0", "storage", ["v", 1]),
+    ("Python leaf with a shape", "py/i", "shape", [1]),
+    ("Python leaf of an array dtype", "py/i", "dtype", "float32"),
+    ("unknown origin", "big", "origin", "module"),
     ("huge shape, packed", "small/0", "shape", [2**31, 2**31]),
     ("huge shape, zarr", "big", "shape", [2**31, 2**31]),
     ("huge shape and one chunk", "big", "storage", ["z", 0, [2**31, 2**31], "float32"]),
@@ -126,7 +131,7 @@ HOSTILE_RECORDS = [
     ("unknown axis in the spec", "sharded", "sharding", [[8], ["d"], ["x"]]),
     ("uneven sharding", "sharded", "sharding", [[8], ["d"], ["d"]], [12, 8]),
     ("Python int as 5000 digits", "py/i", "storage", ["v", "9" * 5000]),
-    ("deep Python value", "py/s", "storage", ["v", "deep"]),
+    ("deep Python value", "py/s", "storage", "deep"),
     ("deep shape", "big", "shape", "deep"),
     ("deep dtype", "big", "dtype", "deep"),
     ("path that is also a node", "py/s", "path", "py"),
@@ -146,6 +151,14 @@ _TOP_LEVEL = [
     ("duplicate node", "nodes", "duplicate"),
     ("list node with named children", "nodes", "py is a list"),
     ("deep node", "nodes", "deep"),
+    ("a column as a list", "rank", [1, 2]),
+    ("a truncated column", "offset", "truncate"),
+    ("a column one byte longer", "storage", "extend"),
+    ("codes past their table", "dtypes", []),
+    ("a sharding table entry of another shape", "shardings", [["x"]]),
+    ("Python values as a map", "values", {"a": 1}),
+    ("paths that are not strings", "paths", "not strings"),
+    ("a path twice", "paths", "duplicate"),
 ]
 
 
@@ -168,21 +181,22 @@ def _hostile_body(body, case):
             body[field] = dict(body[field], library=_deep(1000))
         elif value == "deep" and field == "nodes":
             body[field] = body[field] + [_deep(1000)]
+        elif value == "truncate":
+            body[field] = body[field][:-1]
+        elif value == "extend":
+            body[field] = body[field] + b"\x00"
+        elif value == "not strings":
+            body[field] = [p.encode() for p in body[field]]
         elif field == "version":
             return "version"
         else:
             body[field] = value
         return body
     what, leaf, field, value, *shape = case
-    (record,) = [r for r in body["leaves"] if r[0] == leaf]
     if value == "deep":
-        value = _deep(1000)
-        if field == "storage":
-            value = ["v", value]
-    record[_LEAF_FIELDS[field]] = value
-    if shape:
-        record[_LEAF_FIELDS["shape"]] = shape[0]
-    return body
+        value = ["v", _deep(1000)] if field == "storage" else _deep(1000)
+    body = set_field(body, leaf, field, value)
+    return set_field(body, leaf, "shape", shape[0]) if shape else body
 
 
 @pytest.mark.parametrize("case", HOSTILE_RECORDS + _TOP_LEVEL, ids=lambda c: c[0])
@@ -211,7 +225,7 @@ _DECLARED = {
 
 
 @pytest.mark.parametrize("name", list(_DECLARED))
-@pytest.mark.parametrize("where", ["file", "body", "leaf shape"])
+@pytest.mark.parametrize("where", ["file", "body", "leaf values"])
 def test_huge_declared_sizes_and_deep_nesting(real, name, where):
     payload = _DECLARED[name]
     if where == "file":
@@ -220,7 +234,9 @@ def test_huge_declared_sizes_and_deep_nesting(real, name, where):
         data = encode_body(payload)
     else:
         body = msgpack.packb(real[2], use_bin_type=True)
-        data = encode_body(body.replace(msgpack.packb([300, 300]), payload, 1))
+        values = msgpack.packb(real[2]["values"], use_bin_type=True)
+        assert body.count(values) == 1
+        data = encode_body(body.replace(values, payload, 1))
     tracemalloc.start()
     try:
         commit = decode_is_typed(data)
@@ -241,7 +257,8 @@ import msgpack
 import pytree_ckpt as pc
 path, body_hex = sys.argv[1], sys.argv[2]
 body = bytes.fromhex(body_hex)
-raw = msgpack.packb(["pytree_ckpt", 1, zlib.crc32(body), body], use_bin_type=True)
+raw = msgpack.packb(["pytree_ckpt", int(sys.argv[3]), zlib.crc32(body), body],
+                    use_bin_type=True)
 open(path + "/checkpoint.msgpack", "wb").write(raw)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
@@ -270,7 +287,8 @@ def test_huge_declared_shapes_end_to_end_in_bounded_memory(real, case, tmp_path)
     body = msgpack.packb(_hostile_body(real[2], case), use_bin_type=True)
     src = os.path.dirname(pc.__file__)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(src))
-    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path), body.hex()], env=env,
+    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(path), body.hex(),
+                          str(_format.FORMAT_VERSION)], env=env,
                          check=True, capture_output=True, text=True, timeout=120).stdout
     result = json.loads(out)
     assert not any(str(v).startswith("UNTYPED") for v in result.values()), result
@@ -283,7 +301,7 @@ def test_a_path_without_recorded_ancestors_costs_nothing(real, depth):
     """A leaf ``a/a/.../x`` whose ancestors are not nodes: refused at once (rebuilding would
     invent every ancestor: quadratic in the path's length)."""
     body = copy.deepcopy(real[2])
-    body["leaves"][0][0] = "a/" * depth + "x"
+    body["paths"][0] = "a/" * depth + "x"
     data = encode_body(body)
     tracemalloc.start()
     try:

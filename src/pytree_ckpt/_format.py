@@ -16,26 +16,43 @@ The commit file is msgpack. Its outer value is a 4-element array::
 
     ["pytree_ckpt", FORMAT_VERSION, crc32(body), body]
 
-where ``body`` (bytes) is itself msgpack of a map::
+where ``body`` (bytes) is itself msgpack of a map. Leaves are stored **by column**: one
+entry per field, holding that field for every leaf, numbers as little-endian binary
+(``u1`` uint8, ``u4`` uint32, ``i8`` int64). A 10,000-leaf commit file then decodes into
+a few dozen objects instead of 100,000, and is validated with NumPy, not leaf by leaf.
+With ``n`` leaves in save order::
 
-    "data":   "d-<hex>"                         generation folder holding the arrays and blobs
-    "nodes":  [[path, kind, type_name], ...]    inner nodes, root first; kind in _graph.NODE_KINDS
-    "leaves": [[path, origin, dtype, shape, impl, storage, sharding], ...]
-    "blobs":  [[proc, k, nbytes], ...]          packed blob n is p/<proc>/<k>, nbytes long
-    "arrays": count                             zarr arrays are a/0 .. a/<count-1>
-    "writer": {"library": ..., "jax": ..., "tensorstore": ..., "processes": int, "time": float}
+    "data":      "d-<hex>"                      generation folder holding arrays and blobs
+    "nodes":     [[path, kind, type_name], ...] inner nodes, root first (_graph.NODE_KINDS)
+    "paths":     [str] * n                      leaf paths (escaped, see _graph)
+    "origin":    u1[n]                          index into ORIGINS: jax numpy npscalar prngkey py
+    "dtype":     u1[n]                          index into "dtypes"
+    "dtypes":    [str]                          dtype names (_leaves.DTYPES), or Python leaf
+                                                types (_leaves.PY_TYPES) for py leaves
+    "rank":      u1[n]
+    "shape":     i8[sum(rank)]                  every leaf's dimensions, one after another
+    "storage":   u1[n]                          0 value, 1 zarr array, 2 packed
+    "values":    [value] per storage-0 leaf     a Python leaf's value (_leaves.encode_py)
+    "array":     u4[z]  per storage-1 leaf      its zarr array a/<array>
+    "chunks":    i8[sum(rank of those leaves)]  their chunk shapes, one after another
+    "stored":    u1[z]                          index into "dtypes": the dtype stored
+    "blob":      u4[p]  per storage-2 leaf      index into "blobs"
+    "offset":    i8[p]                          bytes [offset, offset + nbytes) of that blob,
+    "crc":       u4[p]                          with their CRC-32; nbytes = shape x itemsize
+    "impl":      u1[n]                          0, or 1 + index into "impls" (PRNG keys)
+    "impls":     [str]                          PRNG implementation names
+    "sharding":  u4[n]                          0, or 1 + index into "shardings"
+    "shardings": [[mesh_shape, axis_names, partition_spec], ...]
+    "blobs":     [[proc, k, nbytes], ...]       packed blob n is p/<proc>/<k>, nbytes long
+    "arrays":    count                          zarr arrays are a/0 .. a/<count-1>
+    "writer":    {"library": ..., "jax": ..., "tensorstore": ..., "processes": int, "time": float}
 
-and each leaf's ``storage`` is one of::
-
-    ["v", value]                                a Python leaf's value (_leaves.encode_py)
-    ["z", array_id, chunk_shape, stored_dtype]  zarr3 array a/<array_id>
-    ["p", blob, offset, nbytes, crc32]          bytes [offset, offset+nbytes) of blobs[blob]
-
-``sharding`` is None or ``[mesh_shape, axis_names, partition_spec]`` (spec entries None, a
-name, or a list of names), recorded for display and as the default layout on restore.
-``stored_dtype`` differs from ``dtype`` only where TensorStore lacks the dtype; the bytes are
-then stored as unsigned integers of the same width. All checksums are zlib's CRC-32; the zarr3
-chunks carry the crc32c codec. The reader treats every field as untrusted.
+A partition spec's entries are None, a name, or a list of names; the saved sharding is
+recorded for display and as the default layout on restore. The ``stored`` dtype differs
+from ``dtype`` only where TensorStore lacks the dtype; the bytes are then stored as unsigned
+integers of the same width. All checksums are zlib's CRC-32; the zarr3 chunks carry the
+crc32c codec. The reader treats every field as untrusted. Version 1 (one record per leaf)
+was written by pre-release versions only; it is refused with a FormatVersionError.
 """
 
 from __future__ import annotations
@@ -50,12 +67,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import msgpack
+import numpy as np
 
 from . import _gc, _graph, _leaves
 from ._errors import CorruptCheckpointError, FormatVersionError
 
 MAGIC = "pytree_ckpt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 COMMIT_FILE = "checkpoint.msgpack"
 MAX_COMMIT_BYTES = 1 << 30
 _GEN_RE = re.compile(r"d-[0-9a-f]{32}")
@@ -109,13 +127,59 @@ class Commit(NamedTuple):
         return f"{self.data}/p/{proc}/{part}"
 
 
+ORIGINS = (_leaves.JAX, _leaves.NUMPY, _leaves.NPSCALAR, _leaves.PRNGKEY, _leaves.PY)
+_ORIGIN_CODE = {o: i for i, o in enumerate(ORIGINS)}
+_PY_CODE, _PRNG_CODE = _ORIGIN_CODE[_leaves.PY], _ORIGIN_CODE[_leaves.PRNGKEY]
+_KINDS = ("v", "z", "p")  # storage codes 0, 1, 2
+_KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
+_VALUE, _ZARR, _PACKED = range(3)
+
+
 def encode(commit: Commit) -> bytes:
     """The commit file's bytes for ``commit``."""
+    dtypes: dict[str, int] = {}
+    impls: dict[str, int] = {}
+    shardings: dict[tuple, int] = {}
+    paths, origin, dtype, rank, dims, kind, impl, sharding = [], [], [], [], [], [], [], []
+    values, array, chunks, stored, blob, offset, crc = [], [], [], [], [], [], []
+    for r in commit.leaves.values():
+        s = r.storage
+        paths.append(r.path)
+        origin.append(_ORIGIN_CODE[r.origin])
+        dtype.append(dtypes.setdefault(r.dtype, len(dtypes)))
+        rank.append(len(r.shape))
+        dims += r.shape
+        kind.append(_KIND_CODE[s.kind])
+        impl.append(0 if r.impl is None else impls.setdefault(r.impl, len(impls)) + 1)
+        sharding.append(0 if r.sharding is None
+                        else shardings.setdefault(r.sharding, len(shardings)) + 1)
+        if s.kind == "v":
+            values.append(_leaves.encode_py(s.value))
+        elif s.kind == "z":
+            array.append(s.index)
+            chunks += s.chunks
+            stored.append(dtypes.setdefault(s.stored_dtype, len(dtypes)))
+        else:
+            blob.append(s.index)
+            offset.append(s.offset)
+            crc.append(s.crc)
+
+    def column(x: list, fmt: str) -> bytes:
+        return np.asarray(x, dtype=fmt).tobytes()
+
     body = msgpack.packb(
         {
             "data": commit.data,
             "nodes": [list(n) for n in commit.nodes],
-            "leaves": [_encode_leaf(r) for r in commit.leaves.values()],
+            "paths": paths, "origin": column(origin, "u1"), "dtype": column(dtype, "u1"),
+            "dtypes": list(dtypes), "rank": column(rank, "u1"), "shape": column(dims, "<i8"),
+            "storage": column(kind, "u1"), "values": values,
+            "array": column(array, "<u4"), "chunks": column(chunks, "<i8"),
+            "stored": column(stored, "u1"),
+            "blob": column(blob, "<u4"), "offset": column(offset, "<i8"),
+            "crc": column(crc, "<u4"),
+            "impl": column(impl, "u1"), "impls": list(impls),
+            "sharding": column(sharding, "<u4"), "shardings": list(shardings),
             "blobs": [list(b) for b in commit.blobs],
             "arrays": commit.arrays,
             "writer": commit.writer,
@@ -123,17 +187,6 @@ def encode(commit: Commit) -> bytes:
         use_bin_type=True,
     )
     return msgpack.packb([MAGIC, FORMAT_VERSION, zlib.crc32(body), body], use_bin_type=True)
-
-
-def _encode_leaf(r: LeafRecord) -> list:
-    s = r.storage
-    if s.kind == "v":
-        storage = ["v", _leaves.encode_py(s.value)]
-    elif s.kind == "z":
-        storage = ["z", s.index, list(s.chunks), s.stored_dtype]
-    else:
-        storage = ["p", s.index, s.offset, s.nbytes, s.crc]
-    return [r.path, r.origin, r.dtype, list(r.shape), r.impl, storage, r.sharding]
 
 
 def _unpack(data: bytes, where: str) -> Any:
@@ -163,9 +216,13 @@ def decode(data: bytes, where: str) -> Commit:
         raise CorruptCheckpointError(f"{where}: not a pytree_ckpt commit file")
     _, version, crc, body = outer
     if version != FORMAT_VERSION:
+        advice = ("an older format, written by pre-release versions only: restore it with "
+                  "one of those" if type(version) is int and
+                  0 < version < FORMAT_VERSION else
+                  "upgrade pytree_ckpt to read newer checkpoints")
         raise FormatVersionError(
             f"{where}: format version {_show(version)}; this pytree_ckpt reads version "
-            f"{FORMAT_VERSION} (upgrade pytree_ckpt to read newer checkpoints)"
+            f"{FORMAT_VERSION} ({advice})"
         )
     if not isinstance(body, bytes) or crc != zlib.crc32(body):
         raise CorruptCheckpointError(f"{where}: commit file checksum mismatch (a flipped bit?)")
@@ -214,31 +271,234 @@ def _int(x: Any, lo: int, hi: int) -> bool:
 def _validate(f: Any, where: str) -> Commit:
     if not isinstance(f, dict):
         raise _fail(where, "body is not a map")
-    data, nodes, leaves = f["data"], f["nodes"], f["leaves"]
-    blobs, arrays, writer = f["blobs"], f["arrays"], f["writer"]
+    data, nodes, blobs, arrays, writer = (f["data"], f["nodes"], f["blobs"], f["arrays"],
+                                          f["writer"])
     if not (isinstance(data, str) and _GEN_RE.fullmatch(data)):
         raise _fail(where, f"bad data folder name {_show(data)}")
     if not (isinstance(blobs, list) and all(
             isinstance(b, list) and len(b) == 3 and _int(b[0], 0, 1 << 20)
             and _int(b[1], 0, 1 << 31) and _int(b[2], 0, 1 << 62) for b in blobs)):
         raise _fail(where, "bad blob records")
-    sizes = [b[2] for b in blobs]
     if not _int(arrays, 0, 1 << 31):
         raise _fail(where, f"bad array count {_show(arrays)}")
     if not (isinstance(writer, dict) and all(
             type(v) in (str, int, float, bool, type(None)) for v in writer.values())):
         raise _fail(where, "bad writer record")
-    if not isinstance(nodes, list) or not isinstance(leaves, list):
-        raise _fail(where, "nodes and leaves must be lists")
+    if not isinstance(nodes, list):
+        raise _fail(where, "nodes must be a list")
     node_list = tuple(_validate_node(n, where) for n in nodes)
-    if not all(type(raw) is list and raw and type(raw[0]) is str for raw in leaves):
-        raise _fail(where, "bad leaf records")
-    by_path = {raw[0]: raw for raw in leaves}
-    if len(by_path) != len(leaves):
-        raise _fail(where, "a leaf path appears twice")
-    _validate_tree(node_list, by_path, where)
-    records = _Records(by_path, where, sizes, arrays)
-    return Commit(data, node_list, records, tuple(tuple(b) for b in blobs), arrays, writer)
+    leaves = _Columns(f, where, [b[2] for b in blobs], arrays)
+    _validate_tree(node_list, leaves.index, where)
+    return Commit(data, node_list, leaves, tuple(tuple(b) for b in blobs), arrays, writer)
+
+
+def _strings(f: dict, key: str, where: str, limit: int | None = None) -> list[str]:
+    value = f[key]
+    if not (type(value) is list and all(type(s) is str for s in value)
+            and (limit is None or len(value) <= limit)):
+        raise _fail(where, f"bad {key!r} list")
+    return value
+
+
+def _column(f: dict, key: str, fmt: str, count: int, where: str) -> np.ndarray:
+    raw = f[key]
+    dtype = np.dtype(fmt)
+    if type(raw) is not bytes or len(raw) != count * dtype.itemsize:
+        raise _fail(where, f"column {key!r} is not {count} values of {dtype.name}")
+    return np.frombuffer(raw, dtype)
+
+
+def _segments(lengths: np.ndarray) -> np.ndarray:
+    """Start of each leaf's run in a concatenated column, given the runs' lengths."""
+    starts = np.zeros(len(lengths), np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+class _Columns(Mapping):
+    """Leaf records by path, from the commit file's columns, validated with NumPy as a whole
+    (~1 ms for 10,000 leaves: per-leaf Python checks were most of a restore's overhead).
+
+    A :class:`LeafRecord` is built when first looked up; only a Python leaf's value is
+    checked then, so a restore of a small subtree (``at=``) decodes only the values it uses.
+    """
+
+    def __init__(self, f: dict, where: str, blob_sizes: list[int], arrays: int):
+        paths = _strings(f, "paths", where)
+        n = len(paths)
+        self.index = dict(zip(paths, range(n), strict=True))
+        if len(self.index) != n:
+            raise _fail(where, "a leaf path appears twice")
+        col = functools.partial(_column, f, where=where)
+        dtypes = _strings(f, "dtypes", where, 256)
+        impls = _strings(f, "impls", where, 256)
+        origin, dtype, rank = col("origin", "u1", n), col("dtype", "u1", n), col("rank", "u1", n)
+        kind, impl = col("storage", "u1", n), col("impl", "u1", n)
+        sharding = col("sharding", "<u4", n)
+        if n and (origin.max() >= len(ORIGINS) or dtype.max() >= len(dtypes)
+                  or rank.max() > _MAX_RANK or kind.max() >= len(_KINDS)
+                  or impl.max() > len(impls)):
+            raise self._bad(where, paths, (origin >= len(ORIGINS)) | (dtype >= len(dtypes))
+                            | (rank > _MAX_RANK) | (kind >= len(_KINDS)) | (impl > len(impls)),
+                            "bad origin, dtype, rank, storage or PRNG code")
+        dims = col("shape", "<i8", int(rank.sum()))
+        starts = _segments(rank)
+        if ((dims < 0) | (dims > _MAX_ELEMENTS)).any():
+            raise self._bad(where, paths, np.repeat(np.arange(n), rank)[
+                (dims < 0) | (dims > _MAX_ELEMENTS)], "bad shape")
+
+        # Sizes: bounded first in log2 (no overflow), then exact in int64.
+        is_py = origin == _PY_CODE
+        names_dt = [_leaves.DTYPES.get(name) for name in dtypes]
+        itemsize = np.array([d.itemsize if d is not None else 0 for d in names_dt], np.int64)
+        item = itemsize[dtype]
+        if (~is_py & (item == 0)).any():
+            raise self._bad(where, paths, ~is_py & (item == 0), "unknown dtype")
+        py_names = np.array([name in _leaves.PY_TYPES for name in dtypes] or [False])
+        if (is_py & ~(py_names[dtype] & (rank == 0) & (kind == _VALUE))).any():
+            raise self._bad(where, paths, is_py & ~(py_names[dtype] & (rank == 0)
+                                                     & (kind == _VALUE)), "bad Python leaf")
+        if (~is_py & (kind == _VALUE)).any():
+            raise self._bad(where, paths, ~is_py & (kind == _VALUE), "array stored as a value")
+        logs = np.concatenate([[0.0], np.cumsum(np.log2(np.maximum(dims, 1)))])
+        zeros = np.concatenate([[0], np.cumsum(dims == 0)])
+        ends = starts + rank
+        log_bytes = logs[ends] - logs[starts] + np.log2(np.maximum(item, 1))
+        empty = zeros[ends] > zeros[starts]
+        if (~empty & (log_bytes > 61.9)).any():
+            raise self._bad(where, paths, ~empty & (log_bytes > 61.9), "bad shape: too large")
+        elements = np.multiply.reduceat(np.insert(dims, starts, 1), starts + np.arange(n)) \
+            if n else np.zeros(0, np.int64)
+        nbytes = elements * item
+
+        subs = np.zeros(n, np.int64)  # each leaf's position among leaves of its storage kind
+        masks = [kind == k for k in range(len(_KINDS))]
+        for m in masks:
+            subs[m] = np.arange(int(m.sum()))
+        values = f["values"]
+        if type(values) is not list or len(values) != int(masks[_VALUE].sum()):
+            raise _fail(where, "bad 'values' list")
+
+        z = masks[_ZARR]
+        nz = int(z.sum())
+        array, stored = col("array", "<u4", nz), col("stored", "u1", nz)
+        zrank = rank[z]
+        chunks = col("chunks", "<i8", int(zrank.sum()))
+        zdims = dims[np.repeat(z, rank)]
+        bad = (array >= arrays) | (stored >= len(dtypes))
+        if bad.any():
+            raise self._bad(where, paths, np.flatnonzero(z)[bad], "bad array storage")
+        if ((chunks < 1) | (chunks > np.maximum(zdims, 1))).any():
+            raise self._bad(where, paths, np.flatnonzero(z)[np.repeat(
+                np.arange(nz), zrank)[(chunks < 1) | (chunks > np.maximum(zdims, 1))]],
+                "bad array storage: chunk shape")
+        if nz and (itemsize[stored] != item[z]).any():
+            raise self._bad(where, paths, np.flatnonzero(z)[itemsize[stored] != item[z]],
+                            "bad stored dtype")
+
+        p = masks[_PACKED]
+        np_ = int(p.sum())
+        blob, offset, crc = col("blob", "<u4", np_), col("offset", "<i8", np_), col(
+            "crc", "<u4", np_)
+        if np_:
+            sizes = np.array(blob_sizes + [0], np.int64)
+            blob_ok = blob < len(blob_sizes)
+            room = sizes[np.where(blob_ok, blob, len(blob_sizes))] - nbytes[p]
+            bad = ~blob_ok | (offset < 0) | (offset > room)
+            if bad.any():
+                raise self._bad(where, paths, np.flatnonzero(p)[bad], "bad packed storage")
+
+        prng = origin == _PRNG_CODE
+        if ((impl > 0) != prng).any():
+            raise self._bad(where, paths, (impl > 0) != prng, "bad PRNG implementation")
+        shapes_of = dims.tolist()
+        for i in np.flatnonzero(prng).tolist():
+            shape = shapes_of[starts[i]:starts[i] + rank[i]]
+            if not _prng_fits(impls[impl[i] - 1], dtypes[dtype[i]], shape):
+                raise _bad_leaf(where, paths[i], (
+                    f"bad PRNG implementation {_show(impls[impl[i] - 1])} for key data "
+                    f"{_show(dtypes[dtype[i]])}{_show(shape)} (unknown here, or key data of "
+                    "another shape)"))
+
+        table = f["shardings"]
+        if type(table) is not list:
+            raise _fail(where, "bad 'shardings' list")
+        shardings = [_validate_sharding(s, where, _MAX_RANK) for s in table]
+        spec_len = np.array([0] + [len(s[2]) for s in shardings], np.int64)
+        if n and (sharding.max() > len(shardings) or (spec_len[np.minimum(
+                sharding, len(shardings))] > rank).any()):
+            raise self._bad(where, paths, (sharding > len(shardings)) | (spec_len[np.minimum(
+                sharding, len(shardings))] > rank), "bad sharding record")
+
+        self._where, self._paths, self._dtypes, self._impls = where, paths, dtypes, impls
+        self._shardings = [None, *shardings]
+        self._values = values
+        # Python lists: indexing them per record is several times cheaper than NumPy scalars.
+        self._origin = [ORIGINS[o] for o in origin.tolist()]
+        self._dtype, self._rank, self._kind = dtype.tolist(), rank.tolist(), kind.tolist()
+        self._start, self._sub = starts.tolist(), subs.tolist()
+        self._impl, self._sharding = impl.tolist(), sharding.tolist()
+        self._dims, self._nbytes = shapes_of, nbytes.tolist()
+        self._array, self._stored = array.tolist(), stored.tolist()
+        self._chunks, self._chunk_start = chunks.tolist(), _segments(zrank).tolist()
+        self._blob, self._offset, self._crc = blob.tolist(), offset.tolist(), crc.tolist()
+        self._done: dict[str, LeafRecord] = {}
+
+    @staticmethod
+    def _bad(where: str, paths: list[str], which: Any, what: str) -> CorruptCheckpointError:
+        """The error naming the first offending leaf (``which``: a mask or leaf indices)."""
+        if which is None:
+            return _bad_leaf(where, paths[0], what)
+        which = np.asarray(which)
+        first = int(np.flatnonzero(which)[0] if which.dtype == bool else which[0])
+        return _bad_leaf(where, paths[first], what)
+
+    def __getitem__(self, path: str) -> LeafRecord:
+        record = self._done.get(path)
+        if record is None:
+            record = self._done[path] = self._record(self.index[path])
+        return record
+
+    def _record(self, i: int) -> LeafRecord:
+        path, origin, dtype = self._paths[i], self._origin[i], self._dtypes[self._dtype[i]]
+        start, rank, k, j = self._start[i], self._rank[i], self._kind[i], self._sub[i]
+        if k == _VALUE:
+            value = _leaves.decode_py(dtype, self._values[j], f"{self._where}: leaf {path!r:.200}")
+            return LeafRecord(path, origin, dtype, (), None, Storage("v", value), None)
+        if k == _ZARR:
+            c = self._chunk_start[j]
+            storage = Storage("z", None, self._array[j], tuple(self._chunks[c:c + rank]),
+                              self._dtypes[self._stored[j]])
+        else:
+            storage = Storage("p", None, self._blob[j], (), "", self._offset[j],
+                              self._nbytes[i], self._crc[j])
+        impl = self._impl[i]
+        return LeafRecord(path, origin, dtype, tuple(self._dims[start:start + rank]),
+                          self._impls[impl - 1] if impl else None, storage,
+                          self._shardings[self._sharding[i]])
+
+    def summaries(self) -> tuple[list, ...]:
+        """Columns ``(paths, origins, shapes, dtypes, nbytes, shardings, values)`` of every
+        leaf in save order, without building records: all that :func:`metadata` lists, at
+        a third of the cost. ``values`` holds Python leaves' values, None elsewhere."""
+        dims = self._dims
+        shapes = [tuple(dims[s:s + r]) for s, r in zip(self._start, self._rank, strict=True)]
+        values: list = [None] * len(self._paths)
+        for i, k in enumerate(self._kind):
+            if k == _VALUE:
+                values[i] = self[self._paths[i]].storage.value
+        dtypes, shardings = self._dtypes, self._shardings
+        return (self._paths, self._origin, shapes, [dtypes[d] for d in self._dtype],
+                self._nbytes, [shardings[s] for s in self._sharding], values)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.index
 
 
 _INDEX = re.compile(r"0|[1-9][0-9]{0,17}")  # the name of a list's or tuple's child
@@ -276,107 +536,12 @@ def _validate_tree(nodes: tuple[_graph.Node, ...], leaves: Mapping[str, Any],
             raise _fail(where, f"{path!r:.200}: a child of a {kind} must be named by its index")
 
 
-class _Records(Mapping):
-    """Leaf records by path, each validated when first looked up.
-
-    Nothing unvalidated is ever handed out, and a restore of a small subtree (``at=``)
-    validates only the records it uses: on a 10,000-leaf checkpoint that is most of its
-    cost. Iterating yields paths only; ``items()``/``values()`` validate everything.
-    """
-
-    def __init__(self, raw: dict[str, list], where: str, sizes: list[int], arrays: int):
-        self._raw, self._where, self._sizes, self._arrays = raw, where, sizes, arrays
-        self._done: dict[str, LeafRecord] = {}
-
-    def __getitem__(self, path: str) -> LeafRecord:
-        record = self._done.get(path)
-        if record is None:
-            try:
-                record = _validate_leaf(self._raw[path], self._where, self._sizes, self._arrays)
-            except (TypeError, ValueError, IndexError, AttributeError, OverflowError,
-                    RecursionError) as e:
-                if isinstance(e, CorruptCheckpointError):
-                    raise
-                raise _bad_leaf(self._where, path, f"malformed record ({e!r:.200})") from None
-            self._done[path] = record
-        return record
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._raw)
-
-    def __len__(self) -> int:
-        return len(self._raw)
-
-    def __contains__(self, path: object) -> bool:
-        return path in self._raw
-
-
 def _validate_node(n: Any, where: str) -> _graph.Node:
     if not (isinstance(n, list) and len(n) == 3 and all(isinstance(x, str) for x in n)):
         raise _fail(where, f"bad node record {_show(n)}")
     if n[1] not in _graph.NODE_KINDS:
         raise _fail(where, f"node {_show(n[0])} has unknown kind {_show(n[1])}")
     return _graph.Node(*n)
-
-
-def _validate_leaf(raw: Any, where: str, blobs: list[int], arrays: int) -> LeafRecord:
-    # Written for speed as well as strictness: it runs once per leaf of every restore.
-    if not (type(raw) is list and len(raw) == 7 and type(raw[0]) is str):
-        raise _fail(where, f"bad leaf record {_show(raw)}")
-    path, origin, dtype, shape, impl, storage, sharding = raw
-    bad = functools.partial(_bad_leaf, where, path)
-
-    if type(shape) is not list or len(shape) > _MAX_RANK:
-        raise bad(f"bad shape {_show(shape)}")
-    elements = 1
-    for d in shape:
-        if type(d) is not int or not 0 <= d <= _MAX_ELEMENTS:
-            raise bad(f"bad shape {_show(shape)}")
-        elements *= d
-    if elements > _MAX_ELEMENTS:
-        raise bad(f"bad shape {_show(shape)}")
-    if (impl is not None) != (origin == _leaves.PRNGKEY) or not (
-            impl is None or _prng_fits(impl, dtype, shape)):
-        raise bad(f"bad PRNG implementation {_show(impl)} for key data {_show(dtype)}"
-                  f"{_show(shape)} (unknown here, or key data of another shape)")
-    if type(storage) is not list or not storage:
-        raise bad("bad storage record")
-    if origin == _leaves.PY:
-        if storage[0] != "v" or len(storage) != 2 or shape:
-            raise bad("bad Python leaf record")
-        value = _leaves.decode_py(dtype, storage[1], f"{where}: leaf {path!r:.200}")
-        return LeafRecord(path, origin, dtype, (), None, Storage("v", value), None)
-    if origin not in _leaves.ARRAY_ORIGINS:
-        raise bad(f"unknown leaf kind {_show(origin)}")
-    dt = _leaves.DTYPES.get(dtype) if type(dtype) is str else None
-    if dt is None:
-        raise bad(f"unknown dtype {_show(dtype)}")
-    nbytes = elements * dt.itemsize
-    if nbytes > _MAX_ELEMENTS:  # NumPy could not even describe such an array
-        raise bad(f"bad shape {_show(shape)}: {nbytes} bytes")
-    kind = storage[0]
-    if kind == "p" and len(storage) == 5:
-        _, blob, offset, size, crc = storage
-        if not (type(blob) is int and 0 <= blob < len(blobs) and type(offset) is int
-                and offset >= 0 and size == nbytes and offset + size <= blobs[blob]
-                and type(crc) is int and 0 <= crc <= 0xFFFFFFFF):
-            raise bad(f"bad packed storage {_show(storage)}")
-        st = Storage("p", None, blob, (), "", offset, size, crc)
-    elif kind == "z" and len(storage) == 4:
-        _, index, chunks, stored = storage
-        if not (_int(index, 0, arrays - 1) and type(chunks) is list
-                and len(chunks) == len(shape)
-                and all(_int(c, 1, max(d, 1)) for c, d in zip(chunks, shape, strict=True))):
-            raise bad(f"bad array storage {_show(storage)}")
-        stored_dt = _leaves.DTYPES.get(stored) if type(stored) is str else None
-        if stored_dt is None or stored_dt.itemsize != dt.itemsize:
-            raise bad(f"bad stored dtype {_show(stored)}")
-        st = Storage("z", index=index, chunks=tuple(chunks), stored_dtype=stored)
-    else:
-        raise bad(f"bad storage record {_show(storage)}")
-    if sharding is not None:
-        sharding = _validate_sharding(sharding, f"{where}: leaf {path!r:.200}", len(shape))
-    return LeafRecord(path, origin, dtype, tuple(shape), impl, st, sharding)
 
 
 def _prng_fits(impl: Any, dtype: Any, shape: list[int]) -> bool:

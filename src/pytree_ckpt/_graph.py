@@ -21,6 +21,7 @@ checkpoint must give back the ``None`` it was given.
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -218,6 +219,9 @@ def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
     """
     if "" in values and not nodes:
         return values[""]
+    fast = _rebuild_recorded(nodes, values)
+    if fast is not None:
+        return fast
     kinds = {n.path: n.kind for n in nodes}
     kinds.setdefault("", DICT)
     children: dict[str, list[tuple[str, str]]] = defaultdict(list)
@@ -250,6 +254,42 @@ def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
             else:
                 built[path] = {name: built[p] for name, p in kids}
     return built[""]
+
+
+def _rebuild_recorded(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
+    """:func:`rebuild` when the root and every parent are recorded nodes, as in a commit
+    file (~0.4 µs a path, a third of the general case), else None.
+
+    Nodes come parents first (as :func:`flatten` records them): every node starts as a dict
+    of its children by name, filled in one pass, and sequences are then made lists and
+    tuples children first, by walking the nodes backwards."""
+    if not nodes or nodes[0].path != "":
+        return None
+    parts: dict[str, dict] = {}
+    for node in nodes:
+        parts[node.path] = {}
+    get = parts.get
+    for path in itertools.chain(itertools.islice(parts, 1, None), values):
+        if "\\" in path:
+            parent, name = parent_and_name(path)
+        else:
+            parent, _, name = path.rpartition("/")
+        siblings = get(parent)
+        if siblings is None:
+            return None
+        child = get(path)
+        siblings[name] = values[path] if child is None else child
+    for node in reversed(nodes):
+        if node.kind == LIST or node.kind == TUPLE:
+            kids = parts[node.path]
+            seq = [kids[k] for k in sorted(kids, key=int)]
+            done = tuple(seq) if node.kind == TUPLE else seq
+            if node.path:
+                parent, name = parent_and_name(node.path)
+                parts[parent][name] = done
+            else:
+                return done
+    return parts[""]
 
 
 def relative_to(path: str, at: str) -> str | None:

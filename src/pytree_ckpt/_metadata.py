@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
+import itertools
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -98,11 +100,11 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
 
 def _metadata(loc: _storage.Location) -> CheckpointMetadata:
     commit = load_commit(loc, _storage.open_kvstore(loc))
-    leaves = {}
-    for p, r in commit.leaves.items():
-        value = r.storage.value if r.origin == _leaves.PY else None
-        leaves[p] = LeafMetadata(p, r.origin, r.shape, r.dtype, r.nbytes,
-                                 _sharding_text(r.sharding), value)
+    text = functools.lru_cache(maxsize=None)(_sharding_text)  # a tree has few layouts
+    paths, origins, shapes, dtypes, nbytes, shardings, values = commit.leaves.summaries()
+    rows = zip(paths, origins, shapes, dtypes, nbytes, map(text, shardings), values,
+               strict=True)
+    leaves = dict(zip(paths, itertools.starmap(LeafMetadata, rows), strict=True))
     return CheckpointMetadata(
         path=loc.url, format_version=_format.FORMAT_VERSION,
         tree=_graph.rebuild(commit.nodes, leaves),
