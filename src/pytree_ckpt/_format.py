@@ -211,7 +211,8 @@ def decode(data: bytes, where: str) -> Commit:
     """
     if len(data) > MAX_COMMIT_BYTES:
         raise CorruptCheckpointError(f"{where}: commit file of {len(data)} bytes is too large")
-    outer = _unpack(data, where)
+    with _gc.paused():  # a file of a million empty arrays: 0.08 s, not 0.5 s
+        outer = _unpack(data, where)
     if not (isinstance(outer, list) and len(outer) == 4 and outer[0] == MAGIC):
         raise CorruptCheckpointError(f"{where}: not a pytree_ckpt commit file")
     _, version, crc, body = outer
