@@ -93,51 +93,56 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, 
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
     commit = load_commit(loc, kv)
-    rename_fn = _graph.renamer(rename)
+    rename_fn = _graph.renamer(rename) if rename is not None else None
     entries = _select(commit, at, rename_fn, loc.url)
     if target is None:
         return _restore_saved(loc, kv, commit, entries, at, rename_fn)
     flat = _graph.flatten(target)
     wants = [_want(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     matched, unmatched, mismatched, casts, jobs = [], [], [], [], []
+    records = commit.leaves
     for path, want in zip(flat.paths, wants, strict=True):
-        hit = entries.get(path)
-        if hit is None:
+        src = entries.get(path)
+        if src is None:
             unmatched.append(path)
             continue
-        verdict = _compare(hit[1], want)
+        record = records[src]
+        verdict = _compare(record, want)
         if verdict is None:
-            mismatched.append(_mismatch(path, hit[1], want))
+            mismatched.append(_mismatch(path, record, want))
             continue
         matched.append(path)
         if verdict:
-            casts.append(Cast(path, hit[1].dtype, _want_dtype_str(want)))
-        jobs.append((path, hit[1], want))
-    used = {entries[p][0] for p in matched} | {entries[m.path][0] for m in mismatched}
+            casts.append(Cast(path, record.dtype, _want_dtype_str(want)))
+        jobs.append((path, record, want))
+    used = {entries[p] for p in matched} | {entries[m.path] for m in mismatched}
     values = read_leaves(loc.url, kv, commit, jobs)
     leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     status = RestoreStatus(
         matched=tuple(matched), unmatched=tuple(unmatched),
-        unused=tuple(src for src, _ in entries.values() if src not in used),
+        unused=tuple(src for src in entries.values() if src not in used),
         mismatched=tuple(mismatched), cast=tuple(casts))
     return jax.tree_util.tree_unflatten(flat.treedef, leaves), status
 
 
-def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str], url: str
-            ) -> dict[str, tuple[str, LeafRecord]]:
-    """Checkpoint entries by target path (after ``at`` and ``rename``), with their own path."""
-    out: dict[str, tuple[str, LeafRecord]] = {}
-    for path in commit.leaves:  # validating only the records used (see _format._Records)
+def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str] | None, url: str
+            ) -> dict[str, str]:
+    """Checkpoint paths by target path (after ``at`` and ``rename``). Paths only: a leaf's
+    record is built when a target asks for it (see _format._Columns)."""
+    if at is None and rename_fn is None:
+        return {p: p for p in commit.leaves}
+    rename_fn = rename_fn or (lambda p: p)
+    out: dict[str, str] = {}
+    for path in commit.leaves:
         rel = _graph.relative_to(path, at) if at is not None else path
         if rel is None:
             continue
-        record = commit.leaves[path]
         new = rename_fn(rel)
         if new in out:
             raise PathCollisionError(
-                f"{url}: checkpoint paths {out[new][0]!r} and {path!r} both map to {new!r} "
+                f"{url}: checkpoint paths {out[new]!r} and {path!r} both map to {new!r} "
                 "after at=/rename")
-        out[new] = (path, record)
+        out[new] = path
     if at is not None and not out and not any(
             _graph.relative_to(n.path, at) is not None for n in commit.nodes):
         tops = sorted({_graph.split_path(p)[0] for p in commit.leaves if p})
@@ -268,15 +273,16 @@ def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(default_device())
 
 
-def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit,
-                   entries: dict[str, tuple[str, LeafRecord]], at: str | None,
-                   rename_fn: Callable[[str], str]) -> tuple[Any, RestoreStatus]:
-    jobs = [(path, rec, _saved_want(rec)) for path, (_, rec) in entries.items()]
+def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit, entries: dict[str, str],
+                   at: str | None, rename_fn: Callable[[str], str] | None
+                   ) -> tuple[Any, RestoreStatus]:
+    records = [commit.leaves[src] for src in entries.values()]
+    jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
     values = read_leaves(loc.url, kv, commit, jobs)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
     for node in commit.nodes:
         rel = _graph.relative_to(node.path, at) if at is not None else node.path
         if rel is not None:
-            nodes.append(node._replace(path=rename_fn(rel)))
+            nodes.append(node._replace(path=rename_fn(rel) if rename_fn else rel))
     return _graph.rebuild(nodes, values), RestoreStatus(matched=tuple(entries))
