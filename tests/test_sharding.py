@@ -235,6 +235,25 @@ def test_big_shards_are_split_into_chunks_on_shard_boundaries():
         assert math.prod(chunks) * 4 <= 1 << 20 or min(chunks) == 1, (shard, chunks)
 
 
+def test_unsharded_axes_are_cut_into_balanced_chunks_whatever_their_length(tmp_path, mesh):
+    # 1,000,033 (a prime) rows of 2 float32, 8 MB: cut by divisors alone, that was a million
+    # one-row chunks; along an axis no shard boundary crosses, any chunk size is safe.
+    value = np.arange(2 * 1_000_033, dtype=np.float32).reshape(1_000_033, 2)
+    ckpt = pc.save({"v": value}, tmp_path / "c")
+    commit = _commit(ckpt)
+    assert commit.leaves["v"].storage.chunks == (500_017, 2)
+    assert len(_chunk_files(ckpt, commit, "v")) == 2
+    np.testing.assert_array_equal(pc.restore(ckpt, {"v": value})[0]["v"], value)
+    # Sharded along that axis, chunks still divide the shard.
+    sharded = _put(np.arange(8 * 524_309, dtype=np.float32).reshape(8, 524_309), mesh,
+                   P(("x", "y"), None))
+    shard = sharded.sharding.shard_shape(sharded.shape)
+    chunks = _storage.choose_chunks(shard, 4, sharded.shape, limit=1 << 20)
+    assert chunks == [1, 174_770] and shard == (1, 524_309)  # 3 balanced chunks of <= 1 MiB
+    restored, _ = pc.restore(pc.save({"s": sharded}, tmp_path / "s"), {"s": sharded})
+    np.testing.assert_array_equal(np.asarray(restored["s"]), np.asarray(sharded))
+
+
 @pytest.mark.parametrize("spec,writes", [(P("x", "y"), 8), (P("x", None), 4),
                                          (P(None, "y"), 2), (P(), 1)], ids=str)
 def test_replicated_shards_are_written_once(tmp_path, mesh, spec, writes, monkeypatch):

@@ -208,7 +208,7 @@ def _snapshot(tree: Any) -> _Snapshot:
                 if host is not None:
                     to_pack.append((path, host))
             else:
-                chunks = tuple(_storage.choose_chunks(_shard_shape(value), itemsize))
+                chunks = tuple(_storage.choose_chunks(_shard_shape(value), itemsize, info.shape))
                 stored = _stored_dtype(info.dtype)
                 index = len(arrays)
                 arrays.append(_ArrayWrite(index, info.shape, chunks, stored,

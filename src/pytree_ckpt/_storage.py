@@ -227,18 +227,34 @@ def fsync_tree(directory: str) -> None:
     fsync_dir(os.path.dirname(directory.rstrip("/")))
 
 
-def choose_chunks(shard_shape: Iterable[int], itemsize: int, limit: int = CHUNK_BYTES) -> list[int]:
-    """A chunk shape that divides ``shard_shape`` exactly and holds at most ~``limit`` bytes.
+def choose_chunks(shard_shape: Iterable[int], itemsize: int, shape: Iterable[int] | None = None,
+                  limit: int = CHUNK_BYTES) -> list[int]:
+    """A chunk shape of at most ~``limit`` bytes that never straddles a shard boundary.
 
-    Chunks never straddle shard boundaries, so each device writes its own chunks with no
-    read-modify-write; splitting further lets reads and writes run in parallel. The leading
-    axes are split first, so a chunk is a contiguous block of whole rows in memory.
+    Each device then writes its own chunks with no read-modify-write; splitting further lets
+    reads and writes run in parallel. The leading axes are split first, so a chunk is a
+    contiguous block of whole rows in memory. Along an axis the array is sharded on, chunks
+    divide the shard exactly; along one it is not (``shape`` gives the array's own shape),
+    any size will do, and the last chunk may be partial: a 50,257-row embedding is cut into
+    37 chunks of 1,359 rows, not (by divisors: 50,257 = 29 x 1,733, a prime) 50,257 rows.
 
     >>> choose_chunks((4096, 4096), 4)
     [256, 4096]
+    >>> choose_chunks((50257, 768), 4, shape=(50257, 768))
+    [1359, 768]
     """
     chunks = [max(int(d), 1) for d in shard_shape]
+    free = ([int(s) == int(d) for s, d in zip(shard_shape, shape, strict=True)]
+            if shape is not None else [False] * len(chunks))
     for axis in range(len(chunks)):
+        if math.prod(chunks) * itemsize <= limit:
+            break
+        if free[axis]:
+            others = math.prod(chunks[:axis] + chunks[axis + 1:]) * itemsize
+            fit = max(1, limit // max(others, 1))
+            pieces = -(-chunks[axis] // fit)
+            chunks[axis] = -(-chunks[axis] // pieces)  # balanced: no sliver of a last chunk
+            continue
         while math.prod(chunks) * itemsize > limit:
             p = _smallest_factor(chunks[axis])
             if not p:
