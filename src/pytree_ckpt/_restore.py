@@ -129,8 +129,17 @@ def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str] | No
             ) -> dict[str, str]:
     """Checkpoint paths by target path (after ``at`` and ``rename``). Paths only: a leaf's
     record is built when a target asks for it (see _format._Columns)."""
-    if at is None and rename_fn is None:
+    if rename_fn is None and not at:
         return {p: p for p in commit.leaves}
+    if rename_fn is None:  # distinct paths under ``at`` stay distinct: no collisions
+        prefix = at + "/"
+        cut = len(prefix)
+        out = {p[cut:]: p for p in commit.leaves if p.startswith(prefix)}
+        if at in commit.leaves:
+            out[""] = at
+        if not out:
+            _check_at(commit, at, url)
+        return out
     rename_fn = rename_fn or (lambda p: p)
     out: dict[str, str] = {}
     for path in commit.leaves:
@@ -143,13 +152,18 @@ def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str] | No
                 f"{url}: checkpoint paths {out[new]!r} and {path!r} both map to {new!r} "
                 "after at=/rename")
         out[new] = path
-    if at is not None and not out and not any(
-            _graph.relative_to(n.path, at) is not None for n in commit.nodes):
+    if at is not None and not out:
+        _check_at(commit, at, url)
+    return out
+
+
+def _check_at(commit: Commit, at: str, url: str) -> None:
+    """Raises unless ``at`` names a node (an empty subtree) of the checkpoint."""
+    if not any(_graph.relative_to(n.path, at) is not None for n in commit.nodes):
         tops = sorted({_graph.split_path(p)[0] for p in commit.leaves if p})
         raise PathNotFoundError(
             f"{url}: at={at!r} names nothing in the checkpoint; its top-level names are "
             f"{tops[:20]}")
-    return out
 
 
 def _want(path: str, leaf: Any) -> Want:
