@@ -66,7 +66,7 @@ class _ArrayWrite(NamedTuple):
 
 class _Snapshot(NamedTuple):
     nodes: tuple[_graph.Node, ...]
-    records: dict[str, LeafRecord]
+    records: dict[str, tuple]  # LeafRecord fields, made records in the background
     arrays: list[_ArrayWrite]
     n_arrays: int
     parts: list[bytearray | None]  # this process's packed blobs (None once written)
@@ -198,45 +198,43 @@ def _is_ours(name: str) -> bool:
 
 def _snapshot(tree: Any) -> _Snapshot:
     # Runs once per leaf while the caller waits (10,000 leaves: each µs is 10 ms), hence
-    # the type checks by identity and the sizes from the shape (jax's .nbytes costs ~2 µs).
+    # the type checks by identity, the names bound once below, and the sizes from the shape
+    # (jax's .nbytes costs ~2 µs).
     me = _distributed.process_index()
-    records: dict[str, LeafRecord] = {}
+    records: dict[str, tuple] = {}  # plain tuples: ~0.4 µs a leaf less than LeafRecord
     arrays: list[_ArrayWrite] = []
     to_pack: list[tuple[str, Any, int, bool]] = []
+    describe, dtypes, prod = _leaves.describe, _leaves.DTYPES, math.prod
+    PY, PRNGKEY, NUMPY, NPSCALAR = (  # noqa: N806
+        _leaves.PY, _leaves.PRNGKEY, _leaves.NUMPY, _leaves.NPSCALAR)
+    single_device = jax.sharding.SingleDeviceSharding
     with _gc.paused():
         flat = _graph.flatten(tree, treedef=False)
         for path, leaf in zip(flat.paths, flat.leaves, strict=True):
-            info = _leaves.describe(path, leaf)
-            origin = info.origin
-            if origin is _leaves.PY:
-                records[path] = LeafRecord(path, origin, info.dtype, (), None,
-                                           Storage("v", leaf), None)
+            origin, dtype, shape, impl = describe(path, leaf)
+            if origin is PY:
+                records[path] = (path, origin, dtype, (), None, Storage("v", leaf), None)
                 continue
-            value = jax.random.key_data(leaf) if origin is _leaves.PRNGKEY else leaf
-            itemsize = _leaves.DTYPES[info.dtype].itemsize
-            nbytes = math.prod(info.shape) * itemsize
-            if origin is _leaves.NUMPY or origin is _leaves.NPSCALAR:
-                sharding = described = None
-            else:
-                sharding = value.sharding
-                described = (None if type(sharding) is jax.sharding.SingleDeviceSharding
-                             else _describe_sharding(sharding))
-            record = LeafRecord(path, origin, info.dtype, info.shape, info.impl, _PACKED,
-                                described)
-            if nbytes <= PACK_BYTES and _whole_on_one_device(sharding):
+            value = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
+            itemsize = dtypes[dtype].itemsize
+            nbytes = prod(shape) * itemsize
+            sharding = None if origin is NUMPY or origin is NPSCALAR else value.sharding
+            single = type(sharding) is single_device
+            if nbytes <= PACK_BYTES and (single or _whole_on_one_device(sharding)):
                 host, on_cpu = _owned_whole(value, sharding, me)
                 if host is not None:
                     to_pack.append((path, host, nbytes,
-                                    on_cpu and nbytes > 0 and info.dtype in _BUFFER_DTYPES))
+                                    on_cpu and nbytes > 0 and dtype in _BUFFER_DTYPES))
+                storage = _PACKED
             else:
                 chunks = tuple(_storage.choose_chunks(_shard_shape(value), itemsize))
-                stored = _stored_dtype(info.dtype)
+                stored = _stored_dtype(dtype)
                 index = len(arrays)
-                arrays.append(_ArrayWrite(index, info.shape, chunks, stored,
+                arrays.append(_ArrayWrite(index, shape, chunks, stored,
                                           _owned_shards(value, me)))
-                record = record._replace(storage=Storage("z", index=index, chunks=chunks,
-                                                         stored_dtype=stored))
-            records[path] = record
+                storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
+            records[path] = (path, origin, dtype, shape, impl, storage,
+                             None if single else _describe_sharding(sharding))
         parts, packed = _pack(to_pack)
     return _Snapshot(tuple(flat.nodes), records, arrays, len(arrays), parts, packed,
                      [len(p) for p in parts])
@@ -337,21 +335,24 @@ def _pack(items: list[tuple[str, Any, int, bool]]
     Parts come from :data:`_pool` where it has one of the size; every byte of a part is
     written (leaves and the zeros between them), so a reused part carries nothing of the
     save it served before."""
-    layout: list[list[tuple[str, Any, int, int, bool]]] = []
+    layout: list[list[tuple[Any, int, int, bool]]] = []
+    packed: list[list[tuple[str, int, int]]] = []
     sizes: list[int] = []
     size = 0
     for path, value, n, on_cpu in items:
         if not layout or (size and size + n > PART_BYTES):
             layout.append([])
+            packed.append([])
             sizes.append(0)
             size = 0
-        layout[-1].append((path, value, size, n, on_cpu))
+        layout[-1].append((value, size, n, on_cpu))
+        packed[-1].append((path, size, n))
         size += -(-n // _ALIGN) * _ALIGN
         sizes[-1] = size
     parts = _pool.take(sizes)
     for entries, part in zip(layout, parts, strict=True):
         view, array = memoryview(part), np.frombuffer(part, np.uint8)
-        for _path, value, offset, n, on_cpu in entries:
+        for value, offset, n, on_cpu in entries:
             end = offset + n
             # Both read the device buffer in place (on the CPU, a view of it), and neither
             # view outlives the copy: one held would make XLA silently skip donating the
@@ -364,8 +365,6 @@ def _pack(items: list[tuple[str, Any, int, bool]]
             if n % _ALIGN:
                 view[end:end + _ALIGN - n % _ALIGN] = _ZEROS[: _ALIGN - n % _ALIGN]
         del view, array
-    packed = [[(path, offset, n) for path, _value, offset, n, _ in entries]
-              for entries in layout]
     return parts, packed
 
 
@@ -605,7 +604,7 @@ def _gather_packed(name: str, entries: list[tuple], snap: _Snapshot, me: int
 def _finish_records(snap: _Snapshot, entries: list[tuple], blobs: list[tuple]
                     ) -> dict[str, LeafRecord]:
     index = {(proc, part): i for i, (proc, part, _) in enumerate(blobs)}
-    records = dict(snap.records)
+    records = {path: LeafRecord._make(fields) for path, fields in snap.records.items()}
     for path, proc, part, offset, n, crc in entries:
         records[path] = records[path]._replace(storage=Storage(
             "p", index=index[proc, part], offset=offset, nbytes=n, crc=crc))
