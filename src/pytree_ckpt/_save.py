@@ -34,7 +34,6 @@ import zlib
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import msgpack
 import numpy as np
 
@@ -112,6 +111,10 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
     donate or overwrite its arrays at once (e.g. the next jitted step with
     ``donate_argnums``). Writing and committing continue in the background. A save started
     while another is in flight first waits for it.
+
+    Small leaves are copied into packing buffers that are kept for the next save (touching
+    fresh memory is what a snapshot mostly waited for): up to 256 MiB of host memory, the
+    last save's small leaves, stays allocated between saves.
 
     **Arguments:** as :func:`save`.
 
@@ -272,7 +275,10 @@ def _host_copy(x: Any) -> Any:
     from donating). On an accelerator, a device-to-host transfer.
     """
     if isinstance(x, jax.Array):
-        return jnp.array(x, copy=True) if _is_cpu(x) else np.asarray(x)
+        # device_put returns at once (the copy is XLA's, async, and a later computation that
+        # donates x waits for it); jnp.array(x, copy=True) ran the copy before returning
+        # (16 arrays of 64 MiB: ~0.5 s of the caller's time, mostly first touching memory).
+        return jax.device_put(x, may_alias=False) if _is_cpu(x) else np.asarray(x)
     return np.array(x, copy=True, order="C")
 
 
