@@ -265,3 +265,114 @@ def test_flax_optax_state_saved_async_in_a_donated_loop_restores_onto_another_me
             np.testing.assert_array_equal(np.asarray(got), want)
     # The restored state trains on the new mesh.
     assert int(train_step(restored, x, y).step) == 7
+
+
+# --- packing parts reused from one save to the next ----------------------------------------
+
+
+def _small_leaves(seed):
+    """Small leaves of every copy path: CPU arrays (buffer protocol), ml_dtypes, host values,
+    empty and 0-d arrays, and sizes that leave alignment padding between leaves."""
+    rng = np.random.default_rng(seed)
+    return {
+        "f32": jnp.asarray(rng.standard_normal(37, np.float32)),
+        "bf16": jnp.asarray(rng.standard_normal((5, 3)), jnp.bfloat16),
+        "i4": jnp.asarray(rng.integers(-8, 8, 7), jnp.int4),
+        "flag": jnp.asarray(rng.integers(0, 2, 3).astype(bool)),
+        "scalar": jnp.float32(rng.standard_normal()),
+        "empty": jnp.zeros((0, 4), jnp.float32),
+        "np": rng.standard_normal((3, 5)),
+        "strided": rng.standard_normal(20).astype(np.float32)[::3],
+        "fortran": np.asfortranarray(rng.integers(0, 99, (4, 6)).astype(np.int16)),
+        "npscalar": np.int8(seed),
+        "key": jax.random.key(seed),
+    }
+
+
+def _pack_items(tree):
+    """What _snapshot hands _pack for these leaves, in this process."""
+    from pytree_ckpt import _graph
+
+    flat = _graph.flatten(jax.tree.map(
+        lambda v: jax.random.key_data(v) if _is_key(v) else v, tree))
+    return [(path, v, np.asarray(v).nbytes, isinstance(v, jax.Array) and v.size > 0
+             and v.dtype.name in _save._BUFFER_DTYPES)
+            for path, v in zip(flat.paths, flat.leaves, strict=True)]
+
+
+def _is_key(v):
+    return isinstance(v, jax.Array) and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+
+
+def test_a_reused_part_carries_no_byte_of_the_previous_save():
+    first, _ = _save._pack(_pack_items(_small_leaves(1)))
+    for part in first:
+        part[:] = b"\xab" * len(part)  # whatever a previous save left there
+        _save._pool.give(part)
+    reused, packed = _save._pack(_pack_items(_small_leaves(2)))
+    assert [id(p) for p in reused] == [id(p) for p in first]  # same sizes: the same parts
+    fresh, packed_fresh = _save._pack(_pack_items(_small_leaves(2)))  # the pool is empty
+    assert not {id(p) for p in fresh} & {id(p) for p in first}
+    assert packed == packed_fresh
+    assert [bytes(p) for p in reused] == [bytes(p) for p in fresh]  # padding zeroed too
+
+
+def test_saves_that_reuse_parts_restore_their_own_values(tmp_path):
+    trees = [_small_leaves(seed) for seed in range(3)]
+    for i, tree in enumerate(trees):
+        pc.save_async(tree, tmp_path / str(i)).result()
+    pc.save_async(trees[0], tmp_path / "again").result()
+    for i, tree in [*enumerate(trees), (0, trees[0])]:
+        restored, _ = pc.restore(tmp_path / str(i))
+        for name, value in tree.items():
+            got = restored[name]
+            if _is_key(value):
+                value, got = jax.random.key_data(value), jax.random.key_data(got)
+            assert np.asarray(got).tobytes() == np.asarray(value).tobytes(), name
+    restored, _ = pc.restore(tmp_path / "again")
+    assert np.asarray(restored["f32"]).tobytes() == np.asarray(trees[0]["f32"]).tobytes()
+
+
+def test_a_donating_loop_with_reused_parts_saves_every_step(tmp_path):
+    rng = np.random.default_rng(0)
+    state = {f"w{i}": jnp.asarray(rng.standard_normal(50 + i, np.float32)) for i in range(40)}
+    step = jax.jit(lambda s: jax.tree.map(lambda v: v * 2 + 1, s), donate_argnums=0)
+    expected = []
+    for k in range(4):
+        expected.append(jax.tree.map(np.array, state))
+        fut = pc.save_async(state, tmp_path / str(k))
+        old, state = state, step(state)
+        jax.block_until_ready(state)
+        assert all(leaf.is_deleted() for leaf in old.values())  # donated: no view was held
+        fut.result()
+    for k, want in enumerate(expected):
+        restored, _ = pc.restore(tmp_path / str(k))
+        for name, value in want.items():
+            np.testing.assert_array_equal(np.asarray(restored[name]), value)
+
+
+def test_a_failed_save_gives_its_parts_back(tmp_path, gate):
+    tree = _small_leaves(4)
+    fut = pc.save_async(tree, tmp_path / "c")
+    assert gate.started.wait(10)
+    (tmp_path / "c").write_text("in the way")
+    gate.set()
+    with pytest.raises(pc.SaveError, match="save failed, nothing was committed"):
+        fut.result()
+    pooled = [p for parts in _save._pool._free.values() for p in parts]
+    assert pooled  # given back once every write had ended
+    pc.save_async(_small_leaves(5), tmp_path / "d").result()
+    restored, _ = pc.restore(tmp_path / "d")
+    assert np.asarray(restored["f32"]).tobytes() == np.asarray(
+        _small_leaves(5)["f32"]).tobytes()
+
+
+def test_the_pool_holds_at_most_its_bound(monkeypatch):
+    monkeypatch.setattr(_save, "_POOL_BYTES", 100)
+    pool = _save._PartPool()
+    for n in (60, 30, 20, 5):
+        pool.give(bytearray(n))
+    assert sorted(len(p) for parts in pool._free.values() for p in parts) == [5, 30, 60]
+    taken = pool.take([30, 30, 7])
+    assert [len(p) for p in taken] == [30, 30, 7]
+    assert pool._free == {}  # what this save did not use is dropped, not kept
