@@ -323,3 +323,15 @@ def test_deep_trees_restore_without_a_target(tmp_path):
     restored, _ = pc.restore(tmp_path / "c")
     assert restored == tree
     assert pc.metadata(tmp_path / "c").leaves["/".join(["a"] * 900)].value == 1
+
+
+def test_a_tree_too_deep_to_flatten_is_a_typed_error_and_loses_nothing(tmp_path):
+    pc.save({"w": 1}, tmp_path / "c")
+    tree = 1
+    for _ in range(5_000):  # JAX's own flatten fails here too
+        tree = {"a": tree}
+    with pytest.raises(pc.UnsupportedLeafError, match="nested too deep to flatten"):
+        pc.save(tree, tmp_path / "c", overwrite=True)
+    with pytest.raises(pc.UnsupportedLeafError, match="nested too deep to flatten"):
+        pc.restore(tmp_path / "c", tree)
+    assert pc.restore(tmp_path / "c")[0] == {"w": 1}

@@ -49,7 +49,8 @@ class FormatVersionError(CorruptCheckpointError):
 
 
 class UnsupportedLeafError(CheckpointError, TypeError):
-    """A leaf of the tree has a type that cannot be saved exactly (and pickle is never used)."""
+    """A leaf of the tree has a type that cannot be saved exactly (and pickle is never used),
+    or the tree is nested too deep to flatten."""
 
 
 class PathCollisionError(CheckpointError, ValueError):

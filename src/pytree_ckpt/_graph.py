@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -30,7 +31,7 @@ from typing import Any, NamedTuple
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from ._errors import PathCollisionError
+from ._errors import PathCollisionError, UnsupportedLeafError
 
 # Node kinds recorded in the commit file. Only "dict", "list" and "tuple" are rebuilt as
 # such without a target; every other node comes back as a dict (named children) or a list
@@ -230,7 +231,15 @@ def flatten(tree: Any, *, treedef: bool = True) -> Flat:
             seen[name] = entry
             walk(child, join_path(path, name))
 
-    walk(tree, "")
+    try:
+        walk(tree, "")
+    except RecursionError:
+        # JAX's own flatten fails on such trees too (~5,000 levels), with a SystemError.
+        deepest = nodes[-1].path if nodes else ""
+        raise UnsupportedLeafError(
+            f"the tree is nested too deep to flatten (about {deepest.count('/') + 1} levels "
+            f"at {deepest[:80]!r}...; Python's recursion limit is "
+            f"{sys.getrecursionlimit()})") from None
     tdef = (jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None) if treedef
             else None)
     return Flat(paths, leaves, nodes, tdef)
