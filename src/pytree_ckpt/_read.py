@@ -223,7 +223,7 @@ def _split(box: tuple[tuple[int, int], ...], chunks: tuple[int, ...], itemsize: 
     # ``box``: (start, stop) per axis; the axes before ``axis`` are already cut to chunk rows.
     (start, stop), last = box[axis], axis + 1 == len(box)
     unit = itemsize * math.prod(b - a for i, (a, b) in enumerate(box) if i != axis)
-    row = chunks[axis] * unit  # the bytes of one chunk row along this axis
+    row = min(chunks[axis], stop - start) * unit  # the bytes of one chunk row along this axis
     step = chunks[axis] if row > _SLAB_BYTES and not last else (
         chunks[axis] * max(1, _SLAB_BYTES // max(row, 1)))
     for a in range(start, stop, step):
