@@ -239,10 +239,22 @@ def test_large_single_device_arrays_are_read_in_slabs_exactly(tmp_path):
 
     value = np.arange(4096 * 1024, dtype=np.float32).reshape(4096, 1024)
     slabs = list(_read._slabs(((0, 4096), (0, 1024)), (1024, 1024), 4))
-    assert [rows for rows, _ in slabs] == [slice(0, 2048), slice(2048, 4096)]
-    pc.save({"w": value, "j": jnp.asarray(value)}, tmp_path / "c")
-    restored, status = pc.restore(tmp_path / "c", {"w": np.zeros_like(value),
-                                                   "j": jax.ShapeDtypeStruct(value.shape, jnp.float32)})
+    assert [local for local, _ in slabs] == [(slice(0, 2048), slice(0, 1024)),
+                                            (slice(2048, 4096), slice(0, 1024))]
+    # A chunk row too big for one slab is split along the next axis (a (1, n) array, a
+    # stack of layers), so that the read window bounds what one read holds.
+    slabs = list(_read._slabs(((3, 5), (0, 1 << 22)), (1, 1 << 20), 4))
+    assert [stored for _, stored in slabs] == [
+        (slice(r, r + 1), slice(c, c + (1 << 21))) for r in (3, 4) for c in (0, 1 << 21)]
+    assert [local[0] for local, _ in slabs] == [slice(0, 1)] * 2 + [slice(1, 2)] * 2
+    rows = np.arange(2 << 22, dtype=np.float32).reshape(2, 1 << 22)  # 16 MiB rows
+    pc.save({"w": value, "j": jnp.asarray(value), "r": rows, "rj": jnp.asarray(rows)},
+            tmp_path / "c")
+    restored, status = pc.restore(tmp_path / "c", {
+        "w": np.zeros_like(value), "j": jax.ShapeDtypeStruct(value.shape, jnp.float32),
+        "r": np.zeros_like(rows), "rj": jax.ShapeDtypeStruct(rows.shape, jnp.float32)})
     status.assert_consumed()
     np.testing.assert_array_equal(restored["w"], value)
     np.testing.assert_array_equal(restored["j"], value)
+    np.testing.assert_array_equal(restored["r"], rows)
+    np.testing.assert_array_equal(restored["rj"], rows)

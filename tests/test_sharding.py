@@ -288,9 +288,9 @@ def _record_reads(monkeypatch):
     reads = []
     real = _read._read_into
 
-    def read_into(store, index, buf):
-        reads.append(_read._region_key(index, store.shape))
-        return real(store, index, buf)
+    def read_into(source, buf):
+        reads.append(tuple((d.inclusive_min, d.exclusive_max) for d in source.domain))
+        return real(source, buf)
 
     monkeypatch.setattr(_read, "_read_into", read_into)
     return reads
@@ -310,6 +310,39 @@ def test_restore_reads_each_needed_region_once(tmp_path, mesh, monkeypatch, name
     assert sorted(reads) == sorted(needed)
 
 
+def test_restore_reads_a_window_of_slabs_at_a_time(tmp_path, mesh, monkeypatch):
+    """With every read in flight at once, TensorStore's per-chunk buffers piled up to half
+    the tree at the peak; a window keeps a few reads going, across leaves, and no more."""
+    tree = {f"w{i}": _put(_values(BIG, seed=i), mesh, P("x", "y")) for i in range(3)}
+    ckpt = pc.save(tree, tmp_path / "c")
+    shard = math.prod(BIG) * 4 // 8
+    monkeypatch.setattr(_read, "_BYTES_IN_FLIGHT", 3 * shard)
+    outstanding, most = [0], [0]
+    real = _read._read_into
+
+    class Tracked:
+        def __init__(self, future, nbytes):
+            self.future, self.nbytes = future, nbytes
+
+        def result(self):
+            outstanding[0] -= self.nbytes
+            return self.future.result()
+
+    def read_into(source, buf):
+        outstanding[0] += buf.nbytes
+        most[0] = max(most[0], outstanding[0])
+        return Tracked(real(source, buf), buf.nbytes)
+
+    monkeypatch.setattr(_read, "_read_into", read_into)
+    sharding = NamedSharding(mesh, P("x", "y"))
+    target = {k: jax.ShapeDtypeStruct(BIG, jnp.float32, sharding=sharding) for k in tree}
+    restored, status = pc.restore(ckpt, target)
+    status.assert_consumed()
+    for i in range(3):
+        _check(restored[f"w{i}"], _values(BIG, seed=i), sharding)
+    assert most[0] == 3 * shard and outstanding[0] == 0
+
+
 def test_a_process_reads_only_its_devices_regions(tmp_path, mesh):
     """As a process owning devices 0-3 would: the chunks of other devices' regions are
     deleted from disk, and reading this process's regions still works."""
@@ -327,10 +360,7 @@ def test_a_process_reads_only_its_devices_regions(tmp_path, mesh):
     loc = _storage.location(ckpt)
     kv = _storage.open_kvstore(loc)
     want = _read.Want("jax", np.dtype(np.float32), BIG, half)
-    ((*_, regions, futures),) = _read._start_zarr_reads(kv, commit, [("", rec, want)],
-                                                        _read._Layouts())
-    for f in futures:
-        f.result()
+    ((*_, regions),) = _read._ZarrReads("", kv, commit, [("", rec, want)], _read._Layouts())
     assert sorted(regions) == [((0, 64), (0, 512)), ((64, 128), (0, 512))]
     for (r0, r1), _ in regions:
         np.testing.assert_array_equal(regions[((r0, r1), (0, 512))], value[r0:r1])
@@ -354,10 +384,9 @@ def test_a_missing_chunk_is_an_error_never_zeros(tmp_path, mesh):
     mine = {d: i for d, i in rows.items() if i[0].start == 0}
     want = _read.Want("jax", np.dtype(np.float32), BIG,
                          types.SimpleNamespace(addressable_devices_indices_map=lambda s: mine))
-    ((*_, regions, futures),) = _read._start_zarr_reads(
-        _storage.open_kvstore(loc), commit, [("w", commit.leaves["w"], want)], _read._Layouts())
-    for f in futures:
-        f.result()
+    ((*_, regions),) = _read._ZarrReads(
+        "", _storage.open_kvstore(loc), commit, [("w", commit.leaves["w"], want)],
+        _read._Layouts())
     assert len(regions) == 2
 
 
