@@ -61,9 +61,20 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job]) -> dict[str,
         zarr = _ZarrReads(url, kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
                           layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
+        single, jax_kind, devices = jax.sharding.SingleDeviceSharding, _leaves.JAX, {}
         for path, rec, want, host in _read_packed(url, kv, commit,
                                                   [j for j in jobs if j[1].storage.kind == "p"]):
-            out[path] = _build(rec, want, {(): host}, layouts, whole=True)
+            sharding = want.sharding
+            if want.kind == jax_kind and type(sharding) is single and host.dtype == want.dtype:
+                # The common small leaf, straight to its device (~3 µs a leaf less than
+                # _build's general way). Copied: a view would keep the whole range alive.
+                device = devices.get(id(sharding))  # the wants keep each sharding alive
+                if device is None:
+                    device = devices[id(sharding)] = next(iter(sharding.device_set))
+                out[path] = _transfer.assemble(rec.shape, want.dtype, sharding, [host],
+                                               [device], copy=True)
+            else:
+                out[path] = _build(rec, want, {(): host}, layouts, whole=True)
         for path, rec, want, regions in zarr:
             out[path] = _build(rec, want, regions, layouts, whole=False)
         for path, rec, want in jobs:
