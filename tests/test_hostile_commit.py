@@ -113,6 +113,8 @@ HOSTILE_RECORDS = [
     ("huge shape and one chunk", "big", "storage", ["z", 0, [2**31, 2**31], "float32"]),
     ("a billion tiny chunks", "big", "shape", [2**30, 300]),
     ("negative dimension", "big", "shape", [-300, 300]),
+    ("empty, but too large to describe", "small/0", "shape", [0, 2**62, 2**62]),
+    ("empty zarr array, too large to describe", "big", "shape", [0, 2**62, 2**62]),
     ("rank 65", "big", "shape", [1] * 65),
     ("zero chunk", "big", "storage", ["z", 0, [0, 300], "float32"]),
     ("no such array", "big", "storage", ["z", 5, [300, 300], "float32"]),

@@ -316,6 +316,139 @@ def _segments(lengths: np.ndarray) -> np.ndarray:
     return starts
 
 
+class _Leaves(NamedTuple):
+    """The per-leaf columns, as NumPy arrays over the commit file's bytes, and their tables."""
+
+    paths: list[str]
+    dtypes: list[str]
+    impls: list[str]
+    origin: np.ndarray
+    dtype: np.ndarray
+    rank: np.ndarray
+    kind: np.ndarray
+    impl: np.ndarray
+    sharding: np.ndarray
+    dims: np.ndarray  # every leaf's dimensions, one after another
+    starts: np.ndarray  # where each leaf's dimensions start in ``dims``
+
+
+def _bad(where: str, paths: list[str], which: np.ndarray, what: str) -> CorruptCheckpointError:
+    """The error naming the first offending leaf; ``which``: a mask or leaf indices."""
+    first = int(np.flatnonzero(which)[0] if which.dtype == bool else which[0])
+    return _bad_leaf(where, paths[first], what)
+
+
+def _leaf_columns(f: dict, where: str) -> _Leaves:
+    """Reads the columns every leaf has; codes lie within their tables, dimensions >= 0."""
+    paths = _strings(f, "paths", where)
+    n = len(paths)
+    col = functools.partial(_column, f, where=where)
+    dtypes, impls = _strings(f, "dtypes", where, 256), _strings(f, "impls", where, 256)
+    origin, dtype, rank = col("origin", "u1", n), col("dtype", "u1", n), col("rank", "u1", n)
+    kind, impl = col("storage", "u1", n), col("impl", "u1", n)
+    bad = ((origin >= len(ORIGINS)) | (dtype >= len(dtypes)) | (rank > _MAX_RANK)
+           | (kind >= len(_KINDS)) | (impl > len(impls)))
+    if bad.any():
+        raise _bad(where, paths, bad, "bad origin, dtype, rank, storage or PRNG code")
+    dims = col("shape", "<i8", int(rank.sum()))
+    bad_dims = (dims < 0) | (dims > _MAX_ELEMENTS)
+    if bad_dims.any():
+        raise _bad(where, paths, np.repeat(np.arange(n), rank)[bad_dims], "bad shape")
+    return _Leaves(paths, dtypes, impls, origin, dtype, rank, kind, impl,
+                   col("sharding", "<u4", n), dims, _segments(rank))
+
+
+def _leaf_sizes(c: _Leaves, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(bytes of each leaf, item size of each dtype in the table)``, once each leaf's kind
+    fits its dtype and storage: arrays of a known dtype, not stored as values; Python leaves
+    of a Python type, 0-d, stored as values. Sizes are bounded in log2 first (no overflow;
+    the dimensions of an empty array too, which NumPy could not describe either)."""
+    is_py = c.origin == _PY_CODE
+    itemsize = np.array([d.itemsize if d is not None else 0
+                         for d in map(_leaves.DTYPES.get, c.dtypes)], np.int64)
+    item = itemsize[c.dtype]
+    py_type = np.array([name in _leaves.PY_TYPES for name in c.dtypes] or [False])[c.dtype]
+    for bad, what in (
+            (~is_py & (item == 0), "unknown dtype"),
+            (is_py & ~(py_type & (c.rank == 0) & (c.kind == _VALUE)), "bad Python leaf"),
+            (~is_py & (c.kind == _VALUE), "array stored as a value")):
+        if bad.any():
+            raise _bad(where, c.paths, bad, what)
+    logs = np.concatenate([[0.0], np.cumsum(np.log2(np.maximum(c.dims, 1)))])
+    log_bytes = logs[c.starts + c.rank] - logs[c.starts] + np.log2(np.maximum(item, 1))
+    if (log_bytes > 61.9).any():
+        raise _bad(where, c.paths, log_bytes > 61.9, "bad shape: too large")
+    n = len(c.paths)
+    elements = (np.multiply.reduceat(np.insert(c.dims, c.starts, 1), c.starts + np.arange(n))
+                if n else np.zeros(0, np.int64))
+    return elements * item, itemsize
+
+
+def _zarr_columns(f: dict, c: _Leaves, where: str, z: np.ndarray, arrays: int,
+                  itemsize: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(array ids, stored dtypes, chunk shapes)`` of the zarr leaves ``z`` (a mask)."""
+    nz, zrank = int(z.sum()), c.rank[z]
+    array, stored = _column(f, "array", "<u4", nz, where), _column(f, "stored", "u1", nz, where)
+    chunks = _column(f, "chunks", "<i8", int(zrank.sum()), where)
+    leaves = np.flatnonzero(z)
+    bad = (array >= arrays) | (stored >= len(c.dtypes))
+    if bad.any():
+        raise _bad(where, c.paths, leaves[bad], "bad array storage")
+    room = np.maximum(c.dims[np.repeat(z, c.rank)], 1)
+    bad_chunks = (chunks < 1) | (chunks > room)
+    if bad_chunks.any():
+        raise _bad(where, c.paths, leaves[np.repeat(np.arange(nz), zrank)[bad_chunks]],
+                   "bad array storage: chunk shape")
+    bad = itemsize[stored] != itemsize[c.dtype[z]]
+    if bad.any():
+        raise _bad(where, c.paths, leaves[bad], "bad stored dtype")
+    return array, stored, chunks
+
+
+def _packed_columns(f: dict, c: _Leaves, where: str, p: np.ndarray, nbytes: np.ndarray,
+                    blob_sizes: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(blobs, offsets, CRCs)`` of the packed leaves ``p`` (a mask), each range within its
+    blob."""
+    n = int(p.sum())
+    blob, offset, crc = (_column(f, k, fmt, n, where)
+                         for k, fmt in (("blob", "<u4"), ("offset", "<i8"), ("crc", "<u4")))
+    sizes = np.array([*blob_sizes, 0], np.int64)
+    known = blob < len(blob_sizes)
+    room = sizes[np.where(known, blob, len(blob_sizes))] - nbytes[p]
+    bad = ~known | (offset < 0) | (offset > room)
+    if bad.any():
+        raise _bad(where, c.paths, np.flatnonzero(p)[bad], "bad packed storage")
+    return blob, offset, crc
+
+
+def _check_prng(c: _Leaves, where: str, dims: list[int]) -> None:
+    """PRNG keys, and only they, name an implementation known here that fits their data."""
+    prng = c.origin == _PRNG_CODE
+    if ((c.impl > 0) != prng).any():
+        raise _bad(where, c.paths, (c.impl > 0) != prng, "bad PRNG implementation")
+    for i in np.flatnonzero(prng).tolist():
+        impl, dtype = c.impls[c.impl[i] - 1], c.dtypes[c.dtype[i]]
+        shape = dims[c.starts[i]:c.starts[i] + c.rank[i]]
+        if not _prng_fits(impl, dtype, shape):
+            raise _bad_leaf(where, c.paths[i], (
+                f"bad PRNG implementation {_show(impl)} for key data {_show(dtype)}"
+                f"{_show(shape)} (unknown here, or key data of another shape)"))
+
+
+def _sharding_table(f: dict, c: _Leaves, where: str) -> list[tuple | None]:
+    """The saved shardings (None first: code 0), each spec no longer than its leaves' rank."""
+    table = f["shardings"]
+    if type(table) is not list:
+        raise _fail(where, "bad 'shardings' list")
+    shardings = [_validate_sharding(s, where, _MAX_RANK) for s in table]
+    spec_len = np.array([0] + [len(s[2]) for s in shardings], np.int64)
+    bad = c.sharding > len(shardings)
+    bad |= spec_len[np.where(bad, 0, c.sharding)] > c.rank
+    if bad.any():
+        raise _bad(where, c.paths, bad, "bad sharding record")
+    return [None, *shardings]
+
+
 class _Columns(Mapping):
     """Leaf records by path, from the commit file's columns, validated with NumPy as a whole
     (~1 ms for 10,000 leaves: per-leaf Python checks were most of a restore's overhead).
@@ -325,134 +458,37 @@ class _Columns(Mapping):
     """
 
     def __init__(self, f: dict, where: str, blob_sizes: list[int], arrays: int):
-        paths = _strings(f, "paths", where)
-        n = len(paths)
-        self.index = dict(zip(paths, range(n), strict=True))
-        if len(self.index) != n:
+        c = _leaf_columns(f, where)
+        self.index = dict(zip(c.paths, range(len(c.paths)), strict=True))
+        if len(self.index) != len(c.paths):
             raise _fail(where, "a leaf path appears twice")
-        col = functools.partial(_column, f, where=where)
-        dtypes = _strings(f, "dtypes", where, 256)
-        impls = _strings(f, "impls", where, 256)
-        origin, dtype, rank = col("origin", "u1", n), col("dtype", "u1", n), col("rank", "u1", n)
-        kind, impl = col("storage", "u1", n), col("impl", "u1", n)
-        sharding = col("sharding", "<u4", n)
-        if n and (origin.max() >= len(ORIGINS) or dtype.max() >= len(dtypes)
-                  or rank.max() > _MAX_RANK or kind.max() >= len(_KINDS)
-                  or impl.max() > len(impls)):
-            raise self._bad(where, paths, (origin >= len(ORIGINS)) | (dtype >= len(dtypes))
-                            | (rank > _MAX_RANK) | (kind >= len(_KINDS)) | (impl > len(impls)),
-                            "bad origin, dtype, rank, storage or PRNG code")
-        dims = col("shape", "<i8", int(rank.sum()))
-        starts = _segments(rank)
-        if ((dims < 0) | (dims > _MAX_ELEMENTS)).any():
-            raise self._bad(where, paths, np.repeat(np.arange(n), rank)[
-                (dims < 0) | (dims > _MAX_ELEMENTS)], "bad shape")
-
-        # Sizes: bounded first in log2 (no overflow), then exact in int64.
-        is_py = origin == _PY_CODE
-        names_dt = [_leaves.DTYPES.get(name) for name in dtypes]
-        itemsize = np.array([d.itemsize if d is not None else 0 for d in names_dt], np.int64)
-        item = itemsize[dtype]
-        if (~is_py & (item == 0)).any():
-            raise self._bad(where, paths, ~is_py & (item == 0), "unknown dtype")
-        py_names = np.array([name in _leaves.PY_TYPES for name in dtypes] or [False])
-        if (is_py & ~(py_names[dtype] & (rank == 0) & (kind == _VALUE))).any():
-            raise self._bad(where, paths, is_py & ~(py_names[dtype] & (rank == 0)
-                                                     & (kind == _VALUE)), "bad Python leaf")
-        if (~is_py & (kind == _VALUE)).any():
-            raise self._bad(where, paths, ~is_py & (kind == _VALUE), "array stored as a value")
-        logs = np.concatenate([[0.0], np.cumsum(np.log2(np.maximum(dims, 1)))])
-        zeros = np.concatenate([[0], np.cumsum(dims == 0)])
-        ends = starts + rank
-        log_bytes = logs[ends] - logs[starts] + np.log2(np.maximum(item, 1))
-        empty = zeros[ends] > zeros[starts]
-        if (~empty & (log_bytes > 61.9)).any():
-            raise self._bad(where, paths, ~empty & (log_bytes > 61.9), "bad shape: too large")
-        elements = np.multiply.reduceat(np.insert(dims, starts, 1), starts + np.arange(n)) \
-            if n else np.zeros(0, np.int64)
-        nbytes = elements * item
-
-        subs = np.zeros(n, np.int64)  # each leaf's position among leaves of its storage kind
-        masks = [kind == k for k in range(len(_KINDS))]
+        nbytes, itemsize = _leaf_sizes(c, where)
+        masks = [c.kind == k for k in range(len(_KINDS))]
+        subs = np.zeros(len(c.paths), np.int64)  # a leaf's place among those stored alike
         for m in masks:
             subs[m] = np.arange(int(m.sum()))
         values = f["values"]
         if type(values) is not list or len(values) != int(masks[_VALUE].sum()):
             raise _fail(where, "bad 'values' list")
+        array, stored, chunks = _zarr_columns(f, c, where, masks[_ZARR], arrays, itemsize)
+        blob, offset, crc = _packed_columns(f, c, where, masks[_PACKED], nbytes, blob_sizes)
+        dims = c.dims.tolist()
+        _check_prng(c, where, dims)
+        self._shardings = _sharding_table(f, c, where)
 
-        z = masks[_ZARR]
-        nz = int(z.sum())
-        array, stored = col("array", "<u4", nz), col("stored", "u1", nz)
-        zrank = rank[z]
-        chunks = col("chunks", "<i8", int(zrank.sum()))
-        zdims = dims[np.repeat(z, rank)]
-        bad = (array >= arrays) | (stored >= len(dtypes))
-        if bad.any():
-            raise self._bad(where, paths, np.flatnonzero(z)[bad], "bad array storage")
-        if ((chunks < 1) | (chunks > np.maximum(zdims, 1))).any():
-            raise self._bad(where, paths, np.flatnonzero(z)[np.repeat(
-                np.arange(nz), zrank)[(chunks < 1) | (chunks > np.maximum(zdims, 1))]],
-                "bad array storage: chunk shape")
-        if nz and (itemsize[stored] != item[z]).any():
-            raise self._bad(where, paths, np.flatnonzero(z)[itemsize[stored] != item[z]],
-                            "bad stored dtype")
-
-        p = masks[_PACKED]
-        np_ = int(p.sum())
-        blob, offset, crc = col("blob", "<u4", np_), col("offset", "<i8", np_), col(
-            "crc", "<u4", np_)
-        if np_:
-            sizes = np.array(blob_sizes + [0], np.int64)
-            blob_ok = blob < len(blob_sizes)
-            room = sizes[np.where(blob_ok, blob, len(blob_sizes))] - nbytes[p]
-            bad = ~blob_ok | (offset < 0) | (offset > room)
-            if bad.any():
-                raise self._bad(where, paths, np.flatnonzero(p)[bad], "bad packed storage")
-
-        prng = origin == _PRNG_CODE
-        if ((impl > 0) != prng).any():
-            raise self._bad(where, paths, (impl > 0) != prng, "bad PRNG implementation")
-        shapes_of = dims.tolist()
-        for i in np.flatnonzero(prng).tolist():
-            shape = shapes_of[starts[i]:starts[i] + rank[i]]
-            if not _prng_fits(impls[impl[i] - 1], dtypes[dtype[i]], shape):
-                raise _bad_leaf(where, paths[i], (
-                    f"bad PRNG implementation {_show(impls[impl[i] - 1])} for key data "
-                    f"{_show(dtypes[dtype[i]])}{_show(shape)} (unknown here, or key data of "
-                    "another shape)"))
-
-        table = f["shardings"]
-        if type(table) is not list:
-            raise _fail(where, "bad 'shardings' list")
-        shardings = [_validate_sharding(s, where, _MAX_RANK) for s in table]
-        spec_len = np.array([0] + [len(s[2]) for s in shardings], np.int64)
-        if n and (sharding.max() > len(shardings) or (spec_len[np.minimum(
-                sharding, len(shardings))] > rank).any()):
-            raise self._bad(where, paths, (sharding > len(shardings)) | (spec_len[np.minimum(
-                sharding, len(shardings))] > rank), "bad sharding record")
-
-        self._where, self._paths, self._dtypes, self._impls = where, paths, dtypes, impls
-        self._shardings = [None, *shardings]
+        self._where, self._paths, self._dtypes, self._impls = where, c.paths, c.dtypes, c.impls
         self._values = values
         # Python lists: indexing them per record is several times cheaper than NumPy scalars.
-        self._origin = [ORIGINS[o] for o in origin.tolist()]
-        self._dtype, self._rank, self._kind = dtype.tolist(), rank.tolist(), kind.tolist()
-        self._start, self._sub = starts.tolist(), subs.tolist()
-        self._impl, self._sharding = impl.tolist(), sharding.tolist()
-        self._dims, self._nbytes = shapes_of, nbytes.tolist()
+        self._origin = [ORIGINS[o] for o in c.origin.tolist()]
+        self._dtype, self._rank, self._kind = c.dtype.tolist(), c.rank.tolist(), c.kind.tolist()
+        self._start, self._sub = c.starts.tolist(), subs.tolist()
+        self._impl, self._sharding = c.impl.tolist(), c.sharding.tolist()
+        self._dims, self._nbytes = dims, nbytes.tolist()
         self._array, self._stored = array.tolist(), stored.tolist()
-        self._chunks, self._chunk_start = chunks.tolist(), _segments(zrank).tolist()
+        self._chunks = chunks.tolist()
+        self._chunk_start = _segments(c.rank[masks[_ZARR]]).tolist()
         self._blob, self._offset, self._crc = blob.tolist(), offset.tolist(), crc.tolist()
         self._done: dict[str, LeafRecord] = {}
-
-    @staticmethod
-    def _bad(where: str, paths: list[str], which: Any, what: str) -> CorruptCheckpointError:
-        """The error naming the first offending leaf (``which``: a mask or leaf indices)."""
-        if which is None:
-            return _bad_leaf(where, paths[0], what)
-        which = np.asarray(which)
-        first = int(np.flatnonzero(which)[0] if which.dtype == bool else which[0])
-        return _bad_leaf(where, paths[first], what)
 
     def __getitem__(self, path: str) -> LeafRecord:
         record = self._done.get(path)
