@@ -109,4 +109,4 @@ def _metadata(loc: _storage.Location) -> CheckpointMetadata:
         path=loc.url, format_version=_format.FORMAT_VERSION,
         tree=_graph.rebuild(commit.nodes, leaves),
         leaves=leaves, node_types={n.path: n.type_name for n in commit.nodes},
-        nbytes=sum(m.nbytes for m in leaves.values()), writer=dict(commit.writer))
+        nbytes=sum(nbytes), writer=dict(commit.writer))
