@@ -71,6 +71,7 @@ class _Snapshot(NamedTuple):
     parts: list[bytearray | None]  # this process's packed blobs (None once written)
     packed: list[list[tuple[str, int, int]]]  # per part: (path, offset, nbytes)
     part_sizes: list[int]
+    layout: list[list[tuple]] | None  # without a copy: each part's leaves, packed when written
 
 
 def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) -> str:
@@ -98,7 +99,8 @@ def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) 
         >>> pc.save({"w": jnp.ones(3), "step": 7}, "memory://doc/save")
         'memory://doc/save'
     """
-    return save_async(tree, path, overwrite=overwrite).result()
+    # The caller waits: its leaves are the snapshot (no copy; see _snapshot).
+    return _start(tree, path, overwrite, copy=False).result()
 
 
 def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False
@@ -130,13 +132,18 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
         >>> fut.result()
         'memory://doc/async'
     """
+    return _start(tree, path, overwrite, copy=True)
+
+
+def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, copy: bool
+           ) -> _async.SaveFuture:
     _async.wait_all()
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
     # Read before the check: a commit landing after it makes ours fail, not replace it.
     seen = None if overwrite else _commit_stamp(kv)
     names = _check_destination(loc, kv, overwrite)
-    snap = _snapshot(tree)
+    snap = _snapshot(tree, copy=copy)
     global _save_counter
     _save_counter += 1
     name = f"pytree_ckpt/save/{_save_counter}"
@@ -199,7 +206,12 @@ def _is_ours(name: str) -> bool:
     return name.startswith("d-") or name.startswith(COMMIT_FILE + ".")
 
 
-def _snapshot(tree: Any) -> _Snapshot:
+def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
+    """What to write, taken from ``tree``: with ``copy``, host copies of what this process
+    writes (the caller may donate its arrays at once); without, the leaves themselves, for a
+    caller that waits for the write (:func:`save`): nothing is copied up front, and small
+    leaves are packed a few parts at a time as they are written (peak memory: the tree and a
+    few MiB, where the copy was a second tree)."""
     # Runs once per leaf while the caller waits (10,000 leaves: each µs is 10 ms), hence
     # the type checks by identity, the names bound once below, and the sizes from the shape
     # (jax's .nbytes costs ~2 µs).
@@ -234,13 +246,17 @@ def _snapshot(tree: Any) -> _Snapshot:
                 stored = _stored_dtype(dtype)
                 index = len(arrays)
                 arrays.append(_ArrayWrite(index, shape, chunks, stored,
-                                          _owned_shards(value, me)))
+                                          _owned_shards(value, me, copy)))
                 storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
             records[path] = (path, origin, dtype, shape, impl, storage,
                              None if single else _describe_sharding(sharding))
-        parts, packed = _pack(to_pack)
-    return _Snapshot(tuple(flat.nodes), records, arrays, len(arrays), parts, packed,
-                     [len(p) for p in parts])
+        layout, packed, sizes = _layout(to_pack)
+        parts = _pool.take(sizes) if copy else [None] * len(sizes)
+        for part, entries in zip(parts, layout, strict=True):
+            if part is not None:
+                _fill(part, entries)
+    return _Snapshot(tuple(flat.nodes), records, arrays, len(arrays), parts, packed, sizes,
+                     None if copy else layout)
 
 
 _PACKED = Storage("p")  # a packed leaf's storage until its blob and offset are known
@@ -307,17 +323,20 @@ def _owned_whole(value: Any, sharding: Any, me: int) -> tuple[Any, bool]:
     return None, False
 
 
-def _owned_shards(value: Any, me: int) -> list[tuple[tuple[slice, ...], np.ndarray]]:
-    """(index, host copy) of every shard this process writes: replica 0 of each region."""
+def _owned_shards(value: Any, me: int, copy: bool = True
+                  ) -> list[tuple[tuple[slice, ...], Any]]:
+    """(index, host copy, or with ``copy`` False the shard itself) of every shard this
+    process writes: replica 0 of each region."""
+    keep = _host_copy if copy else (lambda x: x)
     if not isinstance(value, jax.Array):
         if me != 0:
             return []
-        return [(tuple(slice(None) for _ in np.shape(value)), _host_copy(value))]
+        return [(tuple(slice(None) for _ in np.shape(value)), keep(value))]
     owned = [s for s in value.addressable_shards if s.replica_id == 0]
     for s in owned:
         if s.device.platform != "cpu":
             s.data.copy_to_host_async()  # overlaps the transfers of all shards
-    return [(s.index, _host_copy(s.data)) for s in owned]
+    return [(s.index, keep(s.data)) for s in owned]
 
 
 def _shard_shape(value: Any) -> tuple[int, ...]:
@@ -331,16 +350,12 @@ def _stored_dtype(name: str) -> str:
     return {"float8_e4m3": "uint8", "int2": "uint8", "uint2": "uint8"}.get(name, name)
 
 
-def _pack(items: list[tuple[str, Any, int, bool]]
-          ) -> tuple[list[bytearray], list[list[tuple]]]:
-    """Copies small leaves ``(path, value, nbytes, on_cpu)`` into parts of about PART_BYTES:
-    ``(parts, [(path, offset, nbytes), ...] per part)``. This copy is the snapshot: the
-    caller's arrays are free afterwards. ``on_cpu``: a non-empty CPU jax.Array of a dtype
-    in :data:`_BUFFER_DTYPES`.
-
-    Parts come from :data:`_pool` where it has one of the size; every byte of a part is
-    written (leaves and the zeros between them), so a reused part carries nothing of the
-    save it served before."""
+def _layout(items: list[tuple[str, Any, int, bool]]
+            ) -> tuple[list[list[tuple]], list[list[tuple]], list[int]]:
+    """Places small leaves ``(path, value, nbytes, on_cpu)`` in parts of about PART_BYTES:
+    ``(per part [(value, offset, nbytes, on_cpu), ...], per part [(path, offset, nbytes),
+    ...], part sizes)``. ``on_cpu``: a non-empty CPU jax.Array of a dtype in
+    :data:`_BUFFER_DTYPES`."""
     layout: list[list[tuple[Any, int, int, bool]]] = []
     packed: list[list[tuple[str, int, int]]] = []
     sizes: list[int] = []
@@ -355,23 +370,38 @@ def _pack(items: list[tuple[str, Any, int, bool]]
         packed[-1].append((path, size, n))
         size += -(-n // _ALIGN) * _ALIGN
         sizes[-1] = size
-    parts = _pool.take(sizes)
-    for entries, part in zip(layout, parts, strict=True):
-        view, array = memoryview(part), np.frombuffer(part, np.uint8)
-        for value, offset, n, on_cpu in entries:
-            end = offset + n
-            # Both read the device buffer in place (on the CPU, a view of it), and neither
-            # view outlives the copy: one held would make XLA silently skip donating the
-            # array. The buffer protocol is the faster (~1 µs a leaf); NumPy reads the
-            # rest (ml_dtypes, other devices, host values, any layout).
-            if on_cpu:
-                view[offset:end] = memoryview(value).cast("B")
-            else:
-                array[offset:end] = np.asarray(value).ravel().view(np.uint8)
-            if n % _ALIGN:
-                view[end:end + _ALIGN - n % _ALIGN] = _ZEROS[: _ALIGN - n % _ALIGN]
-        del view, array
-    return parts, packed
+    return layout, packed, sizes
+
+
+def _fill(part: Any, entries: list[tuple[Any, int, int, bool]]) -> Any:
+    """Copies one part's leaves into ``part`` (writable, its size); returns it.
+
+    Every byte is written (leaves and the zeros between them), so a reused part carries
+    nothing of the save it served before."""
+    view, array = memoryview(part), np.frombuffer(part, np.uint8)
+    for value, offset, n, on_cpu in entries:
+        end = offset + n
+        # Both read the device buffer in place (on the CPU, a view of it), and neither
+        # view outlives the copy: one held would make XLA silently skip donating the
+        # array. The buffer protocol is the faster (~1 µs a leaf); NumPy reads the
+        # rest (ml_dtypes, other devices, host values, any layout).
+        if on_cpu:
+            view[offset:end] = memoryview(value).cast("B")
+        else:
+            array[offset:end] = np.asarray(value).ravel().view(np.uint8)
+        if n % _ALIGN:
+            view[end:end + _ALIGN - n % _ALIGN] = _ZEROS[: _ALIGN - n % _ALIGN]
+    del view, array
+    return part
+
+
+def _pack(items: list[tuple[str, Any, int, bool]]
+          ) -> tuple[list[bytearray], list[list[tuple]]]:
+    """Copies small leaves into parts (from :data:`_pool` where it has one of the size):
+    ``(parts, [(path, offset, nbytes), ...] per part)``. This copy is a save_async
+    snapshot: the caller's arrays are free afterwards."""
+    layout, packed, sizes = _layout(items)
+    return [_fill(p, e) for p, e in zip(_pool.take(sizes), layout, strict=True)], packed
 
 
 # The dtypes whose jax.Arrays the Python buffer protocol exports (not ml_dtypes: BufferError).
@@ -557,32 +587,51 @@ def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> 
                     host = host.view(_leaves.DTYPES[w.stored_dtype])
                 futures.append(store[index].write(
                     host, can_reference_source_data_indefinitely=True))
-        for k, part in enumerate(snap.parts):
+        spare: list[bytearray] = []  # without a snapshot copy: buffers of written parts
+        for k, size in enumerate(snap.part_sizes):
+            part, buffer = snap.parts[k], None
+            if snap.layout is not None:
+                buffer = _resized(spare.pop(), size) if spare else bytearray(size)
+                part = _fill(buffer, snap.layout[k])
             view = memoryview(part)
             entries += [(path, me, k, off, n, zlib.crc32(view[off:off + n]))
                         for path, off, n in snap.packed[k]]
             del view
-            in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part)))
+            in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part), buffer))
             if len(in_flight) >= _PARTS_IN_FLIGHT:
-                _finish_part(snap, *in_flight.popleft())
+                _finish_part(snap, spare, *in_flight.popleft())
         while in_flight:
-            _finish_part(snap, *in_flight.popleft())
+            _finish_part(snap, spare, *in_flight.popleft())
         for f in futures:
             f.result()
     except BaseException:
         # Let every write end before reporting the failure: the generation is deleted then,
         # and a write still in flight would put files back into it.
-        for f in [*(o for _, o in opens), *futures, *(f for _, f in in_flight)]:
+        for f in [*(o for _, o in opens), *futures, *(f for _, f, _ in in_flight)]:
             f.exception()
         raise
     return entries
 
 
-def _finish_part(snap: _Snapshot, k: int, future: Any) -> None:
+def _resized(buffer: bytearray, size: int) -> bytearray:
+    # In place (TensorStore takes bytes or a bytearray, not a view): CPython keeps a
+    # bytearray's memory when it shrinks a little or grows within its allocation.
+    if len(buffer) > size:
+        del buffer[size:]
+    else:
+        buffer.extend(bytes(size - len(buffer)))
+    return buffer
+
+
+def _finish_part(snap: _Snapshot, spare: list[bytearray], k: int, future: Any,
+                 buffer: bytearray | None) -> None:
     # A few parts in flight at a time, each released once written: TensorStore copies what
     # it is given, so writing every part at once would hold the small leaves three times.
     future.result()
-    _release_part(snap, k)
+    if buffer is not None:
+        spare.append(buffer)  # packed in place of the snapshot's part: reused for the next
+    else:
+        _release_part(snap, k)
 
 
 def _release_part(snap: _Snapshot, k: int) -> None:
