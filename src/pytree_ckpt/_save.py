@@ -86,6 +86,10 @@ def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) 
     - ``overwrite``: replace an existing checkpoint at ``path``. The old one stays intact and
       restorable until the new one is committed.
 
+    Nothing is copied up front (the caller waits, so its arrays are the snapshot): peak
+    memory is the tree and a few MiB. :func:`save_async` copies first, so that the caller
+    may go on.
+
     **Returns:** the checkpoint's path, as a string.
 
     **Raises:** :class:`CheckpointExistsError` if a checkpoint is there and ``overwrite`` is
