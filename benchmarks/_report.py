@@ -153,6 +153,10 @@ def _rss_lines(result: dict[str, Any], sides: list[str]) -> list[str]:
         cells = [result["rss"].get(s, {}).get(op, {}).get("ratio") for s in sides]
         text = ["-" if c is None else f"{c:.2f}x" for c in cells]
         lines.append(f"{'peak RSS ' + op + ' / tree bytes':30}" + "".join(f"{c:>13}" for c in text))
+    for op in ("save", "restore"):
+        cells = [result["rss"].get(s, {}).get(op, {}).get("seconds") for s in sides]
+        text = [_seconds(c) for c in cells]
+        lines.append(f"{op + ' in a fresh process':30}" + "".join(f"{c:>13}" for c in text))
     return lines
 
 

@@ -8,7 +8,8 @@ The worker imports everything, warms its side up on a tiny tree (thread pools, T
 contexts), and, for `save`, builds the tree. Right before the operation it reads its
 resident set size (**before**) and resets the kernel's high-water mark (`5` into
 `/proc/self/clear_refs`); it runs the operation (a restore until every array is ready) and
-reads `VmHWM`: the **peak**. It prints one JSON line.
+reads `VmHWM`: the **peak**, and times the operation (once, in fresh memory). It prints
+one JSON line.
 
 Reported, as a multiple of the tree's array bytes:
 - restore: `(peak - before) / bytes`: the restored tree is in it (1.0 is the result itself).
@@ -26,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 KIB = 1024
 
@@ -85,10 +87,12 @@ def _run(args: argparse.Namespace) -> dict:
     gc.collect()
     before = _status_bytes("VmRSS")
     reset = _reset_peak()
+    start = time.perf_counter()
     if args.op == "save":
         side.save(tree, args.path)
     else:
         jax.block_until_ready(side.restore(args.path, spec))
+    seconds = time.perf_counter() - start
     peak = _status_bytes("VmHWM")
     side.close()
     return {
@@ -97,6 +101,10 @@ def _run(args: argparse.Namespace) -> dict:
         "peak_rss": peak,
         "tree_bytes": tree_bytes(spec),
         "peak_reset": reset,  # False: the peak may include building the tree
+        # One run in a fresh process: every buffer is new memory, which this project's VM
+        # hands out slowly (page faults); within one process, an operation's speed also
+        # depends on what memory the previous one freed.
+        "seconds": seconds,
     }
 
 

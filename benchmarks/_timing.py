@@ -142,6 +142,19 @@ def _settle(drop_cache: bool) -> None:
     os.sync()
     if drop_cache:
         drop_page_cache()
+    _wait_until_idle()
+
+
+def _wait_until_idle(window: float = 0.05, most: float = 3.0) -> None:
+    """Waits (up to `most` seconds) until this process's threads use under a tenth of a
+    core: one side's background threads (thread pools finishing, asyncio loops winding
+    down) otherwise take the 2 cores from the next side's timed operation."""
+    deadline = time.perf_counter() + most
+    while time.perf_counter() < deadline:
+        cpu = time.process_time()
+        time.sleep(window)
+        if time.process_time() - cpu < window / 10:
+            return
 
 
 def drop_page_cache() -> None:

@@ -22,7 +22,8 @@ Sides (`benchmarks/_sides.py`), all durable (fsynced) on the same disk:
 Protocol (`benchmarks/_timing.py`): per tree, each side runs each operation once as a
 warm-up, then `--repeats` rounds; in a round each operation runs for every side back to
 back, the side order reversed every other round; fresh directories for every save;
-`gc.collect()` and `os.sync()` before each timed call. Reads hit a warm page cache (each
+`gc.collect()`, `os.sync()` and a wait until the process is idle (the previous side's
+background threads done) before each timed call. Reads hit a warm page cache (each
 side reads what it just wrote) unless `--cold`, which drops the page cache before every
 read (needs root; `echo 3 > /proc/sys/vm/drop_caches`). Reported numbers are medians.
 
@@ -42,6 +43,9 @@ What each number means (seconds are wall-clock medians):
 - peak RSS / tree bytes: in a fresh process per operation, the peak RSS during the
   operation minus the RSS right before it, over the tree's bytes; a save adds 1 for
   the tree it holds, a restore's result is in its peak (`benchmarks/_rss.py`).
+- save / restore in a fresh process: the same workers' operation, timed once: every
+  buffer is new memory there (see Memory below), where within one process an operation
+  may reuse what the previous one freed.
 
 Memory: in a VM with a free-page-reporting balloon (as on the machine this was written
 on), freed memory goes back to the host within seconds and costs a host page fault when
