@@ -516,8 +516,8 @@ class _Columns(Mapping):
 
     def summaries(self) -> tuple[list, ...]:
         """Columns ``(paths, origins, shapes, dtypes, nbytes, shardings, values)`` of every
-        leaf in save order, without building records: all that :func:`metadata` lists, at
-        a third of the cost. ``values`` holds Python leaves' values, None elsewhere."""
+        leaf in save order, without building records: all that :func:`metadata` lists.
+        ``values`` holds Python leaves' values, None elsewhere."""
         dims = self._dims
         shapes = [tuple(dims[s:s + r]) for s, r in zip(self._start, self._rank, strict=True)]
         values: list = [None] * len(self._paths)
