@@ -451,7 +451,7 @@ def _sharding_table(f: dict, c: _Leaves, where: str) -> list[tuple | None]:
 
 class _Columns(Mapping):
     """Leaf records by path, from the commit file's columns, validated with NumPy as a whole
-    (~1 ms for 10,000 leaves: per-leaf Python checks were most of a restore's overhead).
+    (10,000 leaves: ~4 ms with the lookup lists built; checked leaf by leaf, ~25 ms).
 
     A :class:`LeafRecord` is built when first looked up; only a Python leaf's value is
     checked then, so a restore of a small subtree (``at=``) decodes only the values it uses.
