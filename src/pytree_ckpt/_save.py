@@ -254,13 +254,14 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
                 storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
             records[path] = (path, origin, dtype, shape, impl, storage,
                              None if single else _describe_sharding(sharding))
-        layout, packed, sizes = _layout(to_pack)
-        parts = _pool.take(sizes) if copy else [None] * len(sizes)
-        for part, entries in zip(parts, layout, strict=True):
-            if part is not None:
-                _fill(part, entries)
+        if copy:
+            parts, packed = _pack(to_pack)
+            layout, sizes = None, [len(p) for p in parts]
+        else:
+            layout, packed, sizes = _layout(to_pack)
+            parts = [None] * len(sizes)
     return _Snapshot(tuple(flat.nodes), records, arrays, len(arrays), parts, packed, sizes,
-                     None if copy else layout)
+                     layout)
 
 
 _PACKED = Storage("p")  # a packed leaf's storage until its blob and offset are known
@@ -276,8 +277,7 @@ def _describe_sharding(sharding: Any) -> tuple | None:
 
 def _whole_on_one_device(sharding: Any) -> bool:
     """Whether an array of this sharding (None: a host value) is whole on some device."""
-    return (sharding is None or type(sharding) is jax.sharding.SingleDeviceSharding
-            or isinstance(sharding, jax.sharding.SingleDeviceSharding)
+    return (sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding)
             or sharding.is_fully_replicated or len(sharding.device_set) == 1)
 
 
@@ -311,8 +311,7 @@ def _owned_whole(value: Any, sharding: Any, me: int) -> tuple[Any, bool]:
     """
     if sharding is None:
         return (value if me == 0 else None), False
-    if type(sharding) is jax.sharding.SingleDeviceSharding or isinstance(
-            sharding, jax.sharding.SingleDeviceSharding):
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
         # The common case, without building Shard objects (~10 µs per leaf).
         (device,) = sharding.device_set
         if device.process_index != me:
@@ -663,12 +662,11 @@ def _gather_packed(name: str, entries: list[tuple], snap: _Snapshot, me: int
 def _finish_records(snap: _Snapshot, entries: list[tuple], blobs: list[tuple]
                     ) -> dict[str, LeafRecord]:
     index = {(proc, part): i for i, (proc, part, _) in enumerate(blobs)}
-    records = {path: LeafRecord._make(fields) for path, fields in snap.records.items()}
-    for path, proc, part, offset, n, crc in entries:
-        records[path] = records[path]._replace(storage=Storage(
-            "p", index=index[proc, part], offset=offset, nbytes=n, crc=crc))
-    written = {e[0] for e in entries}
-    missing = [p for p, r in records.items() if r.storage.kind == "p" and p not in written]
+    placed = {path: Storage("p", index=index[proc, part], offset=offset, nbytes=n, crc=crc)
+              for path, proc, part, offset, n, crc in entries}
+    missing = [p for p, f in snap.records.items() if f[5].kind == "p" and p not in placed]
     if missing:
         raise SaveError(f"no process wrote the small leaves {missing[:5]}")
-    return records
+    # One record per leaf, a packed leaf's with the place its process wrote it to.
+    return {path: LeafRecord(*f[:5], placed.get(path, f[5]), f[6])
+            for path, f in snap.records.items()}
