@@ -141,7 +141,6 @@ def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str] | No
         if not out:
             _check_at(commit, at, url)
         return out
-    rename_fn = rename_fn or (lambda p: p)
     out: dict[str, str] = {}
     for path in commit.leaves:
         rel = _graph.relative_to(path, at) if at is not None else path
