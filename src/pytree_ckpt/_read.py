@@ -61,20 +61,9 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job]) -> dict[str,
         zarr = _ZarrReads(url, kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
                           layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
-        single, jax_kind, devices = jax.sharding.SingleDeviceSharding, _leaves.JAX, {}
         for path, rec, want, host in _read_packed(url, kv, commit,
                                                   [j for j in jobs if j[1].storage.kind == "p"]):
-            sharding = want.sharding
-            if want.kind == jax_kind and type(sharding) is single and host.dtype == want.dtype:
-                # The common small leaf, straight to its device (~3 µs a leaf less than
-                # _build's general way). Copied: a view would keep the whole range alive.
-                device = devices.get(id(sharding))  # the wants keep each sharding alive
-                if device is None:
-                    device = devices[id(sharding)] = next(iter(sharding.device_set))
-                out[path] = _transfer.assemble(rec.shape, want.dtype, sharding, [host],
-                                               [device], copy=True)
-            else:
-                out[path] = _build(rec, want, {(): host}, layouts, whole=True)
+            out[path] = _build(rec, want, {(): host}, layouts, whole=True)
         for path, rec, want, regions in zarr:
             out[path] = _build(rec, want, regions, layouts, whole=False)
         for path, rec, want in jobs:
@@ -334,6 +323,18 @@ def _build(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], layout
 
 def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], layouts: _Layouts,
               whole: bool) -> jax.Array:
+    # Packed leaves are views into a whole range of a blob: copy them (``copy=whole``), so
+    # that no restored leaf keeps the range alive (that held the small-leaf tree twice).
+    if type(want.sharding) is jax.sharding.SingleDeviceSharding:
+        # One device, one piece: no layout to look up (each target leaf has a sharding
+        # object of its own, so _Layouts' cache misses: ~2 µs a leaf).
+        (host,) = regions.values()
+        host = _as_logical(host, rec)
+        if host.dtype != want.dtype:
+            host = host.astype(want.dtype)
+        (device,) = want.sharding.device_set
+        return _transfer.assemble(rec.shape, want.dtype, want.sharding, [host], [device],
+                                  copy=whole)
     pieces, devices, given = [], [], set()
     for device, index, key in layouts(want.sharding, rec.shape):
         host = (regions[()][index] if index else regions[()]) if whole else regions[key]
@@ -344,8 +345,6 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
         given.add(key)
         pieces.append(host)
         devices.append(device)
-    # Packed leaves are views into a whole range of a blob: copy them, so that no restored
-    # leaf keeps the range alive (that held the small-leaf tree in memory twice).
     return _transfer.assemble(rec.shape, want.dtype, want.sharding, pieces, devices, copy=whole)
 
 
