@@ -50,6 +50,8 @@ def to_rows(body: dict) -> list[list]:
     chunks = iter(_runs(_col(body, "chunks", "<i8"), z_ranks))
     blobs, offsets = iter(_col(body, "blob", "<u4")), iter(_col(body, "offset", "<i8"))
     crcs = iter(_col(body, "crc", "<u4"))
+    origins, codes = _col(body, "origin", "u1"), _col(body, "dtype", "u1")
+    impl_codes, sharding_codes = _col(body, "impl", "u1"), _col(body, "sharding", "<u4")
     rows = []
     for i, path in enumerate(body["paths"]):
         kind = _KINDS[kinds[i]]
@@ -59,10 +61,8 @@ def to_rows(body: dict) -> list[list]:
             storage = ["z", next(arrays), next(chunks), dtypes[next(stored)]]
         else:
             storage = ["p", next(blobs), next(offsets), next(crcs)]
-        impl = _col(body, "impl", "u1")[i]
-        sharding = _col(body, "sharding", "<u4")[i]
-        rows.append([path, _format.ORIGINS[_col(body, "origin", "u1")[i]],
-                     dtypes[_col(body, "dtype", "u1")[i]], shapes[i],
+        impl, sharding = impl_codes[i], sharding_codes[i]
+        rows.append([path, _format.ORIGINS[origins[i]], dtypes[codes[i]], shapes[i],
                      impls[impl - 1] if impl else None, storage,
                      copy.deepcopy(shardings[sharding - 1]) if sharding else None])
     return rows
