@@ -289,15 +289,21 @@ def _small_leaves(seed):
     }
 
 
-def _pack_items(tree):
+def _packing(tree):
     """What _snapshot hands _pack for these leaves, in this process."""
     from pytree_ckpt import _graph
 
     flat = _graph.flatten(jax.tree.map(
         lambda v: jax.random.key_data(v) if _is_key(v) else v, tree))
-    return [(path, v, np.asarray(v).nbytes, isinstance(v, jax.Array) and v.size > 0
-             and v.dtype.name in _save._BUFFER_DTYPES)
-            for path, v in zip(flat.paths, flat.leaves, strict=True)]
+    packing = _save._Packing()
+    for path, v in zip(flat.paths, flat.leaves, strict=True):
+        packing.add(path, v, np.asarray(v).nbytes, isinstance(v, jax.Array) and v.size > 0
+                    and v.dtype.name in _save._BUFFER_DTYPES)
+    return packing
+
+
+def _placed(packing):
+    return [list(packing.placed(k)) for k in range(len(packing.part_sizes))]
 
 
 def _is_key(v):
@@ -305,15 +311,15 @@ def _is_key(v):
 
 
 def test_a_reused_part_carries_no_byte_of_the_previous_save():
-    first, _ = _save._pack(_pack_items(_small_leaves(1)))
+    first = _save._pack(_packing(_small_leaves(1)))
     for part in first:
         part[:] = b"\xab" * len(part)  # whatever a previous save left there
         _save._pool.give(part)
-    reused, packed = _save._pack(_pack_items(_small_leaves(2)))
+    reused = _save._pack(packing := _packing(_small_leaves(2)))
     assert [id(p) for p in reused] == [id(p) for p in first]  # same sizes: the same parts
-    fresh, packed_fresh = _save._pack(_pack_items(_small_leaves(2)))  # the pool is empty
+    fresh = _save._pack(packing_fresh := _packing(_small_leaves(2)))  # the pool is empty
     assert not {id(p) for p in fresh} & {id(p) for p in first}
-    assert packed == packed_fresh
+    assert _placed(packing) == _placed(packing_fresh)
     assert [bytes(p) for p in reused] == [bytes(p) for p in fresh]  # padding zeroed too
 
 

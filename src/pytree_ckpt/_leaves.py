@@ -75,8 +75,8 @@ def is_prng_key(x: Any) -> bool:
 # What follows runs once per leaf of every save (10,000 leaves: each microsecond is 10 ms the
 # caller waits), so the answers that depend only on a type or a dtype are remembered:
 # isinstance against jax.Array (an ABC) and issubdtype cost ~0.2 and ~1 µs a call.
-_ARRAY_KINDS: dict[type, str] = {}  # leaf type -> JAX, NUMPY or NPSCALAR
-_JAX_DTYPES: dict[Any, str] = {}  # dtype of a jax.Array that is not a PRNG key -> its name
+ARRAY_KINDS: dict[type, str] = {}  # leaf type -> JAX, NUMPY or NPSCALAR
+JAX_DTYPES: dict[Any, str] = {}  # dtype of a jax.Array that is not a PRNG key -> its name
 
 
 def describe(path: str, leaf: Any) -> LeafInfo:
@@ -85,16 +85,16 @@ def describe(path: str, leaf: Any) -> LeafInfo:
     py = _PY_NAMES.get(tp)
     if py is not None:
         return LeafInfo(PY, py, ())
-    kind = _ARRAY_KINDS.get(tp) or _array_kind(path, tp)
+    kind = ARRAY_KINDS.get(tp) or _array_kind(path, tp)
     if kind is JAX:
         dtype = leaf.dtype
-        name = _JAX_DTYPES.get(dtype)
+        name = JAX_DTYPES.get(dtype)
         if name is None:
             if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
                 data = jax.random.key_data(leaf)
                 impl = str(jax.random.key_impl(leaf))
                 return LeafInfo(PRNGKEY, dtype_name(data.dtype), tuple(data.shape), impl)
-            name = _JAX_DTYPES[dtype] = _checked_dtype(path, dtype)
+            name = JAX_DTYPES[dtype] = _checked_dtype(path, dtype)
         shape = leaf.shape
         return LeafInfo(JAX, name, shape if type(shape) is tuple else tuple(shape))
     if kind is NUMPY:
@@ -116,7 +116,7 @@ def _array_kind(path: str, tp: type) -> str:
             "PRNG keys, and None/bool/int/float/complex/str/bytes (convert it, or register its "
             "class as a pytree node)"
         )
-    _ARRAY_KINDS[tp] = kind
+    ARRAY_KINDS[tp] = kind
     return kind
 
 

@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -63,15 +64,56 @@ class _ArrayWrite(NamedTuple):
     shards: list[tuple[tuple[slice, ...], Any]]  # (index, host copy: see _host_copy)
 
 
+class _Packing:
+    """Small leaves laid out in parts of about PART_BYTES, as parallel lists (one entry
+    per leaf, no tuple each: a snapshot of 10,000 leaves waits for every object it keeps,
+    and the cyclic collector then walks them).
+
+    ``values[i]`` goes to part ``part_of[i]`` at ``offsets[i]``, ``sizes[i]`` bytes;
+    ``buffer[i]``: a non-empty CPU jax.Array of a dtype in :data:`_BUFFER_DTYPES`. The
+    leaves of part ``k`` are ``starts[k]:starts[k + 1]``."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.values: list[Any] = []
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.buffer: list[bool] = []
+        self.starts: list[int] = []
+        self.part_sizes: list[int] = []
+
+    def add(self, path: str, value: Any, nbytes: int, buffer: bool) -> None:
+        size = self.part_sizes[-1] if self.part_sizes else 0
+        if not self.part_sizes or (size and size + nbytes > PART_BYTES):
+            self.starts.append(len(self.paths))
+            self.part_sizes.append(0)
+            size = 0
+        self.paths.append(path)
+        self.values.append(value)
+        self.offsets.append(size)
+        self.sizes.append(nbytes)
+        self.buffer.append(buffer)
+        self.part_sizes[-1] = size + -(-nbytes // _ALIGN) * _ALIGN
+
+    def part(self, k: int) -> slice:
+        """Where part ``k``'s leaves are in the lists."""
+        return slice(self.starts[k], self.starts[k + 1] if k + 1 < len(self.starts) else None)
+
+    def placed(self, k: int) -> Iterator[tuple[str, int, int]]:
+        """``(path, offset, nbytes)`` of part ``k``'s leaves."""
+        at = self.part(k)
+        return zip(self.paths[at], self.offsets[at], self.sizes[at], strict=True)
+
+
 class _Snapshot(NamedTuple):
     nodes: tuple[_graph.Node, ...]
-    records: dict[str, tuple]  # LeafRecord fields, made records in the background
+    # Per leaf, in tree order: LeafRecord fields (made records in the background).
+    records: list[tuple]
     arrays: list[_ArrayWrite]
     n_arrays: int
-    parts: list[bytearray | None]  # this process's packed blobs (None once written)
-    packed: list[list[tuple[str, int, int]]]  # per part: (path, offset, nbytes)
-    part_sizes: list[int]
-    layout: list[list[tuple]] | None  # without a copy: each part's leaves, packed when written
+    packing: _Packing
+    parts: list[bytearray | None]  # with a copy, the packed parts (None once written)
+    copied: bool  # without a copy, each part is packed from the leaves as it is written
 
 
 def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) -> str:
@@ -217,51 +259,79 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
     leaves are packed a few parts at a time as they are written (peak memory: the tree and a
     few MiB, where the copy was a second tree)."""
     # Runs once per leaf while the caller waits (10,000 leaves: each µs is 10 ms), hence
-    # the type checks by identity, the names bound once below, and the sizes from the shape
-    # (jax's .nbytes costs ~2 µs).
+    # the names bound once below, describe's common case inlined, what depends on a
+    # sharding asked once per sharding object, and sizes from the shape (jax's .nbytes
+    # costs ~1 µs).
     me = _distributed.process_index()
-    records: dict[str, tuple] = {}  # plain tuples: ~0.4 µs a leaf less than LeafRecord
+    records: list[tuple] = []
     arrays: list[_ArrayWrite] = []
-    to_pack: list[tuple[str, Any, int, bool]] = []
-    describe, dtypes, prod = _leaves.describe, _leaves.DTYPES, math.prod
+    packing = _Packing()
+    pack = packing.add
+    describe, itemsizes, prod = _leaves.describe, _ITEMSIZES, math.prod
+    kinds, jax_dtypes, JAX = _leaves.ARRAY_KINDS, _leaves.JAX_DTYPES, _leaves.JAX  # noqa: N806
     PY, PRNGKEY, NUMPY, NPSCALAR = (  # noqa: N806
         _leaves.PY, _leaves.PRNGKEY, _leaves.NUMPY, _leaves.NPSCALAR)
-    single_device = jax.sharding.SingleDeviceSharding
+    placement: dict[int, tuple] = {}  # id(sharding) -> _placement(...); leaves keep them alive
     with _gc.paused():
         flat = _graph.flatten(tree, treedef=False)
         for path, leaf in zip(flat.paths, flat.leaves, strict=True):
-            origin, dtype, shape, impl = describe(path, leaf)
-            if origin is PY:
-                records[path] = (path, origin, dtype, (), None, Storage("v", leaf), None)
-                continue
-            value = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
-            itemsize = dtypes[dtype].itemsize
-            nbytes = prod(shape) * itemsize
+            dtype = jax_dtypes.get(leaf.dtype) if kinds.get(type(leaf)) is JAX else None
+            if dtype is not None:  # a jax.Array of a saved dtype, not a PRNG key
+                origin, shape, impl, value = JAX, leaf.shape, None, leaf
+            else:
+                origin, dtype, shape, impl = describe(path, leaf)
+                if origin is PY:
+                    records.append((path, origin, dtype, (), None, Storage("v", leaf), None))
+                    continue
+                value = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
+            nbytes = prod(shape) * itemsizes[dtype]
             sharding = None if origin is NUMPY or origin is NPSCALAR else value.sharding
-            single = type(sharding) is single_device
-            if nbytes <= PACK_BYTES and (single or _whole_on_one_device(sharding)):
-                host, on_cpu = _owned_whole(value, sharding, me)
-                if host is not None:
-                    to_pack.append((path, host, nbytes,
-                                    on_cpu and nbytes > 0 and dtype in _BUFFER_DTYPES))
+            where = placement.get(id(sharding))
+            if where is None:
+                where = placement[id(sharding)] = _placement(sharding, me)
+            whole, mine, on_cpu, described = where
+            if nbytes <= PACK_BYTES and whole:
+                host = value if mine else None
+                if mine is None:  # replicated: where its replica 0 is, leaf by leaf
+                    host, on_cpu = _owned_whole(value, sharding, me)
+                elif mine and not on_cpu and sharding is not None:
+                    value.copy_to_host_async()  # overlaps the transfers of all leaves
+                if host is not None:  # this process writes it: packing copies it
+                    pack(path, host, nbytes, on_cpu and nbytes > 0 and dtype in _BUFFER_DTYPES)
                 storage = _PACKED
             else:
-                chunks = tuple(_storage.choose_chunks(_shard_shape(value), itemsize, shape))
+                chunks = tuple(_storage.choose_chunks(_shard_shape(value), itemsizes[dtype],
+                                                      shape))
                 stored = _stored_dtype(dtype)
                 index = len(arrays)
                 arrays.append(_ArrayWrite(index, shape, chunks, stored,
                                           _owned_shards(value, me, copy)))
                 storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
-            records[path] = (path, origin, dtype, shape, impl, storage,
-                             None if single else _describe_sharding(sharding))
+            records.append((path, origin, dtype, shape, impl, storage, described))
+        parts = [None] * len(packing.part_sizes)
         if copy:
-            parts, packed = _pack(to_pack)
-            layout, sizes = None, [len(p) for p in parts]
-        else:
-            layout, packed, sizes = _layout(to_pack)
-            parts = [None] * len(sizes)
-    return _Snapshot(tuple(flat.nodes), records, arrays, len(arrays), parts, packed, sizes,
-                     layout)
+            parts = _pack(packing)
+            packing.values.clear()  # copied: hold none of the caller's arrays
+    return _Snapshot(tuple(flat.nodes), records, arrays, len(arrays), packing, parts, copy)
+
+
+_ITEMSIZES = {name: dtype.itemsize for name, dtype in _leaves.DTYPES.items()}
+
+
+def _placement(sharding: Any, me: int) -> tuple[bool, bool | None, bool, tuple | None]:
+    """What a snapshot needs of a leaf's sharding (None: a host value), asked once per
+    sharding object: ``(whole, mine, on_cpu, described)``.
+
+    ``whole``: the array is whole on some device (packed if small). ``mine``: this process
+    writes it when packed (None: a replicated array, asked leaf by leaf, see
+    :func:`_owned_whole`). ``on_cpu``: its one device is a CPU. ``described``: the
+    sharding as the commit file records it (None for one device)."""
+    if sharding is None:
+        return True, me == 0, False, None
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        (device,) = sharding.device_set
+        return True, device.process_index == me, device.platform == "cpu", None
+    return _whole_on_one_device(sharding), None, False, _describe_sharding(sharding)
 
 
 _PACKED = Storage("p")  # a packed leaf's storage until its blob and offset are known
@@ -353,65 +423,43 @@ def _stored_dtype(name: str) -> str:
     return {"float8_e4m3": "uint8", "int2": "uint8", "uint2": "uint8"}.get(name, name)
 
 
-def _layout(items: list[tuple[str, Any, int, bool]]
-            ) -> tuple[list[list[tuple]], list[list[tuple]], list[int]]:
-    """Places small leaves ``(path, value, nbytes, on_cpu)`` in parts of about PART_BYTES:
-    ``(per part [(value, offset, nbytes, on_cpu), ...], per part [(path, offset, nbytes),
-    ...], part sizes)``. ``on_cpu``: a non-empty CPU jax.Array of a dtype in
-    :data:`_BUFFER_DTYPES`."""
-    layout: list[list[tuple[Any, int, int, bool]]] = []
-    packed: list[list[tuple[str, int, int]]] = []
-    sizes: list[int] = []
-    size = 0
-    for path, value, n, on_cpu in items:
-        if not layout or (size and size + n > PART_BYTES):
-            layout.append([])
-            packed.append([])
-            sizes.append(0)
-            size = 0
-        layout[-1].append((value, size, n, on_cpu))
-        packed[-1].append((path, size, n))
-        size += -(-n // _ALIGN) * _ALIGN
-        sizes[-1] = size
-    return layout, packed, sizes
-
-
-def _fill(part: Any, entries: list[tuple[Any, int, int, bool]]) -> Any:
-    """Copies one part's leaves into ``part`` (writable, its size); returns it.
+def _fill(part: Any, packing: _Packing, k: int) -> Any:
+    """Copies part ``k``'s leaves into ``part`` (writable, its size); returns it.
 
     Every byte is written (leaves and the zeros between them), so a reused part carries
     nothing of the save it served before."""
     view, array = memoryview(part), np.frombuffer(part, np.uint8)
-    for value, offset, n, on_cpu in entries:
+    at = packing.part(k)
+    for value, offset, n, buffer in zip(packing.values[at], packing.offsets[at],
+                                        packing.sizes[at], packing.buffer[at], strict=True):
         end = offset + n
         # Both read the device buffer in place (on the CPU, a view of it), and neither
         # view outlives the copy: one held would make XLA silently skip donating the
         # array. The buffer protocol is the faster (~1 µs a leaf); NumPy reads the
         # rest (ml_dtypes, other devices, host values, any layout).
-        if on_cpu:
+        if buffer:
             view[offset:end] = memoryview(value).cast("B")
         else:
             array[offset:end] = np.asarray(value).ravel().view(np.uint8)
         if n % _ALIGN:
-            view[end:end + _ALIGN - n % _ALIGN] = _ZEROS[: _ALIGN - n % _ALIGN]
+            view[end:end + _ALIGN - n % _ALIGN] = _PADS[_ALIGN - n % _ALIGN]
     del view, array
     return part
 
 
-def _pack(items: list[tuple[str, Any, int, bool]]
-          ) -> tuple[list[bytearray], list[list[tuple]]]:
-    """Copies small leaves into parts (from :data:`_pool` where it has one of the size):
-    ``(parts, [(path, offset, nbytes), ...] per part)``. This copy is a save_async
-    snapshot: the caller's arrays are free afterwards."""
-    layout, packed, sizes = _layout(items)
-    return [_fill(p, e) for p, e in zip(_pool.take(sizes), layout, strict=True)], packed
+def _pack(packing: _Packing) -> list[bytearray]:
+    """Copies the small leaves into their parts (from :data:`_pool` where it has one of
+    the size). This copy is a save_async snapshot: the caller's arrays are free
+    afterwards."""
+    parts = _pool.take(packing.part_sizes)
+    return [_fill(p, packing, k) for k, p in enumerate(parts)]
 
 
 # The dtypes whose jax.Arrays the Python buffer protocol exports (not ml_dtypes: BufferError).
 _BUFFER_DTYPES = frozenset(
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 "
     "complex64 complex128".split())
-_ZEROS = bytes(_ALIGN)
+_PADS = [bytes(n) for n in range(_ALIGN)]
 
 
 class _PartPool:
@@ -591,14 +639,14 @@ def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> 
                 futures.append(store[index].write(
                     host, can_reference_source_data_indefinitely=True))
         spare: list[bytearray] = []  # without a snapshot copy: buffers of written parts
-        for k, size in enumerate(snap.part_sizes):
+        for k, size in enumerate(snap.packing.part_sizes):
             part, buffer = snap.parts[k], None
-            if snap.layout is not None:
+            if not snap.copied:
                 buffer = _resized(spare.pop(), size) if spare else bytearray(size)
-                part = _fill(buffer, snap.layout[k])
+                part = _fill(buffer, snap.packing, k)
             view = memoryview(part)
             entries += [(path, me, k, off, n, zlib.crc32(view[off:off + n]))
-                        for path, off, n in snap.packed[k]]
+                        for path, off, n in snap.packing.placed(k)]
             del view
             in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part), buffer))
             if len(in_flight) >= _PARTS_IN_FLIGHT:
@@ -647,7 +695,7 @@ def _release_part(snap: _Snapshot, k: int) -> None:
 def _gather_packed(name: str, entries: list[tuple], snap: _Snapshot, me: int
                    ) -> tuple[list[tuple], list[tuple[int, int, int]]]:
     """Every process's packed leaves and blob sizes (on the primary; others get theirs)."""
-    sizes = [(me, k, n) for k, n in enumerate(snap.part_sizes)]
+    sizes = [(me, k, n) for k, n in enumerate(snap.packing.part_sizes)]
     if _distributed.is_multiprocess():
         mine = base64.b64encode(msgpack.packb([entries, sizes])).decode()
         gathered = _distributed.gather_str(f"{name}/packed", mine, _BARRIER_TIMEOUT_S)
@@ -664,9 +712,8 @@ def _finish_records(snap: _Snapshot, entries: list[tuple], blobs: list[tuple]
     index = {(proc, part): i for i, (proc, part, _) in enumerate(blobs)}
     placed = {path: Storage("p", index=index[proc, part], offset=offset, nbytes=n, crc=crc)
               for path, proc, part, offset, n, crc in entries}
-    missing = [p for p, f in snap.records.items() if f[5].kind == "p" and p not in placed]
+    missing = [f[0] for f in snap.records if f[5].kind == "p" and f[0] not in placed]
     if missing:
         raise SaveError(f"no process wrote the small leaves {missing[:5]}")
     # One record per leaf, a packed leaf's with the place its process wrote it to.
-    return {path: LeafRecord(*f[:5], placed.get(path, f[5]), f[6])
-            for path, f in snap.records.items()}
+    return {f[0]: LeafRecord(*f[:5], placed.get(f[0], f[5]), f[6]) for f in snap.records}
