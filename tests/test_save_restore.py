@@ -1,5 +1,6 @@
 import collections
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +233,17 @@ def test_metadata_reads_structure_without_array_data(where):
     assert info.nbytes == 64
     assert "params/w: jax bfloat16[4, 8] (64 B)" in str(info)
     assert "<table>" in info._repr_html_()
+
+
+def test_metadata_gives_every_leaf_its_own_shape_across_ranks(tmp_path):
+    shapes = [(), (3,), (2, 5), (0,), (1, 0, 4), (7,), (), (2, 3, 4, 5), (4, 2)]
+    tree = {f"l{i}": np.zeros(shape, np.int16) for i, shape in enumerate(shapes)}
+    tree["py"], tree["key"] = 3, jax.random.key(0)
+    info = pc.metadata(pc.save(tree, tmp_path / "c"))
+    assert {p: m.shape for p, m in info.leaves.items()} == {
+        **{f"l{i}": shape for i, shape in enumerate(shapes)}, "py": (), "key": (2,)}
+    assert [info.leaves[f"l{i}"].nbytes for i in range(len(shapes))] == [
+        2 * math.prod(shape) for shape in shapes]
 
 
 def test_large_single_device_arrays_are_read_in_slabs_exactly(tmp_path):
