@@ -26,8 +26,13 @@ from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
 
 _COALESCE_GAP = 256 << 10  # nearby packed ranges are read as one: fewer requests
-_RANGE_BYTES = 4 << 20  # ...up to about this size each
+_RANGE_BYTES = 1 << 20  # ...up to about this size each
+# Ranges read at a time: each is held until its leaves are built. From a local disk, 4 of
+# 1 MiB restore the small-leaf tree faster than 4 of 4 MiB did (263 vs 287 ms) and peak
+# 0.25x of the tree lower; an object store answers each request after a round trip, so
+# more go at once there (the same 16 MiB as before).
 _RANGES_IN_FLIGHT = 4
+_REMOTE_RANGES_IN_FLIGHT = 16
 _SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, concurrently
 # Of zarr slabs issued and not yet waited for (see _ZarrReads): a few slabs per core keep
 # every copy thread busy; 64 MiB here (2 cores) reads as fast as 128 MiB or everything.
@@ -53,16 +58,19 @@ def default_device() -> jax.Device:
     return jax.local_devices()[0]
 
 
-def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job]) -> dict[str, Any]:
-    """Reads every job's data and returns the restored leaves by target path."""
+def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False
+                ) -> dict[str, Any]:
+    """Reads every job's data and returns the restored leaves by target path (``remote``:
+    from an object store, see :data:`_REMOTE_RANGES_IN_FLIGHT`)."""
     out: dict[str, Any] = {}
     layouts = _Layouts()
     with _gc.paused():
         zarr = _ZarrReads(url, kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
                           layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
-        for path, rec, want, host in _read_packed(url, kv, commit,
-                                                  [j for j in jobs if j[1].storage.kind == "p"]):
+        packed = [j for j in jobs if j[1].storage.kind == "p"]
+        in_flight = _REMOTE_RANGES_IN_FLIGHT if remote else _RANGES_IN_FLIGHT
+        for path, rec, want, host in _read_packed(url, kv, commit, packed, in_flight):
             out[path] = _build(rec, want, {(): host}, layouts, whole=True)
         for path, rec, want, regions in zarr:
             out[path] = _build(rec, want, regions, layouts, whole=False)
@@ -239,14 +247,14 @@ def _read_into(source: Any, buf: np.ndarray) -> Any:
     return ts.array(buf, copy=False, write=True).write(source)
 
 
-def _read_packed(url: str, kv: Any, commit: Commit, jobs: list[Job]
+def _read_packed(url: str, kv: Any, commit: Commit, jobs: list[Job], in_flight_most: int
                  ) -> Iterator[tuple[str, LeafRecord, Want, np.ndarray]]:
     """Yields ``(path, record, want, host array)`` for packed leaves, checksums verified."""
     groups = list(_range_groups(jobs))
     in_flight: collections.deque = collections.deque()
     for group in groups:
         in_flight.append(_start_range(kv, commit, group))
-        if len(in_flight) >= _RANGES_IN_FLIGHT:
+        if len(in_flight) >= in_flight_most:
             yield from _finish_range(url, *in_flight.popleft())
     while in_flight:
         yield from _finish_range(url, *in_flight.popleft())

@@ -117,7 +117,7 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, 
             casts.append(Cast(path, record.dtype, _want_dtype_str(want)))
         jobs.append((path, record, want))
     used = {entries[p] for p in matched} | {entries[m.path] for m in mismatched}
-    values = read_leaves(loc.url, kv, commit, jobs)
+    values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
     leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     status = RestoreStatus(
         matched=tuple(matched), unmatched=tuple(unmatched),
@@ -297,7 +297,7 @@ def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit, entries: dic
                    ) -> tuple[Any, RestoreStatus]:
     records = [commit.leaves[src] for src in entries.values()]
     jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
-    values = read_leaves(loc.url, kv, commit, jobs)
+    values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
     for node in commit.nodes:

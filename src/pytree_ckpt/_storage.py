@@ -32,6 +32,12 @@ class Location(NamedTuple):
     spec: dict[str, Any]
     local: str | None
 
+    @property
+    def remote(self) -> bool:
+        """Whether each request goes over a network (an object store), not to a local disk
+        or memory: reads then want more requests in flight."""
+        return self.spec.get("driver") not in ("file", "memory")
+
     def child(self, name: str) -> Location:
         """The location of ``name`` inside this one (for a manager's numbered steps)."""
         spec = dict(self.spec, path=self.spec.get("path", "") + name.strip("/") + "/")
