@@ -79,7 +79,7 @@ def _sharding_text(s: tuple | None) -> str | None:
     return f"P{tuple(spec)} over mesh({mesh})"
 
 
-# LeafMetadata(*row) without its Python-level __new__: ~0.1 µs a leaf instead of ~0.25.
+# LeafMetadata(*row) without its Python-level __new__: ~0.25 µs a leaf instead of ~0.4.
 _LEAF = functools.partial(tuple.__new__, LeafMetadata)
 
 

@@ -69,9 +69,9 @@ class _Packing:
     per leaf, no tuple each: a snapshot of 10,000 leaves waits for every object it keeps,
     and the cyclic collector then walks them).
 
-    ``values[i]`` goes to part ``part_of[i]`` at ``offsets[i]``, ``sizes[i]`` bytes;
-    ``buffer[i]``: a non-empty CPU jax.Array of a dtype in :data:`_BUFFER_DTYPES`. The
-    leaves of part ``k`` are ``starts[k]:starts[k + 1]``."""
+    The leaves of part ``k`` are ``starts[k]:starts[k + 1]`` in the lists; ``values[i]``
+    goes at ``offsets[i]`` of its part, ``sizes[i]`` bytes; ``buffer[i]``: it is a
+    non-empty CPU jax.Array of a dtype in :data:`_BUFFER_DTYPES`."""
 
     def __init__(self) -> None:
         self.paths: list[str] = []
