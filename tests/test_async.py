@@ -382,3 +382,26 @@ def test_the_pool_holds_at_most_its_bound(monkeypatch):
     taken = pool.take([30, 30, 7])
     assert [len(p) for p in taken] == [30, 30, 7]
     assert pool._free == {}  # what this save did not use is dropped, not kept
+
+
+def test_leaves_on_many_devices_and_prng_keys_keep_their_own_placement(tmp_path):
+    # The snapshot asks each sharding object once; a PRNG key's data is a new array per
+    # key, dropped right after, so a cached answer must not outlive its sharding's id.
+    devices = jax.devices()
+    tree = {}
+    for i in range(48):
+        device = devices[i % len(devices)]
+        impl = "rbg" if i % 3 == 0 else "threefry2x32"
+        tree[f"k{i:02d}"] = jax.device_put(jax.random.key(i, impl=impl), device)
+        tree[f"x{i:02d}"] = jax.device_put(jnp.arange(i + 1, dtype=jnp.float32) * i, device)
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(4, 2), ("a", "b"))
+    tree["replicated"] = jax.device_put(jnp.ones(6), NamedSharding(mesh, P()))
+    restored, status = pc.restore(pc.save_async(tree, tmp_path / "c").result(), tree)
+    status.assert_consumed()
+    for name, value in tree.items():
+        got = restored[name]
+        assert got.sharding == value.sharding, name
+        if name.startswith("k"):
+            assert jax.random.key_impl(got) == jax.random.key_impl(value), name
+            got, value = jax.random.key_data(got), jax.random.key_data(value)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(value), err_msg=name)

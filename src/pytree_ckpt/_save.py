@@ -271,7 +271,9 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
     kinds, jax_dtypes, JAX = _leaves.ARRAY_KINDS, _leaves.JAX_DTYPES, _leaves.JAX  # noqa: N806
     PY, PRNGKEY, NUMPY, NPSCALAR = (  # noqa: N806
         _leaves.PY, _leaves.PRNGKEY, _leaves.NUMPY, _leaves.NPSCALAR)
-    placement: dict[int, tuple] = {}  # id(sharding) -> _placement(...); leaves keep them alive
+    # id(sharding) -> (sharding, *_placement(...)): holding the sharding keeps its id from
+    # being reused (a PRNG key's data is a new array, and may be dropped at once).
+    placement: dict[int, tuple] = {}
     with _gc.paused():
         flat = _graph.flatten(tree, treedef=False)
         for path, leaf in zip(flat.paths, flat.leaves, strict=True):
@@ -288,8 +290,8 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
             sharding = None if origin is NUMPY or origin is NPSCALAR else value.sharding
             where = placement.get(id(sharding))
             if where is None:
-                where = placement[id(sharding)] = _placement(sharding, me)
-            whole, mine, on_cpu, described = where
+                where = placement[id(sharding)] = (sharding, *_placement(sharding, me))
+            _, whole, mine, on_cpu, described = where
             if nbytes <= PACK_BYTES and whole:
                 host = value if mine else None
                 if mine is None:  # replicated: where its replica 0 is, leaf by leaf
