@@ -246,6 +246,28 @@ def test_metadata_gives_every_leaf_its_own_shape_across_ranks(tmp_path):
         2 * math.prod(shape) for shape in shapes]
 
 
+def test_packed_leaves_are_read_in_ranges_of_one_blob():
+    from pytree_ckpt import _format, _read
+
+    def job(name, blob, offset, nbytes):
+        storage = _format.Storage("p", None, blob, (), "", offset, nbytes, 0)
+        return (name, _format.LeafRecord(name, "jax", "uint8", (nbytes,), None, storage, None),
+                None)
+
+    gap, most = _read._COALESCE_GAP, _read._RANGE_BYTES
+    jobs = [
+        job("late", 0, 110 + gap + 1, 8),  # more than the gap past the group's furthest end
+        job("b1", 1, 0, 10),  # another blob: never in a group with blob 0's leaves
+        job("inside", 0, 50, 10),  # overlaps "first" (a forged layout): same group
+        job("first", 0, 0, 100),
+        job("touching", 0, 100, 10),
+        job("far", 0, 110 + gap + 1 + most - 4, 8),  # would take its group past _RANGE_BYTES
+    ]
+    groups = [[name for name, _, _ in g] for g in _read._range_groups(jobs)]
+    assert groups == [["first", "inside", "touching"], ["late"], ["far"], ["b1"]]
+    assert list(_read._range_groups([])) == []
+
+
 def test_large_single_device_arrays_are_read_in_slabs_exactly(tmp_path):
     from pytree_ckpt import _read
 

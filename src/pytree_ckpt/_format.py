@@ -112,6 +112,10 @@ class LeafRecord(NamedTuple):
         return math.prod(self.shape) * _leaves.DTYPES[self.dtype].itemsize
 
 
+_STORAGE = functools.partial(tuple.__new__, Storage)  # Storage(*fields), all of them
+_RECORD = functools.partial(tuple.__new__, LeafRecord)
+
+
 class Commit(NamedTuple):
     """A decoded, validated commit file."""
 
@@ -504,17 +508,19 @@ class _Columns(Mapping):
         if k == _VALUE:
             value = _leaves.decode_py(dtype, self._values[j], f"{self._where}: leaf {path!r:.200}")
             return LeafRecord(path, origin, dtype, (), None, Storage("v", value), None)
+        # Every field given, so the tuples are made without NamedTuple's Python-level
+        # __new__ (a full restore makes 10,000 of each: ~4 ms less).
         if k == _ZARR:
             c = self._chunk_start[j]
-            storage = Storage("z", None, self._array[j], tuple(self._chunks[c:c + rank]),
-                              self._dtypes[self._stored[j]])
+            storage = _STORAGE(("z", None, self._array[j], tuple(self._chunks[c:c + rank]),
+                                self._dtypes[self._stored[j]], 0, 0, 0))
         else:
-            storage = Storage("p", None, self._blob[j], (), "", self._offset[j],
-                              self._nbytes[i], self._crc[j])
+            storage = _STORAGE(("p", None, self._blob[j], (), "", self._offset[j],
+                                self._nbytes[i], self._crc[j]))
         impl = self._impl[i]
-        return LeafRecord(path, origin, dtype, tuple(self._dims[start:start + rank]),
-                          self._impls[impl - 1] if impl else None, storage,
-                          self._shardings[self._sharding[i]])
+        return _RECORD((path, origin, dtype, tuple(self._dims[start:start + rank]),
+                        self._impls[impl - 1] if impl else None, storage,
+                        self._shardings[self._sharding[i]]))
 
     def summaries(self) -> tuple[list, ...]:
         """Columns ``(paths, origins, shapes, dtypes, nbytes, shardings, values)`` of every

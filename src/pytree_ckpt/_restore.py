@@ -171,6 +171,9 @@ def _is_key(dtype: Any) -> bool:
     return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)  # ~0.3 µs: per leaf, cached
 
 
+_WANT = functools.partial(tuple.__new__, Want)  # Want(*fields), all of them
+
+
 def _want(path: str, leaf: Any) -> Want:
     if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
         sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(
@@ -182,7 +185,11 @@ def _want(path: str, leaf: Any) -> Want:
             data = jax.eval_shape(jax.random.key_data, leaf)
             return Want(_leaves.PRNGKEY, np.dtype(data.dtype), tuple(data.shape), sharding,
                         impl=impl)
-        return Want(_leaves.JAX, np.dtype(leaf.dtype), tuple(leaf.shape), sharding)
+        dtype, shape = leaf.dtype, leaf.shape
+        # Per target leaf: no conversions where there is nothing to convert, and the tuple
+        # made without NamedTuple's Python-level __new__ (~3 ms of a 10,000-leaf restore).
+        return _WANT((_leaves.JAX, dtype if isinstance(dtype, np.dtype) else np.dtype(dtype),
+                      shape if type(shape) is tuple else tuple(shape), sharding, None, None))
     if isinstance(leaf, np.ndarray):
         return Want(_leaves.NUMPY, leaf.dtype, leaf.shape)
     if isinstance(leaf, np.generic):
