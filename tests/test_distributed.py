@@ -143,8 +143,9 @@ def test_background_thread_waits_without_holding_the_gil(num_processes, devices)
             assert r["broadcast"] > 0.5, records
             assert r["report"] > 0.5, records
         # The interpreter switches threads every 5 ms; a call holding the GIL through
-        # its wait would stall the main thread for ~1 s.
-        assert r["longest_stall"] < 0.3, records
+        # its wait would stall the main thread for ~1 s. (0.6 s, not less: on a loaded
+        # 2-core machine the OS alone has descheduled a process for ~0.3 s.)
+        assert r["longest_stall"] < 0.6, records
 
 
 @pytest.mark.parametrize(("num_processes", "devices"), LAYOUTS)

@@ -34,7 +34,9 @@ import pytree_ckpt as pc
 from pytree_ckpt import _format
 
 WHERE = "forged/checkpoint.msgpack"
-_SECONDS = 2.0
+# What a decode may take: milliseconds here, seconds under tracemalloc on a loaded 2-core
+# machine; a size- or count-driven blowup (what this guards against) takes minutes.
+_SECONDS = 5.0
 
 
 def _tree():
