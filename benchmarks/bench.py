@@ -22,8 +22,9 @@ Sides (`benchmarks/_sides.py`), all durable (fsynced) on the same disk:
 Protocol (`benchmarks/_timing.py`): per tree, each side runs each operation once as a
 warm-up, then `--repeats` rounds; in a round each operation runs for every side back to
 back, the side order reversed every other round; fresh directories for every save;
-`gc.collect()`, `os.sync()` and a wait until the process is idle (the previous side's
-background threads done) before each timed call. Reads hit a warm page cache (each
+`gc.collect()`, `os.sync()`, twice the tree's bytes of memory touched and freed (so
+that every call finds the same freed memory to reuse, see Memory below) and a wait until
+the process is idle (the previous side's background threads done) before each timed call. Reads hit a warm page cache (each
 side reads what it just wrote) unless `--cold`, which drops the page cache before every
 read (needs root; `echo 3 > /proc/sys/vm/drop_caches`). Reported numbers are medians.
 
@@ -51,7 +52,10 @@ Memory: in a VM with a free-page-reporting balloon (as on the machine this was w
 on), freed memory goes back to the host within seconds and costs a host page fault when
 touched again (`first_touch_gib_s` in the JSON: ~0.4 GiB/s there, slower than the disk).
 It weighs on every allocation of every side alike, per byte allocated; a restore that
-allocates its result once pays it once.
+allocates its result once pays it once. Within one process, a call is fast when the call
+before it freed as much memory as it allocates: hence the memory recycled before every
+timed call (without it, the side that restored first in a round was up to 2x slower), and
+the fresh-process timings, where every side allocates everything new.
 
 Output: a table per tree with PASS/FAIL per target, a summary, and a JSON file
 (`--out`, default `benchmarks/results/<name>.json`; the results directory is git-ignored).
