@@ -24,9 +24,10 @@ warm-up, then `--repeats` rounds; in a round each operation runs for every side 
 back, the side order reversed every other round; fresh directories for every save;
 `gc.collect()`, `os.sync()`, twice the tree's bytes of memory touched and freed (so
 that every call finds the same freed memory to reuse, see Memory below) and a wait until
-the process is idle (the previous side's background threads done) before each timed call. Reads hit a warm page cache (each
-side reads what it just wrote) unless `--cold`, which drops the page cache before every
-read (needs root; `echo 3 > /proc/sys/vm/drop_caches`). Reported numbers are medians.
+the process is idle (the previous side's background threads done) before each timed call.
+Reads hit a warm page cache (each side reads what it just wrote) unless `--cold`, which
+drops the page cache before every read (needs root; `echo 3 > /proc/sys/vm/drop_caches`).
+Reported numbers are medians.
 
 What each number means (seconds are wall-clock medians):
 - save: `save(tree, fresh_path)` until durable and committed. Orbax: `save` then
