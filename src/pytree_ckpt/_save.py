@@ -295,7 +295,7 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
             if nbytes <= PACK_BYTES and whole:
                 host = value if mine else None
                 if mine is None:  # replicated: where its replica 0 is, leaf by leaf
-                    host, on_cpu = _owned_whole(value, sharding, me)
+                    host, on_cpu = _replica_zero(value)
                 elif mine and not on_cpu and sharding is not None:
                     value.copy_to_host_async()  # overlaps the transfers of all leaves
                 if host is not None:  # this process writes it: packing copies it
@@ -326,14 +326,15 @@ def _placement(sharding: Any, me: int) -> tuple[bool, bool | None, bool, tuple |
 
     ``whole``: the array is whole on some device (packed if small). ``mine``: this process
     writes it when packed (None: a replicated array, asked leaf by leaf, see
-    :func:`_owned_whole`). ``on_cpu``: its one device is a CPU. ``described``: the
+    :func:`_replica_zero`). ``on_cpu``: its one device is a CPU. ``described``: the
     sharding as the commit file records it (None for one device)."""
     if sharding is None:
         return True, me == 0, False, None
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
         (device,) = sharding.device_set
         return True, device.process_index == me, device.platform == "cpu", None
-    return _whole_on_one_device(sharding), None, False, _describe_sharding(sharding)
+    whole = sharding.is_fully_replicated or len(sharding.device_set) == 1
+    return whole, None, False, _describe_sharding(sharding)
 
 
 _PACKED = Storage("p")  # a packed leaf's storage until its blob and offset are known
@@ -345,12 +346,6 @@ def _describe_sharding(sharding: Any) -> tuple | None:
     mesh = sharding.mesh
     spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in sharding.spec)
     return (tuple(mesh.devices.shape), tuple(mesh.axis_names), spec)
-
-
-def _whole_on_one_device(sharding: Any) -> bool:
-    """Whether an array of this sharding (None: a host value) is whole on some device."""
-    return (sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding)
-            or sharding.is_fully_replicated or len(sharding.device_set) == 1)
 
 
 def _is_cpu(x: jax.Array) -> bool:
@@ -374,24 +369,9 @@ def _host_copy(x: Any) -> Any:
     return np.array(x, copy=True, order="C")
 
 
-def _owned_whole(value: Any, sharding: Any, me: int) -> tuple[Any, bool]:
-    """``(the whole value, whether it is a jax.Array on the CPU)`` if this process writes it
-    (by packing, which copies it), else ``(None, False)``.
-
-    A process writes the replica 0 of an array; host values (``sharding`` None) are written
-    by process 0.
-    """
-    if sharding is None:
-        return (value if me == 0 else None), False
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        # The common case, without building Shard objects (~10 µs per leaf).
-        (device,) = sharding.device_set
-        if device.process_index != me:
-            return None, False
-        if device.platform != "cpu":
-            value.copy_to_host_async()  # overlaps the transfers of all leaves
-            return value, False
-        return value, True
+def _replica_zero(value: jax.Array) -> tuple[Any, bool]:
+    """``(replica 0 of a replicated array, whether it is on a CPU)`` if this process holds
+    it (and so writes it, by packing, which copies it), else ``(None, False)``."""
     for shard in value.addressable_shards:
         if shard.replica_id == 0:
             return shard.data, shard.device.platform == "cpu"
