@@ -263,8 +263,12 @@ def test_packed_leaves_are_read_in_ranges_of_one_blob():
         job("touching", 0, 100, 10),
         job("far", 0, 110 + gap + 1 + most - 4, 8),  # would take its group past _RANGE_BYTES
     ]
-    groups = [[name for name, _, _ in g] for g in _read._range_groups(jobs)]
+    ranges = list(_read._range_groups(jobs))
+    groups = [[name for name, _, _ in g] for g, _, _ in ranges]
     assert groups == [["first", "inside", "touching"], ["late"], ["far"], ["b1"]]
+    late = 110 + gap + 1
+    assert [(a, b) for _, a, b in ranges] == [
+        (0, 110), (late, late + 8), (late + most - 4, late + most + 4), (0, 10)]
     assert list(_read._range_groups([])) == []
 
 

@@ -249,20 +249,21 @@ def _read_into(source: Any, buf: np.ndarray) -> Any:
 def _read_packed(url: str, kv: Any, commit: Commit, jobs: list[Job], in_flight_most: int
                  ) -> Iterator[tuple[str, LeafRecord, Want, np.ndarray]]:
     """Yields ``(path, record, want, host array)`` for packed leaves, checksums verified."""
-    groups = list(_range_groups(jobs))
     in_flight: collections.deque = collections.deque()
-    for group in groups:
-        in_flight.append(_start_range(kv, commit, group))
+    for group, start, stop in _range_groups(jobs):
+        blob = group[0][1].storage.index
+        future = kv.read(commit.blob_key(blob), byte_range=slice(start, stop))
+        in_flight.append((start, future, group, blob))
         if len(in_flight) >= in_flight_most:
             yield from _finish_range(url, *in_flight.popleft())
     while in_flight:
         yield from _finish_range(url, *in_flight.popleft())
 
 
-def _range_groups(jobs: list[Job]) -> Iterator[list[Job]]:
-    """Jobs grouped into ranges of one blob read at once: sorted by (blob, offset), a group
-    ending where the next leaf starts over _COALESCE_GAP past the group's end or would
-    take it past _RANGE_BYTES."""
+def _range_groups(jobs: list[Job]) -> Iterator[tuple[list[Job], int, int]]:
+    """Jobs grouped into ranges of one blob read at once, as ``(jobs, start, stop)``:
+    sorted by (blob, offset), a group ending where the next leaf starts over
+    _COALESCE_GAP past the group's end or would take it past _RANGE_BYTES."""
     if not jobs:
         return
     blob = [j[1].storage.index for j in jobs]
@@ -273,7 +274,7 @@ def _range_groups(jobs: list[Job]) -> Iterator[list[Job]]:
     for i in np.lexsort((start, blob)).tolist():
         if group and (blob[i] != current or start[i] - end > _COALESCE_GAP
                       or stop[i] - first > _RANGE_BYTES):
-            yield group
+            yield group, first, end
             group = []
         if not group:
             # The group's end: the furthest any of its leaves reaches, not its last one's
@@ -281,18 +282,7 @@ def _range_groups(jobs: list[Job]) -> Iterator[list[Job]]:
             first, end, current = start[i], stop[i], blob[i]
         group.append(jobs[i])
         end = max(end, stop[i])
-    yield group
-
-
-def _end(job: Job) -> int:
-    return job[1].storage.offset + job[1].storage.nbytes
-
-
-def _start_range(kv: Any, commit: Commit, group: list[Job]) -> tuple:
-    blob = group[0][1].storage.index
-    start, stop = group[0][1].storage.offset, max(_end(j) for j in group)
-    future = kv.read(commit.blob_key(blob), byte_range=slice(start, max(stop, start)))
-    return start, future, group, blob
+    yield group, first, end
 
 
 def _finish_range(url: str, start: int, future: Any, group: list[Job], blob: int
