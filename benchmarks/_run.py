@@ -16,10 +16,9 @@ from typing import Any
 
 import _report
 import jax
-import numpy as np
 from _rss import measure_rss
 from _sides import Side
-from _timing import TreeCase, time_sides
+from _timing import TreeCase, recycle_memory, time_sides
 from _trees import leaf_count, materialize, subtree_near, tree_bytes, tree_spec
 
 CHECKPOINTERS = (_report.PC, _report.ORBAX)  # the sides whose peak RSS is measured
@@ -108,8 +107,7 @@ def _first_touch_gib_s(nbytes: int = 256 * 2**20) -> float:
     can be slower than the disk and weighs on every allocation of every side.
     """
     start = time.perf_counter()
-    fresh = np.empty(nbytes, np.uint8)
-    fresh[::4096] = 1
+    recycle_memory(nbytes)
     return nbytes / (time.perf_counter() - start) / 2**30
 
 

@@ -13,7 +13,7 @@ Before each timed call: `gc.collect()` and `os.sync()` (so no earlier writeback 
 deletion is still in flight), and with `cold=True` before each read, the page cache
 is dropped (`echo 3 > /proc/sys/vm/drop_caches`). Without `cold`, reads come from a warm
 page cache for every side alike: each side reads the checkpoint it has just written.
-Then twice the tree's bytes of memory are touched and freed (`_recycle_memory`), so
+Then twice the tree's bytes of memory are touched and freed (`recycle_memory`), so
 that every call finds the same recently freed memory to reuse, whatever ran before it.
 
 A restore is timed until every restored array is ready (`jax.block_until_ready`).
@@ -142,16 +142,16 @@ def _timed_async(side: Side, tree: Any, path: str) -> dict[str, float]:
     return {"save_async_block": blocked, "save_async_total": time.perf_counter() - start}
 
 
-def _settle(drop_cache: bool, recycle: int = 0) -> None:
+def _settle(drop_cache: bool, recycle: int) -> None:
     gc.collect()
     os.sync()
     if drop_cache:
         drop_page_cache()
-    _recycle_memory(recycle)
+    recycle_memory(recycle)
     _wait_until_idle()
 
 
-def _recycle_memory(nbytes: int) -> None:
+def recycle_memory(nbytes: int) -> None:
     """Touches `nbytes` of memory (a byte per 4 KiB page) and frees it.
 
     Where touching fresh memory is slow (in a VM whose balloon hands freed pages back to
