@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _async, _save
+from pytree_ckpt import _async, _leaves, _save
 
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 
@@ -294,7 +294,7 @@ def _packing(tree):
     from pytree_ckpt import _graph
 
     flat = _graph.flatten(jax.tree.map(
-        lambda v: jax.random.key_data(v) if _is_key(v) else v, tree))
+        lambda v: jax.random.key_data(v) if _leaves.is_prng_key(v) else v, tree))
     packing = _save._Packing()
     for path, v in zip(flat.paths, flat.leaves, strict=True):
         packing.add(path, v, np.asarray(v).nbytes, isinstance(v, jax.Array) and v.size > 0
@@ -304,10 +304,6 @@ def _packing(tree):
 
 def _placed(packing):
     return [list(packing.placed(k)) for k in range(len(packing.part_sizes))]
-
-
-def _is_key(v):
-    return isinstance(v, jax.Array) and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
 
 
 def test_a_reused_part_carries_no_byte_of_the_previous_save():
@@ -332,7 +328,7 @@ def test_saves_that_reuse_parts_restore_their_own_values(tmp_path):
         restored, _ = pc.restore(tmp_path / str(i))
         for name, value in tree.items():
             got = restored[name]
-            if _is_key(value):
+            if _leaves.is_prng_key(value):
                 value, got = jax.random.key_data(value), jax.random.key_data(got)
             assert np.asarray(got).tobytes() == np.asarray(value).tobytes(), name
     restored, _ = pc.restore(tmp_path / "again")
