@@ -37,6 +37,7 @@ _SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, con
 # every copy thread busy; 64 MiB here (2 cores) reads as fast as 128 MiB or everything.
 _BYTES_IN_FLIGHT = max(64 << 20, 4 * _SLAB_BYTES * (os.cpu_count() or 1))
 _ALIGN = 64  # the CPU backend adopts 64-byte-aligned host memory without a copy
+_ONE_DEVICE = jax.sharding.SingleDeviceSharding
 
 
 class Want(NamedTuple):
@@ -69,8 +70,15 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
         packed = [j for j in jobs if j[1].storage.kind == "p"]
         in_flight = _REMOTE_RANGES_IN_FLIGHT if remote else _RANGES_IN_FLIGHT
-        for path, rec, want, host in _read_packed(url, kv, commit, packed, in_flight):
-            out[path] = _build(rec, want, {(): host}, layouts, whole=True)
+        for group, data, start, blob in _packed_ranges(kv, commit, packed, in_flight):
+            for path, rec, want in group:
+                host = _checked(url, data, start, rec, blob)
+                if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
+                        and host.dtype == want.dtype):
+                    # The common case, without _build's dispatch: ~1.5 µs a leaf less.
+                    out[path] = _transfer.to_device(host, want.sharding, copy=True)
+                else:
+                    out[path] = _build(rec, want, {(): host}, layouts, whole=True)
         for path, rec, want, regions in zarr:
             out[path] = _build(rec, want, regions, layouts, whole=False)
         for path, rec, want in jobs:
@@ -246,18 +254,25 @@ def _read_into(source: Any, buf: np.ndarray) -> Any:
     return ts.array(buf, copy=False, write=True).write(source)
 
 
-def _read_packed(url: str, kv: Any, commit: Commit, jobs: list[Job], in_flight_most: int
-                 ) -> Iterator[tuple[str, LeafRecord, Want, np.ndarray]]:
-    """Yields ``(path, record, want, host array)`` for packed leaves, checksums verified."""
+def _packed_ranges(kv: Any, commit: Commit, jobs: list[Job], in_flight_most: int
+                   ) -> Iterator[tuple[list[Job], memoryview, int, int]]:
+    """Reads the packed leaves' ranges, a few at a time; yields each as ``(jobs, bytes,
+    offset of the bytes in the blob, blob)``, in the order issued."""
     in_flight: collections.deque = collections.deque()
     for group, start, stop in _range_groups(jobs):
         blob = group[0][1].storage.index
         future = kv.read(commit.blob_key(blob), byte_range=slice(start, stop))
-        in_flight.append((start, future, group, blob))
+        in_flight.append((group, future, start, blob))
         if len(in_flight) >= in_flight_most:
-            yield from _finish_range(url, *in_flight.popleft())
+            yield _range_read(*in_flight.popleft())
     while in_flight:
-        yield from _finish_range(url, *in_flight.popleft())
+        yield _range_read(*in_flight.popleft())
+
+
+def _range_read(group: list[Job], future: Any, start: int, blob: int
+                ) -> tuple[list[Job], memoryview, int, int]:
+    result = future.result()
+    return group, memoryview(result.value if result.state == "value" else b""), start, blob
 
 
 def _range_groups(jobs: list[Job]) -> Iterator[tuple[list[Job], int, int]]:
@@ -285,19 +300,17 @@ def _range_groups(jobs: list[Job]) -> Iterator[tuple[list[Job], int, int]]:
     yield group, first, end
 
 
-def _finish_range(url: str, start: int, future: Any, group: list[Job], blob: int
-                  ) -> Iterator[tuple[str, LeafRecord, Want, np.ndarray]]:
-    result = future.result()
-    view = memoryview(result.value if result.state == "value" else b"")
-    for path, rec, want in group:
-        s = rec.storage
-        chunk = view[s.offset - start:s.offset - start + s.nbytes]
-        if len(chunk) != s.nbytes or zlib.crc32(chunk) != s.crc:
-            raise CorruptCheckpointError(
-                f"{url}: leaf {rec.path!r}: checksum mismatch in packed blob {blob} "
-                "(the stored bytes are damaged or missing)")
-        host = np.frombuffer(chunk, dtype=_leaves.DTYPES[rec.dtype]).reshape(rec.shape)
-        yield path, rec, want, host
+def _checked(url: str, data: memoryview, start: int, rec: LeafRecord, blob: int
+             ) -> np.ndarray:
+    """A packed leaf's host array (a view of ``data``, the range read from ``start`` of
+    its blob), once its bytes match their CRC-32."""
+    s = rec.storage
+    chunk = data[s.offset - start:s.offset - start + s.nbytes]
+    if len(chunk) != s.nbytes or zlib.crc32(chunk) != s.crc:
+        raise CorruptCheckpointError(
+            f"{url}: leaf {rec.path!r}: checksum mismatch in packed blob {blob} "
+            "(the stored bytes are damaged or missing)")
+    return np.frombuffer(chunk, dtype=_leaves.DTYPES[rec.dtype]).reshape(rec.shape)
 
 
 def _as_logical(host: np.ndarray, rec: LeafRecord) -> np.ndarray:
@@ -327,16 +340,14 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
               whole: bool) -> jax.Array:
     # Packed leaves are views into a whole range of a blob: copy them (``copy=whole``), so
     # that no restored leaf keeps the range alive (that held the small-leaf tree twice).
-    if type(want.sharding) is jax.sharding.SingleDeviceSharding:
+    if type(want.sharding) is _ONE_DEVICE:
         # One device, one piece: no layout to look up (each target leaf has a sharding
         # object of its own, so _Layouts' cache misses: ~2 µs a leaf).
         (host,) = regions.values()
         host = _as_logical(host, rec)
         if host.dtype != want.dtype:
             host = host.astype(want.dtype)
-        (device,) = want.sharding.device_set
-        return _transfer.assemble(rec.shape, want.dtype, want.sharding, [host], [device],
-                                  copy=whole)
+        return _transfer.to_device(host, want.sharding, copy=whole)
     pieces, devices, given = [], [], set()
     for device, index, key in layouts(want.sharding, rec.shape):
         host = (regions[()][index] if index else regions[()]) if whole else regions[key]

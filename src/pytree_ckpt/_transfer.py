@@ -53,3 +53,13 @@ def assemble(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sha
     arrays = [jax.device_put(p, d, may_alias=not copy)
               for p, d in zip(pieces, devices, strict=True)]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def to_device(host: np.ndarray, sharding: jax.sharding.SingleDeviceSharding, *, copy: bool
+              ) -> jax.Array:
+    """``host`` as a ``jax.Array`` on the one device of ``sharding`` (``copy`` as for
+    :func:`assemble`)."""
+    device = getattr(sharding, "_device", None)  # private, and 10x faster than device_set
+    if device is None:  # pragma: no cover - depends on the jax version
+        (device,) = sharding.device_set
+    return assemble(host.shape, host.dtype, sharding, [host], [device], copy=copy)
