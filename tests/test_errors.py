@@ -2,7 +2,10 @@
 
 import os
 import pathlib
+import zlib
 
+import google_crc32c
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -100,7 +103,7 @@ def test_other_format_versions_are_refused(tmp_path, version, advice):
     magic, _, crc, body = msgpack.unpackb(commit.read_bytes())
     commit.write_bytes(msgpack.packb([magic, version, crc, body]))
     with pytest.raises(pc.FormatVersionError, match=(
-            f"format version {version}; this pytree_ckpt reads version 2 .*{advice}")):
+            f"format version {version}; this pytree_ckpt reads versions 2 to 3 .*{advice}")):
         pc.restore(path)
 
 
@@ -123,6 +126,46 @@ def test_flipped_byte_in_a_packed_leaf_names_the_leaf(tmp_path):
     # A restore that does not need the damaged leaf still works.
     tree, status = pc.restore(path, {"a": np.zeros(8)})
     np.testing.assert_array_equal(tree["a"], np.arange(8.0))
+
+
+def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeypatch):
+    # Format 2 is format 3 with zlib's CRC-32 for packed leaves: written here by the
+    # current writer told to write format 2, read by the current reader as it is.
+    import msgpack
+
+    tree = {"a": np.arange(8.0), "b": jnp.arange(8.0) * 2, "w": jnp.ones((300, 300)), "n": 7}
+    old, new = tmp_path / "old", tmp_path / "new"
+    with monkeypatch.context() as m:
+        m.setattr(_format, "FORMAT_VERSION", 2)
+        pc.save(tree, old)
+    pc.save(tree, new)
+    versions = [msgpack.unpackb((p / _format.COMMIT_FILE).read_bytes())[1] for p in (old, new)]
+    assert versions == [2, 3]
+    assert pc.metadata(old).format_version == 2 and pc.metadata(new).format_version == 3
+    # The packed bytes are the same; their checksums are of two kinds.
+    assert data_files(old, "p")[0].read_bytes() == data_files(new, "p")[0].read_bytes()
+    crcs = [_commit_crcs(p) for p in (old, new)]
+    blob = data_files(new, "p")[0].read_bytes()
+    assert crcs[0][0] == zlib.crc32(blob[:64]) and crcs[1][0] == google_crc32c.value(blob[:64])
+    for path in (old, new):
+        restored, status = pc.restore(path, tree)
+        status.assert_consumed()
+        jax.tree.map(np.testing.assert_array_equal, restored, tree)
+    flip_byte(data_files(old, "p")[0], 80)
+    with pytest.raises(pc.CorruptCheckpointError, match=r"leaf 'b': checksum mismatch"):
+        pc.restore(old)
+    # Overwriting a format-2 checkpoint replaces its data generation, as any other.
+    (gen,) = [p.name for p in old.iterdir() if p.name.startswith("d-")]
+    pc.save(tree, old, overwrite=True)
+    assert gen not in [p.name for p in old.iterdir()]
+    assert pc.metadata(old).format_version == 3
+
+
+def _commit_crcs(path):
+    import msgpack
+
+    body = msgpack.unpackb(msgpack.unpackb((path / _format.COMMIT_FILE).read_bytes())[3])
+    return np.frombuffer(body["crc"], "<u4").tolist()
 
 
 def test_missing_array_chunk_is_an_error_not_zeros(tmp_path):

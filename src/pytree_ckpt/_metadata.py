@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from . import _format, _gc, _graph, _leaves, _storage
+from . import _gc, _graph, _leaves, _storage
 from ._restore import load_commit
 
 
@@ -109,7 +109,7 @@ def _metadata(loc: _storage.Location) -> CheckpointMetadata:
                strict=True)
     leaves = dict(zip(paths, map(_LEAF, rows), strict=True))
     return CheckpointMetadata(
-        path=loc.url, format_version=_format.FORMAT_VERSION,
+        path=loc.url, format_version=commit.version,
         tree=_graph.rebuild(commit.nodes, leaves),
         leaves=leaves, node_types={n.path: n.type_name for n in commit.nodes},
         nbytes=sum(nbytes), writer=dict(commit.writer))

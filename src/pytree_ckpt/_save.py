@@ -30,7 +30,6 @@ import os
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -583,6 +582,7 @@ def _commit(loc: _storage.Location, kv: Any, snap: _Snapshot, data: str, entries
         data=data, nodes=snap.nodes, arrays=snap.n_arrays,
         blobs=tuple(sorted(sizes)), leaves=_finish_records(snap, entries, sorted(sizes)),
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
+        version=_format.FORMAT_VERSION,
     )
     written = _storage.write_key(loc, kv, COMMIT_FILE, _format.encode(commit), if_equal=seen)
     if not written.generation:  # TensorStore's answer to a failed condition
@@ -601,7 +601,7 @@ def _commit(loc: _storage.Location, kv: Any, snap: _Snapshot, data: str, entries
 
 def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> list[tuple]:
     """Writes this process's chunks and packed parts; returns its packed leaves as
-    ``(path, process, part, offset, nbytes, crc32)``."""
+    ``(path, process, part, offset, nbytes, checksum)``."""
     opens = []
     for w in snap.arrays:
         spec = _storage.array_spec(w.shape, w.chunks, w.stored_dtype)
@@ -610,6 +610,7 @@ def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> 
                                                  create=primary)))
     futures: list = []
     entries = []
+    crc = _format.LEAF_CRC[_format.FORMAT_VERSION]
     in_flight: collections.deque = collections.deque()
     try:
         for w, opening in opens:
@@ -626,10 +627,10 @@ def _write_data(kv: Any, data: str, snap: _Snapshot, me: int, primary: bool) -> 
             if not snap.copied:
                 buffer = _resized(spare.pop(), size) if spare else bytearray(size)
                 part = _fill(buffer, snap.packing, k)
-            view = memoryview(part)
-            entries += [(path, me, k, off, n, zlib.crc32(view[off:off + n]))
+            view = np.frombuffer(part, np.uint8)
+            entries += [(path, me, k, off, n, crc(view[off:off + n]))
                         for path, off, n in snap.packing.placed(k)]
-            del view
+            del view  # a part with a view cannot be resized for the next save
             in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part), buffer))
             if len(in_flight) >= _PARTS_IN_FLIGHT:
                 _finish_part(snap, spare, *in_flight.popleft())
