@@ -37,7 +37,7 @@ import jax
 import msgpack
 import numpy as np
 
-from . import _async, _distributed, _format, _gc, _graph, _leaves, _storage
+from . import _async, _distributed, _format, _gc, _graph, _leaves, _storage, _transfer
 from ._errors import (
     CheckpointExistsError,
     NotACheckpointError,
@@ -270,9 +270,12 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
     kinds, jax_dtypes, JAX = _leaves.ARRAY_KINDS, _leaves.JAX_DTYPES, _leaves.JAX  # noqa: N806
     PY, PRNGKEY, NUMPY, NPSCALAR = (  # noqa: N806
         _leaves.PY, _leaves.PRNGKEY, _leaves.NUMPY, _leaves.NPSCALAR)
-    # id(sharding) -> (sharding, *_placement(...)): holding the sharding keeps its id from
-    # being reused (a PRNG key's data is a new array, and may be dropped at once).
-    placement: dict[int, tuple] = {}
+    # id(sharding), or the device of a one-device sharding -> (sharding, *_placement(...)):
+    # holding the sharding keeps its id from being reused (a PRNG key's data is a new
+    # array, and may be dropped at once). Arrays made one by one each have a sharding
+    # object of their own: keyed by id alone, every leaf would miss (~0.5 µs each).
+    placement: dict[Any, tuple] = {}
+    one_device, device_of = jax.sharding.SingleDeviceSharding, _transfer.device_of
     with _gc.paused():
         flat = _graph.flatten(tree, treedef=False)
         for path, leaf in zip(flat.paths, flat.leaves, strict=True):
@@ -287,9 +290,10 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
                 value = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
             nbytes = prod(shape) * itemsizes[dtype]
             sharding = None if origin is NUMPY or origin is NPSCALAR else value.sharding
-            where = placement.get(id(sharding))
+            key = device_of(sharding) if type(sharding) is one_device else id(sharding)
+            where = placement.get(key)
             if where is None:
-                where = placement[id(sharding)] = (sharding, *_placement(sharding, me))
+                where = placement[key] = (sharding, *_placement(sharding, me))
             _, whole, mine, on_cpu, described = where
             if nbytes <= PACK_BYTES and whole:
                 host = value if mine else None
