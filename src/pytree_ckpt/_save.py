@@ -310,11 +310,12 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
                 stored = _stored_dtype(dtype)
                 index = len(arrays)
                 arrays.append(_ArrayWrite(index, shape, chunks, stored,
-                                          _owned_shards(value, me, copy)))
+                                          _owned_shards(value, me)))
                 storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
             records.append((path, origin, dtype, shape, impl, storage, described))
         parts = [None] * len(packing.part_sizes)
         if copy:
+            _copy_shards(arrays)
             parts = _pack(packing)
             packing.values.clear()  # copied: hold none of the caller's arrays
     return _Snapshot(tuple(flat.nodes), records, arrays, len(arrays), packing, parts, copy)
@@ -381,20 +382,29 @@ def _replica_zero(value: jax.Array) -> tuple[Any, bool]:
     return None, False
 
 
-def _owned_shards(value: Any, me: int, copy: bool = True
-                  ) -> list[tuple[tuple[slice, ...], Any]]:
-    """(index, host copy, or with ``copy`` False the shard itself) of every shard this
-    process writes: replica 0 of each region."""
-    keep = _host_copy if copy else (lambda x: x)
+def _owned_shards(value: Any, me: int) -> list[tuple[tuple[slice, ...], Any]]:
+    """(index, shard) of every shard this process writes: replica 0 of each region."""
     if not isinstance(value, jax.Array):
-        if me != 0:
-            return []
-        return [(tuple(slice(None) for _ in np.shape(value)), keep(value))]
+        return [(tuple(slice(None) for _ in np.shape(value)), value)] if me == 0 else []
     owned = [s for s in value.addressable_shards if s.replica_id == 0]
     for s in owned:
         if s.device.platform != "cpu":
             s.data.copy_to_host_async()  # overlaps the transfers of all shards
-    return [(s.index, keep(s.data)) for s in owned]
+    return [(s.index, s.data) for s in owned]
+
+
+def _copy_shards(arrays: list[_ArrayWrite]) -> None:
+    """Replaces every shard in ``arrays`` by its host copy (see :func:`_host_copy`); the
+    copies of CPU arrays are dispatched to XLA in one batch (150 arrays of a training
+    state: ~4 ms of the caller's time, one by one ~10 ms)."""
+    places = [(w.shards, i) for w in arrays for i in range(len(w.shards))]
+    cpu = [k for k, (shards, i) in enumerate(places)
+           if isinstance(shards[i][1], jax.Array) and _is_cpu(shards[i][1])]
+    copies = dict(zip(cpu, jax.device_put([places[k][0][places[k][1]][1] for k in cpu],
+                                          may_alias=False), strict=True))
+    for k, (shards, i) in enumerate(places):
+        index, shard = shards[i]
+        shards[i] = (index, copies[k] if k in copies else _host_copy(shard))
 
 
 def _shard_shape(value: Any) -> tuple[int, ...]:
