@@ -308,7 +308,7 @@ def test_a_synchronous_save_copies_nothing_up_front_and_packs_as_it_writes(tmp_p
     def no_copy(*args):
         raise AssertionError("a synchronous save made a snapshot copy")
 
-    monkeypatch.setattr(_save, "_host_copy", no_copy)
+    monkeypatch.setattr(_save, "_copy_shards", no_copy)
     monkeypatch.setattr(_save._pool, "take", no_copy)
     monkeypatch.setattr(_save, "PART_BYTES", 1000)  # many parts, of several sizes
     rng = np.random.default_rng(0)

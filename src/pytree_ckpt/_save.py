@@ -3,7 +3,7 @@
 A save has three phases:
 
 1. **Snapshot** (the only part ``save_async`` waits for): flatten the tree, classify every
-   leaf, and copy the shards this process owns to host memory (see ``_host_copy``). Small
+   leaf, and copy the shards this process owns to host memory (see ``_copy_shards``). Small
    leaves are copied straight into this process's packed blobs. After this the caller may
    donate, mutate or delete its arrays.
 2. **Write** (background): every zarr3 chunk concurrently, and the packed blobs a few at a
@@ -60,7 +60,7 @@ class _ArrayWrite(NamedTuple):
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     stored_dtype: str
-    shards: list[tuple[tuple[slice, ...], Any]]  # (index, host copy: see _host_copy)
+    shards: list[tuple[tuple[slice, ...], Any]]  # (index, host copy: see _copy_shards)
 
 
 class _Packing:
@@ -356,23 +356,6 @@ def _is_cpu(x: jax.Array) -> bool:
     return all(d.platform == "cpu" for d in x.sharding.device_set)
 
 
-def _host_copy(x: Any) -> Any:
-    """A copy in host memory that shares nothing with ``x``.
-
-    On the CPU, device memory is host memory: the copy is an XLA op, dispatched
-    asynchronously (the caller does not wait for 1 GiB to be copied) and read in the
-    background as a NumPy view of the copy's own buffer. ``np.asarray(x)`` itself would be
-    a view of ``x``'s buffer: donating ``x`` would corrupt it (and holding it stops XLA
-    from donating). On an accelerator, a device-to-host transfer.
-    """
-    if isinstance(x, jax.Array):
-        # device_put returns at once (the copy is XLA's, async, and a later computation that
-        # donates x waits for it); jnp.array(x, copy=True) ran the copy before returning
-        # (16 arrays of 64 MiB: ~0.5 s of the caller's time, mostly first touching memory).
-        return jax.device_put(x, may_alias=False) if _is_cpu(x) else np.asarray(x)
-    return np.array(x, copy=True, order="C")
-
-
 def _replica_zero(value: jax.Array) -> tuple[Any, bool]:
     """``(replica 0 of a replicated array, whether it is on a CPU)`` if this process holds
     it (and so writes it, by packing, which copies it), else ``(None, False)``."""
@@ -394,17 +377,31 @@ def _owned_shards(value: Any, me: int) -> list[tuple[tuple[slice, ...], Any]]:
 
 
 def _copy_shards(arrays: list[_ArrayWrite]) -> None:
-    """Replaces every shard in ``arrays`` by its host copy (see :func:`_host_copy`); the
-    copies of CPU arrays are dispatched to XLA in one batch (150 arrays of a training
-    state: ~4 ms of the caller's time, one by one ~10 ms)."""
-    places = [(w.shards, i) for w in arrays for i in range(len(w.shards))]
-    cpu = [k for k, (shards, i) in enumerate(places)
-           if isinstance(shards[i][1], jax.Array) and _is_cpu(shards[i][1])]
-    copies = dict(zip(cpu, jax.device_put([places[k][0][places[k][1]][1] for k in cpu],
-                                          may_alias=False), strict=True))
-    for k, (shards, i) in enumerate(places):
-        index, shard = shards[i]
-        shards[i] = (index, copies[k] if k in copies else _host_copy(shard))
+    """Replaces every shard in ``arrays`` by a copy in host memory that shares nothing with it.
+
+    On the CPU, device memory is host memory: the copies are XLA ops, dispatched
+    asynchronously and in one batch (the caller does not wait for 1 GiB to be copied; the
+    150 arrays of a training state take ~4 ms, one by one ~10 ms), and read in the
+    background as NumPy views of the copies' own buffers. ``np.asarray(x)`` itself would be
+    a view of ``x``'s buffer: donating ``x`` would corrupt it (and holding it stops XLA
+    from donating). From an accelerator, a device-to-host transfer; host values, a copy.
+    """
+    shards = [(owner, i, *owner[i]) for owner in (w.shards for w in arrays)
+              for i in range(len(owner))]  # (its list, its place there, index, shard)
+    on_cpu = [k for k, (*_, x) in enumerate(shards)
+              if isinstance(x, jax.Array) and _is_cpu(x)]
+    # device_put returns at once (a later computation that donates x waits for the copy);
+    # jnp.array(x, copy=True) ran the copy before returning (16 arrays of 64 MiB: ~0.5 s
+    # of the caller's time, mostly first touching memory).
+    copies = dict(zip(on_cpu, jax.device_put([shards[k][3] for k in on_cpu], may_alias=False),
+                      strict=True))
+    for k, (owner, i, index, x) in enumerate(shards):
+        if k in copies:
+            owner[i] = (index, copies[k])
+        elif isinstance(x, jax.Array):
+            owner[i] = (index, np.asarray(x))
+        else:
+            owner[i] = (index, np.array(x, copy=True, order="C"))
 
 
 def _shard_shape(value: Any) -> tuple[int, ...]:
