@@ -13,8 +13,13 @@ Before each timed call: `gc.collect()` and `os.sync()` (so no earlier writeback 
 deletion is still in flight), and with `cold=True` before each read, the page cache
 is dropped (`echo 3 > /proc/sys/vm/drop_caches`). Without `cold`, reads come from a warm
 page cache for every side alike: each side reads the checkpoint it has just written.
-Then twice the tree's bytes of memory are touched and freed (`recycle_memory`), so
-that every call finds the same recently freed memory to reuse, whatever ran before it.
+Before the operations that allocate about the tree's size (save, restore, save_async),
+twice the tree's bytes of memory are touched and freed (`recycle_memory`), so that every
+such call finds the same recently freed memory to reuse, whatever ran before it. Not
+before `metadata()` and `restore_at`, which allocate little: on the VM this was written
+on, touching and freeing gigabytes made the next few-millisecond call stall for ~100 ms
+now and then (an at= restore of the train tree, 12 calls each way: 1-2 over 40 ms with
+the recycling, 0 without), whichever side it was.
 
 A restore is timed until every restored array is ready (`jax.block_until_ready`).
 """
@@ -39,6 +44,7 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 # Operations in the order they run within a repeat; async saves report two numbers.
 TIMED_OPS = ("save", "restore", "metadata", "restore_at", "save_async")
+RECYCLED_OPS = ("save", "restore", "save_async")  # those that allocate about the tree's size
 ASYNC_PARTS = ("save_async_block", "save_async_total")
 
 Runs = dict[str, dict[str, list[float]]]  # side -> operation -> seconds per repeat
@@ -93,7 +99,8 @@ def _one_round(
         for side in order:
             if op not in side.ops or (op == "restore_at" and case.subtree is None):
                 continue
-            _settle(drop_cache=cold and op not in ("save", "save_async"), recycle=recycle)
+            _settle(drop_cache=cold and op not in ("save", "save_async"),
+                    recycle=recycle if op in RECYCLED_OPS else 0)
             for key, seconds in timers[op](side).items():
                 if record:
                     runs[side.name][key].append(seconds)

@@ -55,8 +55,9 @@ touched again (`first_touch_gib_s` in the JSON: ~0.4 GiB/s there, slower than th
 It weighs on every allocation of every side alike, per byte allocated; a restore that
 allocates its result once pays it once. Within one process, a call is fast when the call
 before it freed as much memory as it allocates: hence the memory recycled before every
-timed call (without it, the side that restored first in a round was up to 2x slower), and
-the fresh-process timings, where every side allocates everything new.
+timed save and restore (without it, the side that restored first in a round was up to 2x
+slower), and the fresh-process timings, where every side allocates everything new.
+Short calls (metadata, at=) get no recycling: it made them stall now and then.
 
 Output: a table per tree with PASS/FAIL per target, a summary, and a JSON file
 (`--out`, default `benchmarks/results/<name>.json`; the results directory is git-ignored).
