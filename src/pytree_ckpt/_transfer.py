@@ -3,7 +3,9 @@
 ``jax.device_put`` costs ~40-80 µs per leaf here and ``make_array_from_single_device_arrays``
 more on top; ``batched_device_put`` builds the global array from its per-device host pieces
 in one call, ~9 µs per leaf (NOTES.md). At 10,000 leaves that is most of a restore. It is
-private, so every use is here, with the public API as the fallback if it moves.
+private, so every use is here, with the public API as the fallback if it moves; so is
+:func:`device_of`, which reads a one-device sharding's private ``_device`` (saves and
+restores ask it once per leaf).
 
 Host pieces that are 64-byte aligned are adopted without a copy on the CPU (zero-copy host
 buffer semantics); the restore path allocates its read buffers that way.
