@@ -22,9 +22,10 @@ Sides (`benchmarks/_sides.py`), all durable (fsynced) on the same disk:
 Protocol (`benchmarks/_timing.py`): per tree, each side runs each operation once as a
 warm-up, then `--repeats` rounds; in a round each operation runs for every side back to
 back, the side order reversed every other round; fresh directories for every save;
-`gc.collect()`, `os.sync()`, twice the tree's bytes of memory touched and freed (so
-that every call finds the same freed memory to reuse, see Memory below) and a wait until
-the process is idle (the previous side's background threads done) before each timed call.
+`gc.collect()`, `os.sync()` and a wait until the process is idle (the previous side's
+background threads done) before each timed call, and before each save and restore twice
+the tree's bytes of memory touched and freed (so that every such call finds the same freed
+memory to reuse, see Memory below).
 Reads hit a warm page cache (each side reads what it just wrote) unless `--cold`, which
 drops the page cache before every read (needs root; `echo 3 > /proc/sys/vm/drop_caches`).
 Reported numbers are medians.
