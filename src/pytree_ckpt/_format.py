@@ -132,7 +132,7 @@ class Commit(NamedTuple):
     blobs: tuple[tuple[int, int, int], ...]  # (process, part, nbytes)
     arrays: int
     writer: dict[str, Any]
-    version: int = FORMAT_VERSION  # the format it is read as / written in
+    version: int  # the format it is read as / written in
 
     def blob_key(self, blob: int) -> str:
         proc, part, _ = self.blobs[blob]

@@ -100,7 +100,7 @@ class _Layouts:
         key = (id(sharding), shape)  # the wants keep every sharding alive meanwhile
         if key not in self._cache:
             if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-                (device,) = sharding.device_set
+                device = _transfer.device_of(sharding)
                 whole = tuple(slice(0, d) for d in shape)
                 self._cache[key] = [(device, whole, _region_key(whole, shape))]
             else:

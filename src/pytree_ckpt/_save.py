@@ -335,7 +335,7 @@ def _placement(sharding: Any, me: int) -> tuple[bool, bool | None, bool, tuple |
     if sharding is None:
         return True, me == 0, False, None
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        (device,) = sharding.device_set
+        device = _transfer.device_of(sharding)
         return True, device.process_index == me, device.platform == "cpu", None
     whole = sharding.is_fully_replicated or len(sharding.device_set) == 1
     return whole, None, False, _describe_sharding(sharding)
