@@ -254,22 +254,22 @@ def test_packed_leaves_are_read_in_ranges_of_one_blob():
         return (name, _format.LeafRecord(name, "jax", "uint8", (nbytes,), None, storage, None),
                 None)
 
-    gap, most = _read._COALESCE_GAP, _read._RANGE_BYTES
+    gap, most = _read._COALESCE_GAP, 1 << 20
     jobs = [
         job("late", 0, 110 + gap + 1, 8),  # more than the gap past the group's furthest end
         job("b1", 1, 0, 10),  # another blob: never in a group with blob 0's leaves
         job("inside", 0, 50, 10),  # overlaps "first" (a forged layout): same group
         job("first", 0, 0, 100),
         job("touching", 0, 100, 10),
-        job("far", 0, 110 + gap + 1 + most - 4, 8),  # would take its group past _RANGE_BYTES
+        job("far", 0, 110 + gap + 1 + most - 4, 8),  # would take its group past `most`
     ]
-    ranges = list(_read._range_groups(jobs))
+    ranges = list(_read._range_groups(jobs, most))
     groups = [[name for name, _, _ in g] for g, _, _ in ranges]
     assert groups == [["first", "inside", "touching"], ["late"], ["far"], ["b1"]]
     late = 110 + gap + 1
     assert [(a, b) for _, a, b in ranges] == [
         (0, 110), (late, late + 8), (late + most - 4, late + most + 4), (0, 10)]
-    assert list(_read._range_groups([])) == []
+    assert list(_read._range_groups([], most)) == []
 
 
 def test_large_single_device_arrays_are_read_in_slabs_exactly(tmp_path):

@@ -3,7 +3,7 @@
 Zarr arrays are read region by region, each device's region straight into a 64-byte-aligned
 buffer that the CPU backend adopts without a copy, a window of slabs in flight at a time
 (see :class:`_ZarrReads`). Packed small leaves are read as byte ranges of their blobs (nearby ranges
-coalesced), a few ranges in flight at a time, each checked against its CRC-32 and turned
+coalesced), a few ranges in flight at a time, each leaf checked against its checksum and turned
 into leaves before its bytes are dropped, so a restore holds little beyond the tree itself.
 """
 
@@ -24,13 +24,23 @@ from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
 
 _COALESCE_GAP = 256 << 10  # nearby packed ranges are read as one: fewer requests
-_RANGE_BYTES = 1 << 20  # ...up to about this size each
-# Ranges read at a time: each is held until its leaves are built. From a local disk, 4 of
-# 1 MiB restore the small-leaf tree faster than 4 of 4 MiB did (263 vs 287 ms) and peak
-# 0.25x of the tree lower; an object store answers each request after a round trip, so
-# more go at once there (the same 16 MiB as before).
-_RANGES_IN_FLIGHT = 4
-_REMOTE_RANGES_IN_FLIGHT = 16
+
+
+class _Ranges(NamedTuple):
+    """How packed leaves are read: ranges of up to ``most`` bytes, ``in_flight`` at a time
+    (each is held until its leaves are built)."""
+
+    most: int
+    in_flight: int
+
+
+# From a local disk, reading is cheap and new memory is not (this VM faults each new page in
+# from the host): glibc serves ranges of 256 KiB from memory it reuses, where ranges of 1 MiB
+# came from fresh pages every time (~24,000 page faults per restore of the small-leaf tree,
+# ~0 now: 232 -> 188 ms, medians of 11, 2 MiB in flight instead of 4). An object store answers
+# each request after a round trip, so there fewer, larger ranges go, more at once.
+_LOCAL_RANGES = _Ranges(most=256 << 10, in_flight=8)
+_REMOTE_RANGES = _Ranges(most=1 << 20, in_flight=16)
 _SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, concurrently
 # Of zarr slabs issued and not yet waited for (see _ZarrReads): a few slabs per core keep
 # every copy thread busy; 64 MiB here (2 cores) reads as fast as 128 MiB or everything.
@@ -60,7 +70,7 @@ def default_device() -> jax.Device:
 def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False
                 ) -> dict[str, Any]:
     """Reads every job's data and returns the restored leaves by target path (``remote``:
-    from an object store, see :data:`_REMOTE_RANGES_IN_FLIGHT`)."""
+    from an object store, see :data:`_REMOTE_RANGES`)."""
     out: dict[str, Any] = {}
     layouts = _Layouts()
     with _gc.paused():
@@ -68,9 +78,9 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                           layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
         packed = [j for j in jobs if j[1].storage.kind == "p"]
-        in_flight = _REMOTE_RANGES_IN_FLIGHT if remote else _RANGES_IN_FLIGHT
+        policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
         crc = _format.LEAF_CRC[commit.version]
-        for group, data, start, blob in _packed_ranges(kv, commit, packed, in_flight):
+        for group, data, start, blob in _packed_ranges(kv, commit, packed, policy):
             for path, rec, want in group:
                 host = _checked(url, data, start, rec, blob, crc)
                 if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
@@ -254,16 +264,16 @@ def _read_into(source: Any, buf: np.ndarray) -> Any:
     return ts.array(buf, copy=False, write=True).write(source)
 
 
-def _packed_ranges(kv: Any, commit: Commit, jobs: list[Job], in_flight_most: int
+def _packed_ranges(kv: Any, commit: Commit, jobs: list[Job], policy: _Ranges
                    ) -> Iterator[tuple[list[Job], memoryview, int, int]]:
     """Reads the packed leaves' ranges, a few at a time; yields each as ``(jobs, bytes,
     offset of the bytes in the blob, blob)``, in the order issued."""
     in_flight: collections.deque = collections.deque()
-    for group, start, stop in _range_groups(jobs):
+    for group, start, stop in _range_groups(jobs, policy.most):
         blob = group[0][1].storage.index
         future = kv.read(commit.blob_key(blob), byte_range=slice(start, stop))
         in_flight.append((group, future, start, blob))
-        if len(in_flight) >= in_flight_most:
+        if len(in_flight) >= policy.in_flight:
             yield _range_read(*in_flight.popleft())
     while in_flight:
         yield _range_read(*in_flight.popleft())
@@ -275,10 +285,10 @@ def _range_read(group: list[Job], future: Any, start: int, blob: int
     return group, memoryview(result.value if result.state == "value" else b""), start, blob
 
 
-def _range_groups(jobs: list[Job]) -> Iterator[tuple[list[Job], int, int]]:
+def _range_groups(jobs: list[Job], most: int) -> Iterator[tuple[list[Job], int, int]]:
     """Jobs grouped into ranges of one blob read at once, as ``(jobs, start, stop)``:
     sorted by (blob, offset), a group ending where the next leaf starts over
-    _COALESCE_GAP past the group's end or would take it past _RANGE_BYTES."""
+    _COALESCE_GAP past the group's end or would take it past ``most`` bytes."""
     if not jobs:
         return
     blob = [j[1].storage.index for j in jobs]
@@ -288,7 +298,7 @@ def _range_groups(jobs: list[Job]) -> Iterator[tuple[list[Job], int, int]]:
     first = end = current = 0
     for i in np.lexsort((start, blob)).tolist():
         if group and (blob[i] != current or start[i] - end > _COALESCE_GAP
-                      or stop[i] - first > _RANGE_BYTES):
+                      or stop[i] - first > most):
             yield group, first, end
             group = []
         if not group:
