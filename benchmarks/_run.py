@@ -17,29 +17,26 @@ from typing import Any
 import _report
 import jax
 from _rss import measure_rss
-from _sides import Side
-from _timing import TreeCase, recycle_memory, time_sides
-from _trees import leaf_count, materialize, subtree_near, tree_bytes, tree_spec
+from _timing import recycle_memory, time_sides
+from _trees import leaf_count, subtree_near, tree_bytes, tree_spec
 
 CHECKPOINTERS = (_report.PC, _report.ORBAX)  # the sides whose peak RSS is measured
 
 
 def benchmark_tree(
-    name: str, sides: Sequence[Side], *, repeats: int, smoke: bool, workdir: str, cold: bool
+    name: str, sides: Sequence[str], *, repeats: int, smoke: bool, workdir: str, cold: bool
 ) -> dict[str, Any]:
     """Every number for one tree, as the JSON record of that tree."""
     spec = tree_spec(name, smoke)
-    case = TreeCase(materialize(spec), spec, subtree_near(spec))
     tree_dir = os.path.join(workdir, name)
-    timings = time_sides(case, sides, repeats, tree_dir, cold)
-    del case  # the tree's memory is free before the RSS workers start
+    timings = time_sides(name, smoke, sides, repeats, tree_dir, cold)
     rss = _measure_rss(name, sides, timings.last_checkpoints, smoke, tree_dir)
     shutil.rmtree(tree_dir)
     return _record(name, spec, timings.runs, rss, repeats, cold)
 
 
 def _measure_rss(
-    name: str, sides: Sequence[Side], checkpoints: dict[str, str], smoke: bool, tree_dir: str
+    name: str, sides: Sequence[str], checkpoints: dict[str, str], smoke: bool, tree_dir: str
 ) -> dict[str, dict[str, dict]]:
     """Save and restore RSS per checkpointer, one worker process each.
 
@@ -47,7 +44,7 @@ def _measure_rss(
     trees, where they run side by side to keep the smoke run short.
     """
     jobs = {}
-    for side in (s.name for s in sides if s.name in CHECKPOINTERS):
+    for side in (s for s in sides if s in CHECKPOINTERS):
         fresh = os.path.join(tree_dir, f"rss-save-{side}")
         jobs[side, "save"] = (side, "save", name, fresh, smoke)
         jobs[side, "restore"] = (side, "restore", name, checkpoints[side], smoke)

@@ -1,5 +1,8 @@
 """The timing protocol for one tree.
 
+Each side runs in a worker process of its own, for this tree only (`_side_process`: what
+one library leaves in a process slows the next one's Python there); this module drives
+the workers from the benchmark's process and, inside a worker, times one call.
 Every side runs every operation once as a warm-up (not recorded, and checked: each
 restore must give back the saved values on the target's shardings, so no side is timed
 doing less than the others), then `repeats` times.
@@ -9,9 +12,10 @@ has been busy. Every save goes into a fresh directory; every checkpoint is delet
 its repeat is done (outside the timing), except the last one of each side, which the
 RSS workers restore.
 
-Before each timed call: `gc.collect()` and `os.sync()` (so no earlier writeback or
-deletion is still in flight), and with `cold=True` before each read, the page cache
-is dropped (`echo 3 > /proc/sys/vm/drop_caches`). Without `cold`, reads come from a warm
+Before each timed call: `gc.collect()`, `os.sync()` (so no earlier writeback or
+deletion is still in flight) and a wait until the machine's CPUs are idle, and with
+`cold=True` before each read, the page cache is dropped
+(`echo 3 > /proc/sys/vm/drop_caches`). Without `cold`, reads come from a warm
 page cache for every side alike: each side reads the checkpoint it has just written.
 Before the operations that allocate about the tree's size (save, restore, save_async),
 twice the tree's bytes of memory are touched and freed (`recycle_memory`), so that every
@@ -37,8 +41,9 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from _side_process import SideProcess
 from _sides import Side
-from _trees import Subtree, subtree_of, tree_bytes
+from _trees import Subtree, subtree_near, subtree_of, tree_bytes, tree_spec
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -64,52 +69,68 @@ class Timings(NamedTuple):
     last_checkpoints: dict[str, str]  # side -> path of its last saved checkpoint
 
 
-def time_sides(case: TreeCase, sides: Sequence[Side], repeats: int, workdir: str, cold: bool) -> Timings:
-    """Warm up every side once, then time `repeats` alternating rounds."""
+def time_sides(tree: str, smoke: bool, side_names: Sequence[str], repeats: int, workdir: str,
+               cold: bool) -> Timings:
+    """Warm up every side once, then time `repeats` alternating rounds, each side in a
+    worker process of its own (see `_side_process`)."""
+    spec = tree_spec(tree, smoke)
+    has_subtree = subtree_near(spec) is not None
     runs: Runs = defaultdict(lambda: defaultdict(list))
-    for side in sides:
-        side.prepare(case.tree)
-    recycle = 2 * tree_bytes(case.spec)
-    previous_root = None
-    for repeat in range(-1, repeats):
-        print(
-            f"  {workdir}: {'warm-up' if repeat < 0 else f'round {repeat + 1}/{repeats}'}",
-            file=sys.stderr,
-            flush=True,
-        )
-        order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
-        root = f"{workdir}/round{repeat + 1}"
-        checkpoints = _one_round(case, order, root, cold, runs, recycle, record=repeat >= 0)
-        if previous_root:
-            _remove(previous_root)
-        previous_root = root
-    for side in sides:
-        side.release()
+    sides = [SideProcess(name, tree, smoke) for name in side_names]  # they start together
+    try:
+        for side in sides:
+            side.ready()
+        recycle = 2 * tree_bytes(spec)
+        previous_root = None
+        for repeat in range(-1, repeats):
+            print(
+                f"  {workdir}: {'warm-up' if repeat < 0 else f'round {repeat + 1}/{repeats}'}",
+                file=sys.stderr,
+                flush=True,
+            )
+            order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
+            root = f"{workdir}/round{repeat + 1}"
+            checkpoints = _one_round(order, has_subtree, root, cold, runs, recycle,
+                                     record=repeat >= 0)
+            if previous_root:
+                _remove(previous_root)
+            previous_root = root
+    finally:
+        for side in sides:
+            side.close()
     return Timings({k: dict(v) for k, v in runs.items()}, checkpoints)
 
 
 def _one_round(
-    case: TreeCase, order: list[Side], root: str, cold: bool, runs: Runs, recycle: int,
-    record: bool,
+    order: list[SideProcess], has_subtree: bool, root: str, cold: bool, runs: Runs,
+    recycle: int, record: bool,
 ) -> dict[str, str]:
     os.makedirs(root)
     paths = {side.name: os.path.join(root, side.name) for side in order}
-    timers = _timers(case, paths, check=not record)
     for op in TIMED_OPS:
         for side in order:
-            if op not in side.ops or (op == "restore_at" and case.subtree is None):
+            if op not in side.ops or (op == "restore_at" and not has_subtree):
                 continue
-            _settle(drop_cache=cold and op not in ("save", "save_async"),
-                    recycle=recycle if op in RECYCLED_OPS else 0)
-            for key, seconds in timers[op](side).items():
+            seconds = side.run(op, paths[side.name], check=not record,
+                               drop_cache=cold and op not in ("save", "save_async"),
+                               recycle=recycle if op in RECYCLED_OPS else 0)
+            for key, value in seconds.items():
                 if record:
-                    runs[side.name][key].append(seconds)
+                    runs[side.name][key].append(value)
     for side in order:
         _remove(paths[side.name] + "-async")
     return paths
 
 
-def _timers(case: TreeCase, paths: dict[str, str], check: bool) -> dict[str, Timer]:
+def run_op(side: Side, case: TreeCase, op: str, path: str, *, check: bool, recycle: int,
+           drop_cache: bool) -> dict[str, float]:
+    """In a side's worker: settles, then times `op` (checking a restore's values if
+    `check`); `{key: seconds}`."""
+    settle(drop_cache, recycle)
+    return _timers(case, path, check)[op](side)
+
+
+def _timers(case: TreeCase, path: str, check: bool) -> dict[str, Timer]:
     """For each operation, a function timing it on one side (checking restores if `check`)."""
     subtree = case.subtree and subtree_of(case.tree, case.subtree.path)
 
@@ -117,15 +138,15 @@ def _timers(case: TreeCase, paths: dict[str, str], check: bool) -> dict[str, Tim
         return (lambda restored: side.check(restored, expected)) if check else None
 
     return {
-        "save": lambda s: {"save": _timed(s.save, case.tree, paths[s.name])},
+        "save": lambda s: {"save": _timed(s.save, case.tree, path)},
         "restore": lambda s: {
-            "restore": _timed(s.restore, paths[s.name], case.spec, check=checker(s, case.tree))
+            "restore": _timed(s.restore, path, case.spec, check=checker(s, case.tree))
         },
-        "metadata": lambda s: {"metadata": _timed(s.metadata, paths[s.name])},
+        "metadata": lambda s: {"metadata": _timed(s.metadata, path)},
         "restore_at": lambda s: {
-            "restore_at": _timed(s.restore_at, paths[s.name], case.subtree, check=checker(s, subtree))
+            "restore_at": _timed(s.restore_at, path, case.subtree, check=checker(s, subtree))
         },
-        "save_async": lambda s: _timed_async(s, case.tree, paths[s.name] + "-async"),
+        "save_async": lambda s: _timed_async(s, case.tree, path + "-async"),
     }
 
 
@@ -149,7 +170,8 @@ def _timed_async(side: Side, tree: Any, path: str) -> dict[str, float]:
     return {"save_async_block": blocked, "save_async_total": time.perf_counter() - start}
 
 
-def _settle(drop_cache: bool, recycle: int) -> None:
+def settle(drop_cache: bool, recycle: int) -> None:
+    """What every timed call starts from (see the module's docstring)."""
     gc.collect()
     os.sync()
     if drop_cache:
@@ -173,16 +195,25 @@ def recycle_memory(nbytes: int) -> None:
         del block
 
 
-def _wait_until_idle(window: float = 0.05, most: float = 3.0) -> None:
-    """Waits (up to `most` seconds) until this process's threads use under a tenth of a
-    core: one side's background threads (thread pools finishing, asyncio loops winding
-    down) otherwise take the 2 cores from the next side's timed operation."""
+def _wait_until_idle(window: float = 0.1, most: float = 3.0) -> None:
+    """Waits (up to `most` seconds) until the machine's CPUs are under a tenth busy over
+    `window`: a side's background threads (thread pools finishing, asyncio loops winding
+    down), in its worker or another, otherwise take the cores from the next timed call."""
     deadline = time.perf_counter() + most
     while time.perf_counter() < deadline:
-        cpu = time.process_time()
+        busy, total = _cpu_jiffies()
         time.sleep(window)
-        if time.process_time() - cpu < window / 10:
+        busy2, total2 = _cpu_jiffies()
+        if busy2 - busy <= (total2 - total) / 10:
             return
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
 
 
 def drop_page_cache() -> None:
