@@ -1,7 +1,8 @@
 """Hand-picked forgeries of the commit file, beyond test_fuzz_commit.py's random ones: each is
 re-encoded with a correct checksum and must end in a ``pc.CheckpointError`` (from
 ``_format.decode``, or end to end from ``pc.restore`` with and without a target and
-``pc.metadata``) within seconds and in bounded memory. Anything else escaping is a bug.
+``pc.metadata``), or in a result that says what it restored, within seconds and in
+bounded memory. Anything else escaping is a bug.
 
 The cases that found bugs: PRNG implementations unknown here, or key data of another dtype
 (a ValueError/TypeError from jax.random.wrap_key_data); values nested 1,000 deep in a record
@@ -302,19 +303,38 @@ def test_huge_declared_shapes_end_to_end_in_bounded_memory(real, case, tmp_path)
 
 @pytest.mark.parametrize("depth", [1_000, 20_000])
 def test_a_path_without_recorded_ancestors_costs_nothing(real, depth):
-    """A leaf ``a/a/.../x`` whose ancestors are not nodes: refused at once (rebuilding would
-    invent every ancestor: quadratic in the path's length)."""
+    """A leaf ``a/a/.../x`` whose ancestors are not nodes: refused before anything rebuilds
+    the tree (that would invent every ancestor: quadratic in the path's length)."""
     body = copy.deepcopy(real[2])
     body["paths"][0] = "a/" * depth + "x"
     data = encode_body(body)
     tracemalloc.start()
     try:
         with pytest.raises(pc.CorruptCheckpointError, match="its parent is not a recorded node"):
-            _format.decode(data, WHERE)
+            _format.decode(data, WHERE).tree_nodes(WHERE)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 100 * len(data) + (1 << 20), (peak, len(data))
+
+
+def test_a_malformed_tree_is_refused_where_it_is_rebuilt_and_reported_where_matched(
+        real, tmp_path):
+    """A leaf whose parent is not a recorded node: metadata() and a restore without a target
+    (which rebuild the tree) refuse it; a restore into a target, which only matches paths,
+    lists the forged path as unused and the leaf it replaced as unmatched."""
+    path = tmp_path / "c"
+    shutil.copytree(real[0], path)
+    (path / _format.COMMIT_FILE).write_bytes(
+        encode_body(set_field(real[2], "py/s", "path", "nowhere/x")))
+    for call in (pc.metadata, pc.restore):
+        with pytest.raises(pc.CorruptCheckpointError, match="'nowhere/x': its parent is not"):
+            call(path)
+    target = _tree()
+    restored, status = pc.restore(path, target)
+    assert status.unused == ("nowhere/x",) and status.unmatched == ("py/s",)
+    assert restored["py"]["s"] == "hi" and restored["py"]["i"] == 3
+    np.testing.assert_array_equal(restored["big"], target["big"])
 
 
 def test_deep_trees_restore_without_a_target(tmp_path):

@@ -138,6 +138,14 @@ class Commit(NamedTuple):
         proc, part, _ = self.blobs[blob]
         return f"{self.data}/p/{proc}/{part}"
 
+    def tree_nodes(self, where: str) -> tuple[_graph.Node, ...]:
+        """``nodes``, once they and the leaves form one tree (``where`` names the file in
+        errors; see :func:`_validate_tree`). Checked by what rebuilds the tree from them
+        (metadata, restore without a target) rather than by :func:`decode`: matching a
+        target's paths never walks the tree (~1.7 ms of a 10,000-leaf restore or at=)."""
+        _validate_tree(self.nodes, self.leaves, where)
+        return self.nodes
+
 
 ORIGINS = (_leaves.JAX, _leaves.NUMPY, _leaves.NPSCALAR, _leaves.PRNGKEY, _leaves.PY)
 _ORIGIN_CODE = {o: i for i, o in enumerate(ORIGINS)}
@@ -302,7 +310,6 @@ def _validate(f: Any, where: str, version: int) -> Commit:
         raise _fail(where, "nodes must be a list")
     node_list = tuple(_validate_node(n, where) for n in nodes)
     leaves = _Columns(f, where, [b[2] for b in blobs], arrays)
-    _validate_tree(node_list, leaves.index, where)
     return Commit(data, node_list, leaves, tuple(tuple(b) for b in blobs), arrays, writer,
                   version)
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import _gc, _graph, _leaves, _storage
+from ._format import COMMIT_FILE
 from ._restore import load_commit
 
 
@@ -103,6 +104,7 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
 
 def _metadata(loc: _storage.Location) -> CheckpointMetadata:
     commit = load_commit(loc, _storage.open_kvstore(loc))
+    nodes = commit.tree_nodes(f"{loc.url}/{COMMIT_FILE}")
     text = functools.lru_cache(maxsize=None)(_sharding_text)  # a tree has few layouts
     paths, origins, shapes, dtypes, nbytes, shardings, values = commit.leaves.summaries()
     rows = zip(paths, origins, shapes, dtypes, nbytes, map(text, shardings), values,
@@ -110,6 +112,6 @@ def _metadata(loc: _storage.Location) -> CheckpointMetadata:
     leaves = dict(zip(paths, map(_LEAF, rows), strict=True))
     return CheckpointMetadata(
         path=loc.url, format_version=commit.version,
-        tree=_graph.rebuild(commit.nodes, leaves),
-        leaves=leaves, node_types={n.path: n.type_name for n in commit.nodes},
+        tree=_graph.rebuild(nodes, leaves),
+        leaves=leaves, node_types={n.path: n.type_name for n in nodes},
         nbytes=sum(nbytes), writer=dict(commit.writer))

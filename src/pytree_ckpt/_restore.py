@@ -307,7 +307,7 @@ def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit, entries: dic
     values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
-    for node in commit.nodes:
+    for node in commit.tree_nodes(f"{loc.url}/{COMMIT_FILE}"):
         rel = _graph.relative_to(node.path, at) if at is not None else node.path
         if rel is not None:
             nodes.append(node._replace(path=rename_fn(rel) if rename_fn else rel))
