@@ -65,7 +65,7 @@ import math
 import re
 import reprlib
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import google_crc32c
@@ -472,10 +472,11 @@ def _sharding_table(f: dict, c: _Leaves, where: str) -> list[tuple | None]:
 
 class _Columns(Mapping):
     """Leaf records by path, from the commit file's columns, validated with NumPy as a whole
-    (10,000 leaves: ~4 ms with the lookup lists built; checked leaf by leaf, ~25 ms).
+    (10,000 leaves: ~3 ms with the path index built; checked leaf by leaf, ~25 ms).
 
-    A :class:`LeafRecord` is built when first looked up; only a Python leaf's value is
-    checked then, so a restore of a small subtree (``at=``) decodes only the values it uses.
+    Records are built when asked for, many at once (:meth:`records`: NumPy gathers each
+    field for all of them); only a Python leaf's value is checked then, so a restore of a
+    small subtree (``at=``) builds and decodes only what it uses.
     """
 
     def __init__(self, f: dict, where: str, blob_sizes: list[int], arrays: int):
@@ -493,89 +494,105 @@ class _Columns(Mapping):
             raise _fail(where, "bad 'values' list")
         array, stored, chunks = _zarr_columns(f, c, where, masks[_ZARR], arrays, itemsize)
         blob, offset, crc = _packed_columns(f, c, where, masks[_PACKED], nbytes, blob_sizes)
-        dims = c.dims.tolist()
-        _check_prng(c, where, dims)
-        self._shardings = _sharding_table(f, c, where)
+        _check_prng(c, where, c.dims.tolist() if (c.origin == _PRNG_CODE).any() else [])
+        shardings = _sharding_table(f, c, where)
 
-        self._where, self._paths, self._dtypes, self._impls = where, c.paths, c.dtypes, c.impls
-        self._values = values
-        # Python lists: indexing them per record is several times cheaper than NumPy scalars.
-        self._origin = _ORIGINS[c.origin].tolist()
-        self._columns = c
-        self._dtype, self._rank, self._kind = c.dtype.tolist(), c.rank.tolist(), c.kind.tolist()
-        self._start, self._sub = c.starts.tolist(), subs.tolist()
-        self._impl, self._sharding = c.impl.tolist(), c.sharding.tolist()
-        self._dims, self._nbytes = dims, nbytes.tolist()
-        self._array, self._stored = array.tolist(), stored.tolist()
-        self._chunks = chunks.tolist()
-        self._chunk_start = _segments(c.rank[masks[_ZARR]]).tolist()
-        self._blob, self._offset, self._crc = blob.tolist(), offset.tolist(), crc.tolist()
+        self._where, self._columns, self._values = where, c, values
+        self._sub, self._nbytes = subs, nbytes
+        # Code tables as object arrays: a gather and one tolist() names every record's field.
+        self._dtype_names = _objects(c.dtypes)
+        self._impl_names = _objects([None, *c.impls])
+        self._shardings = _objects(shardings)
+        self._array, self._stored_names = array, self._dtype_names[stored]
+        self._chunks, self._chunk_start = chunks, _segments(c.rank[masks[_ZARR]])
+        self._blob, self._offset, self._crc = blob, offset, crc
         self._done: dict[str, LeafRecord] = {}
+
+    def records(self, paths: Sequence[str]) -> list[LeafRecord]:
+        """The records of ``paths`` (each a leaf here), in order: ~1 µs a record, where one
+        by one NumPy's per-call costs would dominate."""
+        i = np.fromiter(map(self.index.__getitem__, paths), np.int64, len(paths))
+        c, n = self._columns, len(paths)
+        kind, sub = c.kind[i], self._sub[i]
+        storages: list[Storage | None] = [None] * n
+        packed = np.flatnonzero(kind == _PACKED)
+        if len(packed):
+            j = sub[packed]
+            for k, blob, offset, nbytes, crc in zip(
+                    packed.tolist(), self._blob[j].tolist(), self._offset[j].tolist(),
+                    self._nbytes[i[packed]].tolist(), self._crc[j].tolist(), strict=True):
+                storages[k] = _STORAGE(("p", None, blob, (), "", offset, nbytes, crc))
+        zarr = np.flatnonzero(kind == _ZARR)
+        if len(zarr):
+            j, rank = sub[zarr], c.rank[i[zarr]]
+            for k, array, stored, chunks in zip(
+                    zarr.tolist(), self._array[j].tolist(), self._stored_names[j].tolist(),
+                    _runs(self._chunks, self._chunk_start[j], rank), strict=True):
+                storages[k] = _STORAGE(("z", None, array, chunks, stored, 0, 0, 0))
+        out = list(map(_RECORD, zip(
+            paths, _ORIGINS[c.origin[i]].tolist(), self._dtype_names[c.dtype[i]].tolist(),
+            _runs(c.dims, c.starts[i], c.rank[i]), self._impl_names[c.impl[i]].tolist(),
+            storages, self._shardings[c.sharding[i]].tolist(), strict=True)))
+        for k, j in zip(np.flatnonzero(kind == _VALUE).tolist(), sub[kind == _VALUE].tolist(),
+                        strict=True):
+            path, dtype = out[k].path, out[k].dtype
+            value = _leaves.decode_py(dtype, self._values[j], f"{self._where}: leaf {path!r:.200}")
+            out[k] = LeafRecord(path, out[k].origin, dtype, (), None, Storage("v", value), None)
+        return out
 
     def __getitem__(self, path: str) -> LeafRecord:
         record = self._done.get(path)
         if record is None:
-            record = self._done[path] = self._record(self.index[path])
+            (record,) = self.records([path])
+            self._done[path] = record
         return record
-
-    def _record(self, i: int) -> LeafRecord:
-        path, origin, dtype = self._paths[i], self._origin[i], self._dtypes[self._dtype[i]]
-        start, rank, k, j = self._start[i], self._rank[i], self._kind[i], self._sub[i]
-        if k == _VALUE:
-            value = _leaves.decode_py(dtype, self._values[j], f"{self._where}: leaf {path!r:.200}")
-            return LeafRecord(path, origin, dtype, (), None, Storage("v", value), None)
-        # Every field given, so the tuples are made without NamedTuple's Python-level
-        # __new__ (a full restore makes 10,000 of each: ~4 ms less).
-        if k == _ZARR:
-            c = self._chunk_start[j]
-            storage = _STORAGE(("z", None, self._array[j], tuple(self._chunks[c:c + rank]),
-                                self._dtypes[self._stored[j]], 0, 0, 0))
-        else:
-            storage = _STORAGE(("p", None, self._blob[j], (), "", self._offset[j],
-                                self._nbytes[i], self._crc[j]))
-        impl = self._impl[i]
-        return _RECORD((path, origin, dtype, tuple(self._dims[start:start + rank]),
-                        self._impls[impl - 1] if impl else None, storage,
-                        self._shardings[self._sharding[i]]))
 
     def summaries(self) -> tuple[list, ...]:
         """Columns ``(paths, origins, shapes, dtypes, nbytes, shardings, values)`` of every
         leaf in save order, without building records: all that :func:`metadata` lists.
         ``values`` holds Python leaves' values, None elsewhere."""
-        shapes = _shapes(self._columns)
-        values: list = [None] * len(self._paths)
-        for i, k in enumerate(self._kind):
-            if k == _VALUE:
-                values[i] = self[self._paths[i]].storage.value
-        dtypes, shardings = self._dtypes, self._shardings
-        return (self._paths, self._origin, shapes, [dtypes[d] for d in self._dtype],
-                self._nbytes, [shardings[s] for s in self._sharding], values)
+        c = self._columns
+        values: list = [None] * len(c.paths)
+        python = np.flatnonzero(c.kind == _VALUE).tolist()
+        for k, record in zip(python, self.records([c.paths[k] for k in python]), strict=True):
+            values[k] = record.storage.value
+        return (c.paths, _ORIGINS[c.origin].tolist(), _runs(c.dims, c.starts, c.rank),
+                self._dtype_names[c.dtype].tolist(), self._nbytes.tolist(),
+                self._shardings[c.sharding].tolist(), values)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._paths)
+        return iter(self._columns.paths)
 
     def __len__(self) -> int:
-        return len(self._paths)
+        return len(self._columns.paths)
 
     def __contains__(self, path: object) -> bool:
         return path in self.index
 
 
-def _shapes(c: _Leaves) -> list[tuple[int, ...]]:
-    """Every leaf's shape, rank by rank: NumPy gathers each dimension, zip makes the tuples
-    (a slice and a tuple per leaf took 2 ms of a 10,000-leaf metadata())."""
-    shapes: list[tuple[int, ...]] = [()] * len(c.paths)
-    for rank in np.unique(c.rank).tolist():
-        if rank == 0:
+def _objects(items: Sequence[Any]) -> np.ndarray:
+    """``items`` as a 1-d object array (NumPy would make tuples a second dimension)."""
+    out = np.empty(len(items), object)
+    for k, x in enumerate(items):
+        out[k] = x
+    return out
+
+
+def _runs(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[tuple[int, ...]]:
+    """``tuple(flat[s:s + n])`` for each start and length, length by length: NumPy gathers
+    each position, zip makes the tuples (a slice and a tuple per leaf took 2 ms of a
+    10,000-leaf metadata())."""
+    out: list[tuple[int, ...]] = [()] * len(starts)
+    for n in np.unique(lengths).tolist():
+        if n == 0:
             continue
-        which = np.flatnonzero(c.rank == rank)
-        dims = zip(*(c.dims[c.starts[which] + axis].tolist() for axis in range(rank)),
-                   strict=True)
-        if len(which) == len(shapes):
-            return list(dims)
-        for i, shape in zip(which.tolist(), dims, strict=True):
-            shapes[i] = shape
-    return shapes
+        which = np.flatnonzero(lengths == n)
+        runs = zip(*(flat[starts[which] + axis].tolist() for axis in range(n)), strict=True)
+        if len(which) == len(out):
+            return list(runs)
+        for k, run in zip(which.tolist(), runs, strict=True):
+            out[k] = run
+    return out
 
 
 _INDEX = re.compile(r"0|[1-9][0-9]{0,17}")  # the name of a list's or tuple's child

@@ -101,13 +101,13 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, 
     flat = _graph.flatten(target)
     wants = [_want(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     matched, unmatched, mismatched, casts, jobs = [], [], [], [], []
-    records = commit.leaves
-    for path, want in zip(flat.paths, wants, strict=True):
-        src = entries.get(path)
+    sources = list(map(entries.get, flat.paths))
+    records = iter(commit.leaves.records([src for src in sources if src is not None]))
+    for path, want, src in zip(flat.paths, wants, sources, strict=True):
         if src is None:
             unmatched.append(path)
             continue
-        record = records[src]
+        record = next(records)
         verdict = _compare(record, want)
         if verdict is None:
             mismatched.append(_mismatch(path, record, want))
@@ -302,7 +302,7 @@ def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
 def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit, entries: dict[str, str],
                    at: str | None, rename_fn: Callable[[str], str] | None
                    ) -> tuple[Any, RestoreStatus]:
-    records = [commit.leaves[src] for src in entries.values()]
+    records = commit.leaves.records(list(entries.values()))
     jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
     values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
