@@ -1,8 +1,8 @@
 """The timing protocol for one tree.
 
-Each side runs in a worker process of its own, for this tree only (`_side_process`: what
-one library leaves in a process slows the next one's Python there); this module drives
-the workers from the benchmark's process and, inside a worker, times one call.
+Orbax runs in a worker process of its own and the other sides in another, for this tree only
+(`_side_process`: what Orbax leaves in a process slows any Python there afterwards); this
+module drives the workers from the benchmark's process and, inside a worker, times one call.
 Every side runs every operation once as a warm-up (not recorded, and checked: each
 restore must give back the saved values on the target's shardings, so no side is timed
 doing less than the others), then `repeats` times.
@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from _side_process import SideProcess
+from _side_process import SideHandle, Worker
 from _sides import Side
 from _trees import Subtree, subtree_near, subtree_of, tree_bytes, tree_spec
 
@@ -50,6 +50,7 @@ DROP_CACHES = "/proc/sys/vm/drop_caches"
 # Operations in the order they run within a repeat; async saves report two numbers.
 TIMED_OPS = ("save", "restore", "metadata", "restore_at", "save_async")
 RECYCLED_OPS = ("save", "restore", "save_async")  # those that allocate about the tree's size
+ISOLATED = ("orbax",)  # timed in a worker of its own (see _side_process)
 ASYNC_PARTS = ("save_async_block", "save_async_total")
 
 Runs = dict[str, dict[str, list[float]]]  # side -> operation -> seconds per repeat
@@ -71,15 +72,17 @@ class Timings(NamedTuple):
 
 def time_sides(tree: str, smoke: bool, side_names: Sequence[str], repeats: int, workdir: str,
                cold: bool) -> Timings:
-    """Warm up every side once, then time `repeats` alternating rounds, each side in a
-    worker process of its own (see `_side_process`)."""
+    """Warm up every side once, then time `repeats` alternating rounds: Orbax in a worker
+    process of its own, the other sides in another (see `_side_process`)."""
     spec = tree_spec(tree, smoke)
     has_subtree = subtree_near(spec) is not None
     runs: Runs = defaultdict(lambda: defaultdict(list))
-    sides = [SideProcess(name, tree, smoke) for name in side_names]  # they start together
+    groups = [[n for n in side_names if n in ISOLATED],
+              [n for n in side_names if n not in ISOLATED]]
+    workers = [Worker(names, tree, smoke) for names in groups if names]  # they start together
     try:
-        for side in sides:
-            side.ready()
+        handles = {h.name: h for w in workers for h in w.ready()}
+        sides = [handles[name] for name in side_names]
         recycle = 2 * tree_bytes(spec)
         previous_root = None
         for repeat in range(-1, repeats):
@@ -96,13 +99,13 @@ def time_sides(tree: str, smoke: bool, side_names: Sequence[str], repeats: int, 
                 _remove(previous_root)
             previous_root = root
     finally:
-        for side in sides:
-            side.close()
+        for worker in workers:
+            worker.close()
     return Timings({k: dict(v) for k, v in runs.items()}, checkpoints)
 
 
 def _one_round(
-    order: list[SideProcess], has_subtree: bool, root: str, cold: bool, runs: Runs,
+    order: list[SideHandle], has_subtree: bool, root: str, cold: bool, runs: Runs,
     recycle: int, record: bool,
 ) -> dict[str, str]:
     os.makedirs(root)

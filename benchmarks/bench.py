@@ -19,15 +19,15 @@ Sides (`benchmarks/_sides.py`), all durable (fsynced) on the same disk:
 `pytree_ckpt`, `orbax` (`StandardCheckpointer`), `np.save` (one fsynced `.npy` per leaf),
 `disk` (the same bytes as one sequential fsynced file, read back into one buffer).
 
-Protocol (`benchmarks/_timing.py`): per tree, each side runs in a worker process of its
-own (`benchmarks/_side_process.py`: after an Orbax save and restore, any Python in the same
-process ran ~1.3x slower), which builds the tree with the same seed; each side runs each
-operation once as a warm-up, then `--repeats` rounds; in a round each operation runs for
-every side back to back, the side order reversed every other round; fresh directories for
-every save; `gc.collect()`, `os.sync()` and a wait until the machine is idle (background
-threads of the previous call done) before each timed call, and before each save and
-restore twice the tree's bytes of memory touched and freed (so that every such call finds
-the same freed memory to reuse, see Memory below).
+Protocol (`benchmarks/_timing.py`): per tree, Orbax runs in a worker process of its own
+and the other sides in another (`benchmarks/_side_process.py`: after an Orbax save and
+restore, any Python in the same process ran ~1.3x slower), each building the tree with the
+same seed; each side runs each operation once as a warm-up, then `--repeats` rounds; in a
+round each operation runs for every side back to back, the side order reversed every other
+round; fresh directories for every save; `gc.collect()`, `os.sync()` and a wait until the
+machine is idle (background threads of the previous call done) before each timed call, and
+before each save and restore twice the tree's bytes of memory touched and freed (so that
+every such call finds the same freed memory to reuse, see Memory below).
 Reads hit a warm page cache (each side reads what it just wrote) unless `--cold`, which
 drops the page cache before every read (needs root; `echo 3 > /proc/sys/vm/drop_caches`).
 Reported numbers are medians.
