@@ -22,6 +22,7 @@ entry per field, holding that field for every leaf, numbers as little-endian bin
 a few dozen objects instead of 100,000, and is validated with NumPy, not leaf by leaf.
 With ``n`` leaves in save order::
 
+    "version":   FORMAT_VERSION                 the outer version again, under the checksum
     "data":      "d-<hex>"                      generation folder holding arrays and blobs
     "nodes":     [[path, kind, type_name], ...] inner nodes, root first (_graph.NODE_KINDS)
     "paths":     [str] * n                      leaf paths (escaped, see _graph)
@@ -52,9 +53,12 @@ recorded for display and as the default layout on restore. The ``stored`` dtype 
 from ``dtype`` only where TensorStore lacks the dtype; the bytes are then stored as unsigned
 integers of the same width. Packed leaves carry CRC-32C, as the zarr3 chunks do (their
 crc32c codec); the commit file's own checksum is zlib's CRC-32. The reader treats every
-field as untrusted. Version 2 is this layout with zlib's CRC-32 for packed leaves (~5x
-slower to compute here than CRC-32C); it is still read. Version 1 (one record per leaf) was
-written by pre-release versions only; it is refused with a FormatVersionError.
+field as untrusted. The body repeats the version (from version 4): the outer one, which says
+how to read the rest, is outside the checksum, and a flipped bit there once read a version-3
+file as version 2. Version 3 is this layout without the body's version, version 2 that with
+zlib's CRC-32 for packed leaves (~5x slower to compute here than CRC-32C); both are still
+read, and a body's version, where there is one, must match. Version 1 (one record per leaf)
+was written by pre-release versions only; it is refused with a FormatVersionError.
 """
 
 from __future__ import annotations
@@ -76,11 +80,11 @@ from . import _gc, _graph, _leaves
 from ._errors import CorruptCheckpointError, FormatVersionError
 
 MAGIC = "pytree_ckpt"
-FORMAT_VERSION = 3
-READ_VERSIONS = (2, 3)
+FORMAT_VERSION = 4
+READ_VERSIONS = (2, 3, 4)
 # A packed leaf's checksum per format version, of a uint8 NumPy array of its bytes
 # (google_crc32c takes no memoryview).
-LEAF_CRC = {2: zlib.crc32, 3: google_crc32c.value}
+LEAF_CRC = {2: zlib.crc32, 3: google_crc32c.value, 4: google_crc32c.value}
 COMMIT_FILE = "checkpoint.msgpack"
 MAX_COMMIT_BYTES = 1 << 30
 _GEN_RE = re.compile(r"d-[0-9a-f]{32}")
@@ -190,6 +194,7 @@ def encode(commit: Commit) -> bytes:
 
     body = msgpack.packb(
         {
+            **({"version": commit.version} if commit.version >= 4 else {}),
             "data": commit.data,
             "nodes": [list(n) for n in commit.nodes],
             "paths": paths, "origin": column(origin, "u1"), "dtype": column(dtype, "u1"),
@@ -293,6 +298,10 @@ def _int(x: Any, lo: int, hi: int) -> bool:
 def _validate(f: Any, where: str, version: int) -> Commit:
     if not isinstance(f, dict):
         raise _fail(where, "body is not a map")
+    inner = f.get("version")
+    if ("version" in f or version >= 4) and not (type(inner) is int and inner == version):
+        raise _fail(where, f"format version {version}, but {_show(inner)} in the body (a "
+                    "flipped bit?)")
     data, nodes, blobs, arrays, writer = (f["data"], f["nodes"], f["blobs"], f["arrays"],
                                           f["writer"])
     if not (isinstance(data, str) and _GEN_RE.fullmatch(data)):

@@ -302,12 +302,13 @@ def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
 def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit, entries: dict[str, str],
                    at: str | None, rename_fn: Callable[[str], str] | None
                    ) -> tuple[Any, RestoreStatus]:
+    saved_nodes = commit.tree_nodes(f"{loc.url}/{COMMIT_FILE}")  # before reading any data
     records = commit.leaves.records(list(entries.values()))
     jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
     values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
-    for node in commit.tree_nodes(f"{loc.url}/{COMMIT_FILE}"):
+    for node in saved_nodes:
         rel = _graph.relative_to(node.path, at) if at is not None else node.path
         if rel is not None:
             nodes.append(node._replace(path=rename_fn(rel) if rename_fn else rel))
