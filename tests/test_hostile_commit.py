@@ -337,6 +337,21 @@ def test_a_malformed_tree_is_refused_where_it_is_rebuilt_and_reported_where_matc
     np.testing.assert_array_equal(restored["big"], target["big"])
 
 
+def test_a_packed_range_past_the_end_of_its_file_names_the_leaf(real, tmp_path):
+    """A commit file claiming a blob longer than its file, and a leaf past the file's end
+    (within the claimed size, so it decodes): TensorStore refuses the range read (a
+    ValueError, OUT_OF_RANGE); the restore says which leaf could not be read."""
+    path = tmp_path / "c"
+    shutil.copytree(real[0], path)
+    body = set_field(real[2], "small/0", "storage", ["p", 0, 2**31, 0])
+    body["blobs"][0][2] = 2**40
+    (path / _format.COMMIT_FILE).write_bytes(encode_body(body))
+    for call in (pc.restore, lambda p: pc.restore(p, _tree())):
+        with pytest.raises(pc.CorruptCheckpointError,
+                           match=r"leaf 'small/0': cannot read its bytes from packed blob 0"):
+            call(path)
+
+
 def test_deep_trees_restore_without_a_target(tmp_path):
     """A tree as deep as save can flatten (~900 levels) restores without a target and has
     metadata (rebuilding it used to recurse twice per level: RecursionError past ~490)."""

@@ -80,7 +80,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
         packed = [j for j in jobs if j[1].storage.kind == "p"]
         policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
         crc = _format.LEAF_CRC[commit.version]
-        for group, data, start, blob in _packed_ranges(kv, commit, packed, policy):
+        for group, data, start, blob in _packed_ranges(url, kv, commit, packed, policy):
             for path, rec, want in group:
                 host = _checked(url, data, start, rec, blob, crc)
                 if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
@@ -264,7 +264,7 @@ def _read_into(source: Any, buf: np.ndarray) -> Any:
     return ts.array(buf, copy=False, write=True).write(source)
 
 
-def _packed_ranges(kv: Any, commit: Commit, jobs: list[Job], policy: _Ranges
+def _packed_ranges(url: str, kv: Any, commit: Commit, jobs: list[Job], policy: _Ranges
                    ) -> Iterator[tuple[list[Job], memoryview, int, int]]:
     """Reads the packed leaves' ranges, a few at a time; yields each as ``(jobs, bytes,
     offset of the bytes in the blob, blob)``, in the order issued."""
@@ -272,16 +272,21 @@ def _packed_ranges(kv: Any, commit: Commit, jobs: list[Job], policy: _Ranges
     for group, start, stop in _range_groups(jobs, policy.most):
         blob = group[0][1].storage.index
         future = kv.read(commit.blob_key(blob), byte_range=slice(start, stop))
-        in_flight.append((group, future, start, blob))
+        in_flight.append((url, group, future, start, blob))
         if len(in_flight) >= policy.in_flight:
             yield _range_read(*in_flight.popleft())
     while in_flight:
         yield _range_read(*in_flight.popleft())
 
 
-def _range_read(group: list[Job], future: Any, start: int, blob: int
+def _range_read(url: str, group: list[Job], future: Any, start: int, blob: int
                 ) -> tuple[list[Job], memoryview, int, int]:
-    result = future.result()
+    try:
+        result = future.result()
+    except Exception as e:  # e.g. a (forged) range past the blob's end: OUT_OF_RANGE
+        raise CorruptCheckpointError(
+            f"{url}: leaf {group[0][1].path!r}: cannot read its bytes from packed blob {blob} "
+            f"({e})") from e
     return group, memoryview(result.value if result.state == "value" else b""), start, blob
 
 
