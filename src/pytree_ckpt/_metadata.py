@@ -10,8 +10,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import _gc, _graph, _leaves, _storage
-from ._format import COMMIT_FILE
-from ._restore import load_commit
+from ._restore import commit_file, load_commit
 
 
 class LeafMetadata(NamedTuple):
@@ -104,7 +103,7 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
 
 def _metadata(loc: _storage.Location) -> CheckpointMetadata:
     commit = load_commit(loc, _storage.open_kvstore(loc))
-    nodes = commit.tree_nodes(f"{loc.url}/{COMMIT_FILE}")
+    nodes = commit.tree_nodes(commit_file(loc))
     text = functools.lru_cache(maxsize=None)(_sharding_text)  # a tree has few layouts
     paths, origins, shapes, dtypes, nbytes, shardings, values = commit.leaves.summaries()
     rows = zip(paths, origins, shapes, dtypes, nbytes, map(text, shardings), values,

@@ -30,6 +30,11 @@ from ._read import Want, default_device, read_leaves
 from ._status import Cast, Mismatch, RestoreStatus
 
 
+def commit_file(loc: _storage.Location) -> str:
+    """The commit file of the checkpoint at ``loc``, as errors about it name it."""
+    return f"{loc.url}/{COMMIT_FILE}"
+
+
 def load_commit(loc: _storage.Location, kv: Any) -> Commit:
     """Reads and validates the commit file, or says precisely why there is none."""
     try:
@@ -47,7 +52,7 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
         raise CheckpointNotFoundError(
             f"{loc.url}: not a checkpoint (no {COMMIT_FILE}; it holds "
             f"{', '.join(sorted(map(repr, names))[:5])})")
-    return decode(data, f"{loc.url}/{COMMIT_FILE}")
+    return decode(data, commit_file(loc))
 
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
@@ -302,7 +307,7 @@ def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
 def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit, entries: dict[str, str],
                    at: str | None, rename_fn: Callable[[str], str] | None
                    ) -> tuple[Any, RestoreStatus]:
-    saved_nodes = commit.tree_nodes(f"{loc.url}/{COMMIT_FILE}")  # before reading any data
+    saved_nodes = commit.tree_nodes(commit_file(loc))  # before reading any data
     records = commit.leaves.records(list(entries.values()))
     jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
     values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
