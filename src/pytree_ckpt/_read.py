@@ -272,11 +272,11 @@ def _packed_ranges(url: str, kv: Any, commit: Commit, jobs: list[Job], policy: _
     for group, start, stop in _range_groups(jobs, policy.most):
         blob = group[0][1].storage.index
         future = kv.read(commit.blob_key(blob), byte_range=slice(start, stop))
-        in_flight.append((url, group, future, start, blob))
+        in_flight.append((group, future, start, blob))
         if len(in_flight) >= policy.in_flight:
-            yield _range_read(*in_flight.popleft())
+            yield _range_read(url, *in_flight.popleft())
     while in_flight:
-        yield _range_read(*in_flight.popleft())
+        yield _range_read(url, *in_flight.popleft())
 
 
 def _range_read(url: str, group: list[Job], future: Any, start: int, blob: int
