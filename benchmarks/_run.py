@@ -29,7 +29,7 @@ def benchmark_tree(
     """Every number for one tree, as the JSON record of that tree."""
     spec = tree_spec(name, smoke)
     tree_dir = os.path.join(workdir, name)
-    timings = time_sides(name, smoke, sides, repeats, tree_dir, cold)
+    timings = time_sides(name, smoke, spec, sides, repeats, tree_dir, cold)
     rss = _measure_rss(name, sides, timings.last_checkpoints, smoke, tree_dir)
     shutil.rmtree(tree_dir)
     return _record(name, spec, timings.runs, rss, repeats, cold)

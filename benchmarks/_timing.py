@@ -43,7 +43,7 @@ import jax
 import numpy as np
 from _side_process import SideHandle, Worker
 from _sides import Side
-from _trees import Subtree, subtree_near, subtree_of, tree_bytes, tree_spec
+from _trees import Subtree, subtree_near, subtree_of, tree_bytes
 
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
@@ -70,11 +70,11 @@ class Timings(NamedTuple):
     last_checkpoints: dict[str, str]  # side -> path of its last saved checkpoint
 
 
-def time_sides(tree: str, smoke: bool, side_names: Sequence[str], repeats: int, workdir: str,
-               cold: bool) -> Timings:
+def time_sides(tree: str, smoke: bool, spec: Any, side_names: Sequence[str], repeats: int,
+               workdir: str, cold: bool) -> Timings:
     """Warm up every side once, then time `repeats` alternating rounds: Orbax in a worker
-    process of its own, the other sides in another (see `_side_process`)."""
-    spec = tree_spec(tree, smoke)
+    process of its own, the other sides in another (see `_side_process`); `spec` is
+    `tree_spec(tree, smoke)`, which the workers build again."""
     has_subtree = subtree_near(spec) is not None
     runs: Runs = defaultdict(lambda: defaultdict(list))
     groups = [[n for n in side_names if n in ISOLATED],
