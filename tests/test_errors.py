@@ -199,6 +199,20 @@ def test_missing_array_chunk_is_an_error_not_zeros(tmp_path):
         pc.restore(path)
 
 
+def test_missing_packed_blob_names_the_leaf_and_spares_other_checkpoints(tmp_path):
+    # A blob read as missing comes back empty: each of its leaves fails its checksum, the
+    # first one named, instead of an array built from too few bytes.
+    pc.save({"a": np.arange(8.0), "b": np.arange(8.0) * 2}, tmp_path / "c")
+    pc.save({"a": np.arange(8.0)}, tmp_path / "other")
+    (blob,) = data_files(tmp_path / "c", "p")
+    os.remove(blob)
+    with pytest.raises(pc.CorruptCheckpointError,
+                       match=r"leaf 'a': checksum mismatch in packed blob 0 .*missing"):
+        pc.restore(tmp_path / "c")
+    tree, _ = pc.restore(tmp_path / "other")
+    np.testing.assert_array_equal(tree["a"], np.arange(8.0))
+
+
 HOSTILE_KEYS = ["../../etc", "/abs", "a/b", "..", "nul\x00byte", "ünï😀", "\\", "", "c\\/d"]
 
 

@@ -82,9 +82,14 @@ from ._errors import CorruptCheckpointError, FormatVersionError
 MAGIC = "pytree_ckpt"
 FORMAT_VERSION = 4
 READ_VERSIONS = (2, 3, 4)
-# A packed leaf's checksum per format version, of a uint8 NumPy array of its bytes
+# google_crc32c's C extension reads any C-contiguous array's bytes, whatever its dtype (so
+# restore checks a leaf in the array it returns, ~0.6 µs a leaf less than through a uint8
+# view); its pure-Python fallback iterates items, so it is given bytes.
+_CRC32C = (google_crc32c.value if google_crc32c.implementation == "c"
+           else lambda data: google_crc32c.value(bytes(data)))
+# A packed leaf's checksum per format version, of a C-contiguous NumPy array of its bytes
 # (google_crc32c takes no memoryview).
-LEAF_CRC = {2: zlib.crc32, 3: google_crc32c.value, 4: google_crc32c.value}
+LEAF_CRC = {2: zlib.crc32, 3: _CRC32C, 4: _CRC32C}
 COMMIT_FILE = "checkpoint.msgpack"
 MAX_COMMIT_BYTES = 1 << 30
 _GEN_RE = re.compile(r"d-[0-9a-f]{32}")

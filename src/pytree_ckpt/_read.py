@@ -320,12 +320,15 @@ def _checked(url: str, data: memoryview, start: int, rec: LeafRecord, blob: int,
     """A packed leaf's host array (a view of ``data``, the range read from ``start`` of
     its blob), once its bytes match their checksum (``crc``: see _format.LEAF_CRC)."""
     s = rec.storage
-    chunk = np.frombuffer(data[s.offset - start:s.offset - start + s.nbytes], np.uint8)
-    if len(chunk) != s.nbytes or crc(chunk) != s.crc:
+    try:  # one constructor, not slice + frombuffer + view + reshape: ~0.6 µs a leaf less
+        host = np.ndarray(rec.shape, _leaves.DTYPES[rec.dtype], data, s.offset - start)
+    except (TypeError, ValueError):  # "buffer is too small": the range came back short
+        host = None
+    if host is None or crc(host) != s.crc:
         raise CorruptCheckpointError(
             f"{url}: leaf {rec.path!r}: checksum mismatch in packed blob {blob} "
             "(the stored bytes are damaged or missing)")
-    return chunk.view(_leaves.DTYPES[rec.dtype]).reshape(rec.shape)
+    return host
 
 
 def _as_logical(host: np.ndarray, rec: LeafRecord) -> np.ndarray:
