@@ -293,26 +293,30 @@ def _range_read(url: str, group: list[Job], future: Any, start: int, blob: int
 def _range_groups(jobs: list[Job], most: int) -> Iterator[tuple[list[Job], int, int]]:
     """Jobs grouped into ranges of one blob read at once, as ``(jobs, start, stop)``:
     sorted by (blob, offset), a group ending where the next leaf starts over
-    _COALESCE_GAP past the group's end or would take it past ``most`` bytes."""
+    _COALESCE_GAP past the previous one's end or would take the group past ``most`` bytes.
+
+    The breaks are found with NumPy, one Python step per group rather than per leaf (~2 ms
+    of a 10,000-leaf restore)."""
     if not jobs:
         return
-    blob = [j[1].storage.index for j in jobs]
-    start = [j[1].storage.offset for j in jobs]
-    stop = [j[1].storage.offset + j[1].storage.nbytes for j in jobs]
-    group: list[Job] = []
-    first = end = current = 0
-    for i in np.lexsort((start, blob)).tolist():
-        if group and (blob[i] != current or start[i] - end > _COALESCE_GAP
-                      or stop[i] - first > most):
-            yield group, first, end
-            group = []
-        if not group:
-            # The group's end: the furthest any of its leaves reaches, not its last one's
-            # (with overlapping, forged, ranges).
-            first, end, current = start[i], stop[i], blob[i]
-        group.append(jobs[i])
-        end = max(end, stop[i])
-    yield group, first, end
+    storages = [j[1].storage for j in jobs]
+    blob = np.array([s.index for s in storages], np.int64)
+    start = np.array([s.offset for s in storages], np.int64)
+    stop = start + np.array([s.nbytes for s in storages], np.int64)
+    order = np.lexsort((start, blob))
+    jobs = list(map(jobs.__getitem__, order.tolist()))
+    blob, start, stop = blob[order], start[order], stop[order]
+    # Runs of one blob without a gap; within a run, size decides.
+    cuts = np.flatnonzero((blob[1:] != blob[:-1]) | (start[1:] - stop[:-1] > _COALESCE_GAP)) + 1
+    for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), len(jobs)], strict=True):
+        # The furthest any leaf so far reaches, not the last one's (forged ranges overlap).
+        reach = np.maximum.accumulate(stop[lo:hi])
+        i = lo
+        while i < hi:
+            first = int(start[i])
+            k = max(i + 1, lo + int(np.searchsorted(reach, first + most, side="right")))
+            yield jobs[i:k], first, int(stop[i:k].max())
+            i = k
 
 
 def _checked(url: str, data: memoryview, start: int, rec: LeafRecord, blob: int,
