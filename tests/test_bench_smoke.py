@@ -70,3 +70,22 @@ def test_targets_are_judged(smoke_record: dict) -> None:
     small_targets = {t["key"] for t in smoke_record["trees"]["small"]["targets"]}
     assert {"ratio_save", "ratio_restore", "ratio_save_async_block", "metadata_ms"} <= small_targets
     assert "save_disk_fraction" in {t["key"] for t in smoke_record["trees"]["big"]["targets"]}
+
+
+def test_the_small_floor_script_runs_and_reports(tmp_path: Path) -> None:
+    # benchmarks/small_floor.py plans reads with the library's internals: run it so that it
+    # keeps up with them (it checks its tree against restore's before timing anything).
+    out = tmp_path / "floor.json"
+    command = [sys.executable, str(BENCH.parent / "small_floor.py"), "--smoke", "--out", str(out),
+               "--workdir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert (record["leaves"], record["bytes"], record["rounds"]) == (200, 1840280, 1)
+    assert set(record["ms"]) == {"floor", "restore", "disk_read"}
+    assert all(ms > 0 for ms in record["ms"].values())
+    assert set(record["overhead_us_per_leaf"]) == {"floor", "restore"}
+    rss = record["peak_rss_x_tree_bytes"]
+    # Each holds the tree's arrays at least (and a jax.Array costs more than its bytes).
+    assert set(rss) == {"arrays_only", "restore"} and min(rss.values()) > 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ["floor.json"]  # its checkpoint is gone
