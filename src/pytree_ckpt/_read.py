@@ -73,11 +73,13 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     from an object store, see :data:`_REMOTE_RANGES`)."""
     out: dict[str, Any] = {}
     layouts = _Layouts()
+    by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs
+    for job in jobs:
+        by_kind[job[1].storage.kind].append(job)
     with _gc.paused():
-        zarr = _ZarrReads(url, kv, commit, [j for j in jobs if j[1].storage.kind == "z"],
-                          layouts)
+        zarr = _ZarrReads(url, kv, commit, by_kind["z"], layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
-        packed = [j for j in jobs if j[1].storage.kind == "p"]
+        packed = by_kind["p"]
         policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
         crc = _format.LEAF_CRC[commit.version]
         for group, data, start, blob in _packed_ranges(url, kv, commit, packed, policy):
@@ -91,9 +93,8 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                     out[path] = _build(rec, want, {(): host}, layouts, whole=True)
         for path, rec, want, regions in zarr:
             out[path] = _build(rec, want, regions, layouts, whole=False)
-        for path, rec, want in jobs:
-            if rec.storage.kind == "v":
-                out[path] = _py_to_want(rec.storage.value, want)
+        for path, rec, want in by_kind["v"]:
+            out[path] = _py_to_want(rec.storage.value, want)
     return out
 
 

@@ -121,14 +121,24 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, 
         if verdict:
             casts.append(Cast(path, record.dtype, _want_dtype_str(want)))
         jobs.append((path, record, want))
-    used = {entries[p] for p in matched} | {entries[m.path] for m in mismatched}
     values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
     leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     status = RestoreStatus(
         matched=tuple(matched), unmatched=tuple(unmatched),
-        unused=tuple(src for src in entries.values() if src not in used),
+        unused=_unused(entries, matched, mismatched),
         mismatched=tuple(mismatched), cast=tuple(casts))
     return jax.tree_util.tree_unflatten(flat.treedef, leaves), status
+
+
+def _unused(entries: dict[str, str], matched: list[str], mismatched: list[Mismatch]
+            ) -> tuple[str, ...]:
+    """The checkpoint paths in ``entries`` that no target path used."""
+    if len(matched) + len(mismatched) == len(entries):
+        # Distinct target paths, each mapped to a distinct checkpoint path: all used. The
+        # common case, without a set of every path (~1.5 ms at 10,000 leaves).
+        return ()
+    used = {entries[p] for p in matched} | {entries[m.path] for m in mismatched}
+    return tuple(src for src in entries.values() if src not in used)
 
 
 def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str] | None, url: str
