@@ -135,7 +135,7 @@ def _unused(entries: dict[str, str], matched: list[str], mismatched: list[Mismat
     """The checkpoint paths in ``entries`` that no target path used."""
     if len(matched) + len(mismatched) == len(entries):
         # Distinct target paths, each mapped to a distinct checkpoint path: all used. The
-        # common case, without a set of every path (~1.5 ms at 10,000 leaves).
+        # common case, without a set of every path (~0.9 ms at 10,000 leaves).
         return ()
     used = {entries[p] for p in matched} | {entries[m.path] for m in mismatched}
     return tuple(src for src in entries.values() if src not in used)
