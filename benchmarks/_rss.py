@@ -13,6 +13,9 @@ one JSON line.
 
 Reported, as a multiple of the tree's array bytes:
 - restore: `(peak - before) / bytes`: the restored tree is in it (1.0 is the result itself).
+- arrays (`--side pytree_ckpt` only): the same for the tree's arrays made by pytree_ckpt's
+  batched transfer from one host buffer and nothing else, the least any restore into them
+  holds (`benchmarks/small_floor.py`).
 - save: `1 + (peak - before) / bytes`: the tree counted as exactly its bytes, plus what the
   save adds. (Measuring from before the tree existed would also count what building the
   tree costs beyond its bytes: 10,000 `jax.Array` objects, allocator slack; ~0.6x for
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 KIB = 1024
 
@@ -75,8 +79,9 @@ def _run(args: argparse.Namespace) -> dict:
     import gc
 
     import jax
+    import numpy as np
     from _sides import make_side
-    from _trees import materialize, tree_bytes, tree_spec
+    from _trees import leaf_bytes, materialize, tree_bytes, tree_spec
 
     side = make_side(args.side)
     _warm_up(side, scratch=os.path.dirname(os.path.abspath(args.path)))
@@ -84,12 +89,16 @@ def _run(args: argparse.Namespace) -> dict:
     gc.collect()
     base = _status_bytes("VmRSS")
     tree = materialize(spec) if args.op == "save" else None
+    source = (np.ones(max(map(leaf_bytes, jax.tree_util.tree_leaves(spec))), np.uint8)
+              if args.op == "arrays" else None)
     gc.collect()
     before = _status_bytes("VmRSS")
     reset = _reset_peak()
     start = time.perf_counter()
     if args.op == "save":
         side.save(tree, args.path)
+    elif args.op == "arrays":
+        jax.block_until_ready(_arrays_only(spec, source))
     else:
         jax.block_until_ready(side.restore(args.path, spec))
     seconds = time.perf_counter() - start
@@ -108,10 +117,22 @@ def _run(args: argparse.Namespace) -> dict:
     }
 
 
+def _arrays_only(spec: Any, source: Any) -> list:
+    """Each array of ``spec``, made from the start of ``source`` by the batched transfer a
+    restore uses."""
+    import jax
+    from _trees import leaf_bytes
+
+    from pytree_ckpt import _transfer
+
+    return [_transfer.to_device(source[:leaf_bytes(x)].view(x.dtype).reshape(x.shape), x.sharding,
+                                copy=True) for x in jax.tree_util.tree_leaves(spec)]
+
+
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", required=True)
-    parser.add_argument("--op", choices=("save", "restore"), required=True)
+    parser.add_argument("--op", choices=("save", "restore", "arrays"), required=True)
     parser.add_argument("--tree", required=True)
     parser.add_argument("--path", required=True)
     parser.add_argument("--smoke", action="store_true")

@@ -200,7 +200,12 @@ def _random_values(rng: np.random.Generator, leaf: jax.ShapeDtypeStruct) -> np.n
 
 
 def tree_bytes(tree: Any) -> int:
-    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in _leaves(tree))
+    return sum(map(leaf_bytes, _leaves(tree)))
+
+
+def leaf_bytes(x: Any) -> int:
+    """The bytes of one leaf: an array or a ``jax.ShapeDtypeStruct`` (which has no nbytes)."""
+    return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
 
 
 def leaf_count(tree: Any) -> int:

@@ -5,16 +5,17 @@ the restore's overhead per leaf beyond reading its bytes (target 10 µs) and its
 (target 1.3x the tree's bytes). This script measures what any restore into 10,000
 `jax.Array`s pays here, next to pytree_ckpt's own:
 
-- **floor**: the restore's own reads (the same byte ranges, as many in flight), each
-  leaf's CRC-32C checked and its array made by the same batched transfer, then the tree
-  rebuilt and waited for: with every path matched, every record decoded and every range
-  planned before the clock starts. What a restore does beyond this is flattening the
+- **floor**: restore's own reading of packed leaves (`_read._packed_ranges`: the same
+  byte ranges, as many in flight; `_read._checked`: each leaf's CRC-32C; the same batched
+  transfer), then the tree rebuilt and waited for: with every path matched, every record
+  decoded and every range grouped before the clock starts. What a restore does beyond this is flattening the
   target, matching paths, decoding the commit file and the status record.
 - **restore**: `pytree_ckpt.restore` of the same checkpoint, the same abstract target.
 - **disk read**: the tree's bytes read as one file (the benchmark's `disk` side), which
   the overhead per leaf is measured beyond: `(time - disk read) / leaves`.
-- **peak RSS** in fresh processes: of the restore (as `bench.py` measures it), and of the
-  10,000 arrays alone, made by the same transfer from one host buffer and nothing else.
+- **peak RSS** in fresh processes (`_rss.py`): of the restore (as `bench.py` measures it),
+  and of the 10,000 arrays alone, made by the same transfer from one host buffer and
+  nothing else (`--op arrays`).
 
 Timed calls alternate between floor and restore, each after `_timing.settle`; medians.
 
@@ -27,8 +28,6 @@ It uses pytree_ckpt's internals (to plan the floor's reads); `make test` runs it
 from __future__ import annotations
 
 import argparse
-import collections
-import gc
 import json
 import os
 import statistics
@@ -40,10 +39,10 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _plan(path: str, spec: Any) -> tuple[Any, list[tuple]]:
-    """Everything the floor decides before its clock starts: the kvstore and, per byte
-    range, ``(blob key, start, stop, [(shape, dtype, offset in range, crc, sharding)])``."""
-    from pytree_ckpt import _graph, _leaves, _read, _restore, _storage
+def _plan(path: str, spec: Any) -> tuple:
+    """Everything the floor decides before its clock starts: the commit file decoded, every
+    target path matched to its record, the ranges grouped (restore's own helpers)."""
+    from pytree_ckpt import _graph, _read, _restore, _storage
 
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
@@ -54,44 +53,26 @@ def _plan(path: str, spec: Any) -> tuple[Any, list[tuple]]:
             for p, r, leaf in zip(flat.paths, records, flat.leaves, strict=True)]
     if any(r.storage.kind != "p" for _p, r, _w in jobs):
         raise SystemExit("the floor reads packed leaves only: use the small tree")
-    plan = []
-    for group, start, stop in _read._range_groups(jobs, _read._LOCAL_RANGES.most):
-        leaves = [(r.shape, _leaves.DTYPES[r.dtype], r.storage.offset - start, r.storage.crc,
-                   w.sharding) for _p, r, w in group]
-        plan.append((commit.blob_key(group[0][1].storage.index), start, stop, leaves))
-    return (kv, commit.version, flat.treedef), plan
+    groups = list(_read._range_groups(jobs, _read._LOCAL_RANGES.most))
+    return loc.url, kv, commit, flat, groups
 
 
-def _floor(planned: tuple, plan: list[tuple]) -> Any:
-    """The planned reads, checks and transfers, and the tree they make."""
+def _floor(planned: tuple) -> Any:
+    """Restore's own packed-leaf reading, checking and transfers, and the tree they make."""
     import jax
-    import numpy as np
 
     from pytree_ckpt import _format, _gc, _read, _transfer
 
-    kv, version, treedef = planned
-    crc = _format.LEAF_CRC[version]
-    out = []
-    in_flight: collections.deque = collections.deque()
-    ranges = iter(plan)
+    url, kv, commit, flat, groups = planned
+    crc = _format.LEAF_CRC[commit.version]
+    out = {}
     with _gc.paused():  # as restore's own per-leaf loops
-        for rng in ranges:
-            in_flight.append((rng, kv.read(rng[0], byte_range=slice(rng[1], rng[2]))))
-            if len(in_flight) >= _read._LOCAL_RANGES.in_flight:
-                break
-        while in_flight:
-            (_key, _start, _stop, leaves), future = in_flight.popleft()
-            following = next(ranges, None)
-            if following is not None:
-                in_flight.append((following, kv.read(
-                    following[0], byte_range=slice(following[1], following[2]))))
-            data = future.result().value
-            for shape, dtype, offset, checksum, sharding in leaves:
-                host = np.ndarray(shape, dtype, data, offset)
-                if crc(host) != checksum:
-                    raise RuntimeError("checksum mismatch")
-                out.append(_transfer.to_device(host, sharding, copy=True))
-        tree = jax.tree_util.tree_unflatten(treedef, out)
+        for group, data, start, blob in _read._packed_ranges(
+                url, kv, commit, groups, _read._LOCAL_RANGES.in_flight):
+            for path, rec, want in group:
+                host = _read._checked(url, data, start, rec, blob, crc)
+                out[path] = _transfer.to_device(host, want.sharding, copy=True)
+        tree = jax.tree_util.tree_unflatten(flat.treedef, list(map(out.__getitem__, flat.paths)))
     return jax.block_until_ready(tree)
 
 
@@ -113,9 +94,9 @@ def _time(args: argparse.Namespace, workdir: str) -> dict:
     disk.save(tree, os.path.join(workdir, "disk"))
     disk.release()
     del tree
-    planned, plan = _plan(path, spec)
+    planned = _plan(path, spec)
     calls = {
-        "floor": lambda: _floor(planned, plan),
+        "floor": lambda: _floor(planned),
         "restore": lambda: jax.block_until_ready(pc.restore(path, spec)[0]),
         "disk_read": lambda: disk.restore(os.path.join(workdir, "disk"), spec),
     }
@@ -143,42 +124,11 @@ def _time(args: argparse.Namespace, workdir: str) -> dict:
     }
 
 
-def _arrays_worker(smoke: bool) -> dict:
-    """In this fresh process: peak RSS of the small tree's arrays made and nothing else."""
-    import jax
-    import numpy as np
-    from _rss import _reset_peak, _status_bytes, _warm_up
-    from _sides import make_side
-    from _trees import tree_bytes, tree_spec
-
-    from pytree_ckpt import _transfer
-
-    _warm_up(make_side("pytree_ckpt"), tempfile.gettempdir())  # as the restore worker
-    spec = tree_spec("small", smoke)
-    leaves = jax.tree_util.tree_leaves(spec)
-    source = np.ones(max(x.size for x in leaves), np.float32)
-    gc.collect()
-    before = _status_bytes("VmRSS")
-    reset = _reset_peak()
-    arrays = [_transfer.to_device(source[:x.size].reshape(x.shape), x.sharding, copy=True)
-              for x in leaves]
-    jax.block_until_ready(arrays)
-    peak = _status_bytes("VmHWM")
-    return {"ratio": (peak - before) / tree_bytes(spec), "peak_reset": reset}
-
-
 def _rss(checkpoint: str, smoke: bool) -> dict:
-    import subprocess
-
     from _rss import measure_rss
 
-    command = [sys.executable, __file__, "--arrays-worker"] + (["--smoke"] if smoke else [])
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"arrays worker failed:\n{done.stderr[-4000:]}")
-    arrays = json.loads(done.stdout.strip().splitlines()[-1])
-    restore = measure_rss("pytree_ckpt", "restore", "small", checkpoint, smoke)
-    return {"arrays_only": arrays["ratio"], "restore": restore["ratio"]}
+    return {"arrays_only": measure_rss("pytree_ckpt", "arrays", "small", checkpoint, smoke)["ratio"],
+            "restore": measure_rss("pytree_ckpt", "restore", "small", checkpoint, smoke)["ratio"]}
 
 
 def main() -> None:
@@ -187,12 +137,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="the tiny tree, 1 round")
     parser.add_argument("--out", help="write the JSON here too")
     parser.add_argument("--workdir", default=os.path.join(HERE, "results"))
-    parser.add_argument("--arrays-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, HERE)
-    if args.arrays_worker:
-        print(json.dumps(_arrays_worker(args.smoke)))
-        return
     if args.smoke:
         args.rounds = 1
     os.makedirs(args.workdir, exist_ok=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -79,10 +79,11 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     with _gc.paused():
         zarr = _ZarrReads(url, kv, commit, by_kind["z"], layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
-        packed = by_kind["p"]
         policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
+        groups = _range_groups(by_kind["p"], policy.most)
         crc = _format.LEAF_CRC[commit.version]
-        for group, data, start, blob in _packed_ranges(url, kv, commit, packed, policy):
+        for group, data, start, blob in _packed_ranges(url, kv, commit, groups,
+                                                       policy.in_flight):
             for path, rec, want in group:
                 host = _checked(url, data, start, rec, blob, crc)
                 if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
@@ -265,16 +266,17 @@ def _read_into(source: Any, buf: np.ndarray) -> Any:
     return ts.array(buf, copy=False, write=True).write(source)
 
 
-def _packed_ranges(url: str, kv: Any, commit: Commit, jobs: list[Job], policy: _Ranges
+def _packed_ranges(url: str, kv: Any, commit: Commit,
+                   groups: Iterable[tuple[list[Job], int, int]], most_in_flight: int
                    ) -> Iterator[tuple[list[Job], memoryview, int, int]]:
-    """Reads the packed leaves' ranges, a few at a time; yields each as ``(jobs, bytes,
-    offset of the bytes in the blob, blob)``, in the order issued."""
+    """Reads the ranges of ``groups`` (see :func:`_range_groups`), ``most_in_flight`` at a
+    time; yields each as ``(jobs, bytes, offset of the bytes in the blob, blob)``, in order."""
     in_flight: collections.deque = collections.deque()
-    for group, start, stop in _range_groups(jobs, policy.most):
+    for group, start, stop in groups:
         blob = group[0][1].storage.index
         future = kv.read(commit.blob_key(blob), byte_range=slice(start, stop))
         in_flight.append((group, future, start, blob))
-        if len(in_flight) >= policy.in_flight:
+        if len(in_flight) >= most_in_flight:
             yield _range_read(url, *in_flight.popleft())
     while in_flight:
         yield _range_read(url, *in_flight.popleft())
