@@ -130,8 +130,8 @@ def test_flipped_byte_in_a_packed_leaf_names_the_leaf(tmp_path):
 
 def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeypatch):
     # Format 2 is format 4 with zlib's CRC-32 for packed leaves (and no version in the
-    # body, as in format 3): written here by the
-    # current writer told to write format 2, read by the current reader as it is.
+    # body, as in format 3): written here by the current writer told to write format 2,
+    # read by the current reader as it is.
     import msgpack
 
     tree = {"a": np.arange(8.0), "b": jnp.arange(8.0) * 2, "w": jnp.ones((300, 300)), "n": 7}
