@@ -1,17 +1,31 @@
-# Every target builds its own virtual environment from scratch (nothing is assumed installed
-# beyond Python 3.11 and make).
+# Every target builds what it needs from scratch: nothing is assumed installed beyond Python 3.11+
+# and make. The development environment comes from the committed uv.lock, so a fresh clone gets
+# exactly the versions the suite last passed with; uv itself is installed from PyPI, pinned.
 PYTHON ?= python3
-VENV ?= .venv
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.synced
+LATEST := .venv-latest
 
-.PHONY: demo test bench lint clean
+# uv uses the Python that runs make (never downloads one) and puts the project in .venv.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+.PHONY: setup demo test bench lint lock test-latest clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet uv==$(UV_VERSION)
+
+# Exactly the locked versions (the library editable, with the dev, examples and bench extras).
+$(STAMP): $(UV) uv.lock pyproject.toml
+	$(UV) sync --locked --all-extras --python $(PYTHON)
 	touch $(STAMP)
+
+setup: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
@@ -25,5 +39,18 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
+# Refresh uv.lock to the newest releases that pyproject.toml's ranges allow.
+lock: $(UV)
+	$(UV) lock --upgrade --python $(PYTHON)
+
+# The suite against the newest releases, ignoring the lock, in an environment of its own: how the
+# team sees an upstream break before users do. Not part of CI.
+test-latest: $(UV)
+	rm -rf $(LATEST)
+	$(UV) venv --quiet --python $(PYTHON) $(LATEST)
+	$(UV) pip install --quiet --python $(LATEST)/bin/python --upgrade -e '.[dev,bench]'
+	$(UV) pip list --python $(LATEST)/bin/python | grep -iE '^(jax|jaxlib|tensorstore|numpy|ml.dtypes|msgpack|flax|optax|orbax-checkpoint) '
+	$(LATEST)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(LATEST) $(TOOLS) build src/*.egg-info

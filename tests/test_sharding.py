@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _values import representable
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -150,8 +151,7 @@ DTYPES = [np.float32, jnp.bfloat16, np.int8, np.bool_, np.complex64, jnp.float8_
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_sharded_dtypes(tmp_path, mesh, dtype):
-    rng = np.random.default_rng(1)
-    value = (rng.standard_normal((64, 32)) * 4).astype(dtype)
+    value = representable(dtype, (64, 32), seed=1)
     ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
     target = jax.ShapeDtypeStruct(value.shape, value.dtype,
                                   sharding=NamedSharding(mesh, P("y", None)))

@@ -56,7 +56,7 @@ crc32c codec); the commit file's own checksum is zlib's CRC-32. The reader treat
 field as untrusted. The body repeats the version (from version 4): the outer one, which says
 how to read the rest, is outside the checksum, and a flipped bit there once read a version-3
 file as version 2. Version 3 is this layout without the body's version, version 2 that with
-zlib's CRC-32 for packed leaves (~5x slower to compute here than CRC-32C); both are still
+zlib's CRC-32 for packed leaves (~5x slower to compute than CRC-32C); both are still
 read, and a body's version, where there is one, must match. Version 1 (one record per leaf)
 was written by pre-release versions only; it is refused with a FormatVersionError.
 """

@@ -34,16 +34,16 @@ class _Ranges(NamedTuple):
     in_flight: int
 
 
-# From a local disk, reading is cheap and new memory is not (this VM faults each new page in
-# from the host): glibc serves ranges of 256 KiB from memory it reuses, where ranges of 1 MiB
-# came from fresh pages every time (~24,000 page faults per restore of the small-leaf tree,
-# ~0 now: 232 -> 188 ms, medians of 11, 2 MiB in flight instead of 4). An object store answers
-# each request after a round trip, so there fewer, larger ranges go, more at once.
+# From a local disk, reading is cheap and new memory may not be (on a virtual machine each new
+# page can fault in from the host): glibc serves ranges of 256 KiB from memory it reuses, where
+# ranges of 1 MiB came from fresh pages every time (~24,000 page faults per restore of the
+# 10,000-leaf benchmark tree with 1 MiB ranges, ~0 with these). An object store answers each
+# request after a round trip, so there fewer, larger ranges go, more at once.
 _LOCAL_RANGES = _Ranges(most=256 << 10, in_flight=8)
 _REMOTE_RANGES = _Ranges(most=1 << 20, in_flight=16)
 _SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, concurrently
 # Of zarr slabs issued and not yet waited for (see _ZarrReads): a few slabs per core keep
-# every copy thread busy; 64 MiB here (2 cores) reads as fast as 128 MiB or everything.
+# every copy thread busy; on two cores 64 MiB read as fast as 128 MiB or no limit at all.
 _BYTES_IN_FLIGHT = max(64 << 20, 4 * _SLAB_BYTES * (os.cpu_count() or 1))
 _ALIGN = 64  # the CPU backend adopts 64-byte-aligned host memory without a copy
 _ONE_DEVICE = jax.sharding.SingleDeviceSharding

@@ -457,8 +457,8 @@ _PADS = [bytes(n) for n in range(_ALIGN)]
 class _PartPool:
     """Packing parts kept from one save for the next.
 
-    Copying an 87 MB snapshot into fresh memory costs this machine (a Firecracker VM) 100-200
-    ms of page faults, into memory touched before ~8 ms; the snapshot is what the caller of
+    Copying an 87 MB snapshot into fresh memory can cost 100-200 ms of page faults on a
+    virtual machine that faults new pages in from its host, into memory touched before ~8 ms; the snapshot is what the caller of
     :func:`save_async` waits for. A training loop saves the same tree again and again, so
     the last save's parts are what the next one needs, size for size. The price is host
     memory: up to :data:`_POOL_BYTES` of parts stay allocated between saves (the small
