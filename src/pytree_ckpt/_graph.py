@@ -154,15 +154,22 @@ def _children(node: Any) -> tuple[list[tuple[Any, Any]], bool]:
         return [(DictKey(k), node[k]) for k in _sorted_keys(node)], True
     if tp is list or tp is tuple:
         return [(SequenceKey(i), c) for i, c in enumerate(node)], True
-    if isinstance(node, tuple) and hasattr(tp, "_fields"):
-        # jax 0.10.2's flatten_one_level_with_keys names every NamedTuple child after the
-        # first field; the fields themselves are the right names.
-        return [(GetAttrKey(f), c) for f, c in zip(tp._fields, node, strict=True)], True
     try:
         children, _ = jax.tree_util.flatten_one_level_with_keys(node)
     except ValueError:
         return [], False
+    if isinstance(node, tuple) and hasattr(tp, "_fields") and _in_field_order(children, node):
+        # jax 0.10.2's flatten_one_level_with_keys names every NamedTuple child after the
+        # first field; where the registry gives the fields in order, they are the names.
+        # The registry decides the children and their order (a NamedTuple registered with a
+        # flatten of its own keeps that flatten's children and keys).
+        return [(GetAttrKey(f), c) for f, (_, c) in zip(tp._fields, children, strict=True)], True
     return list(children), True
+
+
+def _in_field_order(children: Sequence[tuple[Any, Any]], node: tuple) -> bool:
+    return len(children) == len(node) and all(
+        c is v for (_, c), v in zip(children, node, strict=True))
 
 
 _DICT_NAME = _type_name(dict)

@@ -16,6 +16,7 @@ Anything else raises :class:`UnsupportedLeafError` naming the leaf's path. Nothi
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, NamedTuple
 
 import jax
@@ -128,6 +129,15 @@ def _checked_dtype(path: str, dtype: Any) -> str:
             f"dtypes: {', '.join(DTYPES)}"
         )
     return name
+
+
+def little_endian(array: np.ndarray) -> np.ndarray:
+    """``array``, or a little-endian copy of it: every byte is stored little-endian, and a
+    dtype's name does not say its byte order (``np.dtype(">f4").name == "float32"``)."""
+    order = array.dtype.byteorder
+    if order == ">" or (order == "=" and sys.byteorder == "big"):
+        return array.astype(array.dtype.newbyteorder("<"))
+    return array
 
 
 def encode_py(value: Any) -> Any:

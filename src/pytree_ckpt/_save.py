@@ -288,6 +288,8 @@ def _snapshot(tree: Any, copy: bool = True) -> _Snapshot:
                     records.append((path, origin, dtype, (), None, Storage("v", leaf), None))
                     continue
                 value = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
+                if origin is NUMPY:
+                    value = _leaves.little_endian(value)
             nbytes = prod(shape) * itemsizes[dtype]
             sharding = None if origin is NUMPY or origin is NPSCALAR else value.sharding
             key = device_of(sharding) if type(sharding) is one_device else id(sharding)
