@@ -4,7 +4,8 @@ Run it with ``make demo`` (or ``python examples/demo.py [--dir DIR]``). It train
 Flax MLP with optax Adam on synthetic data on the CPU, saving every 40 steps through a
 ``CheckpointManager``; then, as a second run would after a restart, it restores the latest
 checkpoint into a freshly built model and shows that training continues with exactly the
-losses of the first run. Finally it loads only the weights into an inference tree.
+losses of the first run, and shows that a resume into a changed model is refused unless
+``partial=True``. Finally it loads only the weights into an inference tree.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ STEPS, EVERY, KEEP = 300, 40, 3
 
 
 class MLP(nn.Module):
+    width: int = 64
+
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Dense(64, name="hidden")(x))
+        x = nn.relu(nn.Dense(self.width, name="hidden")(x))
         return nn.Dense(1, name="out")(x)
 
 
-def fresh_state(seed: int) -> train_state.TrainState:
-    model = MLP()
+def fresh_state(seed: int, width: int = 64) -> train_state.TrainState:
+    model = MLP(width)
     params = model.init(jax.random.key(seed), jnp.ones((1, 8)))["params"]
     return train_state.TrainState.create(apply_fn=model.apply, params=params,
                                          tx=optax.adam(3e-3))
@@ -90,6 +93,16 @@ def main() -> None:
         print("  " + str(status).replace("\n", "\n  "))
         status.assert_consumed()
         assert int(state.step) == step
+        # A resume into a changed model (a wider hidden layer) raises rather than training on
+        # from fresh weights; partial=True accepts it and returns the status to act on.
+        wider = fresh_state(seed=0, width=96)
+        try:
+            mgr.restore(step, target=wider)
+        except pc.PartialRestoreError as e:
+            print(f"  resume into a wider model refused: {str(e).splitlines()[0]}")
+        _, status = mgr.restore(step, target=wider, partial=True)
+        print(f"  with partial=True: {len(status.matched)} matched, {len(status.mismatched)} "
+              f"mismatched, e.g. {status.mismatched[0]}")
         second_run = train(state, mgr, step + 1, STEPS)
     same = all(second_run[s] == first_run[s] for s in second_run)
     print(f"  steps {step + 1}..{STEPS}: run 1 loss {first_run[STEPS]:.6f}, run 2 loss "

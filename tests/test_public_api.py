@@ -9,6 +9,7 @@ DOCUMENTED = {
     "IncompleteCheckpointError", "CheckpointExistsError", "NotACheckpointError",
     "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",
     "PathNotFoundError", "SaveError", "CheckpointManager", "latest", "LockedError",
+    "PartialRestoreError",
 }
 
 
@@ -32,5 +33,6 @@ def test_errors_also_derive_from_fitting_builtins():
     assert issubclass(pc.CorruptCheckpointError, ValueError)
     assert issubclass(pc.FormatVersionError, pc.CorruptCheckpointError)
     assert issubclass(pc.UnsupportedLeafError, TypeError)
+    assert issubclass(pc.PartialRestoreError, AssertionError)
     assert all(issubclass(getattr(pc, n), pc.CheckpointError)
                for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError")

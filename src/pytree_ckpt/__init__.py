@@ -22,6 +22,7 @@ from ._errors import FormatVersionError as FormatVersionError
 from ._errors import IncompleteCheckpointError as IncompleteCheckpointError
 from ._errors import LockedError as LockedError
 from ._errors import NotACheckpointError as NotACheckpointError
+from ._errors import PartialRestoreError as PartialRestoreError
 from ._errors import PathCollisionError as PathCollisionError
 from ._errors import PathNotFoundError as PathNotFoundError
 from ._errors import SaveError as SaveError
@@ -53,6 +54,7 @@ __all__ = [
     "LockedError",
     "Mismatch",
     "NotACheckpointError",
+    "PartialRestoreError",
     "PathCollisionError",
     "PathNotFoundError",
     "RestoreStatus",

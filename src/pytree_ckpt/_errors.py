@@ -13,11 +13,14 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── UnsupportedLeafError         (TypeError)          a leaf that cannot be saved exactly
     ├── PathCollisionError           (ValueError)         two leaves with one path, e.g. {1: a, "1": b}
     ├── PathNotFoundError            (KeyError)           ``at=`` names nothing in the checkpoint
+    ├── PartialRestoreError          (AssertionError)     a strict restore left target leaves unrestored
     ├── SaveError                    (RuntimeError)       a write failed, here or on another process
     └── LockedError                  (RuntimeError)       another CheckpointManager holds the directory
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class CheckpointError(Exception):
@@ -63,6 +66,34 @@ class PathNotFoundError(CheckpointError, KeyError):
     def __str__(self) -> str:
         # KeyError's str() would wrap the message in quotes.
         return str(self.args[0]) if self.args else ""
+
+
+class PartialRestoreError(CheckpointError, AssertionError):
+    """A strict restore (:meth:`CheckpointManager.restore` by default, :func:`restore` with
+    ``strict=True``) left target leaves unmatched or mismatched; the message names every one.
+
+    An ``AssertionError`` because it is the check ``status.assert_existing_matched()`` makes,
+    which has always raised one: code that catches that keeps working. ``status`` holds the
+    :class:`RestoreStatus` of the refused restore.
+
+    Example::
+
+        >>> _ = pc.save({"w": jnp.ones(3), "step": 1}, "memory://doc/partial")
+        >>> try:
+        ...     pc.restore("memory://doc/partial", {"w": jnp.zeros(4), "b": 0.0}, strict=True)
+        ... except pc.PartialRestoreError as e:
+        ...     print(e)
+        memory://doc/partial: 2 target leaves were not restored and keep the target's value (...):
+          unmatched, in the target but not in the checkpoint (1):
+            b
+          mismatched, found with another shape or an unsafe dtype (1):
+            w: saved float32[3], target float32[4]
+        To accept a partial restore, call restore without strict=True, and read the returned status.
+    """
+
+    def __init__(self, message: str, status: Any = None):
+        super().__init__(message)
+        self.status = status
 
 
 class SaveError(CheckpointError, RuntimeError):

@@ -48,7 +48,7 @@ from ._metadata import CheckpointMetadata
 from ._metadata import metadata as _metadata
 from ._restore import restore as _restore
 from ._save import save_async
-from ._status import RestoreStatus
+from ._status import RestoreStatus, check_complete
 
 Metrics = Mapping[str, Any]
 _STEP = re.compile(r"0|[1-9][0-9]*")
@@ -277,16 +277,26 @@ class CheckpointManager:
 
     def restore(self, step: int | None = None, target: Any = None, *, at: str | None = None,
                 rename: Mapping[str, str] | Callable[[str], str] | None = None,
-                ) -> tuple[Any, RestoreStatus]:
+                partial: bool = False) -> tuple[Any, RestoreStatus]:
         """Restores committed step ``step`` (the latest if None); see :func:`restore` for
         ``target``, ``at`` and ``rename``.
 
+        Strict unless ``partial=True``: a resume that would leave target leaves unmatched or
+        mismatched (a layer renamed, a width changed, another run's checkpoint) raises instead
+        of letting training go on from freshly initialised values. Checkpoint entries the
+        target does not ask for are fine (loading the params of a training checkpoint).
+
         **Returns:** ``(tree, status)``.
 
-        **Raises:** :class:`CheckpointNotFoundError` if there is no such committed step; what
-        :func:`restore` raises.
+        **Raises:** :class:`PartialRestoreError` naming every unmatched and mismatched path,
+        unless ``partial=True``; :class:`CheckpointNotFoundError` if there is no such committed
+        step; what :func:`restore` raises.
         """
-        return _restore(self._path(self._resolve(step)), target, at=at, rename=rename)
+        path = self._path(self._resolve(step))
+        tree, status = _restore(path, target, at=at, rename=rename)
+        if not partial:
+            check_complete(status, _storage.location(path).url, "pass partial=True")
+        return tree, status
 
     def metadata(self, step: int | None = None) -> CheckpointMetadata:
         """The :func:`metadata` of committed step ``step`` (the latest if None).

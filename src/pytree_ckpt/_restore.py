@@ -27,7 +27,7 @@ from ._errors import (
 )
 from ._format import COMMIT_FILE, Commit, LeafRecord, decode
 from ._read import Want, default_device, read_leaves
-from ._status import Cast, Mismatch, RestoreStatus
+from ._status import Cast, Mismatch, RestoreStatus, check_complete
 
 
 def commit_file(loc: _storage.Location) -> str:
@@ -57,7 +57,7 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
             rename: Mapping[str, str] | Callable[[str], str] | None = None,
-            ) -> tuple[Any, RestoreStatus]:
+            strict: bool = False) -> tuple[Any, RestoreStatus]:
     """Restores a checkpoint into a new tree shaped like ``target``; returns it and the status.
 
     **Arguments:**
@@ -70,6 +70,10 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     - ``at``: a checkpoint path; restore that subtree (e.g. ``"params"``) into ``target``.
     - ``rename``: ``{old_prefix: new_prefix}`` or a function mapping checkpoint paths to
       target paths, to follow renamed modules.
+    - ``strict``: raise :class:`PartialRestoreError` unless every target leaf was restored
+      (the check of ``status.assert_existing_matched()``; unused checkpoint entries are
+      fine). Off by default: restore is pure and reports in the status; a
+      :class:`CheckpointManager`'s restore is strict by default.
 
     Matching is by path. Leaves found with another shape, or a dtype that would lose
     information (int <-> float, narrowing ints), are ``mismatched`` and keep the target's
@@ -80,7 +84,8 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     **Raises:** :class:`CheckpointNotFoundError`, :class:`IncompleteCheckpointError`,
     :class:`CorruptCheckpointError` (naming the leaf whose bytes fail their checksum),
     :class:`FormatVersionError`, :class:`PathNotFoundError` if ``at`` names nothing,
-    :class:`UnsupportedLeafError` for a target leaf of an unknown type.
+    :class:`UnsupportedLeafError` for a target leaf of an unknown type,
+    :class:`PartialRestoreError` with ``strict=True`` if a target leaf was not restored.
 
     Example::
 
@@ -92,7 +97,10 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         (('w',), ())
     """
     with _gc.paused():  # per-leaf loops: see _gc
-        return _restore(path, target, at, rename)
+        tree, status = _restore(path, target, at, rename)
+    if strict:
+        check_complete(status, _storage.location(path).url, "call restore without strict=True")
+    return tree, status
 
 
 def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, RestoreStatus]:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import html
+from collections.abc import Sequence
 from typing import NamedTuple
+
+from . import _graph
+from ._errors import PartialRestoreError
+
+# A partial restore's message lists at most this many lines per kind of problem (beyond it,
+# paths are grouped by prefix), each at most _MAX_LINE characters: readable, and bounded with
+# a million unmatched paths.
+_MAX_LINES = 20
+_MAX_LINE = 240
 
 
 class Mismatch(NamedTuple):
@@ -125,3 +135,55 @@ class RestoreStatus:
         summary = html.escape(str(self).splitlines()[0])
         return (f"<details open><summary><b>{summary}</b></summary><table>"
                 f"<tr><th>status</th><th>path</th><th>detail</th></tr>{body}</table></details>")
+
+
+def check_complete(status: RestoreStatus, where: str, accept: str) -> RestoreStatus:
+    """Returns ``status`` if every target leaf was restored, else raises
+    :class:`PartialRestoreError` naming the unmatched and mismatched paths (grouped by prefix
+    when there are many) and saying how to accept a partial restore: ``accept``."""
+    if not status.unmatched and not status.mismatched:
+        return status
+    lines = [f"{where}: {len(status.unmatched) + len(status.mismatched)} target leaves were not "
+             f"restored and keep the target's value ({len(status.matched)} matched, "
+             f"{len(status.unmatched)} unmatched, {len(status.mismatched)} mismatched):"]
+    if status.unmatched:
+        lines.append(f"  unmatched, in the target but not in the checkpoint "
+                     f"({len(status.unmatched)}):")
+        lines += _grouped(status.unmatched, status.unmatched)
+    if status.mismatched:
+        lines.append(f"  mismatched, found with another shape or an unsafe dtype "
+                     f"({len(status.mismatched)}):")
+        lines += _grouped([m.path for m in status.mismatched], status.mismatched)
+    lines.append(f"To accept a partial restore, {accept}, and read the returned status.")
+    raise PartialRestoreError("\n".join(lines), status)
+
+
+def _grouped(paths: Sequence[str], items: Sequence[object]) -> list[str]:
+    """One line per item if there are few; else one per group of paths sharing their first
+    names, at the deepest level that gives at most _MAX_LINES groups."""
+    if len(items) <= _MAX_LINES:
+        return [_line(f"    {item}") for item in items]
+    names = [_graph.split_path(p) for p in paths]
+    depth = 1
+    while (depth < max(map(len, names))
+           and len({tuple(n[:depth + 1]) for n in names}) <= _MAX_LINES):
+        depth += 1
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(tuple(n[:depth]), []).append(i)
+    lines = []
+    for prefix, members in list(groups.items())[:_MAX_LINES]:
+        first = items[members[0]]
+        if len(members) == 1:
+            lines.append(_line(f"    {first}"))
+        else:
+            shown = "/".join(map(_graph.escape, prefix))
+            lines.append(_line(f"    {shown}/... ({len(members)} paths, e.g. {first})"))
+    if len(groups) > _MAX_LINES:
+        rest = sum(len(m) for m in list(groups.values())[_MAX_LINES:])
+        lines.append(f"    ... and {len(groups) - _MAX_LINES} more groups ({rest} paths)")
+    return lines
+
+
+def _line(text: str) -> str:
+    return text if len(text) <= _MAX_LINE else text[:_MAX_LINE - 3] + "..."
