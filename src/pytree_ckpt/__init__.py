@@ -34,6 +34,7 @@ from ._metadata import CheckpointMetadata as CheckpointMetadata
 from ._metadata import LeafMetadata as LeafMetadata
 from ._metadata import metadata as metadata
 from ._restore import restore as restore
+from ._safetensors import save_safetensors as save_safetensors
 from ._save import save as save
 from ._save import save_async as save_async
 from ._status import Cast as Cast
@@ -66,5 +67,6 @@ __all__ = [
     "restore",
     "save",
     "save_async",
+    "save_safetensors",
     "save_in_jit",
 ]

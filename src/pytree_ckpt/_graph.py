@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import re
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -362,17 +363,28 @@ def relative_to(path: str, at: str) -> str | None:
     return None
 
 
-def renamer(rename: Mapping[str, str] | Callable[[str], str] | None) -> Callable[[str], str]:
+Rename = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str]
+
+
+def renamer(rename: Rename | None) -> Callable[[str], str]:
     """A function from checkpoint paths to target paths.
 
     A mapping renames the longest matching prefix (whole names only): with
     ``{"encoder/old": "encoder/new"}``, ``encoder/old/kernel`` becomes ``encoder/new/kernel``.
-    A function is used as given.
+    A sequence of ``(pattern, replacement)`` pairs is regular-expression rules, applied in
+    order, each to the result of the one before (``re.sub``: ``\\1`` in a replacement is
+    the first group): ``[(r"^model/layers/(\\d+)/", r"layers/\\1/")]``. A function is
+    used as given.
+
+    >>> renamer([(r"^model/", ""), (r"/weight$", "/kernel")])("model/dense/weight")
+    'dense/kernel'
     """
     if rename is None:
         return lambda p: p
     if callable(rename):
         return rename
+    if not isinstance(rename, Mapping):
+        return _rules(rename)
     pairs = sorted(rename.items(), key=lambda kv: -len(kv[0]))
 
     def apply(path: str) -> str:
@@ -380,6 +392,27 @@ def renamer(rename: Mapping[str, str] | Callable[[str], str] | None) -> Callable
             rest = relative_to(path, old)
             if rest is not None:
                 return new if rest == "" else (f"{new}/{rest}" if new else rest)
+        return path
+
+    return apply
+
+
+def _rules(rules: Sequence[tuple[str, str]]) -> Callable[[str], str]:
+    compiled = []
+    for rule in rules:
+        if not (isinstance(rule, tuple | list) and len(rule) == 2
+                and all(isinstance(x, str) for x in rule)):
+            raise TypeError(f"rename rule {rule!r:.100}: expected a (pattern, replacement) "
+                            "pair of strings")
+        try:
+            compiled.append((re.compile(rule[0]), rule[1]))
+        except re.error as e:
+            raise ValueError(f"rename rule {rule[0]!r:.100}: not a regular expression ({e})"
+                             ) from None
+
+    def apply(path: str) -> str:
+        for pattern, replacement in compiled:
+            path = pattern.sub(replacement, path)
         return path
 
     return apply

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from . import _gc, _graph, _leaves, _storage
-from ._restore import commit_file, load_commit
+from ._restore import open_source
 
 
 class LeafMetadata(NamedTuple):
@@ -40,7 +40,10 @@ class CheckpointMetadata:
     - ``leaves``: :class:`LeafMetadata` by path, in save order.
     - ``node_types``: the saved inner nodes' type names by path (for display; never imported).
     - ``nbytes``: the total bytes of array data.
-    - ``writer``: library versions, process count and time of the save.
+    - ``writer``: library versions, process count and time of the save (for other formats,
+      what their files say of it).
+    - ``format``: what wrote the checkpoint: ``"pytree_ckpt"``, ``"orbax"``,
+      ``"flax_msgpack"`` or ``"safetensors"`` (``format_version`` is 0 for the others).
     """
 
     path: str
@@ -50,12 +53,14 @@ class CheckpointMetadata:
     node_types: Mapping[str, str]
     nbytes: int
     writer: Mapping[str, Any]
+    format: str = "pytree_ckpt"
 
     def __hash__(self) -> int:
         return hash((self.path, tuple(self.leaves.items())))
 
     def __str__(self) -> str:
-        head = (f"checkpoint {self.path}: {len(self.leaves)} leaves, {self.nbytes:,} bytes, "
+        kind = "checkpoint" if self.format == "pytree_ckpt" else f"{self.format} checkpoint"
+        head = (f"{kind} {self.path}: {len(self.leaves)} leaves, {self.nbytes:,} bytes, "
                 f"written by {self.writer.get('library', '?')}")
         return "\n".join([head] + [f"  {leaf}" for leaf in self.leaves.values()])
 
@@ -102,15 +107,15 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
 
 
 def _metadata(loc: _storage.Location) -> CheckpointMetadata:
-    commit = load_commit(loc, _storage.open_kvstore(loc))
-    nodes = commit.tree_nodes(commit_file(loc))
+    ckpt = open_source(loc)
+    nodes = ckpt.tree_nodes()
     text = functools.lru_cache(maxsize=None)(_sharding_text)  # a tree has few layouts
-    paths, origins, shapes, dtypes, nbytes, shardings, values = commit.leaves.summaries()
+    paths, origins, shapes, dtypes, nbytes, shardings, values = ckpt.leaves.summaries()
     rows = zip(paths, origins, shapes, dtypes, nbytes, map(text, shardings), values,
                strict=True)
     leaves = dict(zip(paths, map(_LEAF, rows), strict=True))
     return CheckpointMetadata(
-        path=loc.url, format_version=commit.version,
+        path=loc.url, format_version=ckpt.version, format=ckpt.format,
         tree=_graph.rebuild(nodes, leaves),
         leaves=leaves, node_types={n.path: n.type_name for n in nodes},
-        nbytes=sum(nbytes), writer=dict(commit.writer))
+        nbytes=sum(nbytes), writer=dict(ckpt.writer))

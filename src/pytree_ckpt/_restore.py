@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from . import _gc, _graph, _leaves, _storage
+from . import _formats, _gc, _graph, _leaves, _source, _storage
 from ._errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -55,21 +55,45 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
     return decode(data, commit_file(loc))
 
 
+def open_source(loc: _storage.Location) -> _source.Source:
+    """The checkpoint at ``loc``: ours (its commit file), or another tool's files."""
+    kv = _storage.open_kvstore(loc)
+    try:
+        commit = load_commit(loc, kv)
+    except CheckpointNotFoundError:
+        foreign = _formats.detect(loc, kv)
+        if foreign is None:
+            raise
+        return foreign
+    return _source.Source(
+        format=_source.PYTREE_CKPT, url=loc.url, version=commit.version, leaves=commit.leaves,
+        nodes=commit.nodes, tree_nodes=lambda: commit.tree_nodes(commit_file(loc)),
+        read=functools.partial(read_leaves, loc.url, kv, commit, remote=loc.remote),
+        writer=commit.writer)
+
+
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
-            rename: Mapping[str, str] | Callable[[str], str] | None = None,
-            strict: bool = False) -> tuple[Any, RestoreStatus]:
+            rename: _graph.Rename | None = None, strict: bool = False,
+            ) -> tuple[Any, RestoreStatus]:
     """Restores a checkpoint into a new tree shaped like ``target``; returns it and the status.
 
     **Arguments:**
 
-    - ``path``: where the checkpoint is (as for :func:`save`).
+    - ``path``: where the checkpoint is (as for :func:`save`). Other tools' checkpoints are
+      read too, recognized by their files: an Orbax checkpoint (an item folder, or a
+      ``CheckpointManager`` step folder whose items are the top-level names), a Flax msgpack
+      file (``flax.serialization.to_bytes``), a safetensors file or a folder or
+      ``model.safetensors.index.json`` of a sharded set (a dotted name ``a.b.0`` is the path
+      ``a/b/0``). :func:`metadata` says which format it found.
     - ``target``: a tree whose leaves say what to restore: concrete arrays or values (their
       shape, dtype, sharding and kind), ``jax.ShapeDtypeStruct`` (with ``.sharding``, or the
       default device), or None to rebuild the saved tree as nested dicts/lists/tuples with
       every leaf of the kind it was saved as.
     - ``at``: a checkpoint path; restore that subtree (e.g. ``"params"``) into ``target``.
-    - ``rename``: ``{old_prefix: new_prefix}`` or a function mapping checkpoint paths to
-      target paths, to follow renamed modules.
+    - ``rename``: ``{old_prefix: new_prefix}``, a list of ``(pattern, replacement)``
+      regular-expression rules applied in order to each checkpoint path (e.g.
+      ``[(r"^model/layers/(\\d+)/", r"layers/\\1/")]``), or a function mapping checkpoint
+      paths to target paths, to follow renamed modules.
     - ``strict``: raise :class:`PartialRestoreError` unless every target leaf was restored
       (the check of ``status.assert_existing_matched()``; unused checkpoint entries are
       fine). Off by default: restore is pure and reports in the status; a
@@ -82,9 +106,13 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     **Returns:** ``(tree, status)``, a new tree and a :class:`RestoreStatus`.
 
     **Raises:** :class:`CheckpointNotFoundError`, :class:`IncompleteCheckpointError`,
-    :class:`CorruptCheckpointError` (naming the leaf whose bytes fail their checksum),
+    :class:`CorruptCheckpointError` (naming the leaf whose bytes fail their checksum, or the
+    file and entry of another tool's checkpoint that is malformed),
     :class:`FormatVersionError`, :class:`PathNotFoundError` if ``at`` names nothing,
-    :class:`UnsupportedLeafError` for a target leaf of an unknown type,
+    :class:`PathCollisionError` if two checkpoint paths map to one after ``at``/``rename``,
+    :class:`UnsupportedLeafError` for a target leaf of an unknown type (or an entry of a
+    dtype this library cannot hold), ``TypeError`` / ``ValueError`` for a malformed
+    ``rename`` rule,
     :class:`PartialRestoreError` with ``strict=True`` if a target leaf was not restored.
 
     Example::
@@ -105,17 +133,16 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
 
 def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, RestoreStatus]:
     loc = _storage.location(path)
-    kv = _storage.open_kvstore(loc)
-    commit = load_commit(loc, kv)
+    ckpt = open_source(loc)
     rename_fn = _graph.renamer(rename) if rename is not None else None
-    entries = _select(commit, at, rename_fn, loc.url)
+    entries = _select(ckpt, at, rename_fn, loc.url)
     if target is None:
-        return _restore_saved(loc, kv, commit, entries, at, rename_fn)
+        return _restore_saved(ckpt, entries, at, rename_fn)
     flat = _graph.flatten(target)
     wants = [_want(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     matched, unmatched, mismatched, casts, jobs = [], [], [], [], []
     sources = list(map(entries.get, flat.paths))
-    records = iter(commit.leaves.records([src for src in sources if src is not None]))
+    records = iter(ckpt.leaves.records([src for src in sources if src is not None]))
     for path, want, src in zip(flat.paths, wants, sources, strict=True):
         if src is None:
             unmatched.append(path)
@@ -129,7 +156,7 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, 
         if verdict:
             casts.append(Cast(path, record.dtype, _want_dtype_str(want)))
         jobs.append((path, record, want))
-    values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
+    values = ckpt.read(jobs)
     leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     status = RestoreStatus(
         matched=tuple(matched), unmatched=tuple(unmatched),
@@ -149,23 +176,23 @@ def _unused(entries: dict[str, str], matched: list[str], mismatched: list[Mismat
     return tuple(src for src in entries.values() if src not in used)
 
 
-def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str] | None, url: str
+def _select(ckpt: _source.Source, at: str | None, rename_fn: Callable[[str], str] | None, url: str
             ) -> dict[str, str]:
     """Checkpoint paths by target path (after ``at`` and ``rename``). Paths only: a leaf's
     record is built when a target asks for it (see _format._Columns)."""
     if rename_fn is None and not at:
-        return {p: p for p in commit.leaves}
+        return {p: p for p in ckpt.leaves}
     if rename_fn is None:  # distinct paths under ``at`` stay distinct: no collisions
         prefix = at + "/"
         cut = len(prefix)
-        out = {p[cut:]: p for p in commit.leaves if p.startswith(prefix)}
-        if at in commit.leaves:
+        out = {p[cut:]: p for p in ckpt.leaves if p.startswith(prefix)}
+        if at in ckpt.leaves:
             out[""] = at
         if not out:
-            _check_at(commit, at, url)
+            _check_at(ckpt, at, url)
         return out
     out: dict[str, str] = {}
-    for path in commit.leaves:
+    for path in ckpt.leaves:
         rel = _graph.relative_to(path, at) if at is not None else path
         if rel is None:
             continue
@@ -176,14 +203,14 @@ def _select(commit: Commit, at: str | None, rename_fn: Callable[[str], str] | No
                 "after at=/rename")
         out[new] = path
     if at is not None and not out:
-        _check_at(commit, at, url)
+        _check_at(ckpt, at, url)
     return out
 
 
-def _check_at(commit: Commit, at: str, url: str) -> None:
+def _check_at(ckpt: _source.Source, at: str, url: str) -> None:
     """Raises unless ``at`` names a node (an empty subtree) of the checkpoint."""
-    if not any(_graph.relative_to(n.path, at) is not None for n in commit.nodes):
-        tops = sorted({_graph.split_path(p)[0] for p in commit.leaves if p})
+    if not any(_graph.relative_to(n.path, at) is not None for n in ckpt.nodes):
+        tops = sorted({_graph.split_path(p)[0] for p in ckpt.leaves if p})
         raise PathNotFoundError(
             f"{url}: at={at!r} names nothing in the checkpoint; its top-level names are "
             f"{tops[:20]}")
@@ -322,13 +349,12 @@ def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(default_device())
 
 
-def _restore_saved(loc: _storage.Location, kv: Any, commit: Commit, entries: dict[str, str],
-                   at: str | None, rename_fn: Callable[[str], str] | None
-                   ) -> tuple[Any, RestoreStatus]:
-    saved_nodes = commit.tree_nodes(commit_file(loc))  # before reading any data
-    records = commit.leaves.records(list(entries.values()))
+def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None,
+                   rename_fn: Callable[[str], str] | None) -> tuple[Any, RestoreStatus]:
+    saved_nodes = ckpt.tree_nodes()  # before reading any data
+    records = ckpt.leaves.records(list(entries.values()))
     jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
-    values = read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
+    values = ckpt.read(jobs)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
     for node in saved_nodes:

@@ -1,0 +1,380 @@
+"""safetensors files: reading one file or a sharded set, and writing a tree as one file.
+
+The format (as the ``safetensors`` package writes it)::
+
+    u64 little-endian N | N bytes of UTF-8 JSON (space-padded) | data
+
+The header maps each tensor's name to ``{"dtype", "shape", "data_offsets": [b, e]}``, with
+offsets relative to the first byte after the header, and ``"__metadata__"`` to a map of
+strings. Data is C-order and little-endian. Names are flat and by convention dotted
+(``model.layers.0.mlp.weight``); here the dots separate path names
+(``model/layers/0/mlp/weight``), so a target's list indices match digit names. A large
+model comes as several files named by ``model.safetensors.index.json``
+(``{"weight_map": {name: file}}``), in the same folder.
+
+The header is untrusted: its size is bounded, names appear once, dtypes are known, every
+tensor's byte count agrees with its shape and lies inside the file, and no two overlap.
+A tensor is read as byte ranges: for a sharded target, each device's region is read as the
+range of rows (along the first axis) it covers, not the whole tensor.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _gc, _graph, _leaves, _read, _source, _storage
+from ._errors import (
+    CheckpointExistsError,
+    CorruptCheckpointError,
+    PathCollisionError,
+    UnsupportedLeafError,
+)
+from ._format import LeafRecord, Storage
+
+INDEX_FILE = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # the reference reader's bound
+_MAX_RANK = 64
+_PIECE_BYTES = 8 << 20  # a tensor's bytes are read as ranges of about this size, concurrently
+_BYTES_IN_FLIGHT = 256 << 20  # ranges issued and not yet copied out
+
+# safetensors dtype -> NumPy / ml_dtypes name (_leaves.DTYPES). The sub-byte float types
+# (F4, F6_*) are packed and not read.
+DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16",
+    "U32": "uint32", "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16",
+    "BF16": "bfloat16", "F32": "float32", "F64": "float64", "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz", "F8_E8M0": "float8_e8m0fnu",
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def is_safetensors(head: bytes) -> bool:
+    """Whether a file's first bytes look like a safetensors header."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") >= 2
+
+
+def path_of(name: str) -> str:
+    """The checkpoint path of a tensor name: its dots separate names."""
+    path = ""
+    for part in name.split("."):
+        path = _graph.join_path(path, part)
+    return path
+
+
+def open_file(f: _source.File) -> _source.Source:
+    """The safetensors file ``f`` as a :class:`_source.Source`."""
+    metadata, entries = _header(f, 0)
+    return _make_source(f.url, [f], entries, metadata)
+
+
+def open_index(index: _source.File) -> _source.Source:
+    """A sharded set named by its ``model.safetensors.index.json`` as a Source."""
+    weight_map, metadata = _index(index)
+    names = sorted(set(weight_map.values()))
+    files = [_source.sibling(index, name) for name in names]
+    entries, file_meta = [], {}
+    for number, f in enumerate(files):
+        meta, found = _header(f, number)
+        file_meta.update(meta)
+        listed = {n for n, file in weight_map.items() if file == names[number]}
+        missing = listed - {e[0] for e in found}
+        if missing:
+            raise CorruptCheckpointError(
+                f"{index.url}: entry {sorted(missing)[0]!r:.200} is not in {f.url}, where "
+                "the index says it is")
+        entries += found
+    return _make_source(index.url, files, entries, {**file_meta, **metadata})
+
+
+def _make_source(url: str, files: list[_source.File], entries: list[tuple[str, LeafRecord]],
+                 metadata: Mapping[str, Any]) -> _source.Source:
+    names: dict[str, str] = {}
+    for name, rec in entries:
+        if rec.path in names:
+            raise CorruptCheckpointError(
+                f"{url}: entries {names[rec.path]!r:.100} and {name!r:.100} name one path "
+                f"{rec.path!r:.100}")
+        names[rec.path] = name
+    leaves = _source.records(url, (rec for _name, rec in entries))
+    nodes = _source.nodes_for(leaves)
+    return _source.Source(
+        format=_source.SAFETENSORS, url=url, version=0, leaves=leaves, nodes=nodes,
+        tree_nodes=_source.checked_nodes(url, nodes, leaves),
+        read=lambda jobs: read(files, jobs),
+        writer={"library": "safetensors", "files": len(files), "metadata": dict(metadata)})
+
+
+def _index(f: _source.File) -> tuple[dict[str, str], dict[str, Any]]:
+    result = f.kv.read(f.key).result()
+    if result.state != "value":
+        raise CorruptCheckpointError(f"{f.url}: cannot read the index file")
+    if len(result.value) > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(f"{f.url}: index file of {len(result.value)} bytes is "
+                                     "too large")
+    doc = _json(f.url, bytes(result.value))
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not (isinstance(weight_map, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
+        raise CorruptCheckpointError(f"{f.url}: no 'weight_map' of names to file names")
+    for name, file in weight_map.items():
+        if not file or "/" in file or "\\" in file or file in (".", ".."):
+            raise CorruptCheckpointError(
+                f"{f.url}: entry {name!r:.200}: file {file!r:.100} is not a file name in the "
+                "index's folder")
+    metadata = doc.get("metadata")
+    return weight_map, metadata if isinstance(metadata, dict) else {}
+
+
+def _json(url: str, text: bytes) -> Any:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set[str] = set()
+            twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise CorruptCheckpointError(f"{url}: entry {twice!r:.200} appears twice")
+        return out
+
+    try:
+        return json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{url}: malformed JSON header ({e!s:.200})") from None
+
+
+def _header(f: _source.File, number: int) -> tuple[dict[str, Any], list[tuple[str, LeafRecord]]]:
+    """The file's ``__metadata__`` and its tensors as (name, record), checked."""
+    n = int.from_bytes(_source.read_range(f, 0, 8, "header length"), "little")
+    if n > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"{f.url}: header of {n} bytes is larger than {MAX_HEADER_BYTES} (not a "
+            "safetensors file, or a damaged one)")
+    header = _json(f.url, _source.read_range(f, 8, 8 + n, "header"))
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{f.url}: the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise CorruptCheckpointError(f"{f.url}: __metadata__ must map strings to strings")
+    entries = [(name, _record(f.url, name, spec, 8 + n, number))
+               for name, spec in header.items()]
+    spans = sorted((rec.storage.offset, rec.storage.offset + rec.storage.nbytes, name)
+                   for name, rec in entries if rec.storage.nbytes)
+    for (_b0, e0, first), (b1, _e1, second) in zip(spans, spans[1:], strict=False):
+        if b1 < e0:
+            raise CorruptCheckpointError(
+                f"{f.url}: entries {first!r:.100} and {second!r:.100} overlap in the file")
+    if spans:  # the last byte any tensor needs must exist
+        end, name = spans[-1][1], spans[-1][2]
+        _source.read_range(f, end - 1, end, f"entry {name!r:.200}")
+    return metadata, entries
+
+
+def _record(url: str, name: str, spec: Any, base: int, number: int) -> LeafRecord:
+    def bad(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{url}: entry {name!r:.200}: {what}")
+
+    if not isinstance(spec, dict):
+        raise bad("not a tensor record")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in DTYPES:
+        raise bad(f"unknown or unsupported dtype {str(dtype)!r:.40} (read: "
+                  f"{', '.join(DTYPES)})")
+    if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(
+            type(d) is int and 0 <= d < 1 << 62 for d in shape)):
+        raise bad(f"bad shape {str(shape):.100}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            type(x) is int and 0 <= x < 1 << 62 for x in offsets) and offsets[0] <= offsets[1]):
+        raise bad(f"bad data_offsets {str(offsets):.100}")
+    nbytes = math.prod(shape) * _leaves.DTYPES[DTYPES[dtype]].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise bad(f"{offsets[1] - offsets[0]} bytes for shape {shape} of {dtype} "
+                  f"({nbytes} bytes)")
+    return LeafRecord(path_of(name), _leaves.NUMPY, DTYPES[dtype], tuple(shape), None,
+                      Storage("s", index=number, offset=base + offsets[0], nbytes=nbytes), None)
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def read(files: list[_source.File], jobs: list[_read.Job]) -> dict[str, Any]:
+    """The restored leaves of ``jobs`` by target path: each region read as one range of
+    rows, in pieces of ~_PIECE_BYTES, at most ~_BYTES_IN_FLIGHT of them in flight."""
+    layouts = _read._Layouts()
+    out: dict[str, Any] = {}
+    in_flight: collections.deque = collections.deque()
+    waiting = 0
+    with _gc.paused():
+        for leaf, buf, piece, future in _pieces(files, jobs, layouts):
+            in_flight.append((leaf, buf, piece, future))
+            waiting += len(buf)
+            while waiting > _BYTES_IN_FLIGHT or (in_flight and in_flight[0][3] is None):
+                waiting -= _finish(files, in_flight.popleft(), layouts, out)
+        while in_flight:
+            _finish(files, in_flight.popleft(), layouts, out)
+    return out
+
+
+def _pieces(files: list[_source.File], jobs: list[_read.Job], layouts: _read._Layouts
+            ) -> Iterator[tuple[list, np.ndarray, tuple[int, int], Any]]:
+    """``(leaf, bytes of its buffer, (start, stop) in the file, read future)`` for every
+    piece; ``leaf`` is ``[job, regions, pieces not yet read]``. A leaf with no bytes gives
+    one item with no future."""
+    for path, rec, want in jobs:
+        f, offset = files[rec.storage.index], rec.storage.offset
+        shape = rec.shape
+        row = _leaves.DTYPES[rec.dtype].itemsize * math.prod(shape[1:])
+        regions: dict[tuple, np.ndarray] = {}
+        todo = []
+        for key in _read._region_keys(rec, want, layouts):
+            rows = key[0] if key else (0, 1)
+            regions[key] = full = _read._aligned_empty(
+                (rows[1] - rows[0], *shape[1:]) if shape else (), _leaves.DTYPES[rec.dtype])
+            flat = full.reshape(-1).view(np.uint8) if full.size else np.empty(0, np.uint8)
+            start = offset + rows[0] * row
+            for lo in range(0, len(flat), _PIECE_BYTES):
+                hi = min(lo + _PIECE_BYTES, len(flat))
+                todo.append((flat[lo:hi], (start + lo, start + hi)))
+        leaf = [(path, rec, want), regions, len(todo)]
+        if not todo:
+            yield leaf, np.empty(0, np.uint8), (0, 0), None
+        for buf, (lo, hi) in todo:
+            yield leaf, buf, (lo, hi), f.kv.read(f.key, byte_range=slice(lo, hi))
+
+
+def _finish(files: list[_source.File], item: tuple, layouts: _read._Layouts,
+            out: dict[str, Any]) -> int:
+    leaf, buf, (lo, hi), future = item
+    (path, rec, want), regions, _count = leaf
+    if future is not None:
+        try:
+            result = future.result()
+            data = result.value if result.state == "value" else b""
+        except Exception as e:
+            raise CorruptCheckpointError(
+                f"{files[rec.storage.index].url}: entry {rec.path!r:.200}: cannot read bytes "
+                f"{lo}-{hi} ({e})") from None
+        if len(data) != hi - lo:
+            raise CorruptCheckpointError(
+                f"{files[rec.storage.index].url}: entry {rec.path!r:.200}: bytes {lo}-{hi} lie "
+                "past the end of the file")
+        buf[:] = np.frombuffer(data, np.uint8)
+    leaf[2] -= 1
+    if leaf[2] <= 0:
+        out[path] = _read._build(rec, want, _regions(rec, regions), layouts, whole=False)
+    return len(buf)
+
+
+def _regions(rec: LeafRecord, rows: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray]:
+    """Each region's array from the rows read for it (a copy where the region is narrower
+    than the rows along a later axis: the host piece must be contiguous)."""
+    out = {}
+    for key, full in rows.items():
+        rest = tuple(slice(a, b) for a, b in key[1:])
+        if any(b - a != d for (a, b), d in zip(key[1:], rec.shape[1:], strict=True)):
+            full = np.ascontiguousarray(full[(slice(None), *rest)])
+        out[key] = full
+    return out
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+def save_safetensors(tree: Any, path: str | os.PathLike | dict, *,
+                     metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> str:
+    """Writes the arrays of ``tree`` as one safetensors file, for PyTorch and Hugging Face.
+
+    Each leaf's path becomes its tensor name with ``.`` between names
+    (``params/dense/kernel`` is ``params.dense.kernel``), which is how :func:`restore` reads
+    such a file back. Values are written as they are (no transposes): a Flax ``Dense`` kernel
+    is ``(in, out)``, where a PyTorch ``Linear`` weight is ``(out, in)``.
+
+    **Arguments:**
+
+    - ``tree``: a pytree of arrays (``jax.Array`` whose shards this process holds in full,
+      NumPy arrays and scalars), e.g. a checkpoint's ``params`` restored with ``at=``.
+    - ``path``: the file to write (a local path, ``file://``, ``memory://``, ``gs://``,
+      ``s3://``), replaced in one step.
+    - ``metadata``: strings to store in the header's ``__metadata__``.
+    - ``overwrite``: replace an existing file.
+
+    **Returns:** the file's path, as :func:`save` returns it.
+
+    **Raises:** :class:`UnsupportedLeafError` for a leaf that is not an array, a PRNG key,
+    a dtype safetensors has no name for (int4, ...) or a ``jax.Array`` not held in full here;
+    :class:`PathCollisionError` when two paths give one name (``{"a.b": x, "a": {"b": y}}``)
+    or the tree is a single array (a tensor needs a name); :class:`CheckpointExistsError` if
+    the file exists and ``overwrite`` is False; ``TypeError`` for metadata that is not strings.
+
+    Example::
+
+        >>> params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+        >>> pc.save_safetensors(params, "memory://doc/model.safetensors")
+        'memory://doc/model.safetensors'
+        >>> restored, status = pc.restore("memory://doc/model.safetensors", params)
+        >>> status.matched
+        ('dense/bias', 'dense/kernel')
+    """
+    if metadata is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise TypeError("safetensors metadata must map str to str")
+    loc = _storage.location(path)
+    f = _source.file_at(loc)
+    if f is None:
+        raise ValueError(f"{loc.url}: a safetensors file needs a file name")
+    flat = _graph.flatten(tree, treedef=False)
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    arrays, offset = [], 0
+    for leaf_path, leaf in zip(flat.paths, flat.leaves, strict=True):
+        name = ".".join(_graph.split_path(leaf_path))
+        if not leaf_path:
+            raise PathCollisionError(
+                "a safetensors tensor needs a name: pass a dict of arrays, not a single array")
+        if name in header:
+            raise PathCollisionError(
+                f"two leaves both give the tensor name {name!r} (the second is "
+                f"{leaf_path!r}); rename one of them")
+        arr = _host_array(leaf_path, leaf)
+        header[name] = {"dtype": _NAMES[arr.dtype.name], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        arrays.append(arr)
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the package writes
+    if not overwrite and f.kv.read(f.key, byte_range=slice(0, 0)).result().state == "value":
+        raise CheckpointExistsError(f"{f.url}: the file exists (pass overwrite=True to replace "
+                                    "it)")
+    data = b"".join([len(text).to_bytes(8, "little"), text, *arrays])
+    f.kv.write(f.key, data).result()
+    return loc.url
+
+
+def _host_array(path: str, leaf: Any) -> np.ndarray:
+    """``leaf`` as a C-contiguous little-endian NumPy array, or UnsupportedLeafError."""
+    if isinstance(leaf, jax.Array):
+        if _leaves.is_prng_key(leaf):
+            raise UnsupportedLeafError(
+                f"leaf {path!r} is a PRNG key; safetensors holds plain tensors (save "
+                "jax.random.key_data(key) instead)")
+        if not leaf.is_fully_addressable:
+            raise UnsupportedLeafError(
+                f"leaf {path!r} is sharded over several processes; gather it first "
+                "(jax.experimental.multihost_utils.process_allgather)")
+    elif not isinstance(leaf, (np.ndarray, np.generic)):
+        raise UnsupportedLeafError(
+            f"leaf {path!r} has type {type(leaf).__module__}.{type(leaf).__qualname__}; "
+            "safetensors holds arrays only")
+    arr = np.asarray(leaf, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+    if arr.dtype.name not in _NAMES:
+        raise UnsupportedLeafError(
+            f"leaf {path!r} has dtype {arr.dtype.name}, which safetensors cannot name")
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)

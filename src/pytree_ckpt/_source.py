@@ -1,0 +1,148 @@
+"""A checkpoint as restore and metadata see it, whatever wrote it.
+
+A :class:`Source` is a checkpoint's leaf records by path, its inner nodes, and a function
+that reads matched leaves as the target wants them. Our own commit file gives one
+(:func:`_restore.open_source`); so do the readers of other tools' files (``_safetensors``,
+``_flax_msgpack``, ``_orbax``), which describe their leaves with the same
+:class:`~._format.LeafRecord` and build them with the same code (``_read._build``), so
+matching, the status and the target's kinds, dtypes and shardings behave the same for
+every format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import tensorstore as ts
+
+from . import _graph, _leaves, _storage
+from ._errors import CorruptCheckpointError
+from ._format import LeafRecord
+
+# CheckpointMetadata.format values.
+PYTREE_CKPT, ORBAX, FLAX_MSGPACK, SAFETENSORS = "pytree_ckpt", "orbax", "flax_msgpack", "safetensors"
+
+
+class Source(NamedTuple):
+    """A readable checkpoint of any format."""
+
+    format: str  # one of the names above
+    url: str
+    version: int  # our format version; 0 for other formats
+    leaves: Mapping[str, LeafRecord]  # with records(paths) and summaries(), see Records
+    nodes: tuple[_graph.Node, ...]  # inner nodes, root first
+    tree_nodes: Callable[[], tuple[_graph.Node, ...]]  # nodes, checked to form one tree
+    read: Callable[[list], dict[str, Any]]  # jobs (_read.Job) -> restored leaves by path
+    writer: Mapping[str, Any]
+
+
+class Records(dict):
+    """Leaf records by path, built in full by a reader (the interface of _format._Columns)."""
+
+    def records(self, paths: Sequence[str]) -> list[LeafRecord]:
+        return [self[p] for p in paths]
+
+    def summaries(self) -> tuple[list, ...]:
+        """``(paths, origins, shapes, dtypes, nbytes, shardings, values)``, as _Columns'."""
+        recs = list(self.values())
+        return ([r.path for r in recs], [r.origin for r in recs], [r.shape for r in recs],
+                [r.dtype for r in recs], [r.nbytes for r in recs],
+                [r.sharding for r in recs],
+                [r.storage.value if r.origin == _leaves.PY else None for r in recs])
+
+
+def records(where: str, items: Iterable[LeafRecord]) -> Records:
+    """``items`` by path, refusing a path twice (other tools let names collide, e.g. Orbax's
+    ``{"a.b": x, "a": {"b": y}}``, silently losing one value)."""
+    out = Records()
+    for rec in items:
+        if rec.path in out:
+            raise CorruptCheckpointError(
+                f"{where}: entry {rec.path!r:.200} appears twice (two names that map to one "
+                "path); refusing to guess which one is meant")
+        out[rec.path] = rec
+    return out
+
+
+def nodes_for(leaves: Iterable[str], kinds: Mapping[str, str] | None = None
+              ) -> tuple[_graph.Node, ...]:
+    """Inner nodes for leaf paths whose containers were not recorded: every ancestor of a
+    leaf, root first, a dict unless ``kinds`` says otherwise (by node path). Raises
+    :class:`CorruptCheckpointError` (via the caller's check) where a leaf is also a node."""
+    kinds = dict(kinds or {})
+    found: dict[str, str] = {"": kinds.get("", _graph.DICT)}
+    for path in [*leaves, *kinds]:
+        while path:
+            path, _name = _graph.parent_and_name(path)
+            if path in found:
+                break
+            found[path] = kinds.get(path, _graph.DICT)
+    for path, kind in kinds.items():
+        found.setdefault(path, kind)
+    names = {_graph.DICT: "builtins.dict", _graph.LIST: "builtins.list",
+             _graph.TUPLE: "builtins.tuple"}
+    order = sorted(found, key=lambda p: (p.count("/") if p else -1, p))
+    return tuple(_graph.Node(p, found[p], names[found[p]]) for p in order)
+
+
+def checked_nodes(where: str, nodes: tuple[_graph.Node, ...], leaves: Mapping[str, Any]
+                  ) -> Callable[[], tuple[_graph.Node, ...]]:
+    """A ``Source.tree_nodes`` for nodes made by :func:`nodes_for`: refuses a path that is
+    both a leaf and a node (``{"a": x, "a.b": y}`` in a safetensors file)."""
+
+    def check() -> tuple[_graph.Node, ...]:
+        for node in nodes:
+            if node.path in leaves:
+                raise CorruptCheckpointError(
+                    f"{where}: entry {node.path!r:.200} is both a value and a container of "
+                    "other entries")
+        return nodes
+
+    return check
+
+
+class File(NamedTuple):
+    """One file in a kvstore: the store of its folder and its key there."""
+
+    url: str
+    kv: ts.KvStore
+    key: str
+
+
+def file_at(loc: _storage.Location) -> File | None:
+    """The location taken as a file (a safetensors or msgpack file), or None if its path
+    cannot name one (the root of a bucket)."""
+    path = loc.spec.get("path", "").rstrip("/")
+    if not path:
+        return None
+    parent, _, name = path.rpartition("/")
+    spec = dict(loc.spec, path=parent + "/" if parent else "")
+    if loc.spec.get("driver") == "file" and not parent:
+        spec["path"] = "/"
+    kv = ts.KvStore.open(spec, context=_storage.context()).result()
+    return File(loc.url.rstrip("/"), kv, name)
+
+
+def sibling(f: File, name: str) -> File:
+    """The file ``name`` in ``f``'s folder (a shard named by an index file)."""
+    parent = f.url.rstrip("/").rpartition("/")[0]
+    return File(f"{parent}/{name}", f.kv, name)
+
+
+def read_range(f: File, start: int, stop: int, what: str) -> bytes:
+    """Bytes ``[start, stop)`` of ``f``, all of them, or :class:`CorruptCheckpointError`
+    naming ``what`` (a range past the end of the file)."""
+    try:
+        result = f.kv.read(f.key, byte_range=slice(start, stop)).result()
+    except Exception as e:
+        if "OUT_OF_RANGE" in str(e):  # TensorStore's answer to a range past the end
+            raise CorruptCheckpointError(
+                f"{f.url}: {what}: bytes {start}-{stop} lie past the end of the file") from None
+        raise CorruptCheckpointError(
+            f"{f.url}: {what}: cannot read bytes {start}-{stop} ({e})") from None
+    data = result.value if result.state == "value" else b""
+    if len(data) != stop - start:
+        raise CorruptCheckpointError(
+            f"{f.url}: {what}: bytes {start}-{stop} lie past the end of the file")
+    return bytes(data)
