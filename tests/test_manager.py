@@ -344,3 +344,29 @@ def test_object_store_directory(bucket_dir):
         assert mgr.steps() == [2, 3, 4] and mgr.best_step() == 2
         assert mgr.restore()[0]["x"].tolist() == [4] * 3
     assert not [k for k in kv.list().result() if k.startswith(b"5")]
+
+
+# ---- read-only managers ----
+
+def test_read_only_manager_reads_beside_a_writer_and_changes_nothing(tmp_path):
+    writer = pc.CheckpointManager(tmp_path, async_save=False, keep=2)
+    writer.save(1, {"w": jnp.ones(2)}, metrics={"loss": 0.5})
+    (tmp_path / "9" / "d-0123").mkdir(parents=True)  # a crashed save's leftover
+    reader = pc.CheckpointManager(tmp_path, read_only=True, best_fn=lambda m: -m["loss"])
+    assert reader.steps() == [1] and reader.metrics(1) == {"loss": 0.5}
+    writer.save(2, {"w": jnp.ones(2)})
+    writer.save(3, {"w": jnp.ones(2)}, metrics={"loss": 0.25})
+    # Steps the writer commits and deletes show at the next query; step 2 has no metrics.
+    assert reader.steps() == [2, 3] and reader.latest_step() == 3
+    assert reader.metrics(2) is None and reader.metrics() == {"loss": 0.25}
+    assert reader.best_step() == 3
+    np.testing.assert_array_equal(reader.restore(3, {"w": jnp.zeros(2)})[0]["w"], np.ones(2))
+    with pytest.raises(pc.CheckpointNotFoundError, match=r"no committed checkpoint for step 1 "):
+        reader.metrics(1)
+    with pytest.raises(ValueError, match=r"is read-only: it cannot save"):
+        reader.save(4, {"w": jnp.ones(2)})
+    reader.close()
+    writer.close()
+    assert (tmp_path / "9" / "d-0123").is_dir()  # only the writer's start-up clean-up removes it
+    with pytest.raises(ValueError, match=r"handle_preemption=True needs a manager that saves"):
+        pc.CheckpointManager(tmp_path, read_only=True, handle_preemption=True)

@@ -79,6 +79,10 @@ class CheckpointManager:
       asks JAX's preemption sync point instead (``multihost_utils.
       reached_preemption_sync_point``, with the ``jax_enable_preemption_service`` default), so
       every process saves the same step; then :meth:`save` must be called at every step.
+    - ``read_only``: only read the directory, as an evaluator or ``pytree-ckpt steps`` does:
+      take no lock, delete nothing (a crash's leftovers stay, see the module docstring),
+      list the steps afresh at every query (so steps another manager commits or deletes
+      show), and refuse :meth:`save`.
 
     Retention runs after each save commits (never before): steps outside the newest ``keep``,
     the multiples of ``keep_every_n_steps`` and the best are deleted. Only committed steps
@@ -87,8 +91,9 @@ class CheckpointManager:
     a manager is meant for one thread. Close it (or use ``with``) to wait for the last save,
     apply retention and release the lock.
 
-    **Raises:** :class:`LockedError` if another manager holds the directory; ``ValueError``
-    for a bad option, or ``handle_preemption=True`` outside the main thread.
+    **Raises:** :class:`LockedError` if another manager holds the directory (never with
+    ``read_only``); ``ValueError`` for a bad option, or ``handle_preemption=True`` outside
+    the main thread or with ``read_only``.
 
     Example, a training loop that resumes where it stopped and saves once more on SIGTERM::
 
@@ -110,7 +115,8 @@ class CheckpointManager:
     def __init__(self, directory: str | os.PathLike | dict, *, keep: int | None = 3,
                  keep_every_n_steps: int | None = None, save_interval_steps: int = 1,
                  async_save: bool = True, best_fn: Callable[[Metrics], float] | None = None,
-                 best_mode: str = "max", handle_preemption: bool = False):
+                 best_mode: str = "max", handle_preemption: bool = False,
+                 read_only: bool = False):
         for name, value, allow_none in (("keep", keep, True),
                                         ("keep_every_n_steps", keep_every_n_steps, True),
                                         ("save_interval_steps", save_interval_steps, False)):
@@ -120,12 +126,16 @@ class CheckpointManager:
                                  f"not {value!r}")
         if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', not {best_mode!r}")
+        if read_only and handle_preemption:
+            raise ValueError("handle_preemption=True needs a manager that saves, not read_only")
         self._keep, self._keep_every, self._interval = keep, keep_every_n_steps, save_interval_steps
         self._async, self._best_fn, self._best_mode = async_save, best_fn, best_mode
         self._as_spec = isinstance(directory, dict)
         self._loc = _storage.location(directory)
         self._kv = _storage.open_kvstore(self._loc)
-        self._primary = _distributed.process_index() == 0
+        self._read_only = read_only
+        # The primary writes: it cleans, writes metrics and deletes. A read-only manager never.
+        self._primary = _distributed.process_index() == 0 and not read_only
         self._multiprocess = _distributed.is_multiprocess()
         self._pending: tuple[int, SaveFuture, Metrics | None] | None = None
         self._metrics: dict[int, Metrics | None] = {}
@@ -156,7 +166,16 @@ class CheckpointManager:
         return self._preempted
 
     def steps(self) -> list[int]:
-        """The committed steps, ascending."""
+        """The committed steps, ascending.
+
+        Example::
+
+            >>> with pc.CheckpointManager("memory://doc/steps", async_save=False) as mgr:
+            ...     mgr.save(1, {"w": jnp.ones(2)}, metrics={"loss": 0.5})
+            True
+            >>> pc.CheckpointManager("memory://doc/steps", read_only=True).steps()
+            [1]
+        """
         self._poll()
         return list(self._steps)
 
@@ -204,6 +223,8 @@ class CheckpointManager:
         for unsupported metrics.
         """
         self._check_open()
+        if self._read_only:
+            raise ValueError(f"{self!r} is read-only: it cannot save")
         step = _check_step(step)
         preempt = self._preemption_reached(step)
         self._poll()
@@ -298,6 +319,23 @@ class CheckpointManager:
             check_complete(status, _storage.location(path).url, "pass partial=True")
         return tree, status
 
+    def metrics(self, step: int | None = None) -> Metrics | None:
+        """The metrics given to :meth:`save` for committed step ``step`` (the latest if None),
+        or None if it was saved without.
+
+        **Raises:** as :meth:`restore`; :class:`CorruptCheckpointError` for an unreadable
+        metrics file.
+
+        Example::
+
+            >>> with pc.CheckpointManager("memory://doc/metrics", async_save=False) as mgr:
+            ...     mgr.save(4, {"w": jnp.ones(2)}, metrics={"loss": 0.5})
+            True
+            >>> pc.CheckpointManager("memory://doc/metrics", read_only=True).metrics(4)
+            {'loss': 0.5}
+        """
+        return self._load_metrics(self._resolve(step))
+
     def metadata(self, step: int | None = None) -> CheckpointMetadata:
         """The :func:`metadata` of committed step ``step`` (the latest if None).
 
@@ -353,7 +391,10 @@ class CheckpointManager:
 
     def _poll(self) -> None:
         """Takes in a background save that has committed; a failed one stays pending, for
-        save(), wait() or close() to raise."""
+        save(), wait() or close() to raise. A read-only manager lists the steps again."""
+        if self._read_only:
+            self._steps = self._scan()
+            return
         if (self._pending is not None and self._pending[1].done()
                 and self._pending[1].exception() is None):
             self._finish_pending()
