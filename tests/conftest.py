@@ -40,3 +40,15 @@ def s3_server() -> Iterator[S3Server]:
 
 
 # ---- End of object-storage servers ----
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def bucket(request, monkeypatch) -> str:
+    """A fresh folder URL per test on fake-gcs-server and on moto's S3, as a user types it."""
+    name = request.node.name.replace("[", "_").replace("]", "")
+    if request.param == "gcs":
+        return f"{request.getfixturevalue('gcs_server').url}/{name}"
+    server = request.getfixturevalue("s3_server")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("AWS_REGION", server.region)
+    return f"{server.url}/{name}"

@@ -3,13 +3,13 @@
 import json
 import os
 
+import _upload
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import tensorstore as ts
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save, save_file
 
@@ -278,17 +278,6 @@ def test_a_malformed_index_is_refused(tmp_path):
 # -- object stores ---------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["gcs", "s3"])
-def bucket(request, monkeypatch):
-    name = request.node.name.replace("[", "_").replace("]", "")
-    if request.param == "gcs":
-        return f"{request.getfixturevalue('gcs_server').url}/{name}"
-    server = request.getfixturevalue("s3_server")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
-    monkeypatch.setenv("AWS_REGION", server.region)
-    return f"{server.url}/{name}"
-
-
 def test_object_stores(bucket):
     tree = {"a": {"w": jnp.arange(12.0).reshape(3, 4)}, "b": np.ones(2, np.int32)}
     path = f"{bucket}/one.safetensors"
@@ -297,13 +286,7 @@ def test_object_stores(bucket):
     status.assert_consumed()
     np.testing.assert_array_equal(restored["a"]["w"], tree["a"]["w"])
 
-    def write(url, data):
-        loc = _storage.location(url)
-        folder, _, name = loc.spec["path"].rstrip("/").rpartition("/")
-        kv = ts.KvStore.open(dict(loc.spec, path=folder + "/"), context=_storage.context()).result()
-        kv.write(name, data).result()
-
-    _write_sharded_set(f"{bucket}/set", write)
+    _write_sharded_set(f"{bucket}/set", _upload.write)
     assert pc.metadata(f"{bucket}/set").format == "safetensors"
     tree, status = pc.restore(f"{bucket}/set/{_safetensors.INDEX_FILE}")
     assert len(status.matched) == 4

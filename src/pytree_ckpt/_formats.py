@@ -4,7 +4,8 @@ Tried in order where no commit file of ours is found at a path:
 
 - a folder holding ``model.safetensors.index.json``: a sharded safetensors set;
 - the path as a file: ``*.json`` with a ``weight_map`` is such an index; a first 8 bytes
-  that give a header length followed by ``{`` is a safetensors file.
+  that give a header length followed by ``{`` is a safetensors file; a first byte that
+  starts a msgpack map is a Flax msgpack file.
 
 Nothing is imported or executed from what a file says: the bytes choose a reader, and the
 reader treats them as untrusted.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _safetensors, _source, _storage
+from . import _flax_msgpack, _safetensors, _source, _storage
 
 _HEAD_BYTES = 16
 
@@ -25,19 +26,37 @@ def detect(loc: _storage.Location, kv: Any) -> _source.Source | None:
         f = _source.File(f"{loc.url.rstrip('/')}/{_safetensors.INDEX_FILE}", kv,
                          _safetensors.INDEX_FILE)
         return _safetensors.open_index(f)
-    try:
-        f = _source.file_at(loc)
-        head = f.kv.read(f.key, byte_range=slice(0, _HEAD_BYTES)).result() if f else None
-    except Exception:  # a folder, or a name the store cannot read as a file
+    f = _file(loc)
+    if f is None:
         return None
-    if head is None or head.state != "value":
+    head = _head(f)
+    if head is None:
         return None
-    data = bytes(head.value)
     if f.key.endswith(".json"):
         return _safetensors.open_index(f)
-    if _safetensors.is_safetensors(data):
+    if _safetensors.is_safetensors(head):
         return _safetensors.open_file(f)
+    if _flax_msgpack.is_msgpack_map(head):
+        return _flax_msgpack.open_file(f)
     return None
+
+
+def _file(loc: _storage.Location) -> _source.File | None:
+    try:
+        return _source.file_at(loc)
+    except Exception:  # a path no store can open as a file's folder
+        return None
+
+
+def _head(f: _source.File) -> bytes | None:
+    """The file's first bytes (all of a shorter file), or None if it is not a file."""
+    try:
+        result = f.kv.read(f.key, byte_range=slice(0, _HEAD_BYTES)).result()
+    except Exception as e:
+        if "OUT_OF_RANGE" not in str(e):  # a folder, or a name the store cannot read
+            return None
+        result = f.kv.read(f.key).result()  # shorter than _HEAD_BYTES
+    return bytes(result.value) if result.state == "value" else None
 
 
 def _exists(kv: Any, key: str) -> bool:

@@ -1,0 +1,195 @@
+"""Flax msgpack files (``flax.serialization.to_bytes`` / ``msgpack_serialize``).
+
+The file is one msgpack object: the tree's state dict, where every container is a map with
+string keys (dicts by key, lists and tuples by ``"0"``, ``"1"``, ..., dataclasses and
+NamedTuples by field), ``None`` is nil and an empty container or optax ``EmptyState`` is
+an empty map. Leaves that msgpack cannot hold are extension types::
+
+    1  ndarray         packb([shape, dtype name, C-order bytes in the writer's order])
+    2  Python complex  packb([real, imag])
+    3  NumPy scalar    as 1, with shape []
+
+An array over 2**30 bytes is written as ``{"__msgpack_chunked_array__": true,
+"shape": {"0": d0, ...}, "chunks": {"0": ext 1, ...}}``: 1-D slices of the flattened array,
+in numeric key order.
+
+Without a target a list cannot be told from a map with keys ``"0"``, ``"1"``: both come
+back as dicts (a target's list matches either way, by path). The whole file is read and
+decoded at once (the format has no index), with msgpack's sizes bounded by the file's own;
+bytes are taken as little-endian, as every JAX host writes them. Dtype names come from a
+closed list (``_leaves.DTYPES``); nothing else in the file is interpreted.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from . import _gc, _graph, _leaves, _read, _source
+from ._errors import CorruptCheckpointError
+from ._format import LeafRecord, Storage
+
+MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map 16, map 32
+CHUNKED = "__msgpack_chunked_array__"
+_PY_NAMES = {tp: name for name, tp in _leaves.PY_TYPES.items()}
+
+
+class Ext(enum.IntEnum):
+    """Flax's msgpack extension codes."""
+
+    NDARRAY = 1
+    COMPLEX = 2
+    NPSCALAR = 3
+
+
+def is_msgpack_map(head: bytes) -> bool:
+    """Whether a file's first byte starts a msgpack map (a state dict)."""
+    return bool(head) and head[0] in MAP_MARKERS
+
+
+class _Scalar(np.ndarray):
+    """A decoded ext 3 (a 0-d array that was a NumPy scalar)."""
+
+
+def _unpack(data: bytes, where: str, ext_hook: Any = None) -> Any:
+    limit = len(data)
+    return msgpack.unpackb(
+        data, raw=False, strict_map_key=False, use_list=True, max_str_len=limit,
+        max_bin_len=limit, max_array_len=limit, max_map_len=limit, max_ext_len=limit,
+        object_pairs_hook=_map, **({"ext_hook": ext_hook} if ext_hook else {}))
+
+
+def _map(pairs: list[tuple[Any, Any]]) -> dict:
+    """A msgpack map, refusing a key twice (a plain dict would keep the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r:.100} appears twice in one map")
+    return out
+
+
+def _ext(where: str) -> Any:
+    def hook(code: int, data: bytes) -> Any:
+        if code == Ext.COMPLEX:
+            pair = _unpack(data, where)
+            if not (isinstance(pair, list) and len(pair) == 2
+                    and all(type(x) in (int, float) for x in pair)):
+                raise ValueError(f"bad complex number {pair!r:.60}")
+            return complex(*pair)
+        if code not in (Ext.NDARRAY, Ext.NPSCALAR):
+            raise ValueError(f"unknown extension type {code}")
+        parts = _unpack(data, where)
+        if not (isinstance(parts, list) and len(parts) == 3):
+            raise ValueError("an array record is not [shape, dtype, bytes]")
+        shape, name, buf = parts
+        if isinstance(name, bytes):
+            name = name.decode("ascii", "replace")
+        if name not in _leaves.DTYPES:
+            raise ValueError(f"unknown dtype {name!r:.40}")
+        if not (isinstance(shape, list) and len(shape) <= 64
+                and all(type(d) is int and 0 <= d < 1 << 62 for d in shape)):
+            raise ValueError(f"bad shape {shape!r:.100}")
+        dtype = _leaves.DTYPES[name]
+        if not isinstance(buf, bytes) or len(buf) != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{len(buf) if isinstance(buf, bytes) else '?'} bytes for shape "
+                             f"{shape} of {name}")
+        arr = np.frombuffer(buf, dtype).reshape(shape)
+        if code == Ext.NPSCALAR:
+            if shape:
+                raise ValueError(f"a NumPy scalar of shape {shape}")
+            return arr.view(_Scalar)
+        return arr
+
+    return hook
+
+
+def open_file(f: _source.File) -> _source.Source:
+    """The Flax msgpack file ``f`` as a :class:`_source.Source`."""
+    result = f.kv.read(f.key).result()
+    data = bytes(result.value) if result.state == "value" else b""
+    try:
+        with _gc.paused():
+            tree = _unpack(data, f.url, _ext(f.url))
+    except Exception as e:  # msgpack raises several unrelated types for malformed input
+        raise CorruptCheckpointError(f"{f.url}: not a valid Flax msgpack file ({e!s:.200})"
+                                     ) from None
+    recs: list[LeafRecord] = []
+    kinds: dict[str, str] = {}
+    try:
+        _walk(f.url, tree, "", recs, kinds)
+    except RecursionError:
+        raise CorruptCheckpointError(f"{f.url}: nested too deep") from None
+    leaves = _source.records(f.url, recs)
+    nodes = _source.nodes_for(leaves, kinds)
+    return _source.Source(
+        format=_source.FLAX_MSGPACK, url=f.url, version=0, leaves=leaves, nodes=nodes,
+        tree_nodes=_source.checked_nodes(f.url, nodes, leaves), read=read,
+        writer={"library": "flax.serialization"})
+
+
+def _walk(url: str, node: Any, path: str, recs: list[LeafRecord], kinds: dict[str, str]
+          ) -> None:
+    if isinstance(node, dict) and CHUNKED in node:
+        recs.append(_array(path, _unchunk(url, path, node), _leaves.NUMPY))
+    elif isinstance(node, dict | list):
+        kinds[path] = _graph.DICT if isinstance(node, dict) else _graph.LIST
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if type(key) is int:
+                key = str(key)
+            elif type(key) is not str:
+                raise CorruptCheckpointError(
+                    f"{url}: under {path or '<root>'!r:.200}: a key of type "
+                    f"{type(key).__name__} (expected str)")
+            _walk(url, child, _graph.join_path(path, key), recs, kinds)
+    elif isinstance(node, _Scalar):
+        recs.append(_array(path, node.view(np.ndarray), _leaves.NPSCALAR))
+    elif isinstance(node, np.ndarray):
+        recs.append(_array(path, node, _leaves.NUMPY))
+    else:  # None, bool, int, float, complex, str, bytes: msgpack gives nothing else
+        recs.append(LeafRecord(path, _leaves.PY, _PY_NAMES[type(node)], (), None,
+                               Storage("v", node), None))
+
+
+def _array(path: str, arr: np.ndarray, origin: str) -> LeafRecord:
+    return LeafRecord(path, origin, arr.dtype.name, arr.shape, None, Storage("m", arr), None)
+
+
+def _unchunk(url: str, path: str, node: dict) -> np.ndarray:
+    """The array of a chunked entry, checked: chunks "0".."n-1" of one dtype, 1-D, adding
+    up to the shape."""
+    shape, chunks = node.get("shape"), node.get("chunks")
+
+    def in_order(d: Any) -> list | None:
+        if not (isinstance(d, dict) and set(d) == {str(i) for i in range(len(d))}):
+            return None
+        return [d[str(i)] for i in range(len(d))]
+
+    dims, parts = in_order(shape), in_order(chunks)
+    ok = (dims is not None and parts is not None and parts
+          and all(type(d) is int and 0 <= d < 1 << 62 for d in dims)
+          and all(isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype == parts[0].dtype
+                  for p in parts)
+          and sum(p.size for p in parts) == math.prod(dims))
+    if not ok:
+        raise CorruptCheckpointError(
+            f"{url}: entry {path!r:.200}: malformed chunked array (chunks must be 1-D "
+            "arrays of one dtype adding up to its shape)")
+    return np.concatenate(parts).reshape(dims)
+
+
+def read(jobs: list[_read.Job]) -> dict[str, Any]:
+    """The restored leaves of ``jobs`` (their values are decoded already)."""
+    layouts = _read._Layouts()
+    out = {}
+    for path, rec, want in jobs:
+        if rec.storage.kind == "v":
+            out[path] = _read._py_to_want(rec.storage.value, want)
+        else:
+            out[path] = _read._build(rec, want, {(): rec.storage.value}, layouts, whole=True)
+    return out
