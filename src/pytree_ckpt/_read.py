@@ -45,6 +45,9 @@ _SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, con
 # Of zarr slabs issued and not yet waited for (see _ZarrReads): a few slabs per core keep
 # every copy thread busy; on two cores 64 MiB read as fast as 128 MiB or no limit at all.
 _BYTES_IN_FLIGHT = max(64 << 20, 4 * _SLAB_BYTES * (os.cpu_count() or 1))
+# What a chunk in flight costs at least, counted in the window: TensorStore's state for each
+# chunk it reads (a slab of 65,536 chunks of a few bytes is otherwise "a few bytes").
+_CHUNK_COST = 4 << 10
 _ALIGN = 64  # the CPU backend adopts 64-byte-aligned host memory without a copy
 _ONE_DEVICE = jax.sharding.SingleDeviceSharding
 
@@ -163,8 +166,9 @@ class _ZarrReads:
         self._bytes = 0
 
     def _all_slabs(self) -> Iterator[tuple]:
-        """``(leaf, source, buffer)`` for every slab, where ``leaf`` is
-        ``[job, regions, slabs not yet read]``; ``source`` is None for a leaf with none."""
+        """``(leaf, source, buffer, chunks)`` for every slab, where ``leaf`` is
+        ``[job, regions, slabs not yet read]`` and ``chunks`` how many chunks the slab
+        touches; ``source`` is None for a leaf with none."""
         while self._opening:
             path, rec, want, opening = self._opening.popleft()
             store = opening.result()
@@ -172,20 +176,22 @@ class _ZarrReads:
             regions, slabs = {}, []
             for key in _region_keys(rec, want, self._layouts):
                 buf = regions[key] = _allocate(key, stored, rec, self._url)
-                slabs += [(store[sub] if sub else store, buf[local] if local else buf)
+                slabs += [(store[sub] if sub else store, buf[local] if local else buf,
+                           _chunks_in(sub, rec.storage.chunks))
                           for local, sub in _slabs(key, rec.storage.chunks, stored.itemsize)]
             leaf = [(path, rec, want), regions, len(slabs)]
-            for source, buf in slabs or [(None, None)]:
-                yield leaf, source, buf
+            for source, buf, chunks in slabs or [(None, None, 0)]:
+                yield leaf, source, buf, chunks
 
     def fill(self) -> None:
         while self._bytes < _BYTES_IN_FLIGHT:
             slab = next(self._slabs, None)
             if slab is None:
                 return
-            leaf, source, buf = slab
+            leaf, source, buf, chunks = slab
             future = _read_into(source, buf) if source is not None else None
-            nbytes = buf.nbytes if buf is not None else 0
+            # A slab of many tiny chunks costs TensorStore more than its bytes.
+            nbytes = max(buf.nbytes, chunks * _CHUNK_COST) if buf is not None else 0
             self._in_flight.append((leaf, future, nbytes))
             self._bytes += nbytes
 
@@ -259,6 +265,12 @@ def _split(box: tuple[tuple[int, int], ...], chunks: tuple[int, ...], itemsize: 
             yield from _split(cut, chunks, itemsize, axis + 1)
         else:
             yield tuple(slice(a, b) for a, b in cut)
+
+
+def _chunks_in(index: tuple[slice, ...], chunks: tuple[int, ...]) -> int:
+    """How many chunks of the grid ``chunks`` the region ``index`` touches."""
+    return math.prod((s.stop - 1) // c - s.start // c + 1 if s.stop > s.start else 0
+                     for s, c in zip(index, chunks, strict=True))
 
 
 def _read_into(source: Any, buf: np.ndarray) -> Any:

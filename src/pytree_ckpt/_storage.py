@@ -24,6 +24,19 @@ from ._errors import CheckpointError
 # Chunks of at most this many bytes (and lined up with shard boundaries) read and write in
 # parallel; one 64 MiB chunk per array reads back about 2x slower than chunks of ~4 MiB.
 CHUNK_BYTES = 4 << 20
+# A shard is never cut into chunks smaller than this (a shard of prime length along a sharded
+# axis would otherwise be cut into rows): every chunk costs a request and TensorStore's
+# bookkeeping, so the reader refuses arrays of more chunks than most_chunks allows.
+MIN_CHUNK_BYTES = 16 << 10
+# Chunks a leaf may have whatever its size: one per shard of the largest meshes (a shard
+# smaller than CHUNK_BYTES is one chunk, of any size).
+_MOST_SHARDS = 1 << 16
+
+
+def most_chunks(nbytes: int) -> int:
+    """How many chunks the writer may cut an array of ``nbytes`` into (see
+    :func:`choose_chunks`), generously: the reader refuses more."""
+    return _MOST_SHARDS + 2 * (nbytes // MIN_CHUNK_BYTES + 1)
 
 
 class Location(NamedTuple):
@@ -249,6 +262,10 @@ def choose_chunks(shard_shape: Iterable[int], itemsize: int, shape: Iterable[int
     [256, 4096]
     >>> choose_chunks((50257, 768), 4, shape=(50257, 768))
     [1359, 768]
+    >>> choose_chunks((4099, 4099), 4)  # sharded, 4,099 a prime: rows of 16 KiB
+    [1, 4099]
+    >>> choose_chunks((1048583, 2), 4)  # not rows of 8 bytes: columns of 4 MiB
+    [1048583, 1]
     """
     chunks = [max(int(d), 1) for d in shard_shape]
     free = ([int(s) == int(d) for s, d in zip(shard_shape, shape, strict=True)]
@@ -264,7 +281,7 @@ def choose_chunks(shard_shape: Iterable[int], itemsize: int, shape: Iterable[int
             continue
         while math.prod(chunks) * itemsize > limit:
             p = _smallest_factor(chunks[axis])
-            if not p:
+            if not p or math.prod(chunks) // p * itemsize < MIN_CHUNK_BYTES:
                 break
             chunks[axis] //= p
     return chunks
