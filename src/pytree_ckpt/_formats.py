@@ -2,6 +2,8 @@
 
 Tried in order where no commit file of ours is found at a path:
 
+- a folder holding ``_METADATA``: an Orbax item folder; else ``_CHECKPOINT_METADATA``: an
+  Orbax ``CheckpointManager`` step folder;
 - a folder holding ``model.safetensors.index.json``: a sharded safetensors set;
 - the path as a file: ``*.json`` with a ``weight_map`` is such an index; a first 8 bytes
   that give a header length followed by ``{`` is a safetensors file; a first byte that
@@ -15,13 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _flax_msgpack, _safetensors, _source, _storage
+from . import _flax_msgpack, _orbax, _safetensors, _source, _storage
 
 _HEAD_BYTES = 16
 
 
 def detect(loc: _storage.Location, kv: Any) -> _source.Source | None:
     """The checkpoint at ``loc`` read by the reader its files call for, or None."""
+    if _exists(kv, _orbax.ITEM_METADATA):
+        return _orbax.open_item(loc, kv)
+    if _exists(kv, _orbax.STEP_METADATA):
+        return _orbax.open_step(loc, kv)
     if _exists(kv, _safetensors.INDEX_FILE):
         f = _source.File(f"{loc.url.rstrip('/')}/{_safetensors.INDEX_FILE}", kv,
                          _safetensors.INDEX_FILE)
