@@ -21,17 +21,19 @@ retention rules; the second one therefore gets a :class:`LockedError` naming the
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
 from typing import Any
 
 from . import _storage
-from ._errors import LockedError
+from ._errors import LockedError, NotACheckpointError
 
 LOCK_FILE = "manager.lock"
 STALE_S = float(os.environ.get("PYTREE_CKPT_LOCK_STALE_S", 300))
@@ -66,15 +68,33 @@ class DirectoryLock:
     def _acquire_file(self) -> None:
         assert self._loc.local is not None
         os.makedirs(self._loc.local, exist_ok=True)
-        fd = os.open(os.path.join(self._loc.local, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        path = os.path.join(self._loc.local, LOCK_FILE)
         try:
+            # Never through a link someone planted (its target would be truncated), nor
+            # blocked by a FIFO.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if not os.path.islink(path) and e.errno not in (errno.ENXIO, errno.EISDIR):
+                raise
+            raise NotACheckpointError(
+                f"{path}: {'a symbolic link' if os.path.islink(path) else 'not a file'} "
+                "where a CheckpointManager keeps its lock file; refusing to write through "
+                "it (remove it if it is not meant to be there)") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotACheckpointError(
+                    f"{path}: not a regular file where a CheckpointManager keeps its lock "
+                    "file (remove it if it is not meant to be there)")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, self._owner(), 0)
         except BlockingIOError:
             raw = os.pread(fd, 4096, 0)
             os.close(fd)
             raise self._refuse(raw) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, self._owner(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
 
     def _acquire_object(self) -> None:

@@ -42,7 +42,12 @@ import numpy as np
 
 from . import _async, _distributed, _lock, _storage
 from ._async import SaveFuture
-from ._errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from ._errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+)
 from ._format import COMMIT_FILE
 from ._metadata import CheckpointMetadata
 from ._metadata import metadata as _metadata
@@ -92,8 +97,9 @@ class CheckpointManager:
     apply retention and release the lock.
 
     **Raises:** :class:`LockedError` if another manager holds the directory (never with
-    ``read_only``); ``ValueError`` for a bad option, or ``handle_preemption=True`` outside
-    the main thread or with ``read_only``.
+    ``read_only``); :class:`NotACheckpointError` if ``manager.lock`` is a symbolic link or
+    not a file; ``ValueError`` for a bad option, or ``handle_preemption=True`` outside the
+    main thread or with ``read_only``.
 
     Example, a training loop that resumes where it stopped and saves once more on SIGTERM::
 
@@ -219,8 +225,9 @@ class CheckpointManager:
 
         **Raises:** :class:`CheckpointExistsError` if ``force`` is set and the step exists;
         :class:`SaveError` from the previous background save if it failed; :class:`LockedError`
-        if another manager took the directory over; what :func:`save` raises; ``TypeError``
-        for unsupported metrics.
+        if another manager took the directory over; :class:`NotACheckpointError` for a
+        symbolic link or a file named like the step, or a link where the step's metrics file
+        goes; what :func:`save` raises; ``TypeError`` for unsupported metrics.
         """
         self._check_open()
         if self._read_only:
@@ -242,6 +249,7 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.check()
         encoded = _encode_metrics(metrics)
+        self._check_step_folder(step)
         self._finish_pending()
         if self._primary:
             self._write_metrics(step, encoded)
@@ -416,13 +424,13 @@ class CheckpointManager:
     def _scan(self) -> list[int]:
         """Committed steps; the primary also deletes what a crash left behind."""
         children = _storage.child_names(self._loc, self._kv)
-        steps = sorted(int(n) for n, inside in children.items()
-                       if _STEP.fullmatch(n) and COMMIT_FILE in inside)
+        steps = _committed(children)
         if not self._primary:
             return steps
         committed = set(map(str, steps))
         for name, inside in children.items():
-            if _STEP.fullmatch(name) and name not in committed and all(map(_leftover, inside)):
+            if (_STEP.fullmatch(name) and name not in committed and inside is not None
+                    and all(map(_leftover, inside))):
                 _storage.delete_prefix(self._loc, self._kv, name)
             elif (m := _METRICS_FILE.fullmatch(name)) and (m[1] not in committed or m[2]):
                 self._delete_file(name)
@@ -462,14 +470,20 @@ class CheckpointManager:
         _storage.delete_prefix(self._loc, self._kv, name)
         self._drop_metrics(step)
 
+    def _check_step_folder(self, step: int) -> None:
+        """Refuses to save into a link or a file named like the step: not the manager's own
+        (a link to an archived checkpoint's folder would be written into)."""
+        if self._loc.local is None:
+            return
+        folder = os.path.join(self._loc.local, str(step))
+        if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+            raise NotACheckpointError(
+                f"{folder}: {'a symbolic link' if os.path.islink(folder) else 'a file'} named "
+                f"like step {step}; a CheckpointManager saves only into folders of its own "
+                "(remove or rename it)")
+
     def _delete_file(self, key: str) -> None:
-        if self._loc.local is not None:
-            try:
-                os.remove(os.path.join(self._loc.local, key))
-            except FileNotFoundError:
-                pass
-        else:
-            self._kv.write(key, None).result()
+        _storage.delete_file(self._loc, self._kv, key)
 
     def _write_metrics(self, step: int, encoded: bytes | None) -> None:
         if encoded is None:
@@ -484,7 +498,7 @@ class CheckpointManager:
     def _load_metrics(self, step: int) -> Metrics | None:
         if step not in self._metrics:
             key = f"{step}.metrics.msgpack"
-            raw = _storage.read_key(self._kv, key)
+            raw = _storage.read_key(self._kv, key, self._loc)
             self._metrics[step] = (None if raw is None
                                    else _decode_metrics(raw, f"{self._loc.url}/{key}"))
         return self._metrics[step]
@@ -537,13 +551,19 @@ def latest(directory: str | os.PathLike | dict) -> str | None:
         'memory://doc/run/5'
     """
     loc = _storage.location(directory)
-    children = _storage.child_names(loc, _storage.open_kvstore(loc))
-    steps = [int(n) for n, inside in children.items()
-             if _STEP.fullmatch(n) and COMMIT_FILE in inside]
+    steps = _committed(_storage.child_names(loc, _storage.open_kvstore(loc)))
     if not steps:
         return None
     child = loc.child(str(max(steps)))
     return child.url
+
+
+def _committed(children: dict[str, set[str] | None]) -> list[int]:
+    """The committed steps among a manager directory's children (see
+    :func:`_storage.child_names`), ascending: folders named by a step, holding a commit file.
+    A file, or a link, named like a step is not one of the manager's and is left alone."""
+    return sorted(int(n) for n, inside in children.items()
+                  if inside is not None and _STEP.fullmatch(n) and COMMIT_FILE in inside)
 
 
 def _leftover(name: str) -> bool:

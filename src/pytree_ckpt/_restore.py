@@ -37,6 +37,8 @@ def commit_file(loc: _storage.Location) -> str:
 
 def load_commit(loc: _storage.Location, kv: Any) -> Commit:
     """Reads and validates the commit file, or says precisely why there is none."""
+    if loc.local is not None:  # a FIFO there would block the read forever
+        _storage.check_regular(os.path.join(loc.local, COMMIT_FILE))
     try:
         data = _storage.read_key(kv, COMMIT_FILE)
     except Exception as e:
@@ -68,8 +70,16 @@ def open_source(loc: _storage.Location) -> _source.Source:
     return _source.Source(
         format=_source.PYTREE_CKPT, url=loc.url, version=commit.version, leaves=commit.leaves,
         nodes=commit.nodes, tree_nodes=lambda: commit.tree_nodes(commit_file(loc)),
-        read=functools.partial(read_leaves, loc.url, kv, commit, remote=loc.remote),
+        read=functools.partial(_read, loc, kv, commit),
         writer=commit.writer)
+
+
+def _read(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:
+    """:func:`read_leaves`, once nothing in a local generation folder is a FIFO, device or
+    socket (TensorStore's read of one would block forever): one ``stat`` per file."""
+    if loc.local is not None:
+        _storage.check_regular_tree(os.path.join(loc.local, commit.data))
+    return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
 
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
@@ -113,7 +123,9 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     :class:`UnsupportedLeafError` for a target leaf of an unknown type (or an entry of a
     dtype this library cannot hold), ``TypeError`` / ``ValueError`` for a malformed
     ``rename`` rule,
-    :class:`PartialRestoreError` with ``strict=True`` if a target leaf was not restored.
+    :class:`PartialRestoreError` with ``strict=True`` if a target leaf was not restored,
+    :class:`NotACheckpointError` for a FIFO, device or socket among a local checkpoint's
+    files.
 
     Example::
 

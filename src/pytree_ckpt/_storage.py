@@ -13,13 +13,14 @@ import fcntl
 import functools
 import math
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import tensorstore as ts
 
-from ._errors import CheckpointError
+from ._errors import CheckpointError, NotACheckpointError
 
 # Chunks of at most this many bytes (and lined up with shard boundaries) read and write in
 # parallel; one 64 MiB chunk per array reads back about 2x slower than chunks of ~4 MiB.
@@ -129,12 +130,6 @@ def open_kvstore(loc: Location) -> ts.KvStore:
         raise CheckpointError(f"{loc.url}: cannot open storage ({e})") from e
 
 
-def read_key(kv: ts.KvStore, key: str) -> bytes | None:
-    """The value of ``key``, or None if it is missing."""
-    result = kv.read(key).result()
-    return bytes(result.value) if result.state == "value" else None
-
-
 def top_level_names(loc: Location, kv: ts.KvStore) -> set[str] | None:
     """Names directly inside the location, or None if it does not exist at all."""
     if loc.local is not None:
@@ -150,24 +145,28 @@ def top_level_names(loc: Location, kv: ts.KvStore) -> set[str] | None:
     return {k.decode("utf-8", "replace").split("/", 1)[0] for k in keys}
 
 
-def child_names(loc: Location, kv: ts.KvStore) -> dict[str, set[str]]:
-    """Names directly inside the location, each with the names directly inside it (an empty
-    set for a file). For a manager's directory of numbered checkpoints.
+def child_names(loc: Location, kv: ts.KvStore) -> dict[str, set[str] | None]:
+    """Names directly inside the location, each with the names directly inside it, or None
+    for anything but a directory: a file, or a symbolic link (even to a directory, which is
+    not the library's own: nothing is read, written or deleted through it). For a manager's
+    directory of numbered checkpoints.
 
     On object stores this lists every key below the location (TensorStore has no delimiter
     listing), i.e. costs one request per 1,000 keys.
     """
-    out: dict[str, set[str]] = {}
+    out: dict[str, set[str] | None] = {}
     if loc.local is not None:
         try:
-            names = os.listdir(loc.local)
+            entries = list(os.scandir(loc.local))
         except FileNotFoundError:
             return out
-        for name in names:
-            try:
-                out[name] = set(os.listdir(os.path.join(loc.local, name)))
-            except OSError:  # a file, or gone meanwhile
-                out[name] = set()
+        for entry in entries:
+            out[entry.name] = None
+            if entry.is_dir(follow_symlinks=False):
+                try:
+                    out[entry.name] = set(os.listdir(entry.path))
+                except OSError:  # gone meanwhile
+                    pass
         return out
     for key in kv.list().result():
         first, _, rest = key.decode("utf-8", "replace").partition("/")
@@ -178,12 +177,16 @@ def child_names(loc: Location, kv: ts.KvStore) -> dict[str, set[str]]:
 
 
 def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
-    """Deletes everything under ``prefix`` (a folder name inside the location)."""
+    """Deletes everything under ``prefix`` (a folder name inside the location); a symbolic
+    link there is refused (:class:`NotACheckpointError`), and none below it is followed."""
     if loc.local is not None:
         import shutil
 
+        path = os.path.join(loc.local, prefix)
+        if os.path.islink(path):
+            raise _link_error(path)
         try:
-            shutil.rmtree(os.path.join(loc.local, prefix))
+            shutil.rmtree(path)  # removes links below, never what they point to
         except FileNotFoundError:
             pass  # already gone: deleting is idempotent, failing to delete is not silent
         return
@@ -192,10 +195,67 @@ def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
     kv.delete_range(ts.KvStore.KeyRange(start, end)).result()
 
 
+def delete_file(loc: Location, kv: ts.KvStore, key: str) -> None:
+    """Deletes the file ``key`` (``name`` or ``folder/name``) if it is there. Locally the
+    folder is opened without following a link (:class:`NotACheckpointError` for one), so a
+    step folder that is a link to an archived checkpoint never loses that one's file."""
+    if loc.local is None:
+        kv.write(key, None).result()
+        return
+    folder, _, name = key.rpartition("/")
+    path = os.path.join(loc.local, folder)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError as e:  # ELOOP: a link; ENOTDIR: a file where a folder should be
+        raise _link_error(path, e) from None
+    try:
+        os.unlink(name, dir_fd=fd)  # a link named ``name`` is removed, not followed
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_key(kv: ts.KvStore, key: str, loc: Location | None = None) -> bytes | None:
+    """The value of ``key``, or None if it is missing. With a local ``loc``, a FIFO, device
+    or socket there is refused (:class:`NotACheckpointError`): reading one would block."""
+    if loc is not None and loc.local is not None:
+        check_regular(os.path.join(loc.local, key))
+    result = kv.read(key).result()
+    return bytes(result.value) if result.state == "value" else None
+
+
+def check_regular(path: str) -> None:
+    """Raises :class:`NotACheckpointError` unless ``path`` is missing, a regular file or a
+    directory (following links: only what is read is checked)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise NotACheckpointError(
+            f"{path}: not a regular file (a FIFO, device or socket); pytree_ckpt reads only "
+            "the files it wrote")
+
+
+def check_regular_tree(directory: str) -> None:
+    """:func:`check_regular` for everything below ``directory`` (one ``stat`` per file)."""
+    for root, dirs, files in os.walk(directory):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            check_regular(os.path.join(root, name))
+
+
 def write_key(loc: Location, kv: ts.KvStore, key: str, value: bytes, **options: Any) -> Any:
     """Writes one small file (the commit file, a manager's metrics) in one atomic step,
     first resetting a temporary file a killed writer left (see :func:`reset_stale_temp`).
-    ``options`` go to ``KvStore.write`` (e.g. ``if_equal``); returns its result."""
+    ``options`` go to ``KvStore.write`` (e.g. ``if_equal``); returns its result.
+
+    Locally a symbolic link (or anything but a file) where the temporary file goes is
+    refused with :class:`NotACheckpointError` naming it: TensorStore would write through
+    it, into whatever file it points to. (One planted between this check and TensorStore's
+    open is not caught: that needs TensorStore to open with ``O_NOFOLLOW``.)"""
     reset_stale_temp(loc, key)
     return kv.write(key, value, **options).result()
 
@@ -214,9 +274,15 @@ def reset_stale_temp(loc: Location, key: str) -> None:
         return
     temp = os.path.join(loc.local, key + ".__lock")
     try:
-        fd = os.open(temp, os.O_WRONLY)
+        # O_NONBLOCK: a FIFO planted there must not block the open.
+        fd = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return
+    except OSError as e:  # ELOOP: a link; ENXIO: a FIFO nobody reads; EISDIR
+        raise _link_error(temp, e) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _link_error(temp)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX)  # conflicts with TensorStore's open-file-description lock
         try:
@@ -227,6 +293,14 @@ def reset_stale_temp(loc: Location, key: str) -> None:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _link_error(path: str, cause: OSError | None = None) -> NotACheckpointError:
+    what = ("a symbolic link" if os.path.islink(path) else
+            "not a regular file" if cause is None else f"unusable ({cause.strerror})")
+    return NotACheckpointError(
+        f"{path}: {what}, where pytree_ckpt keeps a file or folder of its own; refusing to "
+        "write or delete through it (remove it if it is not meant to be there)")
 
 
 def fsync_dir(directory: str) -> None:

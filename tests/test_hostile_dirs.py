@@ -1,0 +1,198 @@
+"""Hostile or odd directories: links planted where the library keeps its own files, FIFOs
+where it reads, files named like steps. Nothing is written or deleted through a link, no
+read blocks forever, and each case is a typed error naming the file, or is left alone."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import pytree_ckpt as pc
+from pytree_ckpt import _format
+
+TREE = {"w": np.arange(1000.0), "b": np.ones(3, np.float32)}
+VICTIM_BYTES = b"precious data that is not a checkpoint\n"
+
+
+@pytest.fixture
+def victim(tmp_path):
+    path = tmp_path / "victim.txt"
+    path.write_bytes(VICTIM_BYTES)
+    return path
+
+
+def test_a_link_where_the_commit_file_is_written_is_refused(tmp_path, victim):
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+    link = ckpt / (_format.COMMIT_FILE + ".__lock")
+    link.symlink_to(victim)
+    with pytest.raises(pc.SaveError, match="checkpoint.msgpack.__lock: a symbolic link"):
+        pc.save(TREE, ckpt)
+    assert victim.read_bytes() == VICTIM_BYTES
+    assert link.is_symlink()
+    with pytest.raises(pc.IncompleteCheckpointError):
+        pc.restore(ckpt)
+
+
+def test_a_link_in_place_of_the_managers_lock_file_is_refused(tmp_path, victim):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "manager.lock").symlink_to(victim)
+    with pytest.raises(pc.NotACheckpointError, match=r"manager.lock: a symbolic link"):
+        pc.CheckpointManager(root)
+    assert victim.read_bytes() == VICTIM_BYTES
+
+
+def test_a_link_where_a_metrics_file_is_written_is_refused(tmp_path, victim):
+    root = tmp_path / "run"
+    with pc.CheckpointManager(root, async_save=False) as mgr:
+        mgr.save(1, TREE, metrics={"loss": 1.0})
+        (root / "2.metrics.msgpack.__lock").symlink_to(victim)
+        with pytest.raises(pc.NotACheckpointError,
+                           match=r"2.metrics.msgpack.__lock: a symbolic link"):
+            mgr.save(2, TREE, metrics={"loss": 0.5})
+        assert mgr.steps() == [1]
+    assert victim.read_bytes() == VICTIM_BYTES
+
+
+def test_retention_never_deletes_through_a_step_folder_that_is_a_link(tmp_path):
+    archive = tmp_path / "archive"
+    pc.save(TREE, archive)
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "1").symlink_to(archive, target_is_directory=True)
+    with pc.CheckpointManager(root, keep=1, async_save=False) as mgr:
+        assert mgr.steps() == []  # a link is not one of the manager's steps
+        mgr.save(2, TREE)
+        mgr.save(3, TREE)
+        assert mgr.steps() == [3]
+    assert (archive / _format.COMMIT_FILE).is_file()
+    assert (root / "1").is_symlink()
+    restored, _ = pc.restore(archive)
+    np.testing.assert_array_equal(restored["w"], TREE["w"])
+    assert pc.latest(root) == str(root / "3")
+
+
+def test_saving_into_a_step_folder_that_is_a_link_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "4").symlink_to(elsewhere, target_is_directory=True)
+    with pc.CheckpointManager(root, async_save=False) as mgr:
+        with pytest.raises(pc.NotACheckpointError, match=r"run/4: a symbolic link named like "
+                           "step 4"):
+            mgr.save(4, TREE)
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "link to a file", "dangling link"])
+def test_things_named_like_steps_are_left_alone(tmp_path, kind):
+    root = tmp_path / "run"
+    root.mkdir()
+    stray = root / "7"
+    if kind == "file":
+        stray.write_bytes(b"notes")
+    elif kind == "link to a file":
+        (tmp_path / "notes").write_bytes(b"notes")
+        stray.symlink_to(tmp_path / "notes")
+    else:
+        stray.symlink_to(tmp_path / "nowhere")
+    with pc.CheckpointManager(root, async_save=False, keep=1) as mgr:
+        assert mgr.steps() == []
+        mgr.save(8, TREE)
+        mgr.save(9, TREE)
+        assert mgr.steps() == [9]
+        with pytest.raises(pc.NotACheckpointError, match="named like step 7"):
+            mgr.save(7, TREE)
+    assert os.path.lexists(stray)
+    if kind != "dangling link":
+        assert stray.read_bytes() == b"notes"
+    assert pc.latest(root) == str(root / "9")
+
+
+def _blocks_or_raises(call, fifo) -> BaseException | None:
+    """``call()``'s exception, failing the test if it is still blocked after 30 s (the FIFO is
+    then opened for writing and closed, so that the blocked read ends)."""
+    outcome: list = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:  # handed to the test below
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():
+        fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return outcome[0]
+
+
+def test_a_fifo_in_place_of_the_commit_file_is_refused(tmp_path):
+    ckpt = tmp_path / "c"
+    pc.save(TREE, ckpt)
+    (ckpt / _format.COMMIT_FILE).unlink()
+    os.mkfifo(ckpt / _format.COMMIT_FILE)
+    for call in (lambda: pc.restore(ckpt), lambda: pc.metadata(ckpt)):
+        error = _blocks_or_raises(call, ckpt / _format.COMMIT_FILE)
+        assert isinstance(error, pc.NotACheckpointError), error
+        assert "checkpoint.msgpack: not a regular file" in str(error)
+
+
+def test_a_fifo_in_place_of_a_packed_blob_is_refused(tmp_path):
+    ckpt = tmp_path / "c"
+    pc.save(TREE, ckpt)
+    (blob,) = [os.path.join(root, f) for root, _, files in os.walk(ckpt) if "/p/" in root + "/"
+               for f in files]
+    os.unlink(blob)
+    os.mkfifo(blob)
+    error = _blocks_or_raises(lambda: pc.restore(ckpt), blob)
+    assert isinstance(error, pc.NotACheckpointError), error
+    assert f"{blob}: not a regular file" in str(error)
+
+
+_FULL_DISK_CHILD = textwrap.dedent(r'''
+    import json, resource, signal, sys
+    import pytree_ckpt as pc
+    root = sys.argv[1]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # writing the lock owner fails
+    try:
+        pc.CheckpointManager(root)
+        first = "opened"
+    except OSError as e:
+        first = type(e).__name__ + ": " + str(e)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    try:
+        with pc.CheckpointManager(root, async_save=False) as mgr:
+            mgr.save(1, {"w": 1.0})
+            second = mgr.steps()
+    except Exception as e:
+        second = type(e).__name__ + ": " + str(e)
+    print(json.dumps([first, second]))
+''')
+
+
+def test_a_manager_that_fails_to_open_on_a_full_disk_releases_its_lock(tmp_path):
+    import json
+
+    src = os.path.dirname(os.path.dirname(pc.__file__))
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path / "run")],
+                         env=dict(os.environ, PYTHONPATH=src), capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    first, second = json.loads(out.strip().splitlines()[-1])
+    assert first.startswith("OSError") and "File too large" in first, first
+    assert second == [1], second
