@@ -8,7 +8,7 @@ Usage::
         '''
         import jax
         from pytree_ckpt import _distributed
-        _distributed.barrier("hello", timeout_s=5)
+        _distributed.report_and_check("hello", None, timeout_s=5)
         print("I am", process_id, "of", num_processes, "with", jax.local_devices())
         ''',
         num_processes=2,

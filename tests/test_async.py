@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _async, _leaves, _save
+from pytree_ckpt import _async, _packing, _write
 
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 
@@ -25,14 +25,14 @@ def gate(monkeypatch):
     """Holds every background write until ``gate.set()``; records when writes start."""
     event = threading.Event()
     event.started = threading.Event()
-    real = _save._write_data
+    real = _write.write_data
 
     def write_data(*args):
         event.started.set()
         assert event.wait(30), "test gate never opened"
         return real(*args)
 
-    monkeypatch.setattr(_save, "_write_data", write_data)
+    monkeypatch.setattr(_write, "write_data", write_data)
     yield event
     event.set()
     _async.wait_all()
@@ -97,7 +97,7 @@ def test_a_failing_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(_save, "_write_data", fail)
+    monkeypatch.setattr(_write, "write_data", fail)
     fut = pc.save_async({"w": np.arange(5)}, tmp_path / "c", overwrite=True)
     with pytest.raises(pc.SaveError, match="OSError: disk full"):
         fut.result()
@@ -150,13 +150,13 @@ def test_interpreter_exit_waits_for_a_pending_save(tmp_path):
         import time
         import numpy as np
         import pytree_ckpt as pc
-        from pytree_ckpt import _save
+        from pytree_ckpt import _write
 
-        real = _save._write_data
+        real = _write.write_data
         def slow(*args):
             time.sleep(1.0)  # still writing when the main thread ends
             return real(*args)
-        _save._write_data = slow
+        _write.write_data = slow
         fut = pc.save_async({{"w": np.arange(10.0), "s": "text"}}, {str(tmp_path / "c")!r})
         assert not fut.done()
         print("exiting", flush=True)
@@ -172,11 +172,11 @@ def test_an_unretrieved_background_error_is_reported_at_exit(tmp_path):
     proc = _run(f"""
         import numpy as np
         import pytree_ckpt as pc
-        from pytree_ckpt import _save
+        from pytree_ckpt import _write
 
         def fail(*args):
             raise OSError("disk full")
-        _save._write_data = fail
+        _write.write_data = fail
         pc.save_async({{"w": np.arange(3)}}, {str(tmp_path / "bad")!r})
         seen = pc.save_async({{"w": np.arange(3)}}, {str(tmp_path / "seen")!r})
         try:
@@ -289,16 +289,20 @@ def _small_leaves(seed):
     }
 
 
-def _packing(tree):
-    """What _snapshot hands _pack for these leaves, in this process."""
+def _is_key(x):
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _packing_of(tree):
+    """What _snapshot.snapshot hands _packing.pack for these leaves, in this process."""
     from pytree_ckpt import _graph
 
     flat = _graph.flatten(jax.tree.map(
-        lambda v: jax.random.key_data(v) if _leaves.is_prng_key(v) else v, tree))
-    packing = _save._Packing()
+        lambda v: jax.random.key_data(v) if _is_key(v) else v, tree))
+    packing = _packing.Packing()
     for path, v in zip(flat.paths, flat.leaves, strict=True):
         packing.add(path, v, np.asarray(v).nbytes, isinstance(v, jax.Array) and v.size > 0
-                    and v.dtype.name in _save._BUFFER_DTYPES)
+                    and v.dtype.name in _packing.BUFFER_DTYPES)
     return packing
 
 
@@ -307,13 +311,13 @@ def _placed(packing):
 
 
 def test_a_reused_part_carries_no_byte_of_the_previous_save():
-    first = _save._pack(_packing(_small_leaves(1)))
+    first = _packing.pack(_packing_of(_small_leaves(1)))
     for part in first:
         part[:] = b"\xab" * len(part)  # whatever a previous save left there
-        _save._pool.give(part)
-    reused = _save._pack(packing := _packing(_small_leaves(2)))
+        _packing.pool.give(part)
+    reused = _packing.pack(packing := _packing_of(_small_leaves(2)))
     assert [id(p) for p in reused] == [id(p) for p in first]  # same sizes: the same parts
-    fresh = _save._pack(packing_fresh := _packing(_small_leaves(2)))  # the pool is empty
+    fresh = _packing.pack(packing_fresh := _packing_of(_small_leaves(2)))  # the pool is empty
     assert not {id(p) for p in fresh} & {id(p) for p in first}
     assert _placed(packing) == _placed(packing_fresh)
     assert [bytes(p) for p in reused] == [bytes(p) for p in fresh]  # padding zeroed too
@@ -328,7 +332,7 @@ def test_saves_that_reuse_parts_restore_their_own_values(tmp_path):
         restored, _ = pc.restore(tmp_path / str(i))
         for name, value in tree.items():
             got = restored[name]
-            if _leaves.is_prng_key(value):
+            if _is_key(value):
                 value, got = jax.random.key_data(value), jax.random.key_data(got)
             assert np.asarray(got).tobytes() == np.asarray(value).tobytes(), name
     restored, _ = pc.restore(tmp_path / "again")
@@ -361,7 +365,7 @@ def test_a_failed_save_gives_its_parts_back(tmp_path, gate):
     gate.set()
     with pytest.raises(pc.SaveError, match="save failed, nothing was committed"):
         fut.result()
-    pooled = [p for parts in _save._pool._free.values() for p in parts]
+    pooled = [p for parts in _packing.pool._free.values() for p in parts]
     assert pooled  # given back once every write had ended
     pc.save_async(_small_leaves(5), tmp_path / "d").result()
     restored, _ = pc.restore(tmp_path / "d")
@@ -370,8 +374,8 @@ def test_a_failed_save_gives_its_parts_back(tmp_path, gate):
 
 
 def test_the_pool_holds_at_most_its_bound(monkeypatch):
-    monkeypatch.setattr(_save, "_POOL_BYTES", 100)
-    pool = _save._PartPool()
+    monkeypatch.setattr(_packing, "POOL_BYTES", 100)
+    pool = _packing.PartPool()
     for n in (60, 30, 20, 5):
         pool.give(bytearray(n))
     assert sorted(len(p) for parts in pool._free.values() for p in parts) == [5, 30, 60]

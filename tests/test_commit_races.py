@@ -90,26 +90,26 @@ def test_killed_during_the_commit_write_then_a_shorter_save(tmp_path):
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_a_commit_landing_meanwhile_makes_a_save_without_overwrite_fail(tmp_path, where):
     """Deterministic: while this save writes its data, another writer commits there."""
-    from pytree_ckpt import _save
+    from pytree_ckpt import _write
 
     path = str(tmp_path / "c") if where == "local" else f"memory://races/{tmp_path.name}"
     other = str(tmp_path / "other") if where == "local" else f"memory://races/o{tmp_path.name}"
     pc.save({"who": "other", "w": np.full(70_000, 2.0)}, other)
-    inner = _save._write_data
+    inner = _write.write_data
 
     def another_writer_commits_first(*args):
         out = inner(*args)
         _copy_checkpoint(other, path)  # its data, then its commit file
         return out
 
-    _save._write_data = another_writer_commits_first
+    _write.write_data = another_writer_commits_first
     try:
         with pytest.raises(pc.SaveError, match="another save committed a checkpoint to .* while "
                            "this one was writing .with overwrite=False.; this save was not "
                            "committed and the other one is intact"):
             pc.save({"who": "me", "w": np.full(70_000, 1.0)}, path)
     finally:
-        _save._write_data = inner
+        _write.write_data = inner
     tree, _ = pc.restore(path)
     assert tree["who"] == "other"
     np.testing.assert_array_equal(tree["w"], np.full(70_000, 2.0))

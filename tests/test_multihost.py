@@ -133,12 +133,12 @@ def test_multihost_save_and_restore_on_other_topologies(tmp_path, processes, dev
 
 
 KILLED = STATE + r"""
-from pytree_ckpt import _save
+from pytree_ckpt import _write
 pc.save(state, args["before"])
 if process_id == 1:
     def dying(*a, **k):
         crash()  # SIGKILL in the middle of the save, before reporting its part
-    _save._write_data = dying
+    _write.write_data = dying
 try:
     pc.save(state, args["after"])
 except pc.SaveError as e:

@@ -299,14 +299,14 @@ def test_a_synchronous_save_copies_nothing_up_front_and_packs_as_it_writes(tmp_p
     """pc.save's caller waits, so its leaves are the snapshot: no host copy of the tree
     (peak memory is the tree and a few parts, not two trees), and small leaves are packed
     part by part into reused buffers of varying sizes, every byte rewritten."""
-    from pytree_ckpt import _save
+    from pytree_ckpt import _packing, _snapshot
 
     def no_copy(*args):
         raise AssertionError("a synchronous save made a snapshot copy")
 
-    monkeypatch.setattr(_save, "_copy_shards", no_copy)
-    monkeypatch.setattr(_save._pool, "take", no_copy)
-    monkeypatch.setattr(_save, "PART_BYTES", 1000)  # many parts, of several sizes
+    monkeypatch.setattr(_snapshot, "_copy_shards", no_copy)
+    monkeypatch.setattr(_packing.pool, "take", no_copy)
+    monkeypatch.setattr(_packing, "PART_BYTES", 1000)  # many parts, of several sizes
     rng = np.random.default_rng(0)
     tree = {f"l{i:02d}": jnp.asarray(rng.standard_normal(int(n)).astype(np.float32))
             for i, n in enumerate(rng.integers(1, 200, size=60))}

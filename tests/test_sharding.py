@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _read, _restore, _save, _storage
+from pytree_ckpt import _read, _restore, _snapshot, _storage
 
 # Big enough (512 KiB) to be stored as a zarr array rather than packed.
 BIG = (256, 512)
@@ -218,7 +218,7 @@ def test_chunks_divide_the_shard_shape(tmp_path, mesh, shape, spec, monkeypatch)
     shard_shape = value.sharding.shard_shape(shape)
     chunks = tuple(_storage.choose_chunks(shard_shape, 4))
     assert all(s % c == 0 for s, c in zip(shard_shape, chunks, strict=True))
-    monkeypatch.setattr(_save, "PACK_BYTES", 0)  # every case a zarr array, none packed
+    monkeypatch.setattr(_snapshot, "PACK_BYTES", 0)  # every case a zarr array, none packed
     ckpt = pc.save({"v": value}, tmp_path / "c")
     commit = _commit(ckpt)
     record = commit.leaves["v"].storage
@@ -258,7 +258,7 @@ def test_unsharded_axes_are_cut_into_balanced_chunks_whatever_their_length(tmp_p
                                          (P(None, "y"), 2), (P(), 1)], ids=str)
 def test_replicated_shards_are_written_once(tmp_path, mesh, spec, writes, monkeypatch):
     value = _put(_values(BIG), mesh, spec)
-    snap = _save._snapshot({"w": value})
+    snap = _snapshot.snapshot({"w": value})
     (array,) = snap.arrays
     assert len(array.shards) == writes
     regions = {_read._region_key(i, BIG) for i, _ in array.shards}
@@ -270,7 +270,7 @@ def test_replicated_shards_are_written_once(tmp_path, mesh, spec, writes, monkey
 
 def test_snapshot_holds_no_view_of_device_memory(mesh):
     value = _put(_values(BIG), mesh, P("x", None))
-    snap = _save._snapshot({"w": value})
+    snap = _snapshot.snapshot({"w": value})
     # On the CPU the snapshot is a copy made by XLA: separate buffers, same values.
     copies = [np.asarray(host) for _, host in snap.arrays[0].shards]
     for shard in value.addressable_shards:

@@ -53,7 +53,6 @@ from ._errors import SaveError
 
 __all__ = [
     "DistributedError",
-    "barrier",
     "broadcast_str",
     "gather_str",
     "is_multiprocess",
@@ -92,38 +91,6 @@ def process_count() -> int:
 def is_multiprocess() -> bool:
     """Whether other processes take part: the functions below then talk to them."""
     return process_count() > 1
-
-
-def barrier(name: str, timeout_s: float) -> None:
-    """Wait until every process has called ``barrier(name, ...)``.
-
-    Safe from a background thread (it releases the GIL while it waits); a no-op in a
-    single process.
-
-    **Arguments:**
-
-    - `name`: unique per meeting, the same on every process.
-    - `timeout_s`: how long to wait for the others. The service checks barrier
-      deadlines about once a second: a 2 s timeout was measured to fire at 2.9 s.
-
-    **Raises:**
-
-    - `DistributedError`: the others did not all arrive in time (the message lists the
-      missing processes as the service reports them), or the service failed.
-    """
-    client, me, count = _job()
-    if count == 1:
-        return
-    try:
-        client.wait_at_barrier(_PREFIX + name, _to_ms(timeout_s))
-    except jax.errors.JaxRuntimeError as e:
-        if _is_timeout(e):
-            raise DistributedError(
-                f"Barrier {name!r} timed out after {timeout_s:g} s on process "
-                f"{me}: not every process arrived; one may have failed, "
-                f"crashed or be slower than the timeout allows. Service said: {e}"
-            ) from e
-        raise _service_error(f"barrier {name!r}", me, e) from e
 
 
 def broadcast_str(name: str, value: str | None, timeout_s: float) -> str:

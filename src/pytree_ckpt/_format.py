@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import re
 import reprlib
 import zlib
@@ -122,12 +121,6 @@ class LeafRecord(NamedTuple):
     impl: str | None
     storage: Storage
     sharding: tuple | None
-
-    @property
-    def nbytes(self) -> int:
-        if self.origin == _leaves.PY:
-            return 0
-        return math.prod(self.shape) * _leaves.DTYPES[self.dtype].itemsize
 
 
 _STORAGE = functools.partial(tuple.__new__, Storage)  # Storage(*fields), all of them

@@ -1,0 +1,209 @@
+"""The commit protocol: every process writes, all report, then the primary commits.
+
+A save's background part (:func:`finish`): every process writes its data into a fresh
+generation folder ``d-<hex>`` of the checkpoint (named by the primary); all processes report
+success; then the primary writes the commit file (atomically: TensorStore's file driver writes
+through a rename and fsyncs; an object store PUT is atomic) and only then deletes an
+overwritten checkpoint's old generation.
+
+Until the commit file exists, nothing is restorable and earlier checkpoints are untouched.
+
+Without ``overwrite``, the commit file is written only if there is still none (a conditional
+write, as atomic as the store's): of two such saves racing to one path, the first to commit
+wins and the other fails with :class:`SaveError`, instead of silently replacing a checkpoint
+whose save had already returned. (With ``overwrite=True`` the last writer wins, as asked.)
+A save that fails deletes its own uncommitted generation: a full disk is not left fuller.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+import uuid
+from typing import Any
+
+import msgpack
+
+from . import _distributed, _format, _snapshot, _storage, _write
+from ._errors import SaveError
+from ._format import COMMIT_FILE, LeafRecord, Storage
+
+_BARRIER_TIMEOUT_S = float(os.environ.get("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600))
+
+
+def commit_stamp(kv: Any) -> bytes:
+    """The commit file's storage generation now (TensorStore's "no value" one if absent)."""
+    return kv.read(COMMIT_FILE, byte_range=slice(0, 0)).result().stamp.generation
+
+
+def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
+                   name: str, seen: bytes | None) -> str:
+    try:
+        return _write_and_commit(loc, kv, snap, names, name, seen)
+    finally:
+        # Every write has ended here, failed or not (_write.write_data waits for them).
+        for k in range(len(snap.parts)):
+            _write.release_part(snap, k)
+
+
+def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
+                      name: str, seen: bytes | None) -> str:
+    me = _distributed.process_index()
+    primary = me == 0
+    old = _replaced_generations(kv, names) if primary else []
+    data = _distributed.broadcast_str(f"{name}/data", f"d-{uuid.uuid4().hex}" if primary
+                                      else None, _BARRIER_TIMEOUT_S)
+    error, entries = None, []
+    try:
+        entries = _write.write_data(kv, data, snap, me, primary)
+        if loc.local is not None:
+            # A tree of Python leaves only writes no data: the folder must exist to be synced
+            # (and it makes the checkpoint's own directory exist, durably, before the commit).
+            os.makedirs(os.path.join(loc.local, data), exist_ok=True)
+            _storage.fsync_tree(os.path.join(loc.local, data))
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    # Every process reports; any failure (or silence) anywhere means no commit anywhere.
+    try:
+        _check(f"{name}/written", error, f"{loc.url}: save failed, nothing was committed")
+    except SaveError:
+        if primary:
+            _discard(loc, kv, data)
+        raise
+    entries, sizes = _gather_packed(name, entries, snap, me)
+    error = None
+    if primary:
+        try:
+            _write_commit(loc, kv, snap, data, entries, sizes, old, seen)
+        except _LostRace as e:
+            _discard(loc, kv, data)
+            error = str(e)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            if not _may_be_committed(kv, data):  # e.g. no space for the commit file
+                _discard(loc, kv, data)
+    _check(f"{name}/committed", error, f"{loc.url}: writing the commit file failed")
+    return loc.url
+
+
+def _check(name: str, error: str | None, what: str) -> None:
+    try:
+        _distributed.report_and_check(name, error, _BARRIER_TIMEOUT_S)
+    except Exception as e:
+        raise SaveError(f"{what}: {e}") from e
+
+
+def _may_be_committed(kv: Any, data: str) -> bool:
+    """Whether the commit file names ``data``, or cannot be read (a write that raised may
+    still have landed: a lost reply from an object store)."""
+    try:
+        raw = _storage.read_key(kv, COMMIT_FILE)
+    except Exception:
+        return True
+    return raw is not None and _format.generation_of(raw) == data
+
+
+class _LostRace(Exception):
+    """Another save committed to this path after this one started."""
+
+
+def _discard(loc: _storage.Location, kv: Any, data: str) -> None:
+    """Deletes this failed save's own, uncommitted generation, if it can (its error is the one
+    to report; a leftover is harmless and a CheckpointManager deletes it on start).
+
+    A failed array write reports its first error while TensorStore may still be writing its
+    other chunks (on a full disk some fit, and deleting a folder being written to can fail),
+    so on a local disk it deletes until the folder has stayed away for a moment (2 s at most).
+    """
+    folder = os.path.join(loc.local, data) if loc.local is not None else None
+    start = quiet_since = time.monotonic()
+    while True:
+        try:
+            if folder is None or os.path.exists(folder):
+                _storage.delete_prefix(loc, kv, data)
+                quiet_since = time.monotonic()
+        except Exception:
+            pass
+        now = time.monotonic()
+        if folder is None or now - quiet_since >= 0.3 or now - start >= 2:
+            return
+        time.sleep(0.05)
+
+
+def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, data: str, entries: list,
+            sizes: list, old: list[str], seen: bytes | None) -> None:
+    """Writes the commit file (atomically; if ``seen``, only if its storage generation is
+    still that), then deletes the generations it replaces."""
+    commit = _format.Commit(
+        data=data, nodes=snap.nodes, arrays=snap.n_arrays,
+        blobs=tuple(sorted(sizes)), leaves=_finish_records(snap, entries, sorted(sizes)),
+        writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
+        version=_format.FORMAT_VERSION,
+    )
+    written = _storage.write_key(loc, kv, COMMIT_FILE, _format.encode(commit), if_equal=seen)
+    if not written.generation:  # TensorStore's answer to a failed condition
+        raise _LostRace(
+            f"another save committed a checkpoint to {loc.url} while this one was writing "
+            "(with overwrite=False); this save was not committed and the other one is intact")
+    if loc.local is not None:
+        _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
+    # Re-read: never delete what the commit file now names (should another writer's commit
+    # have landed after ours, it names its own generation, which is not in ``old``).
+    current = _committed_generation(kv)
+    for generation in old:
+        if generation not in (data, current):
+            _storage.delete_prefix(loc, kv, generation)
+
+
+def _replaced_generations(kv: Any, names: set[str]) -> list[str]:
+    """The data generation the current commit file names, to delete after our commit.
+
+    Only that one: a ``d-*`` folder no commit file names may be another process's save in
+    progress (two writers overwriting one path), and deleting it would leave that writer's
+    commit file naming deleted data. Leftovers of crashed saves therefore stay (a
+    CheckpointManager deletes its incomplete steps on start).
+
+    Read in the background, not while the caller waits (decoding a 10,000-leaf commit file
+    takes ~10-25 ms): reading it later is the same as a caller whose snapshot took longer.
+    ``names`` (listed before the snapshot) keeps a generation committed since then."""
+    if COMMIT_FILE not in names:
+        return []
+    committed = _committed_generation(kv)
+    return [committed] if committed is not None and committed in names else []
+
+
+def _committed_generation(kv: Any) -> str | None:
+    """The generation named by the commit file now there (None if none, or unreadable)."""
+    try:
+        raw = _storage.read_key(kv, COMMIT_FILE)
+    except Exception:
+        return None
+    return None if raw is None else _format.generation_of(raw)
+
+
+def _gather_packed(name: str, entries: list[tuple], snap: _snapshot.Snapshot, me: int
+                   ) -> tuple[list[tuple], list[tuple[int, int, int]]]:
+    """Every process's packed leaves and blob sizes (on the primary; others get theirs)."""
+    sizes = [(me, k, n) for k, n in enumerate(snap.packing.part_sizes)]
+    if _distributed.is_multiprocess():
+        mine = base64.b64encode(msgpack.packb([entries, sizes])).decode()
+        gathered = _distributed.gather_str(f"{name}/packed", mine, _BARRIER_TIMEOUT_S)
+        entries, sizes = [], []
+        for text in gathered or []:
+            e, s = msgpack.unpackb(base64.b64decode(text))
+            entries += [tuple(x) for x in e]
+            sizes += [tuple(x) for x in s]
+    return entries, sizes
+
+
+def _finish_records(snap: _snapshot.Snapshot, entries: list[tuple], blobs: list[tuple]
+                    ) -> dict[str, LeafRecord]:
+    index = {(proc, part): i for i, (proc, part, _) in enumerate(blobs)}
+    placed = {path: Storage("p", index=index[proc, part], offset=offset, nbytes=n, crc=crc)
+              for path, proc, part, offset, n, crc in entries}
+    missing = [f[0] for f in snap.records if f[5].kind == "p" and f[0] not in placed]
+    if missing:
+        raise SaveError(f"no process wrote the small leaves {missing[:5]}")
+    # One record per leaf, a packed leaf's with the place its process wrote it to.
+    return {f[0]: LeafRecord(*f[:5], placed.get(f[0], f[5]), f[6]) for f in snap.records}

@@ -1,0 +1,92 @@
+"""Writing a snapshot's data: this process's zarr3 chunks and packed blobs.
+
+Every chunk is written concurrently; the packed parts a few at a time, each released (to
+:data:`_packing.pool`) once written.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import numpy as np
+
+from . import _format, _leaves, _packing, _snapshot, _storage
+
+_PARTS_IN_FLIGHT = 2
+
+
+def write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: bool) -> list[tuple]:
+    """Writes this process's chunks and packed parts; returns its packed leaves as
+    ``(path, process, part, offset, nbytes, checksum)``."""
+    opens = []
+    for w in snap.arrays:
+        spec = _storage.array_spec(w.shape, w.chunks, w.stored_dtype)
+        if primary or w.shards:
+            opens.append((w, _storage.open_array(kv, f"{data}/a/{w.index}", spec,
+                                                 create=primary)))
+    futures: list = []
+    entries = []
+    crc = _format.LEAF_CRC[_format.FORMAT_VERSION]
+    in_flight: collections.deque = collections.deque()
+    try:
+        for w, opening in opens:
+            store = opening.result()
+            for index, host in w.shards:
+                host = np.asarray(host)  # a CPU snapshot copy is a jax.Array: waits, no copy
+                if host.dtype.name != w.stored_dtype:
+                    host = host.view(_leaves.DTYPES[w.stored_dtype])
+                futures.append(store[index].write(
+                    host, can_reference_source_data_indefinitely=True))
+        spare: list[bytearray] = []  # without a snapshot copy: buffers of written parts
+        for k, size in enumerate(snap.packing.part_sizes):
+            part, buffer = snap.parts[k], None
+            if not snap.copied:
+                buffer = _resized(spare.pop(), size) if spare else bytearray(size)
+                part = _packing.fill(buffer, snap.packing, k)
+            view = np.frombuffer(part, np.uint8)
+            entries += [(path, me, k, off, n, crc(view[off:off + n]))
+                        for path, off, n in snap.packing.placed(k)]
+            del view  # a part with a view cannot be resized for the next save
+            in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part), buffer))
+            if len(in_flight) >= _PARTS_IN_FLIGHT:
+                _finish_part(snap, spare, *in_flight.popleft())
+        while in_flight:
+            _finish_part(snap, spare, *in_flight.popleft())
+        for f in futures:
+            f.result()
+    except BaseException:
+        # Let every write end before reporting the failure: the generation is deleted then,
+        # and a write still in flight would put files back into it.
+        for f in [*(o for _, o in opens), *futures, *(f for _, f, _ in in_flight)]:
+            f.exception()
+        raise
+    return entries
+
+
+def _resized(buffer: bytearray, size: int) -> bytearray:
+    # In place (TensorStore takes bytes or a bytearray, not a view): CPython keeps a
+    # bytearray's memory when it shrinks a little or grows within its allocation.
+    if len(buffer) > size:
+        del buffer[size:]
+    else:
+        buffer.extend(bytes(size - len(buffer)))
+    return buffer
+
+
+def _finish_part(snap: _snapshot.Snapshot, spare: list[bytearray], k: int, future: Any,
+                 buffer: bytearray | None) -> None:
+    # A few parts in flight at a time, each released once written: TensorStore copies what
+    # it is given, so writing every part at once would hold the small leaves three times.
+    future.result()
+    if buffer is not None:
+        spare.append(buffer)  # packed in place of the snapshot's part: reused for the next
+    else:
+        release_part(snap, k)
+
+
+def release_part(snap: _snapshot.Snapshot, k: int) -> None:
+    part = snap.parts[k]
+    if part is not None:
+        snap.parts[k] = None
+        _packing.pool.give(part)
