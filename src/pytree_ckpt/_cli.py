@@ -1,0 +1,488 @@
+"""The ``pytree-ckpt`` command line (also ``python -m pytree_ckpt``): a thin layer over the
+public API, one command per question people ask of a checkpoint::
+
+    pytree-ckpt ls PATH [PATTERN]            the leaves: kind, dtype, shape, bytes, sharding, value
+    pytree-ckpt diff A B [--values]          paths only in A / only in B / of another shape or dtype;
+                                             with --values, which leaves differ and by how much
+    pytree-ckpt steps DIR [--best METRIC]    a manager's steps: time, size, metrics, the best
+
+Every command takes ``--json`` (one JSON document on stdout instead of a table). Exit status:
+0 fine; 1 differences (``diff``) or a corrupt checkpoint found; 2 bad usage, or nothing there
+(no checkpoint, an incomplete save, an empty directory). An error is one line on stderr,
+never a traceback. Progress bars go to stderr, and only when it is a terminal.
+
+Each command reads through what ``import pytree_ckpt`` offers (``metadata``, ``restore``, a
+read-only :class:`CheckpointManager`), so it reads every location and format they read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import json
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+_BATCH_BYTES = 64 << 20  # diff --values reads each side in batches of leaves of about this size
+_CHUNK_ELEMENTS = 1 << 20  # and compares a leaf this many elements at a time
+_VALUE_WIDTH = 60
+
+
+class _Nothing(Exception):
+    """Nothing to show (a pattern that matches no leaf, a directory without steps): exit 2."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        import pytree_ckpt as pc  # after parsing: --help needs no JAX
+
+        return args.run(pc, args)
+    except KeyboardInterrupt:
+        print("pytree-ckpt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line, never a traceback: see the module docstring
+        return _fail(e, args)
+
+
+def _fail(error: Exception, args: argparse.Namespace) -> int:
+    import pytree_ckpt as pc
+
+    status = EXIT_FOUND if isinstance(error, pc.CorruptCheckpointError) else EXIT_USAGE
+    text = " ".join(str(error).split()) or type(error).__name__
+    if not isinstance(error, pc.CheckpointError | _Nothing | OSError | ValueError | KeyError):
+        text = f"{type(error).__name__}: {text}"  # not an error of the input: say what it is
+    if len(text) > 1000:
+        text = text[:997] + "..."
+    if args.json:
+        _emit({"error": text, "exit_status": status})
+    print(f"pytree-ckpt: error: {text}", file=sys.stderr)
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true",
+                        help="print one JSON document instead of a table")
+    parser = argparse.ArgumentParser(
+        prog="pytree-ckpt", description="Inspect, compare and list pytree_ckpt checkpoints.",
+        epilog="exit status: 0 fine; 1 differences or corruption found; 2 bad usage or "
+               "nothing there. Paths may be local, file://, gs:// or s3:// (as for save).")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    ls = commands.add_parser("ls", parents=[common], help="list a checkpoint's leaves",
+                             description="List a checkpoint's leaves and their totals.")
+    ls.add_argument("path", metavar="PATH", help="a checkpoint")
+    ls.add_argument("pattern", metavar="PATTERN", nargs="?",
+                    help="only leaves whose path matches this glob, or lies under this path "
+                         "(e.g. 'params', '*/kernel')")
+    ls.set_defaults(run=_ls)
+
+    diff = commands.add_parser(
+        "diff", parents=[common], help="compare two checkpoints",
+        description="Paths only in A, only in B, or of another kind, shape or dtype, and "
+                    "Python values that differ; with --values, which arrays differ and by "
+                    "how much. Exit status 1 if anything differs.")
+    diff.add_argument("a", metavar="A", help="a checkpoint")
+    diff.add_argument("b", metavar="B", help="another checkpoint")
+    diff.add_argument("--values", action="store_true",
+                      help="also read and compare the arrays (in batches, bounded memory)")
+    diff.add_argument("--atol", type=_non_negative, default=0.0,
+                      help="absolute tolerance for --values (default 0: exact)")
+    diff.add_argument("--rtol", type=_non_negative, default=0.0,
+                      help="relative tolerance for --values, of B's value (default 0)")
+    diff.set_defaults(run=_diff)
+
+    steps = commands.add_parser(
+        "steps", parents=[common], help="list a CheckpointManager directory's steps",
+        description="The committed steps of a CheckpointManager's directory: time, size, "
+                    "metrics. Reads only: takes no lock, deletes nothing.")
+    steps.add_argument("directory", metavar="DIR", help="a CheckpointManager's directory")
+    steps.add_argument("--best", metavar="METRIC",
+                       help="mark the step with the highest (--min: lowest) METRIC")
+    steps.add_argument("--min", action="store_true", help="the best METRIC is the lowest")
+    steps.set_defaults(run=_steps)
+    return parser
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+# ---- ls ----
+
+def _ls(pc: Any, args: argparse.Namespace) -> int:
+    info = _metadata(pc, args.path)
+    leaves = [leaf for leaf in info.leaves.values() if _matches(leaf.path, args.pattern)]
+    if args.pattern is not None and not leaves:
+        raise _Nothing(f"{info.path}: no leaf matches {args.pattern!r} (of {len(info.leaves)})")
+    total = sum(leaf.nbytes for leaf in leaves)
+    if args.json:
+        _emit({"path": info.path, "format": info.format, "format_version": info.format_version,
+               "writer": _jsonable(dict(info.writer)),
+               "leaves": [_leaf_json(leaf) for leaf in leaves],
+               "total": {"leaves": len(leaves), "nbytes": total}})
+        return EXIT_OK
+    print(f"{info.path}: {info.format} checkpoint, format {info.format_version}"
+          f"{_written(info.writer)}")
+    rows = [(leaf.path, leaf.kind, leaf.dtype, _shape(leaf.shape), _size(leaf.nbytes),
+             _detail(leaf)) for leaf in leaves]
+    _table(("path", "kind", "dtype", "shape", "bytes", "sharding / value"), rows, right={4})
+    print(f"{len(leaves)} leaves, {_size(total)}"
+          + (f" (of {len(info.leaves)} leaves, {_size(info.nbytes)})"
+             if len(leaves) < len(info.leaves) else ""))
+    return EXIT_OK
+
+
+def _matches(path: str, pattern: str | None) -> bool:
+    if pattern is None:
+        return True
+    pattern = pattern.rstrip("/")
+    return fnmatch.fnmatchcase(path, pattern) or fnmatch.fnmatchcase(path, pattern + "/*")
+
+
+def _leaf_json(leaf: Any) -> dict:
+    return {"path": leaf.path, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
+            "nbytes": leaf.nbytes, "sharding": leaf.sharding,
+            "value": _jsonable(leaf.value) if leaf.kind == "py" else None}
+
+
+def _detail(leaf: Any) -> str:
+    if leaf.kind == "py":
+        return _short(repr(leaf.value))
+    return leaf.sharding or ""
+
+
+# ---- diff ----
+
+def _diff(pc: Any, args: argparse.Namespace) -> int:
+    a, b = _metadata(pc, args.a), _metadata(pc, args.b)
+    only_a = [p for p in a.leaves if p not in b.leaves]
+    only_b = [p for p in b.leaves if p not in a.leaves]
+    changed, same_py, same_arrays = [], [], []
+    for path, la in a.leaves.items():
+        lb = b.leaves.get(path)
+        if lb is None:
+            continue
+        if (la.kind, la.dtype, la.shape) != (lb.kind, lb.dtype, lb.shape):
+            changed.append((la, lb))
+        elif la.kind == "py":
+            same_py.append((la, lb))
+        else:
+            same_arrays.append(la)
+    differ = [_py_difference(la, lb) for la, lb in same_py if not _same_value(la.value, lb.value)]
+    if args.values:
+        differ += _array_differences(pc, a.path, b.path, same_arrays, args.atol, args.rtol)
+        order = {p: i for i, p in enumerate(a.leaves)}
+        differ.sort(key=lambda d: order[d["path"]])
+    compared = len(same_py) + (len(same_arrays) if args.values else 0)
+    found = bool(only_a or only_b or changed or differ)
+    if args.json:
+        _emit({"a": a.path, "b": b.path, "only_in_a": only_a, "only_in_b": only_b,
+               "changed": [{"path": la.path, "a": _spec_json(la), "b": _spec_json(lb)}
+                           for la, lb in changed],
+               "values_differ": differ, "values_compared": compared,
+               "arrays_compared": args.values, "differ": found})
+        return EXIT_FOUND if found else EXIT_OK
+    print(f"A = {a.path}\nB = {b.path}")
+    _section(f"only in A ({len(only_a)})", [(p,) for p in only_a])
+    _section(f"only in B ({len(only_b)})", [(p,) for p in only_b])
+    _section(f"kind, dtype or shape differ ({len(changed)})",
+             [(la.path, f"A {_spec(la)}", f"B {_spec(lb)}") for la, lb in changed])
+    _section(f"values differ ({len(differ)})", [_difference_row(d) for d in differ])
+    unread = "" if args.values else f"; {len(same_arrays)} arrays not read (add --values)"
+    verdict = "differ" if found else "are the same"
+    print(f"A and B {verdict}: {len(only_a)} only in A, {len(only_b)} only in B, "
+          f"{len(changed)} changed, {len(differ)} of {compared} values differ{unread}")
+    return EXIT_FOUND if found else EXIT_OK
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    return type(x) is type(y) and x == y
+
+
+def _py_difference(la: Any, lb: Any) -> dict:
+    return {"path": la.path, "a": _jsonable(la.value), "b": _jsonable(lb.value)}
+
+
+def _array_differences(pc: Any, path_a: str, path_b: str, leaves: list, atol: float,
+                       rtol: float) -> list[dict]:
+    """Reads the arrays of ``leaves`` from both checkpoints in batches of about _BATCH_BYTES
+    a side (a larger leaf alone) and compares them _CHUNK_ELEMENTS at a time: memory stays
+    about two batches (or two of the largest leaf), whatever the checkpoints' size."""
+    from tqdm import tqdm
+
+    found = []
+    with tqdm(total=sum(leaf.nbytes for leaf in leaves), unit="B", unit_scale=True,
+              desc="comparing", file=sys.stderr, disable=not sys.stderr.isatty(),
+              leave=False) as bar:
+        for batch in _batches(leaves):
+            values_a, values_b = _read(pc, path_a, batch), _read(pc, path_b, batch)
+            for leaf in batch:
+                d = _compare(values_a.pop(leaf.path), values_b.pop(leaf.path), atol, rtol)
+                if d is not None:
+                    found.append({"path": leaf.path, **d})
+                bar.update(leaf.nbytes)
+    return found
+
+
+def _batches(leaves: list) -> Iterator[list]:
+    batch, size = [], 0
+    for leaf in leaves:
+        if batch and size + leaf.nbytes > _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+        batch.append(leaf)
+        size += leaf.nbytes
+    if batch:
+        yield batch
+
+
+def _read(pc: Any, path: str, leaves: list) -> dict[str, Any]:
+    """The values of ``leaves`` (arrays) as NumPy arrays, by path, in one restore: the target
+    is those paths as nested dicts of NumPy arrays (whose zero pages are never touched)."""
+    import jax
+    import numpy as np
+
+    from ._graph import split_path  # the documented path encoding, undone
+
+    target: dict = {}
+    keys = []
+    for leaf in leaves:
+        if leaf.kind == "prngkey":  # a key restores into a key: read it by itself, as saved
+            keys.append(leaf)
+            continue
+        *parents, name = split_path(leaf.path)
+        node = target
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = np.zeros(leaf.shape, np.dtype(leaf.dtype))
+    tree, _ = pc.restore(path, target, strict=True)
+    values = {}
+    for leaf in leaves:
+        if leaf.kind == "prngkey":
+            key, _ = pc.restore(path, at=leaf.path)
+            values[leaf.path] = np.asarray(jax.random.key_data(key))
+            continue
+        node = tree
+        for name in split_path(leaf.path):
+            node = node[name]
+        values[leaf.path] = node
+    return values
+
+
+def _compare(a: Any, b: Any, atol: float, rtol: float) -> dict | None:
+    """How ``a`` and ``b`` (same shape and dtype) differ, or None if they do not: elements
+    that differ (NaN equals NaN; beyond ``atol + rtol * |b|`` when given), the largest
+    absolute difference and the largest relative one (of ``|b|``, where it is not 0)."""
+    import numpy as np
+
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    wide = np.complex128 if np.issubdtype(a.dtype, np.complexfloating) else np.float64
+    count = 0
+    max_abs = max_rel = 0.0
+    for start in range(0, flat_a.size, _CHUNK_ELEMENTS):
+        x = flat_a[start:start + _CHUNK_ELEMENTS]
+        y = flat_b[start:start + _CHUNK_ELEMENTS]
+        if a.dtype == np.bool_:
+            count += int(np.count_nonzero(x != y))
+            max_abs = max(max_abs, float(np.any(x != y)))
+            continue
+        xw, yw = x.astype(wide), y.astype(wide)
+        both_nan = np.isnan(xw) & np.isnan(yw)
+        if atol or rtol:
+            differ = ~(np.isclose(xw, yw, rtol=rtol, atol=atol) | both_nan)
+        else:
+            differ = (x != y) & ~both_nan
+        n = int(np.count_nonzero(differ))
+        if not n:
+            continue
+        count += n
+        gap = np.abs(xw[differ] - yw[differ])
+        base = np.abs(yw[differ])
+        max_abs = max(max_abs, float(np.nanmax(gap, initial=0.0)))
+        rel = np.divide(gap, base, out=np.full(gap.shape, np.nan), where=base != 0)
+        if np.any(rel == rel):
+            max_rel = max(max_rel, float(np.nanmax(rel)))
+    if not count:
+        return None
+    return {"elements": int(flat_a.size), "differing": count, "max_abs": max_abs,
+            "max_rel": max_rel}
+
+
+def _difference_row(d: dict) -> tuple[str, ...]:
+    if "elements" not in d:
+        return (d["path"], f"A {_short(repr(d['a']), 30)}", f"B {_short(repr(d['b']), 30)}")
+    return (d["path"], f"{d['differing']:,} of {d['elements']:,} elements",
+            f"max abs {d['max_abs']:.4g}", f"max rel {d['max_rel']:.4g}")
+
+
+def _spec(leaf: Any) -> str:
+    return f"{leaf.kind} {leaf.dtype}{list(leaf.shape)}"
+
+
+def _spec_json(leaf: Any) -> dict:
+    return {"kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape)}
+
+
+# ---- steps ----
+
+def _steps(pc: Any, args: argparse.Namespace) -> int:
+    if args.min and not args.best:
+        raise ValueError("--min needs --best METRIC")
+    best_fn = None
+    if args.best:
+        metric = args.best
+
+        def best_fn(metrics: Any) -> float:
+            value = metrics.get(metric)
+            return float(value) if isinstance(value, int | float) else math.nan
+
+    with pc.CheckpointManager(args.directory, read_only=True, best_fn=best_fn,
+                              best_mode="min" if args.min else "max") as mgr:
+        steps = mgr.steps()
+        if not steps:
+            raise _Nothing(_no_steps(pc, args.directory, mgr.directory))
+        rows = []
+        for step in steps:
+            info = mgr.metadata(step)
+            rows.append({"step": step, "time": _iso(info.writer.get("time")),
+                         "nbytes": info.nbytes, "leaves": len(info.leaves),
+                         "metrics": _jsonable(dict(mgr.metrics(step) or {}))})
+        best = mgr.best_step()
+        directory = mgr.directory
+    for row in rows:
+        row["best"] = row["step"] == best
+    if args.json:
+        _emit({"directory": directory, "steps": rows, "best": best, "latest": steps[-1]})
+        return EXIT_OK
+    print(f"{directory}: {len(steps)} committed steps, latest {steps[-1]}"
+          + (f", best {best} ({'lowest' if args.min else 'highest'} {args.best})"
+             if best is not None else ""))
+    _table(("step", "time (UTC)", "bytes", "leaves", "metrics", ""),
+           [(str(r["step"]), r["time"] or "", _size(r["nbytes"]), str(r["leaves"]),
+             _short(", ".join(f"{k}={_number(v)}" for k, v in r["metrics"].items())),
+             "best" if r["best"] else "") for r in rows], right={0, 2, 3})
+    return EXIT_OK
+
+
+def _no_steps(pc: Any, given: str, url: str) -> str:
+    try:
+        pc.metadata(given)
+    except pc.CheckpointError:
+        return f"{url}: no committed steps there"
+    return f"{url}: a checkpoint, not a CheckpointManager's directory (try: pytree-ckpt ls)"
+
+
+# ---- shared ----
+
+def _metadata(pc: Any, path: str) -> Any:
+    """pc.metadata(path), with a hint when the path is a manager's directory."""
+    try:
+        return pc.metadata(path)
+    except pc.CheckpointNotFoundError as e:
+        try:
+            newest = pc.latest(path)
+        except Exception:
+            newest = None
+        if newest is None:
+            raise
+        raise pc.CheckpointNotFoundError(
+            f"{e} -- a CheckpointManager's directory: name a step, e.g. {newest}, or run "
+            "pytree-ckpt steps") from None
+
+
+def _emit(document: Any) -> None:
+    json.dump(document, sys.stdout, allow_nan=False)
+    sys.stdout.write("\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as strict JSON: containers kept, NaN/inf floats, bytes, complex and other
+    values as their repr."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return repr(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset()
+           ) -> None:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.rjust(w) if i in right else c.ljust(w)
+               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(out).rstrip()
+
+    print(line(headers))
+    for row in rows:
+        print(line(row))
+
+
+def _section(title: str, rows: list[tuple[str, ...]]) -> None:
+    if not rows:
+        return
+    print(f"{title}:")
+    columns = max(map(len, rows))
+    rows = [tuple(r) + ("",) * (columns - len(r)) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(columns)]
+    for row in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        n /= 1024
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _shape(shape: tuple) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _short(text: str, width: int = _VALUE_WIDTH) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _number(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def _iso(seconds: Any) -> str | None:
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        return None
+    try:
+        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _written(writer: Any) -> str:
+    by = f", written by {writer['library']}" if writer.get("library") else ""
+    when = _iso(writer.get("time"))
+    return by + (f" at {when}" if when else "")
