@@ -127,7 +127,8 @@ def _ls(pc: Any, args: argparse.Namespace) -> int:
     info = _metadata(pc, args.path)
     leaves = [leaf for leaf in info.leaves.values() if _matches(leaf.path, args.pattern)]
     if args.pattern is not None and not leaves:
-        raise _Nothing(f"{info.path}: no leaf matches {args.pattern!r} (of {len(info.leaves)})")
+        raise _Nothing(f"{info.path}: no leaf matches {args.pattern!r} "
+                       f"(of {len(info.leaves)} leaves)")
     total = sum(leaf.nbytes for leaf in leaves)
     if args.json:
         _emit({"path": info.path, "format": info.format, "format_version": info.format_version,

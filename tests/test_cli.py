@@ -1,0 +1,254 @@
+"""The pytree-ckpt command line, run as a user runs it (a subprocess) against real checkpoints,
+local and on the loopback S3 server: its tables, its --json, its exit status, its one-line
+errors."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import pytree_ckpt as pc
+from pytree_ckpt import _cli
+
+SRC = pathlib.Path(pc.__file__).parents[1]
+
+
+def cli(*args, env=None, script=False):
+    """Runs the command line in a fresh process; returns (exit status, stdout, stderr)."""
+    full_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+                    PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+                    **(env or {}))
+    argv = ([str(pathlib.Path(sys.executable).with_name("pytree-ckpt"))] if script
+            else [sys.executable, "-m", "pytree_ckpt"])
+    out = subprocess.run([*argv, *map(str, args)], capture_output=True, text=True, env=full_env,
+                         timeout=120)
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.returncode, out.stdout, out.stderr
+
+
+def state(step: int) -> dict:
+    """A training state whose dense kernel, its Adam moment, count and step change with the
+    step; embed and bias do not."""
+    kernel = jnp.arange(12, dtype=jnp.float32).reshape(3, 4) + step
+    return {"params": {"dense": {"kernel": kernel, "bias": jnp.zeros(4)},
+                       "embed": jnp.ones((5, 2), jnp.bfloat16)},
+            "opt_state": {"count": jnp.int32(step), "mu": {"kernel": kernel * 0.5}},
+            "step": step, "run": "demo"}
+
+
+CHANGED_ARRAYS = ["params/dense/kernel", "opt_state/count", "opt_state/mu/kernel"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli") / "run"
+    with pc.CheckpointManager(directory, async_save=False) as mgr:
+        for step in (10, 20, 30):
+            mgr.save(step, state(step), metrics={"loss": {10: 0.5, 20: 0.25, 30: 0.375}[step]})
+    return directory
+
+
+def test_ls_table_totals_pattern_and_json(run_dir, tmp_path):
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+    sharded = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("x", "y")))
+    pc.save({"w": sharded, "b": np.zeros(3, np.int8), "note": "hi"}, tmp_path / "c")
+    rc, out, err = cli("ls", tmp_path / "c")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{tmp_path}/c: pytree_ckpt checkpoint, format ")
+    assert lines[1].split() == ["path", "kind", "dtype", "shape", "bytes", "sharding", "/", "value"]
+    assert lines[2].split() == ["b", "numpy", "int8", "[3]", "3", "B"]
+    assert lines[3].split() == ["note", "py", "str", "[]", "0", "B", "'hi'"]
+    assert lines[4].split()[:7] == ["w", "jax", "float32", "[8,", "4]", "128", "B"]
+    assert lines[4].endswith("P('x', 'y') over mesh(x=4, y=2)")
+    assert lines[5] == "3 leaves, 131 B"
+
+    rc, out, _ = cli("ls", f"{run_dir}/20", "*/kernel")
+    assert rc == 0
+    assert [ln.split()[0] for ln in out.splitlines()[2:-1]] == [
+        "opt_state/mu/kernel", "params/dense/kernel"]
+    assert out.splitlines()[-1] == "2 leaves, 96 B (of 7 leaves, 136 B)"
+
+    rc, out, _ = cli("ls", f"{run_dir}/20", "params", "--json", script=True)
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["path"] == f"{run_dir}/20" and doc["format"] == "pytree_ckpt"
+    assert doc["total"] == {"leaves": 3, "nbytes": 84}
+    assert doc["leaves"][0] == {"path": "params/dense/bias", "kind": "jax", "dtype": "float32",
+                                "shape": [4], "nbytes": 16, "sharding": None, "value": None}
+    assert [leaf["path"] for leaf in doc["leaves"]] == [
+        "params/dense/bias", "params/dense/kernel", "params/embed"]
+
+    rc, out, err = cli("ls", f"{run_dir}/20", "nothing*", "--json")
+    assert rc == 2 and json.loads(out)["exit_status"] == 2
+    assert err == (f"pytree-ckpt: error: {run_dir}/20: no leaf matches 'nothing*' "
+                   "(of 7 leaves)\n")
+
+
+def test_diff_finds_exactly_the_changed_paths_of_two_manager_steps(run_dir):
+    rc, out, err = cli("diff", f"{run_dir}/10", f"{run_dir}/20")
+    assert rc == 1 and err == ""
+    assert out.splitlines()[2:] == [
+        "values differ (1):",
+        "  step  A 10  B 20",
+        "A and B differ: 0 only in A, 0 only in B, 0 changed, 1 of 2 values differ; 5 arrays "
+        "not read (add --values)"]
+
+    rc, out, _ = cli("diff", f"{run_dir}/10", f"{run_dir}/20", "--values", "--json")
+    assert rc == 1
+    doc = json.loads(out)
+    assert [d["path"] for d in doc["values_differ"]] == sorted(CHANGED_ARRAYS) + ["step"]
+    kernel = next(d for d in doc["values_differ"] if d["path"] == "params/dense/kernel")
+    # Every element is 10 larger in step 20: relative to B's 20..31.
+    assert kernel == {"path": "params/dense/kernel", "elements": 12, "differing": 12,
+                      "max_abs": 10.0, "max_rel": 0.5}
+    assert doc["only_in_a"] == doc["only_in_b"] == doc["changed"] == []
+    assert doc["values_compared"] == 7 and doc["differ"] is True
+
+    rc, out, _ = cli("diff", f"{run_dir}/10", f"{run_dir}/20", "--values")
+    assert "  params/dense/kernel  12 of 12 elements  max abs 10  max rel 0.5" in out.splitlines()
+    # An absolute tolerance of 5 hides the moment's difference (5), not the kernel's (10).
+    rc, out, _ = cli("diff", f"{run_dir}/10", f"{run_dir}/20", "--values", "--atol", "5",
+                     "--json")
+    assert [d["path"] for d in json.loads(out)["values_differ"]] == [
+        "opt_state/count", "params/dense/kernel", "step"]
+
+    rc, out, _ = cli("diff", f"{run_dir}/30", f"{run_dir}/30", "--values")
+    assert rc == 0
+    assert out.splitlines()[-1] == ("A and B are the same: 0 only in A, 0 only in B, "
+                                    "0 changed, 0 of 7 values differ")
+
+
+def test_diff_of_structure_only_in_a_only_in_b_and_changed(tmp_path):
+    pc.save({"w": np.ones((2, 3), np.float32), "old": 1, "same": np.arange(3)}, tmp_path / "a")
+    pc.save({"w": np.ones((3, 3), np.float32), "new": 1, "same": np.arange(3)}, tmp_path / "b")
+    rc, out, _ = cli("diff", tmp_path / "a", tmp_path / "b", "--values")
+    assert rc == 1
+    assert out.splitlines()[2:] == [
+        "only in A (1):", "  old",
+        "only in B (1):", "  new",
+        "kind, dtype or shape differ (1):",
+        "  w  A numpy float32[2, 3]  B numpy float32[3, 3]",
+        "A and B differ: 1 only in A, 1 only in B, 1 changed, 0 of 1 values differ"]
+
+
+def test_steps_lists_time_size_metrics_and_the_best(run_dir):
+    rc, out, err = cli("steps", run_dir, "--best", "loss", "--min")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"{run_dir}: 3 committed steps, latest 30, best 20 (lowest loss)"
+    assert lines[1].split() == ["step", "time", "(UTC)", "bytes", "leaves", "metrics"]
+    assert [ln.split()[0] for ln in lines[2:]] == ["10", "20", "30"]
+    assert lines[3].split()[2:] == ["136", "B", "7", "loss=0.25", "best"]
+    rc, out, _ = cli("steps", run_dir, "--json")
+    doc = json.loads(out)
+    assert [s["step"] for s in doc["steps"]] == [10, 20, 30] and doc["latest"] == 30
+    assert doc["steps"][0]["metrics"] == {"loss": 0.5} and doc["best"] is None
+    assert doc["steps"][0]["nbytes"] == 136 and doc["steps"][0]["time"].endswith("Z")
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "10", "10.metrics.msgpack", "20", "20.metrics.msgpack", "30", "30.metrics.msgpack",
+        "manager.lock"]  # read only: nothing written, nothing deleted
+
+
+def test_bad_input_is_one_line_and_exit_2_corruption_exit_1(run_dir, tmp_path, capsys):
+    rc, out, err = cli("ls", tmp_path / "nothing")
+    assert (rc, out) == (2, "")
+    assert err == f"pytree-ckpt: error: {tmp_path}/nothing: no checkpoint there (nothing exists)\n"
+    rc, _, err = cli("ls", run_dir)
+    assert rc == 2 and err.count("\n") == 1
+    assert err.endswith(f"a CheckpointManager's directory: name a step, e.g. {run_dir}/30, or "
+                        "run pytree-ckpt steps\n")
+    rc, _, err = cli("steps", tmp_path)
+    assert (rc, err) == (2, f"pytree-ckpt: error: {tmp_path}: no committed steps there\n")
+    # Usage errors are argparse's (exit 2, usage and one line); in-process, as they need no
+    # checkpoint.
+    assert _cli.main(["steps", f"{run_dir}/10"]) == 2
+    assert "a checkpoint, not a CheckpointManager's directory (try: pytree-ckpt ls)\n" in (
+        capsys.readouterr().err)
+    for argv, message in ((["diff", "a"], "the following arguments are required: B"),
+                          (["diff", "a", "b", "--atol", "-1"], "argument --atol: must be >= 0, "
+                                                               "not -1"),
+                          (["steps", "d", "--min"], None)):
+        if message is None:
+            assert _cli.main(argv) == 2
+            assert capsys.readouterr().err == "pytree-ckpt: error: --min needs --best METRIC\n"
+            continue
+        with pytest.raises(SystemExit) as exit_:
+            _cli.main(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+    pc.save({"w": np.ones(3)}, tmp_path / "c")
+    commit = tmp_path / "c" / "checkpoint.msgpack"
+    data = bytearray(commit.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    commit.write_bytes(bytes(data))
+    rc, out, err = cli("ls", tmp_path / "c", "--json")
+    assert rc == 1 and err.startswith(f"pytree-ckpt: error: {commit}") and err.count("\n") == 1
+    assert json.loads(out)["exit_status"] == 1
+
+
+def test_commands_read_the_loopback_s3_server(s3_server):
+    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_REGION": s3_server.region,
+           **s3_server.env()}
+    directory = f"{s3_server.url}/cli/run"
+    with pc.CheckpointManager(s3_server.spec("cli/run/"), async_save=False) as mgr:
+        mgr.save(1, state(1), metrics={"loss": 2.0})
+        mgr.save(2, state(2), metrics={"loss": 1.0})
+    rc, out, err = cli("ls", f"{directory}/2", "params/dense", env=env)
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith(f"{directory}/2: pytree_ckpt checkpoint")
+    assert [ln.split()[0] for ln in out.splitlines()[2:]] == [
+        "params/dense/bias", "params/dense/kernel", "2"]
+    rc, out, err = cli("diff", f"{directory}/1", f"{directory}/2", "--values", "--json", env=env)
+    assert rc == 1, err
+    assert [d["path"] for d in json.loads(out)["values_differ"]] == sorted(CHANGED_ARRAYS) + ["step"]
+    rc, out, err = cli("steps", directory, "--best", "loss", "--min", "--json", env=env)
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert [s["step"] for s in doc["steps"]] == [1, 2] and doc["best"] == 2
+
+
+def test_diff_values_reads_in_bounded_batches_and_compares_chunks(tmp_path, monkeypatch, capsys):
+    """In-process, with a small batch and chunk: each restore reads at most one batch (or one
+    leaf larger than it), and chunked comparison gives the numbers of a whole-array one."""
+    rng = np.random.default_rng(0)
+    a = {f"x{i}": rng.standard_normal(100).astype(np.float32) for i in range(10)}
+    a["big"] = rng.standard_normal(5000)
+    b = {k: v.copy() for k, v in a.items()}
+    b["x3"][7] += 0.5
+    b["big"][::100] *= 3.0
+    a["big"][1], b["big"][1] = np.nan, np.nan  # NaN equals NaN
+    pc.save(a, tmp_path / "a")
+    pc.save(b, tmp_path / "b")
+    monkeypatch.setattr(_cli, "_BATCH_BYTES", 1000)
+    monkeypatch.setattr(_cli, "_CHUNK_ELEMENTS", 64)
+    read_bytes = []
+    real_restore = pc.restore
+
+    def counting_restore(path, target=None, **kw):
+        tree, status = real_restore(path, target, **kw)
+        read_bytes.append(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+        return tree, status
+
+    monkeypatch.setattr(pc, "restore", counting_restore)
+    assert _cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--values", "--json"]) == 1
+    assert max(read_bytes) == 40000  # "big" alone; the 400-byte leaves two at a time
+    assert sorted(read_bytes) == [800] * 10 + [40000] * 2
+    big = np.delete(np.arange(5000), 1)
+    gap = np.abs(a["big"][big] - b["big"][big])
+    expected_rel = float(np.max(gap[gap > 0] / np.abs(b["big"][big][gap > 0])))
+    doc = json.loads(capsys.readouterr().out)
+    found = {d["path"]: d for d in doc["values_differ"]}
+    assert sorted(found) == ["big", "x3"]
+    assert found["big"]["differing"] == 50
+    assert found["big"]["max_abs"] == pytest.approx(float(gap.max()))
+    assert found["big"]["max_rel"] == pytest.approx(expected_rel)
+    assert found["x3"]["differing"] == 1 and found["x3"]["max_abs"] == pytest.approx(0.5)
