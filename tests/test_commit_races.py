@@ -54,15 +54,15 @@ import os, random, signal, sys, threading
 import numpy as np, pytree_ckpt as pc
 from pytree_ckpt import _format
 path, seed = sys.argv[1], int(sys.argv[2])
-encode = _format.encode
-def encode_then_die(*args):
-    # SIGKILL 1-4 ms after the commit file is encoded: while TensorStore writes and fsyncs
-    # its 4 MB temp file, before the rename.
-    out = encode(*args)
+decode = _format.decode
+def checked_then_die(*args):
+    # SIGKILL 1-4 ms after the commit file is encoded and checked as restore reads it: while
+    # TensorStore writes and fsyncs its 4 MB temp file, before the rename.
+    out = decode(*args)
     delay = random.Random(seed).uniform(0.001, 0.004)
     threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
     return out
-_format.encode = encode_then_die
+_format.decode = checked_then_die
 pc.save({"w": np.zeros(3), "long": "x" * 4_000_000}, path, overwrite=True)
 """
 

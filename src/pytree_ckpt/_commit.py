@@ -21,12 +21,13 @@ import base64
 import os
 import time
 import uuid
+import warnings
 from typing import Any
 
 import msgpack
 
 from . import _distributed, _format, _snapshot, _storage, _write
-from ._errors import SaveError
+from ._errors import CorruptCheckpointError, SaveError, UnsupportedLeafError
 from ._format import COMMIT_FILE, LeafRecord, Storage
 
 _BARRIER_TIMEOUT_S = float(os.environ.get("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600))
@@ -38,7 +39,7 @@ def commit_stamp(kv: Any) -> bytes:
 
 
 def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
-                   name: str, seen: bytes | None) -> str:
+           name: str, seen: bytes | None) -> str:
     try:
         return _write_and_commit(loc, kv, snap, names, name, seen)
     finally:
@@ -72,19 +73,38 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
             _discard(loc, kv, data)
         raise
     entries, sizes = _gather_packed(name, entries, snap, me)
-    error = None
+    error, refused = None, None
     if primary:
         try:
             _write_commit(loc, kv, snap, data, entries, sizes, old, seen)
-        except _LostRace as e:
+        except (_LostRace, UnsupportedLeafError) as e:
             _discard(loc, kv, data)
-            error = str(e)
+            error, refused = str(e), e if isinstance(e, UnsupportedLeafError) else None
         except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            if not _may_be_committed(kv, data):  # e.g. no space for the commit file
-                _discard(loc, kv, data)
-    _check(f"{name}/committed", error, f"{loc.url}: writing the commit file failed")
+            error = _commit_failure(loc, kv, data, e)
+    try:
+        _check(f"{name}/committed", error, f"{loc.url}: writing the commit file failed")
+    except SaveError as e:
+        if refused is not None:
+            raise refused from e
+        raise
     return loc.url
+
+
+def _commit_failure(loc: _storage.Location, kv: Any, data: str, e: Exception) -> str | None:
+    """What to report when writing the commit file raised: None if it was written after all
+    (a lost reply), else the error, saying so where the outcome is unknown."""
+    try:
+        raw = _storage.read_key(kv, COMMIT_FILE)
+    except Exception as unreadable:
+        return (f"{type(e).__name__}: {e}; whether the checkpoint was committed is unknown "
+                f"(the commit file cannot be read back: {unreadable}): restore tells")
+    if raw is not None and _format.generation_of(raw) == data:
+        warnings.warn(f"{loc.url}: the checkpoint was committed, though writing its commit "
+                      f"file reported {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+        return None
+    _discard(loc, kv, data)  # e.g. no space for the commit file
+    return f"{type(e).__name__}: {e}"
 
 
 def _check(name: str, error: str | None, what: str) -> None:
@@ -92,16 +112,6 @@ def _check(name: str, error: str | None, what: str) -> None:
         _distributed.report_and_check(name, error, _BARRIER_TIMEOUT_S)
     except Exception as e:
         raise SaveError(f"{what}: {e}") from e
-
-
-def _may_be_committed(kv: Any, data: str) -> bool:
-    """Whether the commit file names ``data``, or cannot be read (a write that raised may
-    still have landed: a lost reply from an object store)."""
-    try:
-        raw = _storage.read_key(kv, COMMIT_FILE)
-    except Exception:
-        return True
-    return raw is not None and _format.generation_of(raw) == data
 
 
 class _LostRace(Exception):
@@ -131,29 +141,61 @@ def _discard(loc: _storage.Location, kv: Any, data: str) -> None:
         time.sleep(0.05)
 
 
-def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, data: str, entries: list,
-            sizes: list, old: list[str], seen: bytes | None) -> None:
+def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, data: str,
+                  entries: list, sizes: list, old: list[str], seen: bytes | None) -> None:
     """Writes the commit file (atomically; if ``seen``, only if its storage generation is
-    still that), then deletes the generations it replaces."""
+    still that), then deletes the generations it replaces.
+
+    The commit file is first read back as restore reads it: what restore would refuse is
+    refused here (:class:`UnsupportedLeafError`), before it is written. Once it is written
+    the save has succeeded: what fails after that (syncing the directory, deleting the
+    replaced generation) is a warning, never an error that would say nothing was committed."""
     commit = _format.Commit(
         data=data, nodes=snap.nodes, arrays=snap.n_arrays,
         blobs=tuple(sorted(sizes)), leaves=_finish_records(snap, entries, sorted(sizes)),
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
         version=_format.FORMAT_VERSION,
     )
-    written = _storage.write_key(loc, kv, COMMIT_FILE, _format.encode(commit), if_equal=seen)
+    encoded = _format.encode(commit)
+    _check_restorable(loc, encoded, commit)
+    written = _storage.write_key(loc, kv, COMMIT_FILE, encoded, if_equal=seen)
     if not written.generation:  # TensorStore's answer to a failed condition
         raise _LostRace(
             f"another save committed a checkpoint to {loc.url} while this one was writing "
             "(with overwrite=False); this save was not committed and the other one is intact")
-    if loc.local is not None:
-        _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
-    # Re-read: never delete what the commit file now names (should another writer's commit
-    # have landed after ours, it names its own generation, which is not in ``old``).
-    current = _committed_generation(kv)
-    for generation in old:
-        if generation not in (data, current):
-            _storage.delete_prefix(loc, kv, generation)
+    try:
+        if loc.local is not None:
+            _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
+        # Re-read: never delete what the commit file now names (should another writer's
+        # commit have landed after ours, it names its own generation, not one in ``old``).
+        current = _committed_generation(kv)
+        for generation in old:
+            if generation not in (data, current):
+                _storage.delete_prefix(loc, kv, generation)
+    except Exception as e:
+        warnings.warn(f"{loc.url}: the checkpoint was committed, but cleaning up after it "
+                      f"failed ({type(e).__name__}: {e}); an overwritten generation may be "
+                      "left behind (pc.clean reclaims it)", RuntimeWarning, stacklevel=2)
+
+
+def _check_restorable(loc: _storage.Location, encoded: bytes, commit: _format.Commit) -> None:
+    """Decodes ``encoded`` with restore's own validation; raises UnsupportedLeafError
+    naming the leaf if restore would refuse it."""
+    try:
+        _format.decode(encoded, f"{loc.url}/{COMMIT_FILE}")
+    except CorruptCheckpointError as e:
+        reason = str(e).split(f"{COMMIT_FILE}: ", 1)[-1]
+        if len(encoded) > _format.MAX_COMMIT_BYTES:
+            largest = max((r for r in commit.leaves.values() if r.storage.kind == "v"),
+                          key=lambda r: len(r.storage.value)
+                          if isinstance(r.storage.value, bytes | str) else 0, default=None)
+            leaf = f" (its largest Python leaf is {largest.path!r})" if largest else ""
+            reason = (f"its commit file would be {len(encoded):,} bytes, more than restore "
+                      f"reads ({_format.MAX_COMMIT_BYTES:,}){leaf}; save large bytes or str "
+                      "values as arrays")
+        raise UnsupportedLeafError(
+            f"{loc.url}: refusing to commit a checkpoint restore would refuse: {reason}"
+        ) from None
 
 
 def _replaced_generations(kv: Any, names: set[str]) -> list[str]:
