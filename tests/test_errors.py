@@ -103,7 +103,7 @@ def test_other_format_versions_are_refused(tmp_path, version, advice):
     magic, _, crc, body = msgpack.unpackb(commit.read_bytes())
     commit.write_bytes(msgpack.packb([magic, version, crc, body]))
     with pytest.raises(pc.FormatVersionError, match=(
-            f"format version {version}; this pytree_ckpt reads versions 2 to 4 .*{advice}")):
+            f"format version {version}; this pytree_ckpt reads versions 2 to 5 .*{advice}")):
         pc.restore(path)
 
 
@@ -129,9 +129,9 @@ def test_flipped_byte_in_a_packed_leaf_names_the_leaf(tmp_path):
 
 
 def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeypatch):
-    # Format 2 is format 4 with zlib's CRC-32 for packed leaves (and no version in the
-    # body, as in format 3): written here by the current writer told to write format 2,
-    # read by the current reader as it is.
+    # Format 2 is format 4 (format 5 without its chunks' CRCs) with zlib's CRC-32 for
+    # packed leaves (and no version in the body, as in format 3): written here by the
+    # current writer told to write format 2, read by the current reader as it is.
     import msgpack
 
     tree = {"a": np.arange(8.0), "b": jnp.arange(8.0) * 2, "w": jnp.ones((300, 300)), "n": 7}
@@ -141,8 +141,8 @@ def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeyp
         pc.save(tree, old)
     pc.save(tree, new)
     versions = [msgpack.unpackb((p / _format.COMMIT_FILE).read_bytes())[1] for p in (old, new)]
-    assert versions == [2, 4]
-    assert pc.metadata(old).format_version == 2 and pc.metadata(new).format_version == 4
+    assert versions == [2, 5]
+    assert pc.metadata(old).format_version == 2 and pc.metadata(new).format_version == 5
     # The packed bytes are the same; their checksums are of two kinds.
     assert data_files(old, "p")[0].read_bytes() == data_files(new, "p")[0].read_bytes()
     crcs = [_commit_crcs(p) for p in (old, new)]
@@ -159,24 +159,25 @@ def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeyp
     (gen,) = [p.name for p in old.iterdir() if p.name.startswith("d-")]
     pc.save(tree, old, overwrite=True)
     assert gen not in [p.name for p in old.iterdir()]
-    assert pc.metadata(old).format_version == 4
+    assert pc.metadata(old).format_version == 5
 
 
 def test_a_flipped_format_version_is_refused(tmp_path):
     """The outer version is outside the commit file's checksum; the body repeats it. A
-    format-4 file read as 2 or 3 would check its CRC-32C leaves as another kind (or none)."""
+    format-5 file read as 2 or 3 would check its CRC-32C leaves as another kind (or none),
+    read as 4 it would not check its chunks' places."""
     import msgpack
 
     path = tmp_path / "c"
     pc.save({"a": np.arange(8.0), "n": 7}, path)
     raw = (path / _format.COMMIT_FILE).read_bytes()
     magic, version, crc, body = msgpack.unpackb(raw)
-    assert version == 4 and msgpack.unpackb(body)["version"] == 4
-    for forged in (2, 3):
+    assert version == 5 and msgpack.unpackb(body)["version"] == 5
+    for forged in (2, 3, 4):
         (path / _format.COMMIT_FILE).write_bytes(msgpack.packb([magic, forged, crc, body]))
         for call in (pc.metadata, pc.restore):
             with pytest.raises(pc.CorruptCheckpointError,
-                               match=rf"format version {forged}, but 4 in the body"):
+                               match=rf"format version {forged}, but 5 in the body"):
                 call(path)
     (path / _format.COMMIT_FILE).write_bytes(raw)
     assert pc.restore(path)[0]["n"] == 7

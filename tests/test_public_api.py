@@ -10,7 +10,7 @@ DOCUMENTED = {
     "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",
     "PathNotFoundError", "SaveError", "CheckpointManager", "latest", "LockedError",
     "PartialRestoreError",
-    "save_safetensors",
+    "save_safetensors", "verify", "VerifyReport",
 }
 
 

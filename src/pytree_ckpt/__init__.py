@@ -40,6 +40,8 @@ from ._save import save_async as save_async
 from ._status import Cast as Cast
 from ._status import Mismatch as Mismatch
 from ._status import RestoreStatus as RestoreStatus
+from ._verify import VerifyReport as VerifyReport
+from ._verify import verify as verify
 
 __all__ = [
     "Cast",
@@ -62,11 +64,13 @@ __all__ = [
     "SaveError",
     "SaveFuture",
     "UnsupportedLeafError",
+    "VerifyReport",
     "latest",
     "metadata",
     "restore",
     "save",
     "save_async",
     "save_safetensors",
+    "verify",
     "save_in_jit",
 ]

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgpack
 
-from . import _distributed, _format, _snapshot, _storage, _write
+from . import _binding, _distributed, _format, _snapshot, _storage, _write
 from ._errors import CorruptCheckpointError, SaveError, UnsupportedLeafError
 from ._format import COMMIT_FILE, LeafRecord, Storage
 
@@ -156,7 +156,9 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
         version=_format.FORMAT_VERSION,
     )
-    encoded = _format.encode(commit)
+    # Every process has written its chunks: their trailers bind them to this commit.
+    zarr = [r for r in commit.leaves.values() if r.storage.kind == "z"]
+    encoded = _format.encode(commit, _binding.read_trailers(kv, data, zarr))
     _check_restorable(loc, encoded, commit)
     written = _storage.write_key(loc, kv, COMMIT_FILE, encoded, if_equal=seen)
     if not written.generation:  # TensorStore's answer to a failed condition

@@ -47,6 +47,11 @@ With ``n`` leaves in save order::
     "blobs":     [[proc, k, nbytes], ...]       packed blob n is p/<proc>/<k>, nbytes long
     "arrays":    count                          zarr arrays are a/0 .. a/<count-1>
     "writer":    {"library": ..., "jax": ..., "tensorstore": ..., "processes": int, "time": float}
+    "chunk_crc": u4[sum of chunk counts]        (from version 5) every zarr leaf's chunks'
+                                                CRC-32C, as their crc32c trailers hold them,
+                                                leaf after leaf, each leaf's in C order of
+                                                its chunk grid: binds each chunk to this
+                                                commit, leaf and position (see _binding)
 
 A partition spec's entries are None, a name, or a list of names; the saved sharding is
 recorded for display and as the default layout on restore. The ``stored`` dtype differs
@@ -55,9 +60,11 @@ integers of the same width. Packed leaves carry CRC-32C, as the zarr3 chunks do 
 crc32c codec); the commit file's own checksum is zlib's CRC-32. The reader treats every
 field as untrusted. The body repeats the version (from version 4): the outer one, which says
 how to read the rest, is outside the checksum, and a flipped bit there once read a version-3
-file as version 2. Version 3 is this layout without the body's version, version 2 that with
-zlib's CRC-32 for packed leaves (~5x slower to compute than CRC-32C); both are still
-read, and a body's version, where there is one, must match. Version 1 (one record per leaf)
+file as version 2. Version 4 is this layout without ``chunk_crc`` (its chunks are bound to
+nothing: restore and verify check each chunk against its own trailer only), version 3 that
+without the body's version, version 2 that with zlib's CRC-32 for packed leaves (~5x slower
+to compute than CRC-32C); all are still read, and a body's version, where there is one,
+must match. Version 1 (one record per leaf)
 was written by pre-release versions only; it is refused with a FormatVersionError.
 """
 
@@ -79,8 +86,8 @@ from . import _gc, _graph, _leaves, _storage
 from ._errors import CorruptCheckpointError, FormatVersionError
 
 MAGIC = "pytree_ckpt"
-FORMAT_VERSION = 4
-READ_VERSIONS = (2, 3, 4)
+FORMAT_VERSION = 5
+READ_VERSIONS = (2, 3, 4, 5)
 # google_crc32c's C extension reads any C-contiguous array's bytes, whatever its dtype (so
 # restore checks a leaf in the array it returns, ~0.6 µs a leaf less than through a uint8
 # view); its pure-Python fallback iterates items, so it is given bytes.
@@ -88,7 +95,7 @@ _CRC32C = (google_crc32c.value if google_crc32c.implementation == "c"
            else lambda data: google_crc32c.value(bytes(data)))
 # A packed leaf's checksum per format version, of a C-contiguous NumPy array of its bytes
 # (google_crc32c takes no memoryview).
-LEAF_CRC = {2: zlib.crc32, 3: _CRC32C, 4: _CRC32C}
+LEAF_CRC = {2: zlib.crc32, 3: _CRC32C, 4: _CRC32C, 5: _CRC32C}
 COMMIT_FILE = "checkpoint.msgpack"
 # ~50 bytes a leaf: room for millions of leaves, and decoding a forged file of this size
 # takes at most a few GB (see _body_limits).
@@ -138,6 +145,12 @@ class Commit(NamedTuple):
     writer: dict[str, Any]
     version: int  # the format it is read as / written in
 
+    def chunk_crcs(self, path: str) -> np.ndarray | None:
+        """The recorded CRC-32C of each chunk of zarr leaf ``path`` (see _binding), in C order
+        of its chunk grid; None before format 5, or for a commit not read from a file."""
+        leaves = self.leaves
+        return leaves.chunk_crcs(path) if isinstance(leaves, _Columns) else None
+
     def blob_key(self, blob: int) -> str:
         proc, part, _ = self.blobs[blob]
         return f"{self.data}/p/{proc}/{part}"
@@ -160,8 +173,9 @@ _KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
 _VALUE, _ZARR, _PACKED = range(3)
 
 
-def encode(commit: Commit) -> bytes:
-    """The commit file's bytes for ``commit``."""
+def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
+    """The commit file's bytes for ``commit``; ``chunk_crc``: from format 5, every zarr
+    leaf's chunks' CRC-32C, leaf after leaf in commit order (see _binding)."""
     dtypes: dict[str, int] = {}
     impls: dict[str, int] = {}
     shardings: dict[tuple, int] = {}
@@ -209,6 +223,7 @@ def encode(commit: Commit) -> bytes:
             "blobs": [list(b) for b in commit.blobs],
             "arrays": commit.arrays,
             "writer": commit.writer,
+            **({"chunk_crc": column(list(chunk_crc), "<u4")} if commit.version >= 5 else {}),
         },
         use_bin_type=True,
     )
@@ -372,7 +387,7 @@ def _validate(f: Any, where: str, version: int) -> Commit:
     if not isinstance(nodes, list):
         raise _fail(where, "nodes must be a list")
     node_list = tuple(_validate_node(n, where) for n in nodes)
-    leaves = _Columns(f, where, [b[2] for b in blobs], arrays)
+    leaves = _Columns(f, where, [b[2] for b in blobs], arrays, version)
     return Commit(data, node_list, leaves, tuple(tuple(b) for b in blobs), arrays, writer,
                   version)
 
@@ -470,8 +485,9 @@ def _leaf_sizes(c: _Leaves, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _zarr_columns(f: dict, c: _Leaves, where: str, z: np.ndarray, arrays: int,
                   itemsize: np.ndarray, nbytes: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(array ids, stored dtypes, chunk shapes)`` of the zarr leaves ``z`` (a mask)."""
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(array ids, stored dtypes, chunk shapes, chunk counts)`` of the zarr leaves ``z``
+    (a mask)."""
     nz, zrank = int(z.sum()), c.rank[z]
     array, stored = _column(f, "array", "<u4", nz, where), _column(f, "stored", "u1", nz, where)
     chunks = _column(f, "chunks", "<i8", int(zrank.sum()), where)
@@ -487,13 +503,13 @@ def _zarr_columns(f: dict, c: _Leaves, where: str, z: np.ndarray, arrays: int,
     bad = itemsize[stored] != itemsize[c.dtype[z]]
     if bad.any():
         raise _bad(where, c.paths, leaves[bad], "bad stored dtype")
-    _check_chunk_counts(c, where, leaves, chunks, zrank, nbytes)
+    counts = _check_chunk_counts(c, where, leaves, chunks, zrank, nbytes)
     _check_distinct(c, where, leaves, array, "bad array storage: an array another leaf uses")
-    return array, stored, chunks
+    return array, stored, chunks, counts
 
 
 def _check_chunk_counts(c: _Leaves, where: str, leaves: np.ndarray, chunks: np.ndarray,
-                        zrank: np.ndarray, nbytes: np.ndarray) -> None:
+                        zrank: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     """Each zarr leaf has at most :func:`_storage.most_chunks` chunks for its bytes: each
     chunk costs a request and ~1 KiB of TensorStore's memory while read, so a forged record
     of a 16 MiB leaf in 4 million chunks of 4 bytes cost a minute and 4 GB."""
@@ -510,6 +526,10 @@ def _check_chunk_counts(c: _Leaves, where: str, leaves: np.ndarray, chunks: np.n
         raise _bad(where, c.paths, leaves[bad], "bad array storage: too many chunks for its "
                    f"size (at most {_storage.most_chunks(0)} plus 2 per "
                    f"{_storage.MIN_CHUNK_BYTES} bytes)")
+    # Exact counts, now that each fits in 64 bits.
+    per_leaf = np.ones(len(leaves), np.int64)
+    np.multiply.at(per_leaf, np.repeat(np.arange(len(leaves)), zrank), -(-dims // chunks))
+    return per_leaf
 
 
 def _check_distinct(c: _Leaves, where: str, leaves: np.ndarray, ids: np.ndarray,
@@ -593,7 +613,7 @@ class _Columns(Mapping):
     small subtree (``at=``) builds and decodes only what it uses.
     """
 
-    def __init__(self, f: dict, where: str, blob_sizes: list[int], arrays: int):
+    def __init__(self, f: dict, where: str, blob_sizes: list[int], arrays: int, version: int):
         c = _leaf_columns(f, where)
         self.index = dict(zip(c.paths, range(len(c.paths)), strict=True))
         if len(self.index) != len(c.paths):
@@ -606,8 +626,12 @@ class _Columns(Mapping):
         values = f["values"]
         if type(values) is not list or len(values) != int(masks[_VALUE].sum()):
             raise _fail(where, "bad 'values' list")
-        array, stored, chunks = _zarr_columns(f, c, where, masks[_ZARR], arrays, itemsize,
-                                              nbytes)
+        array, stored, chunks, counts = _zarr_columns(f, c, where, masks[_ZARR], arrays,
+                                                      itemsize, nbytes)
+        # Format 5: each zarr leaf's chunks' CRC-32C, leaf after leaf (see _binding).
+        self._chunk_crc = (_column(f, "chunk_crc", "<u4", int(counts.sum()), where)
+                           if version >= 5 else None)
+        self._crc_start, self._crc_count = _segments(counts), counts
         blob, offset, crc = _packed_columns(f, c, where, masks[_PACKED], nbytes, blob_sizes)
         _check_prng(c, where, c.dims.tolist() if (c.origin == _PRNG_CODE).any() else [])
         shardings = _sharding_table(f, c, where)
@@ -654,6 +678,14 @@ class _Columns(Mapping):
             value = _leaves.decode_py(dtype, self._values[j], f"{self._where}: leaf {path!r:.200}")
             out[k] = LeafRecord(path, out[k].origin, dtype, (), None, Storage("v", value), None)
         return out
+
+    def chunk_crcs(self, path: str) -> np.ndarray | None:
+        """The recorded CRC-32C of each chunk of zarr leaf ``path``, in C order of its chunk
+        grid; None before format 5."""
+        if self._chunk_crc is None:
+            return None
+        k = self._sub[self.index[path]]
+        return self._chunk_crc[self._crc_start[k]:self._crc_start[k] + self._crc_count[k]]
 
     def __getitem__(self, path: str) -> LeafRecord:
         record = self._done.get(path)

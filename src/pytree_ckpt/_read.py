@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from . import _format, _gc, _leaves, _storage, _transfer
+from . import _binding, _format, _gc, _leaves, _storage, _transfer
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
 
@@ -153,7 +153,7 @@ class _ZarrReads:
 
     def __init__(self, url: str, kv: Any, commit: Commit, jobs: list[Job],
                  layouts: _Layouts) -> None:
-        self._url = url
+        self._url, self._kv, self._commit = url, kv, commit
         self._layouts = layouts
         self._opening = collections.deque(
             (path, rec, want, _storage.open_array(
@@ -167,7 +167,7 @@ class _ZarrReads:
 
     def _all_slabs(self) -> Iterator[tuple]:
         """``(leaf, source, buffer, chunks)`` for every slab, where ``leaf`` is
-        ``[job, regions, slabs not yet read]`` and ``chunks`` how many chunks the slab
+        ``[job, regions, slabs not yet read, trailers]`` and ``chunks`` how many chunks the slab
         touches; ``source`` is None for a leaf with none."""
         while self._opening:
             path, rec, want, opening = self._opening.popleft()
@@ -179,7 +179,9 @@ class _ZarrReads:
                 slabs += [(store[sub] if sub else store, buf[local] if local else buf,
                            _chunks_in(sub, rec.storage.chunks))
                           for local, sub in _slabs(key, rec.storage.chunks, stored.itemsize)]
-            leaf = [(path, rec, want), regions, len(slabs)]
+            # The chunks' trailers, read alongside: what binds them to this commit.
+            trailers = _binding.Trailers(self._kv, self._commit, rec, regions)
+            leaf = [(path, rec, want), regions, len(slabs), trailers]
             for source, buf, chunks in slabs or [(None, None, 0)]:
                 yield leaf, source, buf, chunks
 
@@ -201,7 +203,7 @@ class _ZarrReads:
             if not self._in_flight:
                 return
             leaf, future, nbytes = self._in_flight.popleft()
-            (path, rec, want), regions, _count = leaf
+            (path, rec, want), regions, _count, trailers = leaf
             if future is not None:
                 try:
                     future.result()
@@ -212,6 +214,7 @@ class _ZarrReads:
             self._bytes -= nbytes
             leaf[2] -= 1
             if leaf[2] <= 0:
+                trailers.check(self._url)
                 yield path, rec, want, regions
 
 

@@ -1,0 +1,233 @@
+"""verify: read every byte of a checkpoint and check every checksum and every binding.
+
+Restore checks what it reads: the commit file, each packed leaf's checksum, each chunk
+against its own trailer (TensorStore's crc32c codec) and, from format 5, each chunk's
+trailer against the commit file's record for that place (see _binding). Verify reads
+everything, whatever a target would ask for, and checks more: every chunk's bytes against
+its trailer, recomputed here; each array's ``zarr.json`` against the commit file (restore
+takes the metadata from the commit file and never reads it); every Python leaf's value; the
+tree the nodes and leaves form; and that no file in the checkpoint is a FIFO or device.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _binding, _format, _gc, _storage
+from ._errors import CorruptCheckpointError, NotACheckpointError
+from ._format import COMMIT_FILE, Commit, LeafRecord
+from ._restore import commit_file, load_commit
+
+_IN_FLIGHT = 16  # chunks read at once (~64 MiB of chunks of the writer's size)
+_MAX_ZARR_JSON = 1 << 16
+
+
+class VerifyReport(NamedTuple):
+    """What :func:`verify` found.
+
+    - ``path``: the checkpoint, as a URL or local path.
+    - ``version``: the format version of its commit file.
+    - ``leaves``: how many leaves were checked (every leaf of the checkpoint).
+    - ``bytes_read``: the bytes read: the commit file, every chunk, ``zarr.json`` and blob.
+    - ``problems``: what is wrong, by leaf path (``""`` for the checkpoint as a whole), in
+      path order; empty if nothing is.
+    """
+
+    path: str
+    version: int
+    leaves: int
+    bytes_read: int
+    problems: Mapping[str, str]
+
+    @property
+    def ok(self) -> bool:
+        """True if nothing is wrong."""
+        return not self.problems
+
+
+def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> VerifyReport:
+    """Reads every byte of the checkpoint at ``path`` and checks every checksum and binding.
+
+    Restore already checks what it reads (see the README's "Reliability"); ``verify`` reads
+    all of it, as a restore of every leaf would, and also checks what restore takes on
+    trust: each chunk's bytes against its checksum (recomputed), each chunk's place (a chunk
+    moved within a leaf, between leaves, or copied from another checkpoint or generation),
+    each array's ``zarr.json``, every Python leaf's value, the tree's structure, and that no
+    file is a FIFO or device. Checkpoints written before format 5 record no chunk's place.
+
+    **Arguments:**
+
+    - ``path``: a pytree_ckpt checkpoint (as for :func:`restore`).
+    - ``raise_on_error``: raise :class:`CorruptCheckpointError` naming every bad leaf instead
+      of returning a report with problems.
+
+    **Returns:** a :class:`VerifyReport`.
+
+    **Raises:** :class:`CheckpointNotFoundError` / :class:`IncompleteCheckpointError` if no
+    committed pytree_ckpt checkpoint is there; :class:`CorruptCheckpointError` or
+    :class:`FormatVersionError` for a commit file that cannot be read (nothing else can be
+    checked then), and with ``raise_on_error`` for any problem;
+    :class:`NotACheckpointError` for a FIFO or device in place of the commit file.
+
+    Example::
+
+        >>> _ = pc.save({"w": jnp.ones((512, 512)), "b": jnp.zeros(3)}, "memory://doc/verify")
+        >>> report = pc.verify("memory://doc/verify")
+        >>> report.ok, report.leaves, report.bytes_read > 512 * 512 * 4
+        (True, 2, True)
+    """
+    loc = _storage.location(path)
+    kv = _storage.open_kvstore(loc)
+    with _gc.paused():
+        commit = load_commit(loc, kv)
+        problems: dict[str, str] = {}
+        read = _Checker(loc.url, kv, commit, problems)
+        read.add(_commit_bytes(kv, loc))
+        try:
+            commit.tree_nodes(commit_file(loc))
+        except CorruptCheckpointError as e:
+            problems[""] = str(e)
+        if loc.local is not None:
+            try:
+                _storage.check_regular_tree(os.path.join(loc.local, commit.data))
+            except NotACheckpointError as e:
+                problems.setdefault("", str(e))
+        records = read.records()
+        read.packed([r for r in records if r.storage.kind == "p"])
+        for rec in records:
+            if rec.storage.kind == "z":
+                read.zarr(rec)
+    report = VerifyReport(loc.url, commit.version, len(commit.leaves), read.bytes,
+                          dict(sorted(problems.items())))
+    if raise_on_error and problems:
+        listed = "; ".join(f"{p!r:.200}: {m}" for p, m in report.problems.items())
+        raise CorruptCheckpointError(
+            f"{loc.url}: {len(problems)} bad leaf/leaves of {report.leaves}: {listed}")
+    return report
+
+
+def _commit_bytes(kv: Any, loc: _storage.Location) -> int:
+    raw = _storage.read_key(kv, COMMIT_FILE, loc)
+    return len(raw) if raw is not None else 0
+
+
+class _Checker:
+    """Reads and checks leaves, counting the bytes read and recording the first problem of
+    each leaf in ``problems``."""
+
+    def __init__(self, url: str, kv: Any, commit: Commit, problems: dict[str, str]):
+        self.url, self.kv, self.commit, self.problems = url, kv, commit, problems
+        self.bytes = 0
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+
+    def fail(self, path: str, what: str) -> None:
+        self.problems.setdefault(path, what)
+
+    def records(self) -> list[LeafRecord]:
+        """Every leaf's record; a Python leaf whose value does not decode is a problem."""
+        leaves = self.commit.leaves
+        try:
+            return leaves.records(list(leaves))  # type: ignore[attr-defined]
+        except CorruptCheckpointError:
+            pass
+        out = []
+        for path in leaves:
+            try:
+                out.append(leaves[path])
+            except CorruptCheckpointError as e:
+                self.fail(path, str(e))
+        return out
+
+    def packed(self, records: list[LeafRecord]) -> None:
+        """Reads each blob whole, once, and checks every packed leaf in it."""
+        by_blob: dict[int, list[LeafRecord]] = collections.defaultdict(list)
+        for rec in records:
+            by_blob[rec.storage.index].append(rec)
+        crc = _format.LEAF_CRC[self.commit.version]
+        for blob, recs in sorted(by_blob.items()):
+            key = self.commit.blob_key(blob)
+            declared = self.commit.blobs[blob][2]
+            result = self.kv.read(key).result()
+            data = bytes(result.value) if result.state == "value" else None
+            if data is None:
+                for rec in recs:
+                    self.fail(rec.path, f"packed blob {blob} ({key}) is missing")
+                continue
+            self.add(len(data))
+            view = memoryview(data)
+            for rec in recs:
+                s = rec.storage
+                if len(data) != declared:
+                    self.fail(rec.path, f"packed blob {blob} ({key}) has {len(data)} bytes, "
+                              f"the commit file says {declared}")
+                elif crc(np.frombuffer(view[s.offset:s.offset + s.nbytes], np.uint8)) != s.crc:
+                    self.fail(rec.path, f"checksum mismatch in packed blob {blob} ({key}, "
+                              f"bytes {s.offset} to {s.offset + s.nbytes})")
+
+    def zarr(self, rec: LeafRecord) -> None:
+        """Checks a zarr leaf's ``zarr.json`` and every chunk: its length, its bytes against
+        its trailer, and its trailer against the commit file's record (format 5 on)."""
+        self._zarr_json(rec)
+        recorded = self.commit.chunk_crcs(rec.path)
+        n = _binding.chunk_bytes(rec)
+        for flat, (index, result) in enumerate(self._chunks(rec)):
+            key = _binding.chunk_key(self.commit.data, rec, index)
+            value = bytes(result.value) if result.state == "value" else None
+            if value is None:
+                self.fail(rec.path, f"chunk {index} ({key}) is missing")
+                continue
+            self.add(len(value))
+            if len(value) != n + _binding.TRAILER:
+                self.fail(rec.path, f"chunk {index} ({key}) has {len(value)} bytes, not "
+                          f"{n + _binding.TRAILER}")
+                continue
+            trailer = int.from_bytes(value[n:], "little")
+            if _format.LEAF_CRC[5](np.frombuffer(value, np.uint8, n)) != trailer:
+                self.fail(rec.path, f"chunk {index} ({key}): checksum mismatch (the stored "
+                          "bytes are damaged)")
+            elif recorded is not None and trailer != int(recorded[flat]):
+                self.fail(rec.path, f"chunk {index} ({key}) is not the chunk this checkpoint "
+                          "wrote there (moved or copied from another leaf, position or "
+                          "checkpoint)")
+
+    def _chunks(self, rec: LeafRecord) -> Iterator[tuple[tuple[int, ...], Any]]:
+        """Every chunk of ``rec`` read whole, in C order, ``_IN_FLIGHT`` at a time."""
+        in_flight: collections.deque = collections.deque()
+        for index in _binding.all_chunks(rec):
+            key = _binding.chunk_key(self.commit.data, rec, index)
+            in_flight.append((index, self.kv.read(key)))
+            if len(in_flight) >= _IN_FLIGHT:
+                index, future = in_flight.popleft()
+                yield index, future.result()
+        while in_flight:
+            index, future = in_flight.popleft()
+            yield index, future.result()
+
+    def _zarr_json(self, rec: LeafRecord) -> None:
+        key = f"{self.commit.data}/a/{rec.storage.index}/zarr.json"
+        result = self.kv.read(key).result()
+        if result.state != "value":
+            self.fail(rec.path, f"{key} is missing")
+            return
+        self.add(len(result.value))
+        try:
+            if len(result.value) > _MAX_ZARR_JSON:
+                raise ValueError(f"{len(result.value)} bytes")
+            meta = json.loads(bytes(result.value))
+            found = (meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"],
+                     meta["data_type"])
+        except (ValueError, KeyError, TypeError) as e:
+            self.fail(rec.path, f"{key} is not zarr3 metadata ({e!r:.100})")
+            return
+        expected = (list(rec.shape), list(rec.storage.chunks), rec.storage.stored_dtype)
+        if found != expected:
+            self.fail(rec.path, f"{key} describes shape, chunks and dtype {found!r:.200}; the "
+                      f"commit file says {expected!r:.200}")
