@@ -222,6 +222,17 @@ def test_malformed_metadata_is_refused(tmp_path, edit, message):
         pc.restore(path)
 
 
+def test_a_list_child_not_named_by_its_index_is_refused(tmp_path):
+    path = _standard(str(tmp_path / "bad"), {"l": {"x": jnp.ones(2)}})
+    meta = json.loads((tmp_path / "bad" / "_METADATA").read_text())
+    (entry,) = meta["tree_metadata"].values()
+    entry["key_metadata"][1]["key_type"] = 1  # "x" as a sequence index
+    (tmp_path / "bad" / "_METADATA").write_text(json.dumps(meta))
+    with pytest.raises(pc.CorruptCheckpointError,
+                       match="bad: 'l/x': a child of a list must be named by its index"):
+        pc.restore(path)
+
+
 def test_an_unfinished_save_is_refused(tmp_path):
     path = tmp_path / "3.orbax-checkpoint-tmp-17"
     _standard(str(tmp_path / "done"), {"w": jnp.ones(2)})

@@ -35,6 +35,7 @@ from __future__ import annotations
 import base64
 import collections
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -51,6 +52,7 @@ JSON_ITEM = "metadata"  # what JsonSave writes in its item folder
 TMP_MARK = ".orbax-checkpoint-tmp"
 MAX_JSON_BYTES = 1 << 30
 _BYTES_IN_FLIGHT = 256 << 20
+_SMALL_BYTES = 1 << 20  # regions read with read(), see _region_reads
 # A small cache for the OCDBT database's B-tree nodes: every array's open looks its name
 # up in the same few nodes (the library's own context caches nothing).
 _CACHE_BYTES = 64 << 20
@@ -115,21 +117,15 @@ def _context() -> ts.Context:
 
 
 def _json(url: str, name: str, data: bytes | None) -> Any:
+    """A JSON file's value. A key twice in one object keeps its last value, as Orbax's own
+    reader does; what matters here, two leaves with one path or storage name, is checked
+    where the leaves are listed."""
     if data is None:
         raise CorruptCheckpointError(f"{url}/{name}: missing")
     if len(data) > MAX_JSON_BYTES:
         raise CorruptCheckpointError(f"{url}/{name}: {len(data)} bytes is too large")
-
-    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out = dict(pairs)
-        if len(out) != len(pairs):
-            raise CorruptCheckpointError(f"{url}/{name}: a key appears twice in one object")
-        return out
-
     try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
-    except CorruptCheckpointError:
-        raise
+        return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{url}/{name}: malformed JSON ({e!s:.200})") from None
 
@@ -291,6 +287,8 @@ def _shardings(loc: _storage.Location, kv: ts.KvStore) -> dict[str, list]:
     doc = _json(loc.url, "_sharding", data)
     out = {}
     for encoded, text in (doc.items() if isinstance(doc, dict) else ()):
+        if not (isinstance(text, str) and "NamedSharding" in text):
+            continue  # one device: nothing to show or reuse (and ~0.1 ms a leaf to decode)
         try:
             name = base64.urlsafe_b64decode(encoded).decode("utf-8")
             s = json.loads(text)
@@ -372,7 +370,7 @@ def read(url: str, jobs: list[_read.Job]) -> dict[str, Any]:
     with _gc.paused():
         for item in _region_reads(jobs, layouts, out):
             in_flight.append(item)
-            waiting += item[2]
+            waiting += item[4]
             while waiting > _BYTES_IN_FLIGHT:
                 waiting -= _finish(url, in_flight.popleft(), layouts, out)
         while in_flight:
@@ -381,33 +379,42 @@ def read(url: str, jobs: list[_read.Job]) -> dict[str, Any]:
 
 
 def _region_reads(jobs: list[_read.Job], layouts: _read._Layouts, out: dict[str, Any]
-                  ) -> Iterator[tuple[list, Any, int]]:
-    """``(leaf, read future, bytes)`` per region; ``leaf`` is ``[job, regions, regions
-    not yet read]``. Python leaves are built at once into ``out``."""
+                  ) -> Iterator[tuple[list, tuple, Any, Any, int]]:
+    """``(leaf, region key, buffer or None, read future, bytes)`` per region; ``leaf`` is
+    ``[job, regions, regions not yet read]``. Python leaves are built at once into ``out``.
+
+    A large region is read into an aligned buffer the device adopts; a small one with
+    ``read()``, which returns an array of its own (for arrays of a few KiB ~2.5x faster
+    than writing into a given buffer)."""
     for path, rec, want in jobs:
         if rec.storage.kind == "v":
             out[path] = _read._py_to_want(rec.storage.value, want)
             continue
         store, dtype = rec.storage.value, _leaves.DTYPES[rec.dtype]
         keys = _read._region_keys(rec, want, layouts)
-        regions = {key: _read._aligned_empty(tuple(b - a for a, b in key), dtype)
-                   for key in keys}
-        leaf = [(path, rec, want), regions, len(keys)]
-        for key, buf in regions.items():
-            source = store[tuple(slice(a, b) for a, b in key)] if key else store
-            yield leaf, _read._read_into(source, buf), buf.nbytes
+        leaf = [(path, rec, want), {}, len(keys)]
+        for key in keys:
+            shape = tuple(b - a for a, b in key)
+            # Indexing a TensorStore costs ~20 µs: not for a region that is all of it.
+            source = store if shape == rec.shape else store[tuple(slice(a, b) for a, b in key)]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes < _SMALL_BYTES:
+                yield leaf, key, None, source.read(), nbytes
+            else:
+                buf = _read._aligned_empty(shape, dtype)
+                yield leaf, key, buf, _read._read_into(source, buf), nbytes
 
 
 def _finish(url: str, item: tuple, layouts: _read._Layouts, out: dict[str, Any]) -> int:
-    leaf, future, nbytes = item
+    leaf, key, buf, future, nbytes = item
     (path, rec, want), regions, _count = leaf
     try:
-        future.result()
+        result = future.result()
     except Exception as e:  # a missing chunk (fill_missing_data_reads off), bad bytes
         raise CorruptCheckpointError(
             f"{url}: entry {rec.path!r:.200}: cannot read its array data ({e})") from None
+    regions[key] = result if buf is None else buf
     leaf[2] -= 1
     if leaf[2] == 0:
         out[path] = _read._build(rec, want, regions, layouts, whole=False)
     return nbytes
-

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import tensorstore as ts
 
-from . import _graph, _leaves, _storage
+from . import _format, _graph, _leaves, _storage
 from ._errors import CorruptCheckpointError
 from ._format import LeafRecord
 
@@ -74,9 +74,10 @@ def records(where: str, items: Iterable[LeafRecord]) -> Records:
 
 def nodes_for(leaves: Iterable[str], kinds: Mapping[str, str] | None = None
               ) -> tuple[_graph.Node, ...]:
-    """Inner nodes for leaf paths whose containers were not recorded: every ancestor of a
-    leaf, root first, a dict unless ``kinds`` says otherwise (by node path). Raises
-    :class:`CorruptCheckpointError` (via the caller's check) where a leaf is also a node."""
+    """Inner nodes for leaf paths whose containers were not recorded as such: every
+    ancestor of a leaf and every path in ``kinds``, parents first, each a dict unless
+    ``kinds`` (node path -> _graph kind) says otherwise. A path that is both a leaf and a
+    node is refused later, by :func:`checked_nodes`."""
     kinds = dict(kinds or {})
     found: dict[str, str] = {"": kinds.get("", _graph.DICT)}
     for path in [*leaves, *kinds]:
@@ -96,7 +97,8 @@ def nodes_for(leaves: Iterable[str], kinds: Mapping[str, str] | None = None
 def checked_nodes(where: str, nodes: tuple[_graph.Node, ...], leaves: Mapping[str, Any]
                   ) -> Callable[[], tuple[_graph.Node, ...]]:
     """A ``Source.tree_nodes`` for nodes made by :func:`nodes_for`: refuses a path that is
-    both a leaf and a node (``{"a": x, "a.b": y}`` in a safetensors file)."""
+    both a leaf and a node (``{"a": x, "a.b": y}`` in a safetensors file), and anything else
+    our own commit file's tree may not hold (a list child not named by its index)."""
 
     def check() -> tuple[_graph.Node, ...]:
         for node in nodes:
@@ -104,6 +106,7 @@ def checked_nodes(where: str, nodes: tuple[_graph.Node, ...], leaves: Mapping[st
                 raise CorruptCheckpointError(
                     f"{where}: entry {node.path!r:.200} is both a value and a container of "
                     "other entries")
+        _format._validate_tree(nodes, leaves, where)
         return nodes
 
     return check
