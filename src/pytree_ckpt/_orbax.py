@@ -82,7 +82,7 @@ def open_step(loc: _storage.Location, kv: ts.KvStore) -> _source.Source:
     recs: list[LeafRecord] = []
     kinds: dict[str, str] = {"": _graph.DICT}
     for name, inside in sorted(_storage.child_names(loc, kv).items()):
-        if TMP_MARK in name:
+        if TMP_MARK in name or inside is None:  # unfinished, or not a folder
             continue
         if ITEM_METADATA in inside:
             item = loc.child(name)
