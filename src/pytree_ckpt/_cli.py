@@ -5,6 +5,8 @@ public API, one command per question people ask of a checkpoint::
     pytree-ckpt diff A B [--values]          paths only in A / only in B / of another shape or dtype;
                                              with --values, which leaves differ and by how much
     pytree-ckpt steps DIR [--best METRIC]    a manager's steps: time, size, metrics, the best
+    pytree-ckpt convert SRC DST [--at P]     Orbax, Flax msgpack or safetensors to ours; ours to
+                                             safetensors (DST ending in .safetensors)
 
 Every command takes ``--json`` (one JSON document on stdout instead of a table). Exit status:
 0 fine; 1 differences (``diff``) or a corrupt checkpoint found; 2 bad usage, or nothing there
@@ -108,6 +110,20 @@ def _parser() -> argparse.ArgumentParser:
                        help="mark the step with the highest (--min: lowest) METRIC")
     steps.add_argument("--min", action="store_true", help="the best METRIC is the lowest")
     steps.set_defaults(run=_steps)
+
+    convert = commands.add_parser(
+        "convert", parents=[common], help="convert a checkpoint to another format",
+        description="Read SRC (ours, Orbax, Flax msgpack or safetensors) and write it to DST "
+                    "as a pytree_ckpt checkpoint, or as one safetensors file if DST ends in "
+                    ".safetensors (or with --to). The tree is held in memory meanwhile.")
+    convert.add_argument("src", metavar="SRC", help="a checkpoint of any format restore reads")
+    convert.add_argument("dst", metavar="DST", help="where to write")
+    convert.add_argument("--at", metavar="P", help="convert only the subtree at this path "
+                                                   "(e.g. params)")
+    convert.add_argument("--to", choices=("pytree_ckpt", "safetensors"),
+                         help="DST's format (default: from DST's name)")
+    convert.add_argument("--overwrite", action="store_true", help="replace what is at DST")
+    convert.set_defaults(run=_convert)
     return parser
 
 
@@ -387,6 +403,43 @@ def _no_steps(pc: Any, given: str, url: str) -> str:
     except pc.CheckpointError:
         return f"{url}: no committed steps there"
     return f"{url}: a checkpoint, not a CheckpointManager's directory (try: pytree-ckpt ls)"
+
+
+# ---- convert ----
+
+def _convert(pc: Any, args: argparse.Namespace) -> int:
+    import jax
+    from tqdm import tqdm
+
+    to = args.to or ("safetensors" if args.dst.endswith(".safetensors") else "pytree_ckpt")
+    info = pc.metadata(args.src)
+    with tqdm(total=2, desc="reading", file=sys.stderr, disable=not sys.stderr.isatty(),
+              leave=False, bar_format="{desc} {n}/{total}") as bar:
+        tree, status = pc.restore(args.src, at=args.at)
+        bar.update()
+        bar.set_description("writing")
+        try:
+            if to == "safetensors":
+                written = pc.save_safetensors(tree, args.dst, overwrite=args.overwrite)
+            else:
+                written = pc.save(tree, args.dst, overwrite=args.overwrite)
+        except pc.UnsupportedLeafError as e:
+            if to != "safetensors" or args.at:
+                raise
+            raise pc.UnsupportedLeafError(
+                f"{e} (safetensors holds arrays only: convert a subtree of arrays, e.g. "
+                "--at params)") from None
+        bar.update()
+    leaves = len(status.matched)
+    nbytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
+    if args.json:
+        _emit({"source": info.path, "source_format": info.format, "at": args.at,
+               "destination": written, "format": to, "leaves": leaves, "nbytes": nbytes})
+    else:
+        part = f" at {args.at!r}" if args.at else ""
+        print(f"{info.path} ({info.format}{part}, {leaves} leaves, {_size(nbytes)}) -> "
+              f"{written} ({to})")
+    return EXIT_OK
 
 
 # ---- shared ----
