@@ -233,3 +233,13 @@ def test_hostile_keys_round_trip_and_never_leave_the_directory(tmp_path):
     for name in (p.name for p in path.rglob("*")):
         assert name in {"checkpoint.msgpack", "zarr.json", "a", "p", "c"} or name.isdigit() \
             or name.startswith("d-"), name
+
+
+def test_a_masked_array_is_refused_not_saved_without_its_mask(tmp_path):
+    masked = np.ma.masked_array([1.0, 2.0, 3.0], mask=[False, True, False])
+    with pytest.raises(pc.UnsupportedLeafError,
+                       match=r"leaf 'x/m' is a numpy.ma.MaskedArray, whose mask would be lost"):
+        pc.save({"x": {"m": masked}}, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(pc.UnsupportedLeafError, match="MaskedArray"):
+        pc.save_async({"m": masked}, tmp_path / "c")

@@ -3,7 +3,8 @@
 Leaf kinds (the ``origin`` stored per leaf in the commit file):
 
 - ``jax``: a ``jax.Array``; restored as a ``jax.Array``.
-- ``numpy``: a ``numpy.ndarray``; restored as one.
+- ``numpy``: a ``numpy.ndarray``; restored as one. A ``numpy.ma.MaskedArray`` is refused
+  (its mask would be lost).
 - ``npscalar``: a NumPy scalar (``np.float32(1.5)``); restored as the same scalar type.
 - ``prngkey``: a typed PRNG key array (``jax.random.key``); its key data is stored
   (``jax.random.key_data``) with the implementation's name, and rewrapped on restore.
@@ -106,6 +107,12 @@ def describe(path: str, leaf: Any) -> LeafInfo:
 def _array_kind(path: str, tp: type) -> str:
     if issubclass(tp, jax.Array):
         kind = JAX
+    elif issubclass(tp, np.ma.MaskedArray):
+        # Its values alone would be saved: the mask, silently lost.
+        raise UnsupportedLeafError(
+            f"leaf {path or '<root>'!r} is a numpy.ma.MaskedArray, whose mask would be lost; "
+            "save its values and mask as two leaves (x.data, np.ma.getmaskarray(x)), or "
+            "x.filled(value)")
     elif issubclass(tp, np.ndarray):
         kind = NUMPY
     elif issubclass(tp, np.generic):
