@@ -409,27 +409,21 @@ def _no_steps(pc: Any, given: str, url: str) -> str:
 
 def _convert(pc: Any, args: argparse.Namespace) -> int:
     import jax
-    from tqdm import tqdm
 
     to = args.to or ("safetensors" if args.dst.endswith(".safetensors") else "pytree_ckpt")
     info = pc.metadata(args.src)
-    with tqdm(total=2, desc="reading", file=sys.stderr, disable=not sys.stderr.isatty(),
-              leave=False, bar_format="{desc} {n}/{total}") as bar:
-        tree, status = pc.restore(args.src, at=args.at)
-        bar.update()
-        bar.set_description("writing")
-        try:
-            if to == "safetensors":
-                written = pc.save_safetensors(tree, args.dst, overwrite=args.overwrite)
-            else:
-                written = pc.save(tree, args.dst, overwrite=args.overwrite)
-        except pc.UnsupportedLeafError as e:
-            if to != "safetensors" or args.at:
-                raise
-            raise pc.UnsupportedLeafError(
-                f"{e} (safetensors holds arrays only: convert a subtree of arrays, e.g. "
-                "--at params)") from None
-        bar.update()
+    tree, status = pc.restore(args.src, at=args.at, progress=sys.stderr.isatty())
+    try:
+        if to == "safetensors":
+            written = pc.save_safetensors(tree, args.dst, overwrite=args.overwrite)
+        else:
+            written = pc.save(tree, args.dst, overwrite=args.overwrite)
+    except pc.UnsupportedLeafError as e:
+        if to != "safetensors" or args.at:
+            raise
+        raise pc.UnsupportedLeafError(
+            f"{e} (safetensors holds arrays only: convert a subtree of arrays, e.g. "
+            "--at params)") from None
     leaves = len(status.matched)
     nbytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
     if args.json:

@@ -306,9 +306,9 @@ class CheckpointManager:
 
     def restore(self, step: int | None = None, target: Any = None, *, at: str | None = None,
                 rename: Mapping[str, str] | Callable[[str], str] | None = None,
-                partial: bool = False) -> tuple[Any, RestoreStatus]:
+                partial: bool = False, progress: bool = False) -> tuple[Any, RestoreStatus]:
         """Restores committed step ``step`` (the latest if None); see :func:`restore` for
-        ``target``, ``at`` and ``rename``.
+        ``target``, ``at``, ``rename`` and ``progress``.
 
         Strict unless ``partial=True``: a resume that would leave target leaves unmatched or
         mismatched (a layer renamed, a width changed, another run's checkpoint) raises instead
@@ -322,7 +322,7 @@ class CheckpointManager:
         step; what :func:`restore` raises.
         """
         path = self._path(self._resolve(step))
-        tree, status = _restore(path, target, at=at, rename=rename)
+        tree, status = _restore(path, target, at=at, rename=rename, progress=progress)
         if not partial:
             check_complete(status, _storage.location(path).url, "pass partial=True")
         return tree, status

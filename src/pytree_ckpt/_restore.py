@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _formats, _gc, _graph, _leaves, _source, _storage
+from . import _formats, _gc, _graph, _leaves, _progress, _source, _storage
 from ._errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -84,7 +84,7 @@ def _read(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[s
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
             rename: _graph.Rename | None = None, strict: bool = False,
-            ) -> tuple[Any, RestoreStatus]:
+            progress: bool = False) -> tuple[Any, RestoreStatus]:
     """Restores a checkpoint into a new tree shaped like ``target``; returns it and the status.
 
     **Arguments:**
@@ -108,6 +108,8 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
       (the check of ``status.assert_existing_matched()``; unused checkpoint entries are
       fine). Off by default: restore is pure and reports in the status; a
       :class:`CheckpointManager`'s restore is strict by default.
+    - ``progress``: show a progress bar of the bytes read (tqdm: a widget in a notebook, on
+      stderr elsewhere). Off by default: restore prints nothing.
 
     Matching is by path. Leaves found with another shape, or a dtype that would lose
     information (int <-> float, narrowing ints), are ``mismatched`` and keep the target's
@@ -137,19 +139,20 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         (('w',), ())
     """
     with _gc.paused():  # per-leaf loops: see _gc
-        tree, status = _restore(path, target, at, rename)
+        tree, status = _restore(path, target, at, rename, progress)
     if strict:
         check_complete(status, _storage.location(path).url, "call restore without strict=True")
     return tree, status
 
 
-def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, RestoreStatus]:
+def _restore(path: Any, target: Any, at: str | None, rename: Any, progress: bool = False
+             ) -> tuple[Any, RestoreStatus]:
     loc = _storage.location(path)
     ckpt = open_source(loc)
     rename_fn = _graph.renamer(rename) if rename is not None else None
     entries = _select(ckpt, at, rename_fn, loc.url)
     if target is None:
-        return _restore_saved(ckpt, entries, at, rename_fn)
+        return _restore_saved(ckpt, entries, at, rename_fn, progress)
     flat = _graph.flatten(target)
     wants = [_want(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     matched, unmatched, mismatched, casts, jobs = [], [], [], [], []
@@ -168,13 +171,19 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any) -> tuple[Any, 
         if verdict:
             casts.append(Cast(path, record.dtype, _want_dtype_str(want)))
         jobs.append((path, record, want))
-    values = ckpt.read(jobs)
+    values = _read_all(ckpt, jobs, progress)
     leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     status = RestoreStatus(
         matched=tuple(matched), unmatched=tuple(unmatched),
         unused=_unused(entries, matched, mismatched),
         mismatched=tuple(mismatched), cast=tuple(casts))
     return jax.tree_util.tree_unflatten(flat.treedef, leaves), status
+
+
+def _read_all(ckpt: _source.Source, jobs: list, progress: bool) -> dict[str, Any]:
+    if not progress:
+        return ckpt.read(jobs)
+    return _progress.read_with_bar(ckpt.read, jobs, "restore")
 
 
 def _unused(entries: dict[str, str], matched: list[str], mismatched: list[Mismatch]
@@ -362,11 +371,12 @@ def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
 
 
 def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None,
-                   rename_fn: Callable[[str], str] | None) -> tuple[Any, RestoreStatus]:
+                   rename_fn: Callable[[str], str] | None, progress: bool = False
+                   ) -> tuple[Any, RestoreStatus]:
     saved_nodes = ckpt.tree_nodes()  # before reading any data
     records = ckpt.leaves.records(list(entries.values()))
     jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
-    values = ckpt.read(jobs)
+    values = _read_all(ckpt, jobs, progress)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
     for node in saved_nodes:
