@@ -65,15 +65,68 @@ class CheckpointMetadata:
         return "\n".join([head] + [f"  {leaf}" for leaf in self.leaves.values()])
 
     def _repr_html_(self) -> str:
-        rows = "".join(
-            f"<tr><td><code>{html.escape(m.path)}</code></td><td>{m.kind}</td>"
-            f"<td>{html.escape(m.dtype)}</td><td>{list(m.shape)}</td><td>{m.nbytes:,}</td>"
-            f"<td>{html.escape(m.sharding or '')}</td>"
-            f"<td>{html.escape(repr(m.value)[:60]) if m.kind == _leaves.PY else ''}</td></tr>"
-            for m in self.leaves.values())
-        return (f"<details open><summary><b>{html.escape(str(self).splitlines()[0])}</b>"
-                "</summary><table><tr><th>path</th><th>kind</th><th>dtype</th><th>shape</th>"
-                f"<th>bytes</th><th>sharding</th><th>value</th></tr>{rows}</table></details>")
+        head = html.escape(str(self).splitlines()[0])
+        return (f"<details open><summary><b>{head}</b></summary>"
+                f"{_html_node(_html_tree(self.leaves.values()), 0)}</details>")
+
+
+class _Branch:
+    """An inner node of the HTML view: its leaves (name, metadata), its inner nodes by name,
+    and the count and bytes of every leaf below it."""
+
+    def __init__(self) -> None:
+        self.leaves: list[tuple[str, LeafMetadata]] = []
+        self.branches: dict[str, _Branch] = {}
+        self.count = self.nbytes = 0
+
+
+def _html_tree(leaves: Any) -> _Branch:
+    root = _Branch()
+    for m in leaves:
+        *parents, name = _graph.split_path(m.path) or [""]
+        node = root
+        for parent in [None, *parents]:
+            if parent is not None:
+                node = node.branches.setdefault(parent, _Branch())
+            node.count += 1
+            node.nbytes += m.nbytes
+        node.leaves.append((name, m))
+    return root
+
+
+_HTML_DEPTH = 64  # below this many levels, one flat table (recursion stays far from the limit)
+
+
+def _html_node(node: _Branch, depth: int) -> str:
+    """The leaves of ``node`` as a table (each name titled with its full path), then each inner
+    node as a collapsible ``<details>`` with its leaf count and bytes; the first level open."""
+    if depth >= _HTML_DEPTH:
+        return _html_table([(m.path, m) for m in _leaves_below(node)])
+    return _html_table(node.leaves) + "".join(
+        f"<details{' open' if depth == 0 else ''}><summary><code>{html.escape(name)}</code> "
+        f"({child.count:,} leaves, {child.nbytes:,} bytes)</summary>"
+        f"<div style='margin-left:1.5em'>{_html_node(child, depth + 1)}</div></details>"
+        for name, child in node.branches.items())
+
+
+def _leaves_below(node: _Branch) -> list[LeafMetadata]:
+    found, todo = [], [node]
+    while todo:
+        node = todo.pop()
+        found += [m for _, m in node.leaves]
+        todo += reversed(node.branches.values())
+    return found
+
+
+def _html_table(leaves: list[tuple[str, LeafMetadata]]) -> str:
+    rows = "".join(
+        f"<tr><td><code title='{html.escape(m.path)}'>{html.escape(name)}</code></td>"
+        f"<td>{m.kind}</td><td>{html.escape(m.dtype)}</td><td>{list(m.shape)}</td>"
+        f"<td>{m.nbytes:,}</td><td>{html.escape(m.sharding or '')}</td>"
+        f"<td>{html.escape(repr(m.value)[:60]) if m.kind == _leaves.PY else ''}</td></tr>"
+        for name, m in leaves)
+    return ("<table><tr><th>name</th><th>kind</th><th>dtype</th><th>shape</th><th>bytes</th>"
+            f"<th>sharding</th><th>value</th></tr>{rows}</table>") if rows else ""
 
 
 def _sharding_text(s: tuple | None) -> str | None:
