@@ -150,11 +150,11 @@ except pc.SaveError as e:
 def test_a_process_killed_mid_save_means_no_commit(tmp_path):
     args = {"before": str(tmp_path / "before"), "after": str(tmp_path / "after")}
     results = run_multiprocess(KILLED, num_processes=2, devices_per_process=2, timeout_s=60,
-                               args=args, env={"PYTREE_CKPT_BARRIER_TIMEOUT_S": "4"})
+                               args=args, env={"PYTREE_CKPT_LIVENESS_TIMEOUT_S": "3"})
     assert results[1].returncode != 0  # killed
     assert results[0].returncode == 0, format_results(results)
     assert "SAVE FAILED:" in results[0].stdout and "nothing was committed" in results[0].stdout
-    assert "process(es) 1" in results[0].stdout
+    assert "process(es) 1 showed no sign of life for 3 s" in results[0].stdout
     # Nothing restorable: the primary deleted the failed save's data (or a part of it is left).
     with pytest.raises((pc.IncompleteCheckpointError, pc.CheckpointNotFoundError)):
         pc.restore(args["after"])

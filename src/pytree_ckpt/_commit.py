@@ -18,6 +18,8 @@ A save that fails deletes its own uncommitted generation: a full disk is not lef
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import os
 import time
 import uuid
@@ -30,7 +32,11 @@ from . import _binding, _distributed, _format, _snapshot, _storage, _write
 from ._errors import CorruptCheckpointError, SaveError, UnsupportedLeafError
 from ._format import COMMIT_FILE, LeafRecord, Storage
 
-_BARRIER_TIMEOUT_S = float(os.environ.get("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600))
+# How long every process has to reach a save (from the first to arrive), and how long a
+# process taking part in one may show no sign of life before it counts as gone (a process
+# writing is waited for, however long its shards take: see _distributed.alive).
+_ARRIVAL_TIMEOUT_S = float(os.environ.get("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600))
+_LIVENESS_S = float(os.environ.get("PYTREE_CKPT_LIVENESS_TIMEOUT_S", 30))
 
 
 def commit_stamp(kv: Any) -> bytes:
@@ -38,23 +44,75 @@ def commit_stamp(kv: Any) -> bytes:
     return kv.read(COMMIT_FILE, byte_range=slice(0, 0)).result().stamp.generation
 
 
-def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
-           name: str, seen: bytes | None) -> str:
+def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
+          error: BaseException | None) -> str:
+    """Every process of a multi-process job agrees on a save before any data is written:
+    the same checkpoint, the same tree (structure and leaf specs), and the save's id, which
+    the primary chooses; returns that id (the name of the save's data generation and of
+    its later meetings, so they cannot drift from one save to the next).
+
+    A process whose preparation failed (``error``) reports it here rather than raising
+    before it, so that the others fail this save with it and every process goes on to the
+    next save together; that process then raises its own ``error``.
+
+    **Raises:** ``error``; :class:`DistributedError` (a SaveError) naming the processes
+    that failed or differ, and what differed, on every process."""
+    if not _distributed.is_multiprocess():
+        if error is not None:
+            raise error
+        return uuid.uuid4().hex
+    primary = _distributed.process_index() == 0
+    mine = "" if error is not None else json.dumps(
+        [url, _tree_digest(snap), uuid.uuid4().hex if primary else None])
     try:
-        return _write_and_commit(loc, kv, snap, names, name, seen)
+        values = _distributed.exchange(
+            f"save/{meeting}/agree", mine,
+            None if error is None else f"{type(error).__name__}: {error}", _ARRIVAL_TIMEOUT_S)
+    except _distributed.DistributedError as e:
+        if error is not None:
+            raise error from e
+        raise _distributed.DistributedError(f"{url}: save failed before writing: {e}") from e
+    agreed = [json.loads(v) for v in values]
+    for what, k in (("checkpoint path", 0), ("tree (its structure, or a leaf's path, kind, "
+                                               "dtype, shape or sharding)", 1)):
+        differ = [p for p, a in enumerate(agreed) if a[k] != agreed[0][k]]
+        if differ:
+            got = "; ".join(f"process {p}: {a[k]!r}" for p, a in enumerate(agreed)
+                            if p in (0, *differ))
+            raise _distributed.DistributedError(
+                f"{url}: save refused on every process: process(es) "
+                f"{', '.join(map(str, differ))} saved another {what} than process 0 ({got}); "
+                "every process must save the same tree to the same path")
+    return agreed[0][2]
+
+
+def _tree_digest(snap: _snapshot.Snapshot) -> str:
+    """A digest of what every process must agree on: the tree's nodes and each leaf's
+    record but a Python leaf's value (the primary's is saved)."""
+    described = [(r[0], r[1], r[2], r[3], r[4], r[5].kind, r[5].chunks, r[5].stored_dtype,
+                  r[6]) for r in snap.records]
+    digest = hashlib.sha256(repr((snap.nodes, described)).encode()).hexdigest()
+    return f"{len(described)} leaves, {len(snap.nodes)} nodes, digest {digest[:16]}"
+
+
+def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
+           save_id: str, seen: bytes | None) -> str:
+    """Writes and commits the snapshot (every process takes part), in the background."""
+    try:
+        with _distributed.alive(_LIVENESS_S):
+            return _write_and_commit(loc, kv, snap, names, save_id, seen)
     finally:
         # Every write has ended here, failed or not (_write.write_data waits for them).
         for k in range(len(snap.parts)):
             _write.release_part(snap, k)
 
 
-def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
-                      name: str, seen: bytes | None) -> str:
+def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
+                      names: set[str], save_id: str, seen: bytes | None) -> str:
     me = _distributed.process_index()
     primary = me == 0
     old = _replaced_generations(kv, names) if primary else []
-    data = _distributed.broadcast_str(f"{name}/data", f"d-{uuid.uuid4().hex}" if primary
-                                      else None, _BARRIER_TIMEOUT_S)
+    data, name = f"d-{save_id}", f"save/{save_id}"
     error, entries = None, []
     try:
         entries = _write.write_data(kv, data, snap, me, primary)
@@ -109,7 +167,7 @@ def _commit_failure(loc: _storage.Location, kv: Any, data: str, e: Exception) ->
 
 def _check(name: str, error: str | None, what: str) -> None:
     try:
-        _distributed.report_and_check(name, error, _BARRIER_TIMEOUT_S)
+        _distributed.report_and_check(name, error, _ARRIVAL_TIMEOUT_S, _LIVENESS_S)
     except Exception as e:
         raise SaveError(f"{what}: {e}") from e
 
@@ -232,7 +290,7 @@ def _gather_packed(name: str, entries: list[tuple], snap: _snapshot.Snapshot, me
     sizes = [(me, k, n) for k, n in enumerate(snap.packing.part_sizes)]
     if _distributed.is_multiprocess():
         mine = base64.b64encode(msgpack.packb([entries, sizes])).decode()
-        gathered = _distributed.gather_str(f"{name}/packed", mine, _BARRIER_TIMEOUT_S)
+        gathered = _distributed.gather_str(f"{name}/packed", mine, _ARRIVAL_TIMEOUT_S)
         entries, sizes = [], []
         for text in gathered or []:
             e, s = msgpack.unpackb(base64.b64decode(text))

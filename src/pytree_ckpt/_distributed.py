@@ -34,17 +34,24 @@ Facts that shape the functions below (measured on jax 0.10.2, CPU, loopback):
   over the live processes and, with one dead, waits out the heartbeat timeout.
 - A timed-out barrier or get does not poison the service: later calls work.
 - Barrier and key names are global to the job. Every name used here is put under
-  ``pytree_ckpt/`` and must be unique per operation: callers derive it from a counter
-  that every process advances identically (e.g. ``f"save/{n}/written"``).
+  ``pytree_ckpt/`` and must be unique per operation: a save's first meeting is named by
+  a counter that every call advances on every process (a failed call meets too), and its
+  later ones by the save id the primary chose there (e.g. ``f"save/{id}/written"``).
+- A process taking part in a save publishes a heartbeat (:func:`alive`), so the others
+  wait for one that is slow and alive, and give up promptly on one that died.
 - Keys are never deleted (no process can tell when the last reader is done): each
-  `report_and_check` leaves one short key per process in the service's memory, each
-  `broadcast_str` one key.
+  `exchange` leaves one short key per process in the service's memory, each
+  `broadcast_str` one key; the heartbeat is one key per process, overwritten.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -53,7 +60,9 @@ from ._errors import SaveError
 
 __all__ = [
     "DistributedError",
+    "alive",
     "broadcast_str",
+    "exchange",
     "gather_str",
     "is_multiprocess",
     "process_count",
@@ -163,15 +172,14 @@ def gather_str(name: str, value: str, timeout_s: float) -> list[str] | None:
     return values
 
 
-def report_and_check(name: str, error: str | None, timeout_s: float) -> None:
+def report_and_check(name: str, error: str | None, timeout_s: float,
+                     liveness_s: float | None = None) -> None:
     """Publish whether this process's part succeeded, then check everyone's.
 
     Every process must call this, whether its part failed or not: a process that
-    raises instead of reporting makes every other process wait out `timeout_s`. It
-    returns only once all processes have reported success, so it is also a barrier.
-
-    On a timeout this process overwrites its own report with a failure before raising,
-    so a process that reports late sees the failure instead of going on alone.
+    raises instead of reporting makes every other process wait for it. It returns only
+    once all processes have reported success, so it is also a barrier. (It is
+    :func:`exchange` with nothing to exchange.)
 
     A save uses it twice, so that every process learns the outcome of the commit::
 
@@ -189,25 +197,43 @@ def report_and_check(name: str, error: str | None, timeout_s: float) -> None:
                 error = f"{type(e).__name__}: {e}"
         report_and_check(f"save/{n}/committed", error, timeout_s)
 
+    **Arguments and raises:** as :func:`exchange`.
+    """
+    exchange(name, "", error, timeout_s, liveness_s)
+
+
+def exchange(name: str, value: str, error: str | None, timeout_s: float,
+             liveness_s: float | None = None) -> list[str]:
+    """Publish this process's ``value`` (or that its part failed), then read everyone's.
+
+    On giving up waiting, this process overwrites its own report with a failure before
+    raising, so a process that reports late sees the failure instead of going on alone.
+
     **Arguments:**
 
-    - `name`: unique per check, the same on every process.
+    - `name`: unique per meeting, the same on every process.
+    - `value`: what the others get from this process (a short string).
     - `error`: None if this process's part succeeded, else a message saying what failed
       (cut to its first 4000 characters, to keep the RPC small).
-    - `timeout_s`: how long to wait for the other processes' reports. Keep it below
+    - `timeout_s`: how long to wait for the other processes' reports; keep it below
       ``jax.distributed``'s heartbeat timeout (see the module docstring).
+    - `liveness_s`: instead of `timeout_s`, wait for each process as long as it shows
+      signs of life (:func:`alive`), and count it gone once it has shown none for this
+      long: a slow but healthy process is waited for, a dead one noticed promptly.
+
+    **Returns:** every process's `value`, in process order.
 
     **Raises:**
 
-    - `DistributedError`: some process reported an error, or did not report within
-      `timeout_s`; the message names each such process and its message. Raised on
-      every process, including the one that failed.
+    - `DistributedError`: some process reported an error, or was given up on; the
+      message names each such process and its message. Raised on every process,
+      including the one that failed.
     """
     client, me, count = _job()
-    own = _OK if error is None else _FAILED + _shorten(error)
+    own = _OK + value if error is None else _FAILED + _shorten(error)
     if count == 1:
-        _raise_if_failed(name, me, {me: own}, missing=(), timeout_s=timeout_s)
-        return
+        _raise_if_failed(name, me, {me: own}, missing=(), why="")
+        return [value]
     prefix = f"{_PREFIX}{name}/report/"
     try:
         client.key_value_set(prefix + str(me), own)
@@ -219,47 +245,108 @@ def report_and_check(name: str, error: str | None, timeout_s: float) -> None:
     for other in range(count):
         if other == me:
             continue
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+        got = _wait_for(client, prefix + str(other), other, deadline, liveness_s)
+        if got is None:
             break
-        try:
-            reports[other] = client.blocking_key_value_get(prefix + str(other), _to_ms(remaining))
-        except jax.errors.JaxRuntimeError as e:
-            if not _is_timeout(e):
-                raise _service_error(f"report {name!r}", me, e) from e
-            break
+        reports[other] = got
     if len(reports) < count:
-        # Timed out on one process: read all reports present now, so the error names
+        # Gave up on one process: read all reports present now, so the error names
         # every missing process, not just the first one waited for.
         try:
-            for key, value in client.key_value_dir_get(prefix):
-                reports.setdefault(int(key.rsplit("/", 1)[1]), value)
+            for key, report in client.key_value_dir_get(prefix):
+                reports.setdefault(int(key.rsplit("/", 1)[1]), report)
         except jax.errors.JaxRuntimeError as e:
             raise _service_error(f"report {name!r}", me, e) from e
     missing = tuple(p for p in range(count) if p not in reports)
+    waited = (f"showed no sign of life for {liveness_s:g} s" if liveness_s is not None
+              else f"did not report within {timeout_s:g} s")
     if missing and error is None:
         # Best effort, for a process that is late rather than dead: it must not read
         # "ok" from us and carry on (e.g. write a commit file) after we gave up.
-        gave_up = f"gave up waiting for process(es) {_join(missing)} after {timeout_s:g} s"
+        gave_up = (f"gave up waiting for process(es) {_join(missing)}, which "
+                   f"{waited}" if liveness_s is not None else
+                   f"gave up waiting for process(es) {_join(missing)} after {timeout_s:g} s")
         try:
             client.key_value_set(prefix + str(me), _FAILED + gave_up, allow_overwrite=True)
         except jax.errors.JaxRuntimeError:
             pass  # we raise below anyway; the service's own failure is not the story
-    _raise_if_failed(name, me, reports, missing=missing, timeout_s=timeout_s)
+    _raise_if_failed(name, me, reports, missing=missing,
+                     why=f"{waited} (crashed, hung, or too slow)")
+    return [reports[p][len(_OK):] for p in range(count)]
+
+
+def _wait_for(client: Any, key: str, process: int, deadline: float,
+              liveness_s: float | None) -> str | None:
+    """``key``'s value once ``process`` publishes it; None once given up on (past
+    ``deadline``, or, with ``liveness_s``, that long without a new heartbeat)."""
+    beat, since = None, time.monotonic()
+    while True:
+        step = (deadline - time.monotonic() if liveness_s is None
+                else min(1.0, liveness_s / 4))
+        if step <= 0:
+            return None
+        try:
+            return client.blocking_key_value_get(key, _to_ms(step))
+        except jax.errors.JaxRuntimeError as e:
+            if not _is_timeout(e):
+                raise _service_error(f"waiting for {key!r}", process, e) from e
+        if liveness_s is not None:
+            now = _heartbeat(client, process)
+            if now != beat:
+                beat, since = now, time.monotonic()
+            elif time.monotonic() - since > liveness_s:
+                return None
+
+
+def _heartbeat(client: Any, process: int) -> str | None:
+    try:
+        return client.key_value_try_get(f"{_PREFIX}alive/{process}")
+    except jax.errors.JaxRuntimeError:
+        return None  # not published yet
+
+
+_beats = itertools.count()  # every beat's value differs from the last, across saves
+
+
+@contextlib.contextmanager
+def alive(liveness_s: float) -> Iterator[None]:
+    """While the block runs, shows the other processes that this one is alive: a beat
+    every ``liveness_s / 5`` from a thread of its own (whatever the block is waiting
+    for), which :func:`exchange` with ``liveness_s`` watches. A no-op in one process."""
+    client, me, count = _job()
+    if count == 1:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                client.key_value_set(f"{_PREFIX}alive/{me}", str(next(_beats)),
+                                     allow_overwrite=True)
+            except jax.errors.JaxRuntimeError:
+                pass  # the service's trouble shows in the exchange itself
+            if stop.wait(liveness_s / 5):
+                return
+
+    thread = threading.Thread(target=beat, name="pytree_ckpt heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _raise_if_failed(
-    name: str, me: int, reports: dict[int, str], *, missing: tuple[int, ...], timeout_s: float
+    name: str, me: int, reports: dict[int, str], *, missing: tuple[int, ...], why: str
 ) -> None:
     failed = {p: v[len(_FAILED) :] for p, v in sorted(reports.items()) if v.startswith(_FAILED)}
     if not failed and not missing:
         return
     problems = [f"process {p} failed: {msg}" for p, msg in failed.items()]
     if missing:
-        problems.append(
-            f"process(es) {_join(missing)} did not report within {timeout_s:g} s "
-            "(crashed, hung, or too slow)"
-        )
+        problems.append(f"process(es) {_join(missing)} {why}")
     bad = sorted([*failed, *missing])
     raise DistributedError(
         f"{name!r} failed on process(es) {_join(bad)} (seen from process {me}): "

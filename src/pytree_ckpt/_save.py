@@ -95,18 +95,23 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
 
 def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, copy: bool
            ) -> _async.SaveFuture:
-    _async.wait_all()
-    loc = _storage.location(path)
-    kv = _storage.open_kvstore(loc)
-    # Read before the check: a commit landing after it makes ours fail, not replace it.
-    seen = None if overwrite else _commit.commit_stamp(kv)
-    names = _check_destination(loc, kv, overwrite)
-    snap = _snapshot.snapshot(tree, copy=copy)
     global _save_counter
-    _save_counter += 1
-    name = f"pytree_ckpt/save/{_save_counter}"
+    _save_counter += 1  # every call takes part in its meeting, failed or not: no drift
+    loc: _storage.Location | None = None
+    try:
+        _async.wait_all()
+        loc = _storage.location(path)
+        kv = _storage.open_kvstore(loc)
+        # Read before the check: a commit landing after it makes ours fail, not replace it.
+        seen = None if overwrite else _commit.commit_stamp(kv)
+        names = _check_destination(loc, kv, overwrite)
+        snap = _snapshot.snapshot(tree, copy=copy)
+    except Exception as e:
+        _commit.agree(str(_save_counter), None if loc is None else loc.url, None, e)
+        raise  # agree raises e; kept for readers and type checkers
+    save_id = _commit.agree(str(_save_counter), loc.url, snap, None)
     return _async.submit(
-        lambda: _commit.finish(loc, kv, snap, names, name, seen), loc.url)
+        lambda: _commit.finish(loc, kv, snap, names, save_id, seen), loc.url)
 
 
 def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> set[str]:
