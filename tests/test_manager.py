@@ -370,3 +370,32 @@ def test_read_only_manager_reads_beside_a_writer_and_changes_nothing(tmp_path):
     assert (tmp_path / "9" / "d-0123").is_dir()  # only the writer's start-up clean-up removes it
     with pytest.raises(ValueError, match=r"handle_preemption=True needs a manager that saves"):
         pc.CheckpointManager(tmp_path, read_only=True, handle_preemption=True)
+
+
+def test_a_step_older_than_the_latest_is_refused_and_newer_steps_are_deleted_explicitly(
+        tmp_path):
+    # After a rollback to 100 of [100, 200, 300], saving 110 and 120 made the steps
+    # [110, 200, 300] then [120, 200, 300]: retention deleted the new steps, and
+    # latest_step() was the diverged 300.
+    with pc.CheckpointManager(tmp_path, keep=3, async_save=False) as mgr:
+        for step in (100, 200, 300):
+            mgr.save(step, {"w": np.full(2, step)})
+        state, _ = mgr.restore(100)
+        with pytest.raises(pc.CheckpointExistsError, match=(
+                r"step 110 is older than the latest step 300; retention keeps the newest "
+                r"steps, so after a rollback it would delete the new ones and keep "
+                r"\[200, 300\]\. Delete the newer steps first: mgr.delete\(s\) for s in "
+                r"\[200, 300\]")):
+            mgr.save(110, state)
+        assert mgr.steps() == [100, 200, 300]
+        mgr.delete(300)
+        mgr.delete(200)
+        assert mgr.save(110, state) and mgr.save(120, state)
+        assert mgr.steps() == [100, 110, 120] and mgr.latest_step() == 120
+        with pytest.raises(pc.CheckpointNotFoundError, match="no committed checkpoint for step 7"):
+            mgr.delete(7)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["100", "110", "120"]
+    assert pc.latest(tmp_path) == str(tmp_path / "120")
+    with pc.CheckpointManager(tmp_path) as mgr:  # a restart sees the same
+        assert mgr.steps() == [100, 110, 120]
+        np.testing.assert_array_equal(mgr.restore(120)[0]["w"], np.full(2, 100))

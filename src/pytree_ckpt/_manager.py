@@ -90,7 +90,10 @@ class CheckpointManager:
       show), and refuse :meth:`save`.
 
     Retention runs after each save commits (never before): steps outside the newest ``keep``,
-    the multiples of ``keep_every_n_steps`` and the best are deleted. Only committed steps
+    the multiples of ``keep_every_n_steps`` and the best are deleted. Steps only go up: a
+    step older than the latest committed one is refused (after a rollback, retention would
+    otherwise delete the new steps and keep the diverged ones); delete the newer steps
+    first with :meth:`delete`, as Orbax asks. Only committed steps
     count: :meth:`steps`, :meth:`latest_step` and :meth:`restore` never see a save that did
     not finish. One manager at a time may hold a directory (:class:`LockedError` otherwise);
     a manager is meant for one thread. Close it (or use ``with``) to wait for the last save,
@@ -223,7 +226,9 @@ class CheckpointManager:
         step already has a committed checkpoint (as when a restarted loop saves the step it
         resumed from: steps are never overwritten).
 
-        **Raises:** :class:`CheckpointExistsError` if ``force`` is set and the step exists;
+        **Raises:** :class:`CheckpointExistsError` if ``force`` is set and the step exists,
+        or if ``step`` is older than the latest committed step (delete the newer ones first,
+        :meth:`delete`);
         :class:`SaveError` from the previous background save if it failed; :class:`LockedError`
         if another manager took the directory over; :class:`NotACheckpointError` for a
         symbolic link or a file named like the step, or a link where the step's metrics file
@@ -246,6 +251,7 @@ class CheckpointManager:
             return False
         if not (force or preempt or step % self._interval == 0):
             return False
+        self._check_newest(step)
         if self._lock is not None:
             self._lock.check()
         encoded = _encode_metrics(metrics)
@@ -264,6 +270,44 @@ class CheckpointManager:
             if preempt or self._sigterm:
                 self._preempted = True
         return True
+
+    def delete(self, step: int) -> None:
+        """Deletes committed step ``step`` and its metrics (the commit file first: a crash
+        half-way leaves an incomplete folder, which the next start cleans up).
+
+        For a rollback: after restoring an older step, delete the newer ones before saving
+        new steps (:meth:`save` refuses a step older than the latest committed one). In a
+        multi-process job every process calls it, as it calls :meth:`save`.
+
+        **Raises:** :class:`CheckpointNotFoundError` if ``step`` has no committed checkpoint;
+        :class:`SaveError` from a save in flight, which is waited for first;
+        :class:`LockedError` if another manager took the directory over; ``ValueError`` if
+        the manager is read-only or closed.
+
+        Example, a rollback to step 100::
+
+            >>> with pc.CheckpointManager("memory://doc/rollback", keep=None,
+            ...                           async_save=False) as mgr:
+            ...     for step in (100, 200, 300):
+            ...         _ = mgr.save(step, {"w": jnp.full(2, step)})
+            ...     state, _ = mgr.restore(100)
+            ...     for newer in (300, 200):
+            ...         mgr.delete(newer)
+            ...     mgr.save(110, state)
+            ...     mgr.steps()
+            True
+            [100, 110]
+        """
+        self._check_open()
+        if self._read_only:
+            raise ValueError(f"{self!r} is read-only: it cannot delete")
+        step = self._resolve(step)
+        if self._lock is not None:
+            self._lock.check()
+        if self._primary:
+            self._delete_step(step)
+        self._steps.remove(step)
+        self._metrics.pop(step, None)
 
     def wait(self) -> None:
         """Waits for the save in flight to commit, then applies retention.
@@ -460,6 +504,21 @@ class CheckpointManager:
                 if score == score:  # a NaN (a diverged run) is never the best
                     scored.append((score if self._best_mode == "max" else -score, step))
         return max(scored)[1] if scored else None
+
+    def _check_newest(self, step: int) -> None:
+        """Refuses a step older than the newest committed (or in flight) one: retention keeps
+        the highest steps, so after a rollback it would delete the new steps and keep the
+        diverged ones (steps [100, 200, 300], restore 100, save 110: [110, 200, 300], and
+        latest_step() the diverged 300)."""
+        newest = max([*self._steps[-1:], *(p[0] for p in [self._pending] if p is not None)],
+                     default=None)
+        if newest is not None and step < newest:
+            newer = [s for s in self._steps if s > step]
+            raise CheckpointExistsError(
+                f"{self._loc.url}: step {step} is older than the latest step {newest}; "
+                "retention keeps the newest steps, so after a rollback it would delete the "
+                f"new ones and keep {newer}. Delete the newer steps first: "
+                f"mgr.delete(s) for s in {newer}")
 
     def _delete_step(self, step: int) -> None:
         name = str(step)
