@@ -93,10 +93,10 @@ def test_save_refuses_a_leaf_restore_would_refuse(tmp_path, monkeypatch):
 
     real = _format.encode
 
-    def encode(commit):
+    def encode(commit, *rest):
         leaves = dict(commit.leaves)
         leaves["k"] = leaves["k"]._replace(impl="no_such_impl")
-        return real(commit._replace(leaves=leaves))
+        return real(commit._replace(leaves=leaves), *rest)
 
     monkeypatch.setattr(_format, "encode", encode)
     with pytest.raises(pc.UnsupportedLeafError, match=(

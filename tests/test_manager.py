@@ -102,8 +102,10 @@ def test_interval_force_and_existing_steps():
                               async_save=False) as mgr:
         assert [mgr.save(s, {"s": s}) for s in range(7)] == [True, False, False, True, False,
                                                            False, True]
-        assert mgr.save(4, {"s": 4}, force=True)
-        assert mgr.steps() == [0, 3, 4, 6]
+        with pytest.raises(pc.CheckpointExistsError, match="step 4 is older than the latest"):
+            mgr.save(4, {"s": 4}, force=True)  # steps only go up
+        assert mgr.save(7, {"s": 7}, force=True)
+        assert mgr.steps() == [0, 3, 6, 7]
         assert not mgr.save(6, {"s": "again"})  # a resumed loop saving its first step again
         with pytest.raises(pc.CheckpointExistsError, match="step 6 already has a committed"):
             mgr.save(6, {"s": "again"}, force=True)
