@@ -313,3 +313,18 @@ def test_convert_round_trips_foreign_to_ours_and_ours_to_safetensors(tmp_path):
     rc, _, err = cli("convert", tmp_path / "from_flax_msgpack", tmp_path / "out.safetensors",
                      "--at", "params", "--overwrite")
     assert rc == 0, err
+
+
+def test_json_goes_before_or_after_the_command_and_a_closed_pipe_is_quiet(tmp_path, capsys):
+    pc.save({"w": np.ones(2)}, tmp_path / "c")
+    for argv in (["--json", "ls", str(tmp_path / "c")], ["ls", str(tmp_path / "c"), "--json"]):
+        assert _cli.main(argv) == 0
+        assert json.loads(capsys.readouterr().out)["total"] == {"leaves": 1, "nbytes": 16}
+    pc.save({f"k{i}": np.zeros(2) for i in range(3000)}, tmp_path / "many")
+    out = subprocess.run(
+        f"{sys.executable} -m pytree_ckpt ls {tmp_path / 'many'} | head -n 1; "
+        "echo status ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True,
+        text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+                            PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH",
+                                                                                  "")])))
+    assert out.stdout.splitlines()[1] == "status 0" and out.stderr == ""

@@ -24,6 +24,7 @@ import datetime
 import fnmatch
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -49,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pytree-ckpt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (| head): stop quietly, as ls and grep do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as e:  # one line, never a traceback: see the module docstring
         return _fail(e, args)
 
@@ -69,13 +73,15 @@ def _fail(error: Exception, args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --json before or after the command; the command's copy does not reset the other.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true",
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON document instead of a table")
     parser = argparse.ArgumentParser(
         prog="pytree-ckpt", description="Inspect, compare and list pytree_ckpt checkpoints.",
         epilog="exit status: 0 fine; 1 differences or corruption found; 2 bad usage or "
                "nothing there. Paths may be local, file://, gs:// or s3:// (as for save).")
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     ls = commands.add_parser("ls", parents=[common], help="list a checkpoint's leaves",
