@@ -158,6 +158,28 @@ def test_steps_lists_time_size_metrics_and_the_best(run_dir):
         "manager.lock"]  # read only: nothing written, nothing deleted
 
 
+def test_verify_names_a_flipped_leaf_and_exits_1(tmp_path):
+    pc.save({"w": np.arange(100_000, dtype=np.float32), "b": np.ones(3)}, tmp_path / "c")
+    rc, out, err = cli("verify", tmp_path / "c")
+    assert (rc, err) == (0, "")
+    assert out.startswith(f"{tmp_path}/c: ok: 2 leaves, ") and out.endswith(
+        " read, every checksum and binding checked\n")
+    chunk = next((tmp_path / "c").glob("d-*/a/0/c/0"))
+    data = bytearray(chunk.read_bytes())
+    data[1000] ^= 1
+    chunk.write_bytes(bytes(data))
+    rc, out, err = cli("verify", tmp_path / "c")
+    assert (rc, err) == (1, "")
+    lines = out.splitlines()
+    assert lines[0].startswith(f"{tmp_path}/c: 1 problem in 2 leaves (")
+    assert lines[1].startswith("  w: chunk (0,) (") and "checksum mismatch" in lines[1]
+    assert len(lines) == 2
+    rc, out, _ = cli("verify", tmp_path / "c", "--json")
+    doc = json.loads(out)
+    assert rc == 1 and doc["ok"] is False and list(doc["problems"]) == ["w"]
+    assert doc["leaves"] == 2 and doc["bytes_read"] > 400_000
+
+
 def test_bad_input_is_one_line_and_exit_2_corruption_exit_1(run_dir, tmp_path, capsys):
     rc, out, err = cli("ls", tmp_path / "nothing")
     assert (rc, out) == (2, "")
@@ -210,6 +232,9 @@ def test_commands_read_the_loopback_s3_server(s3_server):
     rc, out, err = cli("diff", f"{directory}/1", f"{directory}/2", "--values", "--json", env=env)
     assert rc == 1, err
     assert [d["path"] for d in json.loads(out)["values_differ"]] == sorted(CHANGED_ARRAYS) + ["step"]
+    rc, out, err = cli("verify", f"{directory}/2", "--json", env=env)
+    assert rc == 0, err
+    assert json.loads(out)["ok"] is True and json.loads(out)["leaves"] == 7
     rc, out, err = cli("steps", directory, "--best", "loss", "--min", "--json", env=env)
     assert rc == 0, err
     doc = json.loads(out)

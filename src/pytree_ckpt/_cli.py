@@ -4,6 +4,7 @@ public API, one command per question people ask of a checkpoint::
     pytree-ckpt ls PATH [PATTERN]            the leaves: kind, dtype, shape, bytes, sharding, value
     pytree-ckpt diff A B [--values]          paths only in A / only in B / of another shape or dtype;
                                              with --values, which leaves differ and by how much
+    pytree-ckpt verify PATH                  every byte read, every checksum and binding checked
     pytree-ckpt steps DIR [--best METRIC]    a manager's steps: time, size, metrics, the best
     pytree-ckpt convert SRC DST [--at P]     Orbax, Flax msgpack or safetensors to ours; ours to
                                              safetensors (DST ending in .safetensors)
@@ -106,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--rtol", type=_non_negative, default=0.0,
                       help="relative tolerance for --values, of B's value (default 0)")
     diff.set_defaults(run=_diff)
+
+    verify = commands.add_parser(
+        "verify", parents=[common], help="check every byte of a checkpoint",
+        description="Read every byte of a checkpoint and check every checksum and what binds "
+                    "each chunk to its commit (pytree_ckpt.verify); name every bad leaf. Exit "
+                    "status 1 on any problem.")
+    verify.add_argument("path", metavar="PATH", help="a pytree_ckpt checkpoint")
+    verify.set_defaults(run=_verify)
 
     steps = commands.add_parser(
         "steps", parents=[common], help="list a CheckpointManager directory's steps",
@@ -360,6 +369,27 @@ def _spec(leaf: Any) -> str:
 
 def _spec_json(leaf: Any) -> dict:
     return {"kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape)}
+
+
+# ---- verify ----
+
+def _verify(pc: Any, args: argparse.Namespace) -> int:
+    report = pc.verify(args.path)
+    if args.json:
+        _emit({"path": report.path, "format_version": report.version, "leaves": report.leaves,
+               "bytes_read": report.bytes_read, "ok": report.ok,
+               "problems": dict(report.problems)})
+        return EXIT_OK if report.ok else EXIT_FOUND
+    if report.ok:
+        print(f"{report.path}: ok: {report.leaves} leaves, {_size(report.bytes_read)} read, "
+              "every checksum and binding checked")
+        return EXIT_OK
+    count = len(report.problems)
+    print(f"{report.path}: {count} problem{'s' * (count != 1)} in {report.leaves} leaves "
+          f"({_size(report.bytes_read)} read):")
+    for path, problem in report.problems.items():
+        print(f"  {path or '<checkpoint>'}: {problem}")
+    return EXIT_FOUND
 
 
 # ---- steps ----
