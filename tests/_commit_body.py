@@ -3,7 +3,7 @@
 The format stores leaves by column (see ``pytree_ckpt._format``); a forgery is easier to
 write and to read as a change to one leaf's record::
 
-    [path, origin, dtype, shape, impl, storage, sharding]
+    [path, origin, dtype, shape, impl, storage, sharding, weak]
 
 with ``storage`` one of ``["v", value]``, ``["z", array, chunks, stored_dtype]`` or
 ``["p", blob, offset, crc]``. :func:`to_rows` reads a body's columns into such records;
@@ -22,7 +22,7 @@ import numpy as np
 from pytree_ckpt import _format
 
 FIELDS = {"path": 0, "origin": 1, "dtype": 2, "shape": 3, "impl": 4, "storage": 5,
-          "sharding": 6}
+          "sharding": 6, "weak": 7}
 _KINDS = ("v", "z", "p")
 
 
@@ -39,7 +39,8 @@ def _runs(flat: list, lengths: list[int]) -> list[list]:
 
 
 def to_rows(body: dict) -> list[list]:
-    """The body's leaves as ``[path, origin, dtype, shape, impl, storage, sharding]``."""
+    """The body's leaves as ``[path, origin, dtype, shape, impl, storage, sharding, weak]``
+    (``weak`` 0 in formats without the column)."""
     dtypes, impls, shardings = body["dtypes"], body["impls"], body["shardings"]
     ranks = _col(body, "rank", "u1")
     shapes = _runs(_col(body, "shape", "<i8"), ranks)
@@ -52,6 +53,7 @@ def to_rows(body: dict) -> list[list]:
     crcs = iter(_col(body, "crc", "<u4"))
     origins, codes = _col(body, "origin", "u1"), _col(body, "dtype", "u1")
     impl_codes, sharding_codes = _col(body, "impl", "u1"), _col(body, "sharding", "<u4")
+    weak = _col(body, "weak", "u1") if "weak" in body else [0] * len(body["paths"])
     rows = []
     for i, path in enumerate(body["paths"]):
         kind = _KINDS[kinds[i]]
@@ -64,7 +66,7 @@ def to_rows(body: dict) -> list[list]:
         impl, sharding = impl_codes[i], sharding_codes[i]
         rows.append([path, _format.ORIGINS[origins[i]], dtypes[codes[i]], shapes[i],
                      impls[impl - 1] if impl else None, storage,
-                     copy.deepcopy(shardings[sharding - 1]) if sharding else None])
+                     copy.deepcopy(shardings[sharding - 1]) if sharding else None, weak[i]])
     return rows
 
 
@@ -96,9 +98,9 @@ def from_rows(body: dict, rows: list[list]) -> dict:
     dtypes, impls, shardings = _Table(), _Table(), _Table()
     cols: dict[str, list] = {k: [] for k in (
         "paths", "origin", "dtype", "rank", "shape", "storage", "values", "array", "chunks",
-        "stored", "blob", "offset", "crc", "impl", "sharding")}
+        "stored", "blob", "offset", "crc", "impl", "sharding", "weak")}
     whole: dict[str, Any] = {}  # columns replaced by a forged value that no column holds
-    for path, origin, dtype, shape, impl, storage, sharding in rows:
+    for path, origin, dtype, shape, impl, storage, sharding, weak in rows:
         cols["paths"].append(path)
         cols["origin"].append(_format.ORIGINS.index(origin) if origin in _format.ORIGINS
                               else 200)
@@ -123,10 +125,13 @@ def from_rows(body: dict, rows: list[list]) -> dict:
             cols["crc"].append(storage[3])
         cols["impl"].append(0 if impl is None else impls(impl) + 1)
         cols["sharding"].append(0 if sharding is None else shardings(sharding) + 1)
+        cols["weak"].append(weak)
     out = copy.deepcopy(body)
     formats = {"origin": "u1", "dtype": "u1", "rank": "u1", "shape": "<i8", "storage": "u1",
                "array": "<u4", "chunks": "<i8", "stored": "u1", "blob": "<u4",
-               "offset": "<i8", "crc": "<u4", "impl": "u1", "sharding": "<u4"}
+               "offset": "<i8", "crc": "<u4", "impl": "u1", "sharding": "<u4", "weak": "u1"}
+    if "weak" not in body:  # a format without the column
+        del cols["weak"]
     for key, values in cols.items():
         out[key] = _column(values, formats[key]) if key in formats else values
     out.update(whole)

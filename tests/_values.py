@@ -5,6 +5,14 @@ on the release)."""
 import ml_dtypes
 import numpy as np
 
+# Every dtype the README lists as a leaf's (those this ml_dtypes has).
+ALL_DTYPES = [np.dtype(d) for d in (
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16, np.float32, np.float64, np.complex64, np.complex128)] + [
+    np.dtype(getattr(ml_dtypes, name)) for name in (
+        "bfloat16 int2 int4 uint2 uint4 float4_e2m1fn float8_e3m4 float8_e4m3 "
+        "float8_e4m3b11fnuz float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz "
+        "float8_e8m0fnu").split() if hasattr(ml_dtypes, name)]
 
 # ml_dtypes' integer types NumPy gives the kind "V".
 _SUB_BYTE_INTS = ("int2", "int4", "uint2", "uint4")

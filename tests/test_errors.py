@@ -129,9 +129,10 @@ def test_flipped_byte_in_a_packed_leaf_names_the_leaf(tmp_path):
 
 
 def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeypatch):
-    # Format 2 is format 4 (format 5 without its chunks' CRCs) with zlib's CRC-32 for
-    # packed leaves (and no version in the body, as in format 3): written here by the
-    # current writer told to write format 2, read by the current reader as it is.
+    # Format 2 is format 4 (format 5 without its chunks' CRCs, weak types, mesh axis types
+    # and devices) with zlib's CRC-32 for packed leaves (and no version in the body, as in
+    # format 3): written here by the current writer told to write format 2, read by the
+    # current reader as it is.
     import msgpack
 
     tree = {"a": np.arange(8.0), "b": jnp.arange(8.0) * 2, "w": jnp.ones((300, 300)), "n": 7}
@@ -165,7 +166,8 @@ def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeyp
 def test_a_flipped_format_version_is_refused(tmp_path):
     """The outer version is outside the commit file's checksum; the body repeats it. A
     format-5 file read as 2 or 3 would check its CRC-32C leaves as another kind (or none),
-    read as 4 it would not check its chunks' places."""
+    read as 4 it would not check its chunks' places, and would drop its weak types and
+    meshes."""
     import msgpack
 
     path = tmp_path / "c"

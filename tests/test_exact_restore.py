@@ -102,3 +102,99 @@ def test_a_python_int_is_never_converted_to_a_python_float(where):
     restored, status = pc.restore(where, {"n": 0, "huge": 0, "f": 0.0})
     status.assert_consumed()
     assert restored == {"n": 2**53 + 1, "huge": 10**400, "f": 2.5}
+
+
+# ---- x64 --------------------------------------------------------------------------------
+
+_WIDE = {"f": np.float64, "i": np.int64, "u": np.uint64, "c": np.complex128}
+_NARROW = {"f": "float32", "i": "int32", "u": "uint32", "c": "complex64"}
+
+
+def _wide_tree():
+    with jax.enable_x64(True):
+        tree = {k: jnp.asarray(np.arange(1, 4).astype(t)) for k, t in _WIDE.items()}
+        tree["big"] = jnp.asarray(np.arange(300 * 300, dtype=np.float64).reshape(300, 300))
+    tree["np"] = np.arange(3.0)  # NumPy leaves keep their dtype whatever JAX does
+    return tree
+
+
+def test_x64_leaves_restored_without_x64_are_arrays_jax_computes_with(where):
+    tree = _wide_tree()
+    assert tree["f"].dtype == np.float64
+    pc.save(tree, where)
+    restored, status = pc.restore(where)
+    assert status.cast == (pc.Cast("big", "float64", "float32"),
+                           *(pc.Cast(k, np.dtype(_WIDE[k]).name, _NARROW[k]) for k in "cfiu"))
+    add = jax.jit(lambda a, b: a + b)
+    for k in _WIDE:
+        assert restored[k].dtype == _NARROW[k] and not restored[k].weak_type
+        np.testing.assert_array_equal(add(restored[k], jnp.ones(3, _NARROW[k])), [2, 3, 4])
+    assert restored["big"].dtype == np.float32
+    np.testing.assert_array_equal(add(restored["big"], restored["big"]),
+                                  np.arange(300 * 300).reshape(300, 300) * 2)
+    assert restored["np"].dtype == np.float64
+    # With a target asking for float64 / int64, as jax.ShapeDtypeStruct keeps them:
+    target = {"f": jax.ShapeDtypeStruct((3,), np.float64), "i": jax.ShapeDtypeStruct((3,),
+                                                                                     np.int64)}
+    restored, status = pc.restore(where, target)
+    assert status.matched == ("f", "i")
+    assert status.cast == (pc.Cast("f", "float64", "float32"), pc.Cast("i", "int64", "int32"))
+    np.testing.assert_array_equal(add(restored["f"], jnp.ones(3)), [2, 3, 4])
+    np.testing.assert_array_equal(add(restored["i"], jnp.ones(3, jnp.int32)), [2, 3, 4])
+    # A target of float64 for float32 data: nothing to convert, nothing listed.
+    pc.save({"f": jnp.arange(3.0)}, where + "32")
+    restored, status = pc.restore(where + "32", {"f": jax.ShapeDtypeStruct((3,), np.float64)})
+    assert status.cast == () and restored["f"].dtype == np.float32
+
+
+def test_x64_leaves_restored_with_x64_keep_their_dtypes(where):
+    pc.save(_wide_tree(), where)
+    with jax.enable_x64(True):
+        restored, status = pc.restore(where)
+        assert status.cast == ()
+        for k, t in _WIDE.items():
+            assert restored[k].dtype == t
+            np.testing.assert_array_equal(jax.jit(lambda a: a + 1)(restored[k]), [2, 3, 4])
+
+
+# ---- Weak types -------------------------------------------------------------------------
+
+def _weak_tree():
+    step = jax.jit(lambda s: s + 1)(0)
+    lr = jax.jit(lambda: 0.5)()
+    wide = jax.jit(lambda: jnp.broadcast_to(1.5, (300, 300)))()  # weak, stored as zarr
+    return {"step": step, "lr": lr, "wide": wide, "strong": jnp.int32(3)}
+
+
+def test_weak_types_are_restored(where):
+    tree = _weak_tree()
+    assert [tree[k].weak_type for k in ("step", "lr", "wide", "strong")] == [
+        True, True, True, False]
+    pc.save(tree, where)
+    traces = []
+    train_step = jax.jit(lambda s: traces.append(s) or s + 1)
+    train_step(tree["step"])
+    restored, status = pc.restore(where)
+    status.assert_consumed()
+    for k, v in tree.items():
+        assert restored[k].weak_type == v.weak_type and restored[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(restored[k], v)
+        assert restored[k].sharding == v.sharding
+    train_step(restored["step"])
+    assert len(traces) == 1  # resuming does not trace (and compile) the step again
+    # A target's weak type wins: a strong target gets a strong array, and the other way.
+    target = {"step": jnp.int32(0), "lr": jax.ShapeDtypeStruct((), jnp.float32),
+              "wide": jax.ShapeDtypeStruct((300, 300), jnp.float32),
+              "strong": jax.jit(lambda: 0)()}
+    restored, status = pc.restore(where, target)
+    status.assert_consumed()
+    assert [restored[k].weak_type for k in ("step", "lr", "wide", "strong")] == [
+        False, False, False, True]
+    assert int(restored["strong"]) == 3 and int(restored["step"]) == 1
+
+
+def test_a_python_int_restores_into_a_weakly_typed_target(where):
+    pc.save({"step": 5}, where)
+    restored, status = pc.restore(where, {"step": jax.jit(lambda: 0)()})
+    assert status.matched == ("step",)
+    assert restored["step"].weak_type and int(restored["step"]) == 5

@@ -8,7 +8,7 @@ DOCUMENTED = {
     "CheckpointMetadata", "LeafMetadata", "CheckpointError", "CheckpointNotFoundError",
     "IncompleteCheckpointError", "CheckpointExistsError", "NotACheckpointError",
     "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",
-    "PathNotFoundError", "SaveError", "CheckpointManager", "latest", "LockedError",
+    "PathNotFoundError", "SaveError", "ShardingError", "CheckpointManager", "latest", "LockedError",
     "PartialRestoreError",
     "save_safetensors", "verify", "VerifyReport",
 }
@@ -35,5 +35,6 @@ def test_errors_also_derive_from_fitting_builtins():
     assert issubclass(pc.FormatVersionError, pc.CorruptCheckpointError)
     assert issubclass(pc.UnsupportedLeafError, TypeError)
     assert issubclass(pc.PartialRestoreError, AssertionError)
+    assert issubclass(pc.ShardingError, ValueError)
     assert all(issubclass(getattr(pc, n), pc.CheckpointError)
                for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError")

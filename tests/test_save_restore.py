@@ -7,17 +7,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _values import representable
+from _values import ALL_DTYPES, representable
 
 import pytree_ckpt as pc
 
-DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
-          np.uint64, np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.complex64,
-          np.complex128, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2,
-          ml_dtypes.float8_e4m3fnuz, ml_dtypes.float8_e5m2fnuz, ml_dtypes.float8_e4m3b11fnuz,
-          ml_dtypes.int4, ml_dtypes.uint4]
-if hasattr(ml_dtypes, "float8_e4m3"):
-    DTYPES.append(ml_dtypes.float8_e4m3)
+DTYPES = ALL_DTYPES
 
 
 values = representable
@@ -45,7 +39,8 @@ def where(request, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-@pytest.mark.parametrize("shape", [(), (0,), (3, 5), (300, 300)], ids=str)
+# (520, 520) is over the packing threshold (256 KiB) for every dtype: a zarr array.
+@pytest.mark.parametrize("shape", [(), (0,), (3, 5), (300, 300), (520, 520)], ids=str)
 def test_dtype_matrix_round_trips_bit_exactly(dtype, shape, tmp_path):
     host = values(dtype, shape)
     tree = {"np": host, "jax": jnp.asarray(host) if np.dtype(dtype).itemsize else host}

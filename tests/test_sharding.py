@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _values import representable
+from _values import ALL_DTYPES, representable
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -127,14 +127,13 @@ def test_restore_without_target_uses_the_saved_sharding(tmp_path, mesh):
     tree, status = pc.restore(ckpt)
     assert status.matched == ("b", "w")
     w = tree["w"]
-    # The saved mesh shape, axis names and spec come back on this process's devices (the
-    # mesh's axis types are not recorded).
-    assert isinstance(w.sharding, NamedSharding)
-    assert w.sharding.spec == P("x", "y")
-    assert dict(w.sharding.mesh.shape) == {"x": 4, "y": 2}
-    assert w.sharding.is_equivalent_to(saved.sharding, len(BIG))
-    _check(w, value, w.sharding)
-    assert tree["b"].sharding.spec == P("x", "y")
+    # The saved sharding comes back: mesh devices in their order, axis names and types,
+    # and spec; the restored array computes with live ones.
+    assert w.sharding == saved.sharding
+    assert w.sharding.mesh.axis_types == saved.sharding.mesh.axis_types
+    _check(w, value, saved.sharding)
+    assert tree["b"].sharding == saved.sharding
+    np.testing.assert_array_equal(jax.jit(lambda a, b: a + b)(w, saved), value * 2)
 
 
 def test_saved_sharding_on_more_devices_than_here_restores_on_the_default_device(
@@ -146,17 +145,28 @@ def test_saved_sharding_on_more_devices_than_here_restores_on_the_default_device
     _check(tree, value, SingleDeviceSharding(jax.local_devices()[0]))
 
 
-DTYPES = [np.float32, jnp.bfloat16, np.int8, np.bool_, np.complex64, jnp.float8_e4m3fn]
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", [(64, 32), (1024, 520)], ids=["small", "over 256 KiB"])
+def test_sharded_dtypes(tmp_path, mesh, dtype, shape):
+    with jax.enable_x64(True):  # 64-bit dtypes as jax.Arrays
+        _sharded_dtype_round_trip(tmp_path, mesh, dtype, shape)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_sharded_dtypes(tmp_path, mesh, dtype):
-    value = representable(dtype, (64, 32), seed=1)
-    ckpt = pc.save(_put(value, mesh, P("x", "y")), tmp_path / "c")
+def _sharded_dtype_round_trip(tmp_path, mesh, dtype, shape):
+    value = representable(dtype, shape, seed=1)
+    saved = {"sharded": _put(value, mesh, P("x", "y")), "replicated": _put(value, mesh, P())}
+    ckpt = pc.save(saved, tmp_path / "c")
     target = jax.ShapeDtypeStruct(value.shape, value.dtype,
                                   sharding=NamedSharding(mesh, P("y", None)))
-    tree, _ = pc.restore(ckpt, target)
-    _check(tree, value, target.sharding)
+    tree, status = pc.restore(ckpt, {"sharded": target, "replicated": target})
+    status.assert_consumed()
+    _check(tree["sharded"], value, target.sharding)
+    _check(tree["replicated"], value, target.sharding)
+    tree, status = pc.restore(ckpt)  # the saved shardings
+    status.assert_consumed()
+    for name, array in saved.items():
+        _check(tree[name], value, array.sharding)
+        assert tree[name].dtype == dtype
 
 
 def test_small_sharded_arrays(tmp_path, mesh):
@@ -399,11 +409,169 @@ def test_metadata_shows_the_saved_sharding(tmp_path, mesh):
             "r": _put(_values((4,)), mesh, P()),
             "n": np.zeros(3), "s": 1}
     info = pc.metadata(pc.save(tree, tmp_path / "c"))
-    assert info.leaves["w"].sharding == "P('x', 'y') over mesh(x=4, y=2)"
-    assert info.leaves["b"].sharding == "P(('x', 'y'),) over mesh(x=4, y=2)"
-    assert info.leaves["r"].sharding == "P() over mesh(x=4, y=2)"
+    # jax.make_mesh makes Explicit axes; Auto ones go unsaid.
+    assert info.leaves["w"].sharding == "P('x', 'y') over mesh(x=4 Explicit, y=2 Explicit)"
+    assert info.leaves["b"].sharding == "P(('x', 'y'),) over mesh(x=4 Explicit, y=2 Explicit)"
+    assert info.leaves["r"].sharding == "P() over mesh(x=4 Explicit, y=2 Explicit)"
     assert info.leaves["n"].sharding is None and info.leaves["s"].sharding is None
-    assert "sharded P('x', 'y') over mesh(x=4, y=2)" in str(info)
+    assert "sharded P('x', 'y') over mesh(x=4 Explicit, y=2 Explicit)" in str(info)
     commit = _commit(tmp_path / "c")
-    assert commit.leaves["w"].sharding == ((4, 2), ("x", "y"), ("x", "y"))
-    assert commit.leaves["b"].sharding == ((4, 2), ("x", "y"), (("x", "y"),))
+    ids = tuple(d.id for d in mesh.devices.flat)
+    assert commit.leaves["w"].sharding == ((4, 2), ("x", "y"), ("x", "y"),
+                                           ("Explicit", "Explicit"), ids)
+    assert commit.leaves["b"].sharding == ((4, 2), ("x", "y"), (("x", "y"),),
+                                           ("Explicit", "Explicit"), ids)
+    auto = jax.sharding.Mesh(mesh.devices, ("x", "y"))
+    info = pc.metadata(pc.save({"a": _put(_values(BIG), auto, P("x"))}, tmp_path / "auto"))
+    assert info.leaves["a"].sharding == "P('x',) over mesh(x=4, y=2)"
+
+
+# --- the saved sharding, exactly ------------------------------------------------------------
+
+
+def _same_array(restored, live):
+    """Restored equals live in values, dtype, weak type and sharding (mesh devices, axis
+    names and types, spec), and the two compute together under jax.jit."""
+    assert restored.dtype == live.dtype and restored.weak_type == live.weak_type
+    assert restored.sharding == live.sharding, (restored.sharding, live.sharding)
+    if isinstance(live.sharding, NamedSharding):
+        mesh, want = restored.sharding.mesh, live.sharding.mesh
+        assert mesh.devices.tolist() == want.devices.tolist()
+        assert (mesh.axis_names, mesh.axis_types) == (want.axis_names, want.axis_types)
+        assert restored.sharding.spec == live.sharding.spec
+    if jax.dtypes.issubdtype(live.dtype, jax.dtypes.prng_key):
+        restored, live = jax.random.key_data(restored), jax.random.key_data(live)
+    np.testing.assert_array_equal(np.asarray(restored), np.asarray(live))
+    total = jax.jit(lambda a, b: a + b)(restored, live)
+    np.testing.assert_array_equal(np.asarray(total), np.asarray(live) * 2)
+
+
+@pytest.mark.parametrize("shape", [(8, 4), BIG], ids=["small", "big"])
+def test_explicit_mesh_axes_come_back_explicit(tmp_path, mesh, shape):
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,) * 2
+    live = {"w": _put(_values(shape), mesh, P("x", "y")), "r": _put(_values(shape), mesh, P())}
+    pc.save(live, tmp_path / "c")
+    restored, status = pc.restore(tmp_path / "c")
+    status.assert_consumed()
+    for k in live:
+        _same_array(restored[k], live[k])
+
+
+def test_the_saved_device_order_comes_back(tmp_path):
+    order = [3, 0, 6, 5, 1, 7, 2, 4]  # as a topology-aware jax.make_mesh may order them
+    devices = np.array(jax.devices())[order].reshape(4, 2)
+    permuted = jax.sharding.Mesh(devices, ("x", "y"))
+    live = _put(_values(BIG), permuted, P("x", "y"))
+    pc.save({"w": live}, tmp_path / "c")
+    restored, _ = pc.restore(tmp_path / "c")
+    _same_array(restored["w"], live)
+    assert [d.id for d in restored["w"].sharding.mesh.devices.flat] == order
+    assert pc.metadata(tmp_path / "c").leaves["w"].sharding == "P('x', 'y') over mesh(x=4, y=2)"
+
+
+def test_saved_devices_not_all_here_fall_back_and_metadata_says_so(tmp_path, mesh):
+    import zlib
+
+    import msgpack
+    from _commit_body import set_field
+
+    from pytree_ckpt import _format
+
+    value = _values(BIG)
+    pc.save({"w": _put(value, mesh, P("x", "y"))}, tmp_path / "c")
+    commit = tmp_path / "c" / _format.COMMIT_FILE
+    magic, version, _, body = msgpack.unpackb(commit.read_bytes())
+    body = msgpack.unpackb(body)
+    record = body["shardings"][0]
+    body = set_field(body, "w", "sharding", [*record[:4], list(range(100, 108))])
+    packed = msgpack.packb(body, use_bin_type=True)
+    commit.write_bytes(msgpack.packb([magic, version, zlib.crc32(packed), packed]))
+    info = pc.metadata(tmp_path / "c")
+    assert info.leaves["w"].sharding == (
+        "P('x', 'y') over mesh(x=4 Explicit, y=2 Explicit) (saved on devices not all here: "
+        "restores on jax.devices() in order)")
+    restored, _ = pc.restore(tmp_path / "c")
+    fallback = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"),
+                                 axis_types=mesh.axis_types)
+    _same_array(restored["w"], _put(value, fallback, P("x", "y")))
+
+
+def test_sharded_prng_keys_come_back_sharded_without_a_target(tmp_path, mesh):
+    keys = jax.random.split(jax.random.key(0), 8)
+    live = {"k": jax.device_put(keys, NamedSharding(mesh, P(("x", "y")))),
+            "rbg": jax.device_put(jax.random.split(jax.random.key(1, impl="rbg"), 4),
+                                  NamedSharding(mesh, P("x")))}
+    pc.save(live, tmp_path / "c")
+    restored, status = pc.restore(tmp_path / "c")
+    status.assert_consumed()
+    for k, v in live.items():
+        assert jax.random.key_impl(restored[k]) == jax.random.key_impl(v)
+        assert restored[k].sharding == v.sharding, k
+        _same_array(jax.random.key_data(restored[k]), jax.random.key_data(v))
+
+
+def test_targets_on_an_abstract_mesh_take_the_mesh_in_context(tmp_path, mesh):
+    value = _values(BIG)
+    live = _put(value, mesh, P("x", "y"))
+    pc.save({"w": live, "b": _put(value[0], mesh, P("y"))}, tmp_path / "c")
+    with jax.set_mesh(mesh):
+        abstract = jax.eval_shape(lambda: {"w": jax.device_put(jnp.zeros(BIG), P("x", "y")),
+                                           "b": jax.device_put(jnp.zeros(BIG[1]), P("y"))})
+        assert isinstance(abstract["w"].sharding.mesh, jax.sharding.AbstractMesh)
+        restored, status = pc.restore(tmp_path / "c", abstract)
+    status.assert_consumed()
+    _same_array(restored["w"], live)
+    _same_array(restored["b"], _put(value[0], mesh, P("y")))
+    with pytest.raises(pc.ShardingError, match=(
+            r"target leaf 'b': its sharding is on an abstract mesh \{'x': 4, 'y': 2\} .* and "
+            r"no mesh is set; restore inside `with jax.set_mesh\(mesh\):`")):
+        pc.restore(tmp_path / "c", abstract)
+    other = jax.make_mesh((2, 4), ("x", "y"))
+    with jax.set_mesh(other), pytest.raises(pc.ShardingError, match=(
+            r"target leaf 'b': .* and mesh \{'x': 2, 'y': 4\} .* is set")):
+        pc.restore(tmp_path / "c", abstract)
+
+
+def test_unsharded_leaves_go_to_the_default_device_set_by_jax(tmp_path):
+    device = jax.devices()[3]
+    tree = {"big": jnp.ones(BIG), "small": jnp.arange(3.0), "n": 4, "key": jax.random.key(0)}
+    pc.save(tree, tmp_path / "c")
+    target = {"big": jax.ShapeDtypeStruct(BIG, jnp.float32),
+              "small": jax.ShapeDtypeStruct((3,), jnp.float32),
+              "n": jax.ShapeDtypeStruct((), jnp.int32), "key": jax.random.key(1)}
+    with jax.default_device(device):
+        saved, _ = pc.restore(tmp_path / "c")
+        targeted, status = pc.restore(tmp_path / "c", target)
+        live = jnp.ones(3)
+    status.assert_consumed()
+    assert live.devices() == {device}
+    for k in ("big", "small", "key"):
+        assert saved[k].devices() == {device}, k
+    for k in ("big", "small", "n"):
+        assert targeted[k].devices() == {device}, k
+    np.testing.assert_array_equal(jax.jit(lambda a, b: a + b)(saved["small"], live), [1, 2, 3])
+    assert targeted["key"].devices() == {jax.devices()[0]}  # a concrete target's own device
+
+
+@pytest.mark.parametrize("version", [3, 4])
+def test_checkpoints_of_formats_before_5_restore_as_they_did(tmp_path, mesh, version,
+                                                             monkeypatch):
+    # Written by the current writer told to write the older format: no weak types, sharding
+    # records without axis types or devices.
+    from pytree_ckpt import _format
+
+    value = _values(BIG)
+    live = {"w": _put(value, mesh, P("x", "y")), "step": jax.jit(lambda s: s + 1)(0)}
+    with monkeypatch.context() as m:
+        m.setattr(_format, "FORMAT_VERSION", version)
+        pc.save(live, tmp_path / "c")
+    info = pc.metadata(tmp_path / "c")
+    assert info.format_version == version
+    assert info.leaves["w"].sharding == "P('x', 'y') over mesh(x=4, y=2)"
+    assert _commit(tmp_path / "c").leaves["w"].sharding == ((4, 2), ("x", "y"), ("x", "y"),
+                                                             None, None)
+    restored, status = pc.restore(tmp_path / "c")
+    status.assert_consumed()
+    auto = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
+    _same_array(restored["w"], _put(value, auto, P("x", "y")))
+    assert not restored["step"].weak_type and int(restored["step"]) == 1

@@ -26,6 +26,7 @@ from ._errors import PartialRestoreError as PartialRestoreError
 from ._errors import PathCollisionError as PathCollisionError
 from ._errors import PathNotFoundError as PathNotFoundError
 from ._errors import SaveError as SaveError
+from ._errors import ShardingError as ShardingError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._jit import save_in_jit as save_in_jit
 from ._manager import CheckpointManager as CheckpointManager
@@ -63,6 +64,7 @@ __all__ = [
     "RestoreStatus",
     "SaveError",
     "SaveFuture",
+    "ShardingError",
     "UnsupportedLeafError",
     "VerifyReport",
     "latest",

@@ -308,4 +308,4 @@ def _finish_records(snap: _snapshot.Snapshot, entries: list[tuple], blobs: list[
     if missing:
         raise SaveError(f"no process wrote the small leaves {missing[:5]}")
     # One record per leaf, a packed leaf's with the place its process wrote it to.
-    return {f[0]: LeafRecord(*f[:5], placed.get(f[0], f[5]), f[6]) for f in snap.records}
+    return {f[0]: LeafRecord(*f[:5], placed.get(f[0], f[5]), *f[6:]) for f in snap.records}

@@ -14,6 +14,7 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── PathCollisionError           (ValueError)         two leaves with one path, e.g. {1: a, "1": b}
     ├── PathNotFoundError            (KeyError)           ``at=`` names nothing in the checkpoint
     ├── PartialRestoreError          (AssertionError)     a strict restore left target leaves unrestored
+    ├── ShardingError                (ValueError)         a target's sharding names no devices here
     ├── SaveError                    (RuntimeError)       a write failed, here or on another process
     └── LockedError                  (RuntimeError)       another CheckpointManager holds the directory
 """
@@ -94,6 +95,11 @@ class PartialRestoreError(CheckpointError, AssertionError):
     def __init__(self, message: str, status: Any = None):
         super().__init__(message)
         self.status = status
+
+
+class ShardingError(CheckpointError, ValueError):
+    """A target leaf's sharding cannot be placed on devices: it is on an abstract mesh
+    (``jax.eval_shape`` under ``jax.set_mesh``) and no matching concrete mesh is set."""
 
 
 class SaveError(CheckpointError, RuntimeError):

@@ -43,7 +43,8 @@ With ``n`` leaves in save order::
     "impl":      u1[n]                          0, or 1 + index into "impls" (PRNG keys)
     "impls":     [str]                          PRNG implementation names
     "sharding":  u4[n]                          0, or 1 + index into "shardings"
-    "shardings": [[mesh_shape, axis_names, partition_spec], ...]
+    "shardings": [[mesh_shape, axis_names, partition_spec, axis_types, device_ids], ...]
+    "weak":      u1[n]                          1 for a weakly typed jax.Array, else 0
     "blobs":     [[proc, k, nbytes], ...]       packed blob n is p/<proc>/<k>, nbytes long
     "arrays":    count                          zarr arrays are a/0 .. a/<count-1>
     "writer":    {"library": ..., "jax": ..., "tensorstore": ..., "processes": int, "time": float}
@@ -54,17 +55,22 @@ With ``n`` leaves in save order::
                                                 commit, leaf and position (see _binding)
 
 A partition spec's entries are None, a name, or a list of names; the saved sharding is
-recorded for display and as the default layout on restore. The ``stored`` dtype differs
-from ``dtype`` only where TensorStore lacks the dtype; the bytes are then stored as unsigned
-integers of the same width. Packed leaves carry CRC-32C, as the zarr3 chunks do (their
-crc32c codec); the commit file's own checksum is zlib's CRC-32. The reader treats every
-field as untrusted. The body repeats the version (from version 4): the outer one, which says
-how to read the rest, is outside the checksum, and a flipped bit there once read a version-3
-file as version 2. Version 4 is this layout without ``chunk_crc`` (its chunks are bound to
-nothing: restore and verify check each chunk against its own trailer only), version 3 that
-without the body's version, version 2 that with zlib's CRC-32 for packed leaves (~5x slower
-to compute than CRC-32C); all are still read, and a body's version, where there is one,
-must match. Version 1 (one record per leaf)
+recorded for display and as the default layout on restore. ``axis_types`` names each mesh
+axis's ``jax.sharding.AxisType`` ("Auto", "Explicit" or "Manual"); ``device_ids`` are the
+mesh's device ids in mesh order (``mesh.devices.flat``), so a restore onto the same devices
+gets the same layout (a mesh of ``jax.make_mesh`` orders its devices by topology). The
+``stored`` dtype differs from ``dtype`` only where TensorStore lacks the dtype; the bytes
+are then stored as unsigned integers of the same width. Packed leaves carry CRC-32C, as the
+zarr3 chunks do (their crc32c codec); the commit file's own checksum is zlib's CRC-32. The
+reader treats every field as untrusted. The body repeats the version (from version 4): the
+outer one, which says how to read the rest, is outside the checksum, and a flipped bit there
+once read a version-3 file as version 2. Version 4 is this layout without ``chunk_crc``
+(its chunks are bound to nothing: restore and verify check each chunk against its own
+trailer only), without ``weak`` (no leaf weakly typed) and with sharding records of three
+entries (no axis types: Auto; no device ids); version 3 that without the body's version,
+version 2 that with zlib's CRC-32 for packed leaves (~5x slower to compute than CRC-32C);
+all are still read, and a
+body's version, where there is one, must match. Version 1 (one record per leaf)
 was written by pre-release versions only; it is refused with a FormatVersionError.
 """
 
@@ -72,6 +78,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import re
 import reprlib
 import zlib
@@ -118,6 +125,19 @@ class Storage(NamedTuple):
     crc: int = 0  # "p"
 
 
+AXIS_TYPES = ("Auto", "Explicit", "Manual")  # jax.sharding.AxisType names
+
+
+class SavedSharding(NamedTuple):
+    """A leaf's saved ``NamedSharding``: its mesh and partition spec."""
+
+    mesh_shape: tuple[int, ...]
+    axis_names: tuple[str, ...]
+    spec: tuple  # entries: None, an axis name, or a tuple of names
+    axis_types: tuple[str, ...] | None = None  # AXIS_TYPES names; None before format 5
+    device_ids: tuple[int, ...] | None = None  # in mesh order; None before format 5
+
+
 class LeafRecord(NamedTuple):
     """One saved leaf, as described by the commit file."""
 
@@ -127,7 +147,8 @@ class LeafRecord(NamedTuple):
     shape: tuple[int, ...]
     impl: str | None
     storage: Storage
-    sharding: tuple | None
+    sharding: SavedSharding | None
+    weak: bool = False  # a weakly typed jax.Array (a jitted ``step + 1``)
 
 
 _STORAGE = functools.partial(tuple.__new__, Storage)  # Storage(*fields), all of them
@@ -168,6 +189,7 @@ ORIGINS = (_leaves.JAX, _leaves.NUMPY, _leaves.NPSCALAR, _leaves.PRNGKEY, _leave
 _ORIGIN_CODE = {o: i for i, o in enumerate(ORIGINS)}
 _ORIGINS = np.array(ORIGINS, object)  # codes to names as a whole column
 _PY_CODE, _PRNG_CODE = _ORIGIN_CODE[_leaves.PY], _ORIGIN_CODE[_leaves.PRNGKEY]
+_JAX_CODE = _ORIGIN_CODE[_leaves.JAX]
 _KINDS = ("v", "z", "p")  # storage codes 0, 1, 2
 _KIND_CODE = {k: i for i, k in enumerate(_KINDS)}
 _VALUE, _ZARR, _PACKED = range(3)
@@ -180,6 +202,7 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
     impls: dict[str, int] = {}
     shardings: dict[tuple, int] = {}
     paths, origin, dtype, rank, dims, kind, impl, sharding = [], [], [], [], [], [], [], []
+    weak: list[bool] = []
     values, array, chunks, stored, blob, offset, crc = [], [], [], [], [], [], []
     for r in commit.leaves.values():
         s = r.storage
@@ -192,6 +215,7 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
         impl.append(0 if r.impl is None else impls.setdefault(r.impl, len(impls)) + 1)
         sharding.append(0 if r.sharding is None
                         else shardings.setdefault(r.sharding, len(shardings)) + 1)
+        weak.append(r.weak)
         if s.kind == "v":
             values.append(_leaves.encode_py(s.value))
         elif s.kind == "z":
@@ -219,7 +243,9 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
             "blob": column(blob, "<u4"), "offset": column(offset, "<i8"),
             "crc": column(crc, "<u4"),
             "impl": column(impl, "u1"), "impls": list(impls),
-            "sharding": column(sharding, "<u4"), "shardings": list(shardings),
+            "sharding": column(sharding, "<u4"),
+            "shardings": [_encode_sharding(x, commit.version) for x in shardings],
+            **({"weak": column(weak, "u1")} if commit.version >= 5 else {}),
             "blobs": [list(b) for b in commit.blobs],
             "arrays": commit.arrays,
             "writer": commit.writer,
@@ -228,6 +254,14 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
         use_bin_type=True,
     )
     return msgpack.packb([MAGIC, commit.version, zlib.crc32(body), body], use_bin_type=True)
+
+
+def _encode_sharding(s: SavedSharding, version: int) -> list:
+    head = [list(s.mesh_shape), list(s.axis_names), [list(e) if isinstance(e, tuple) else e
+                                                     for e in s.spec]]
+    if version < 5:
+        return head
+    return [*head, list(s.axis_types or ()), list(s.device_ids or ())]
 
 
 class _Budget:
@@ -576,6 +610,18 @@ def _check_disjoint(c: _Leaves, where: str, leaves: np.ndarray, blob: np.ndarray
                    "bad packed storage: bytes another leaf uses")
 
 
+def _weak_column(f: dict, c: _Leaves, where: str, version: int) -> np.ndarray:
+    """Which leaves are weakly typed jax.Arrays (none before format 5)."""
+    n = len(c.paths)
+    if version < 5:
+        return np.zeros(n, bool)
+    weak = _column(f, "weak", "u1", n, where)
+    bad = (weak > 1) | ((weak == 1) & (c.origin != _JAX_CODE))
+    if bad.any():
+        raise _bad(where, c.paths, bad, "bad weak type: only a jax.Array is weakly typed")
+    return weak.astype(bool)
+
+
 def _check_prng(c: _Leaves, where: str, dims: list[int]) -> None:
     """PRNG keys, and only they, name an implementation known here that fits their data."""
     prng = c.origin == _PRNG_CODE
@@ -590,12 +636,13 @@ def _check_prng(c: _Leaves, where: str, dims: list[int]) -> None:
                 f"{_show(shape)} (unknown here, or key data of another shape)"))
 
 
-def _sharding_table(f: dict, c: _Leaves, where: str) -> list[tuple | None]:
+def _sharding_table(f: dict, c: _Leaves, where: str, version: int
+                    ) -> list[SavedSharding | None]:
     """The saved shardings (None first: code 0), each spec no longer than its leaves' rank."""
     table = f["shardings"]
     if type(table) is not list:
         raise _fail(where, "bad 'shardings' list")
-    shardings = [_validate_sharding(s, where, _MAX_RANK) for s in table]
+    shardings = [_validate_sharding(s, where, _MAX_RANK, version) for s in table]
     spec_len = np.array([0] + [len(s[2]) for s in shardings], np.int64)
     bad = c.sharding > len(shardings)
     bad |= spec_len[np.where(bad, 0, c.sharding)] > c.rank
@@ -634,7 +681,8 @@ class _Columns(Mapping):
         self._crc_start, self._crc_count = _segments(counts), counts
         blob, offset, crc = _packed_columns(f, c, where, masks[_PACKED], nbytes, blob_sizes)
         _check_prng(c, where, c.dims.tolist() if (c.origin == _PRNG_CODE).any() else [])
-        shardings = _sharding_table(f, c, where)
+        shardings = _sharding_table(f, c, where, version)
+        self._weak = _weak_column(f, c, where, version)
 
         self._where, self._columns, self._values = where, c, values
         self._sub, self._nbytes = subs, nbytes
@@ -671,7 +719,8 @@ class _Columns(Mapping):
         out = list(map(_RECORD, zip(
             paths, _ORIGINS[c.origin[i]].tolist(), self._dtype_names[c.dtype[i]].tolist(),
             _runs(c.dims, c.starts[i], c.rank[i]), self._impl_names[c.impl[i]].tolist(),
-            storages, self._shardings[c.sharding[i]].tolist(), strict=True)))
+            storages, self._shardings[c.sharding[i]].tolist(), self._weak[i].tolist(),
+            strict=True)))
         for k, j in zip(np.flatnonzero(kind == _VALUE).tolist(), sub[kind == _VALUE].tolist(),
                         strict=True):
             path, dtype = out[k].path, out[k].dtype
@@ -798,12 +847,16 @@ def _bad_leaf(where: str, path: str, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{where}: leaf {path!r:.200}: {what}")
 
 
-def _validate_sharding(s: Any, at: str, rank: int) -> tuple | None:
+def _validate_sharding(s: Any, at: str, rank: int, version: int = 4
+                       ) -> SavedSharding | None:
+    # ``version`` 4: three entries, as the shardings other formats record (Orbax's) have.
     # Strict enough that JAX accepts what passes: unique axis names, each used at most once
-    # by the spec, no more spec entries than the array has dimensions.
+    # by the spec, no more spec entries than the array has dimensions; from format 5, a
+    # known type per axis and one distinct device id per mesh position.
     if s is None:
         return None
-    ok = (isinstance(s, list) and len(s) == 3 and isinstance(s[0], list)
+    entries = 5 if version >= 5 else 3
+    ok = (isinstance(s, list) and len(s) == entries and isinstance(s[0], list)
           and all(_int(d, 1, 1 << 20) for d in s[0]) and isinstance(s[1], list)
           and len(s[1]) == len(s[0]) and all(isinstance(n, str) for n in s[1])
           and len(set(s[1])) == len(s[1]) and isinstance(s[2], list) and len(s[2]) <= rank)
@@ -814,10 +867,19 @@ def _validate_sharding(s: Any, at: str, rank: int) -> tuple | None:
             ok = ok and all(n is None or n in s[1] for n in names)
             used += [n for n in names if n is not None]
         ok = ok and len(set(used)) == len(used)
+    types = ids = None
+    if ok and entries == 5:
+        types, ids = s[3], s[4]
+        ok = (isinstance(types, list) and len(types) == len(s[0])
+              and all(t in AXIS_TYPES for t in types) and isinstance(ids, list)
+              and len(ids) == math.prod(s[0]) and all(_int(d, 0, 1 << 31) for d in ids)
+              and len(set(ids)) == len(ids))
     if not ok:
         raise CorruptCheckpointError(f"{at}: bad sharding record {_show(s)}")
     spec = tuple(tuple(e) if isinstance(e, list) else e for e in s[2])
-    return (tuple(s[0]), tuple(s[1]), spec)
+    return SavedSharding(tuple(s[0]), tuple(s[1]), spec,
+                         None if types is None else tuple(types),
+                         None if ids is None else tuple(ids))
 
 
 def writer_info(processes: int, time: float) -> Mapping[str, Any]:

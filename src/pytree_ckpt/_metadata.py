@@ -9,8 +9,11 @@ import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import jax
+
 from . import _gc, _graph, _leaves, _storage
-from ._restore import open_source
+from ._format import SavedSharding
+from ._restore import devices_for, open_source
 
 
 class LeafMetadata(NamedTuple):
@@ -129,12 +132,22 @@ def _html_table(leaves: list[tuple[str, LeafMetadata]]) -> str:
             f"<th>sharding</th><th>value</th></tr>{rows}</table>") if rows else ""
 
 
-def _sharding_text(s: tuple | None) -> str | None:
+def _sharding_text(s: SavedSharding | None, devices: tuple[Any, ...]) -> str | None:
+    """``P('x', 'y') over mesh(x=4, y=2)``; axis types unless all Auto; where the saved
+    devices are not all among ``devices`` (``jax.devices()``), what a restore without a
+    target does instead (see _restore.devices_for)."""
     if s is None:
         return None
-    mesh_shape, names, spec = s
-    mesh = ", ".join(f"{n}={d}" for n, d in zip(names, mesh_shape, strict=True))
-    return f"P{tuple(spec)} over mesh({mesh})"
+    axes = [f"{n}={d}" for n, d in zip(s.axis_names, s.mesh_shape, strict=True)]
+    if s.axis_types and any(t != "Auto" for t in s.axis_types):
+        axes = [f"{a} {t}" for a, t in zip(axes, s.axis_types, strict=True)]
+    text = f"P{tuple(s.spec)} over mesh({', '.join(axes)})"
+    if s.device_ids is not None and not set(s.device_ids) <= {d.id for d in devices}:
+        fallback = devices_for(s, list(devices))
+        text += (" (saved on devices not all here: restores on jax.devices() in order)"
+                 if fallback is not None else
+                 " (saved on devices not all here: restores on the default device)")
+    return text
 
 
 # LeafMetadata(*row) without its Python-level __new__: ~0.25 µs a leaf instead of ~0.4.
@@ -162,7 +175,9 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
 def _metadata(loc: _storage.Location) -> CheckpointMetadata:
     ckpt = open_source(loc)
     nodes = ckpt.tree_nodes()
-    text = functools.lru_cache(maxsize=None)(_sharding_text)  # a tree has few layouts
+    devices = tuple(jax.devices())
+    text = functools.lru_cache(maxsize=None)(  # a tree has few layouts
+        lambda s: _sharding_text(s, devices))
     paths, origins, shapes, dtypes, nbytes, shardings, values = ckpt.leaves.summaries()
     rows = zip(paths, origins, shapes, dtypes, nbytes, map(text, shardings), values,
                strict=True)

@@ -61,13 +61,21 @@ class Want(NamedTuple):
     sharding: Any = None  # jax.sharding.Sharding for jax / prngkey
     pytype: type | None = None  # for py and npscalar
     impl: str | None = None  # for prngkey
+    weak: bool = False  # for jax: a weakly typed jax.Array
 
 
 Job = tuple[str, LeafRecord, Want]  # (target path, saved leaf, what the target wants)
 
 
 def default_device() -> jax.Device:
-    return jax.local_devices()[0]
+    """Where an unsharded leaf goes: the device ``jax.default_device`` sets, as for
+    ``jax.device_put``, else this process's first device."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.local_devices()[0]
+    if isinstance(device, str):  # a platform name
+        return jax.local_devices(backend=device)[0]
+    return device
 
 
 def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False
@@ -92,7 +100,8 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                 if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
                         and host.dtype == want.dtype):
                     # The common case, without _build's dispatch: ~1.5 µs a leaf less.
-                    out[path] = _transfer.to_device(host, want.sharding, copy=True)
+                    out[path] = _transfer.to_device(host, want.sharding, copy=True,
+                                                    weak_type=want.weak)
                 else:
                     out[path] = _build(rec, want, {(): host}, layouts, whole=True)
         for path, rec, want, regions in zarr:
@@ -387,7 +396,7 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
         host = _as_logical(host, rec)
         if host.dtype != want.dtype:
             host = host.astype(want.dtype)
-        return _transfer.to_device(host, want.sharding, copy=whole)
+        return _transfer.to_device(host, want.sharding, copy=whole, weak_type=want.weak)
     pieces, devices, given = [], [], set()
     for device, index, key in layouts(want.sharding, rec.shape):
         host = (regions[()][index] if index else regions[()]) if whole else regions[key]
@@ -398,7 +407,8 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
         given.add(key)
         pieces.append(host)
         devices.append(device)
-    return _transfer.assemble(rec.shape, want.dtype, want.sharding, pieces, devices, copy=whole)
+    return _transfer.assemble(rec.shape, want.dtype, want.sharding, pieces, devices, copy=whole,
+                              weak_type=want.weak)
 
 
 def _py_to_want(value: Any, want: Want) -> Any:
@@ -409,4 +419,5 @@ def _py_to_want(value: Any, want: Want) -> Any:
         return want.pytype(arr[()])
     if want.kind == _leaves.NUMPY:
         return arr
-    return jax.device_put(arr, want.sharding if want.sharding is not None else default_device())
+    return _transfer.put(arr, want.sharding if want.sharding is not None else default_device(),
+                         weak_type=want.weak)

@@ -9,6 +9,7 @@ target's value; a leaf is never filled with data of another shape.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -23,9 +24,10 @@ from ._errors import (
     IncompleteCheckpointError,
     PathCollisionError,
     PathNotFoundError,
+    ShardingError,
     UnsupportedLeafError,
 )
-from ._format import COMMIT_FILE, Commit, LeafRecord, decode
+from ._format import COMMIT_FILE, Commit, LeafRecord, SavedSharding, decode
 from ._read import Want, default_device, read_leaves
 from ._status import Cast, Mismatch, RestoreStatus, check_complete
 
@@ -154,10 +156,12 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any, progress: bool
     if target is None:
         return _restore_saved(ckpt, entries, at, rename_fn, progress)
     flat = _graph.flatten(target)
-    wants = [_want(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
+    device = default_device()
+    wants = [_want(p, leaf, device) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     matched, unmatched, mismatched, casts, jobs = [], [], [], [], []
     sources = list(map(entries.get, flat.paths))
     records = iter(ckpt.leaves.records([src for src in sources if src is not None]))
+    narrow = _narrowing()
     for path, want, src in zip(flat.paths, wants, sources, strict=True):
         if src is None:
             unmatched.append(path)
@@ -168,7 +172,9 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any, progress: bool
             mismatched.append(_mismatch(path, record, want))
             continue
         matched.append(path)
-        if verdict:
+        if narrow and want.kind is _leaves.JAX and want.dtype in narrow:
+            want = _narrowed(path, record, want, narrow, casts)
+        elif verdict:
             casts.append(Cast(path, record.dtype, _want_dtype_str(want)))
         jobs.append((path, record, want))
     values = _read_all(ckpt, jobs, progress)
@@ -184,6 +190,28 @@ def _read_all(ckpt: _source.Source, jobs: list, progress: bool) -> dict[str, Any
     if not progress:
         return ckpt.read(jobs)
     return _progress.read_with_bar(ckpt.read, jobs, "restore")
+
+
+# Without x64, JAX computes in 32 bits: a 64-bit jax.Array is one no computation accepts.
+_NARROW = {np.dtype(wide): np.dtype(narrow) for wide, narrow in (
+    (np.float64, np.float32), (np.int64, np.int32), (np.uint64, np.uint32),
+    (np.complex128, np.complex64))}
+
+
+def _narrowing() -> dict[np.dtype, np.dtype]:
+    """The dtypes a jax.Array cannot have now, and what ``jnp.asarray`` makes of them."""
+    return {} if jax.config.jax_enable_x64 else _NARROW
+
+
+def _narrowed(path: str, rec: LeafRecord, want: Want, narrow: dict[np.dtype, np.dtype],
+              casts: list[Cast]) -> Want:
+    """``want`` asking for what JAX makes of its 64-bit dtype without x64, as
+    ``jnp.asarray`` converts (values that do not fit wrap or round); the conversion is
+    listed in ``casts`` (unless the saved dtype is already that)."""
+    want = want._replace(dtype=narrow[want.dtype])
+    if rec.dtype != want.dtype.name:
+        casts.append(Cast(path, rec.dtype, want.dtype.name))
+    return want
 
 
 def _unused(entries: dict[str, str], matched: list[str], mismatched: list[Mismatch]
@@ -245,10 +273,13 @@ def _is_key(dtype: Any) -> bool:
 _WANT = functools.partial(tuple.__new__, Want)  # Want(*fields), all of them
 
 
-def _want(path: str, leaf: Any) -> Want:
+def _want(path: str, leaf: Any, device: Any) -> Want:
+    """What the target leaf at ``path`` asks for (``device``: where an unsharded
+    ``ShapeDtypeStruct`` goes)."""
     if isinstance(leaf, (jax.ShapeDtypeStruct, jax.Array)):
-        sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(
-            default_device())
+        sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(device)
+        if type(sharding) is _NAMED and isinstance(sharding.mesh, jax.sharding.AbstractMesh):
+            sharding = _on_concrete_mesh(path, sharding)
         if _is_key(leaf.dtype):
             # jax.random.key_impl takes arrays only; an abstract key's dtype knows its impl.
             impl = (str(jax.random.key_impl(leaf)) if isinstance(leaf, jax.Array)
@@ -260,7 +291,8 @@ def _want(path: str, leaf: Any) -> Want:
         # Per target leaf: no conversions where there is nothing to convert, and the tuple
         # made without NamedTuple's Python-level __new__ (~3 ms of a 10,000-leaf restore).
         return _WANT((_leaves.JAX, dtype if isinstance(dtype, np.dtype) else np.dtype(dtype),
-                      shape if type(shape) is tuple else tuple(shape), sharding, None, None))
+                      shape if type(shape) is tuple else tuple(shape), sharding, None, None,
+                      leaf.weak_type))
     if isinstance(leaf, np.ndarray):
         return Want(_leaves.NUMPY, leaf.dtype, leaf.shape)
     if isinstance(leaf, np.generic):
@@ -271,6 +303,24 @@ def _want(path: str, leaf: Any) -> Want:
         f"target leaf {path or '<root>'!r} has type {type(leaf).__module__}."
         f"{type(leaf).__qualname__}; a target leaf must be an array, a "
         "jax.ShapeDtypeStruct, a NumPy scalar or None/bool/int/float/complex/str/bytes")
+
+
+_NAMED = jax.sharding.NamedSharding
+
+
+def _on_concrete_mesh(path: str, sharding: jax.sharding.NamedSharding
+                      ) -> jax.sharding.NamedSharding:
+    """A target sharding on an ``AbstractMesh`` (what ``jax.eval_shape`` and
+    ``nnx.eval_shape`` give under ``jax.set_mesh``) on the concrete mesh in context."""
+    abstract, mesh = sharding.mesh, jax.sharding.get_mesh()
+    if mesh.empty or (mesh.axis_names, mesh.axis_sizes, mesh.axis_types) != (
+            abstract.axis_names, abstract.axis_sizes, abstract.axis_types):
+        found = "no mesh" if mesh.empty else f"mesh {dict(mesh.shape)} ({mesh.axis_types})"
+        raise ShardingError(
+            f"target leaf {path or '<root>'!r}: its sharding is on an abstract mesh "
+            f"{dict(abstract.shape)} ({abstract.axis_types}) and {found} is set; restore "
+            "inside `with jax.set_mesh(mesh):` with that mesh, or give a concrete sharding")
+    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
 
 
 _PY_KIND = {bool: "b", int: "i", float: "f", complex: "c"}
@@ -339,7 +389,7 @@ def _mismatch(path: str, rec: LeafRecord, want: Want) -> Mismatch:
     return Mismatch(path, rec.shape, saved, want.shape, target)
 
 
-def _saved_want(rec: LeafRecord) -> Want:
+def _saved_want(rec: LeafRecord, placement: _Placement) -> Want:
     """What restoring without a target gives back for ``rec``: the kind it was saved as."""
     dtype = _leaves.DTYPES.get(rec.dtype)
     if rec.origin == _leaves.PY:
@@ -348,26 +398,72 @@ def _saved_want(rec: LeafRecord) -> Want:
         return Want(_leaves.NPSCALAR, dtype, (), pytype=dtype.type)
     if rec.origin == _leaves.NUMPY:
         return Want(_leaves.NUMPY, dtype, rec.shape)
-    sharding = _saved_sharding(rec)
-    return Want(rec.origin, dtype, rec.shape, sharding, impl=rec.impl)
+    return Want(rec.origin, dtype, rec.shape, placement(rec), impl=rec.impl, weak=rec.weak)
 
 
-def _saved_sharding(rec: LeafRecord) -> jax.sharding.Sharding:
-    """The saved NamedSharding if this process's devices can hold it, else the default device."""
-    if rec.sharding is not None and rec.origin == _leaves.JAX:
-        mesh_shape, names, spec = rec.sharding
-        devices = jax.devices()
-        if int(np.prod(mesh_shape)) == len(devices):
-            try:
-                mesh = jax.sharding.Mesh(np.array(devices).reshape(mesh_shape), names)
-                sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-                sharding.shard_shape(rec.shape)  # the spec must fit the array
-                return sharding
-            except Exception as e:  # the commit file is untrusted; JAX's errors vary
-                raise CorruptCheckpointError(
-                    f"leaf {rec.path!r:.200}: saved sharding {rec.sharding!r:.100} does not "
-                    f"fit its shape {rec.shape} ({e})") from None
-    return jax.sharding.SingleDeviceSharding(default_device())
+class _Placement:
+    """Where a restore without a target puts each saved jax.Array or PRNG key: on its saved
+    mesh, made once per saved sharding, when this process's devices can hold it, else on
+    the default device.
+
+    The mesh takes its saved devices, in their saved order, where they all exist here (a
+    ``jax.make_mesh`` mesh orders devices by topology: another order is another layout);
+    else, when the device count matches, ``jax.devices()`` in order (checkpoints written
+    before format 5 recorded no device ids). Axis types come back as saved (Auto before
+    format 5)."""
+
+    def __init__(self, device: Any) -> None:
+        self._device = jax.sharding.SingleDeviceSharding(device)
+        self._meshes: dict[SavedSharding, jax.sharding.Mesh | None] = {}
+        self._devices = jax.devices()
+
+    def __call__(self, rec: LeafRecord) -> jax.sharding.Sharding:
+        saved = rec.sharding
+        if saved is None:
+            return self._device
+        if saved not in self._meshes:
+            self._meshes[saved] = self._mesh(rec)
+        mesh = self._meshes[saved]
+        if mesh is None:
+            return self._device
+        spec = saved.spec
+        if rec.origin == _leaves.PRNGKEY:  # the key data's spec, cut to the keys' rank
+            rank = len(rec.shape) - len(_leaves.prng_key_shape(rec.impl) or ())
+            spec = spec[:rank]
+        try:
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+            sharding.shard_shape(rec.shape)  # the spec must fit the array
+        except Exception as e:  # the commit file is untrusted; JAX's errors vary
+            raise CorruptCheckpointError(
+                f"leaf {rec.path!r:.200}: saved sharding {tuple(saved)!r:.100} does not fit "
+                f"its shape {rec.shape} ({e})") from None
+        return sharding
+
+    def _mesh(self, rec: LeafRecord) -> jax.sharding.Mesh | None:
+        saved = rec.sharding
+        devices = devices_for(saved, self._devices)
+        if devices is None:
+            return None
+        types = tuple(getattr(jax.sharding.AxisType, t) for t in saved.axis_types or
+                      ("Auto",) * len(saved.axis_names))
+        try:
+            return jax.sharding.Mesh(np.array(devices).reshape(saved.mesh_shape),
+                                     saved.axis_names, axis_types=types)
+        except Exception as e:  # the commit file is untrusted; JAX's errors vary
+            raise CorruptCheckpointError(
+                f"leaf {rec.path!r:.200}: saved mesh {tuple(saved)!r:.100} cannot be made "
+                f"here ({e})") from None
+
+
+def devices_for(saved: SavedSharding, devices: list[Any]) -> list[Any] | None:
+    """The devices a saved mesh is rebuilt on from ``devices`` (``jax.devices()``): its
+    saved devices in their order if all are there, else all of ``devices`` in order if
+    their count matches, else None (the default device then)."""
+    if saved.device_ids is not None:
+        by_id = {d.id: d for d in devices}
+        if all(i in by_id for i in saved.device_ids):
+            return [by_id[i] for i in saved.device_ids]
+    return devices if math.prod(saved.mesh_shape) == len(devices) else None
 
 
 def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None,
@@ -375,7 +471,13 @@ def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None
                    ) -> tuple[Any, RestoreStatus]:
     saved_nodes = ckpt.tree_nodes()  # before reading any data
     records = ckpt.leaves.records(list(entries.values()))
-    jobs = [(path, rec, _saved_want(rec)) for path, rec in zip(entries, records, strict=True)]
+    placement = _Placement(default_device())
+    narrow, casts, jobs = _narrowing(), [], []
+    for path, rec in zip(entries, records, strict=True):
+        want = _saved_want(rec, placement)
+        if narrow and want.kind is _leaves.JAX and want.dtype in narrow:
+            want = _narrowed(path, rec, want, narrow, casts)
+        jobs.append((path, rec, want))
     values = _read_all(ckpt, jobs, progress)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
@@ -383,4 +485,5 @@ def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None
         rel = _graph.relative_to(node.path, at) if at is not None else node.path
         if rel is not None:
             nodes.append(node._replace(path=rename_fn(rel) if rename_fn else rel))
-    return _graph.rebuild(nodes, values), RestoreStatus(matched=tuple(entries))
+    return _graph.rebuild(nodes, values), RestoreStatus(matched=tuple(entries),
+                                                        cast=tuple(casts))

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from . import _distributed, _gc, _graph, _leaves, _packing, _storage, _transfer
-from ._format import Storage
+from ._format import SavedSharding, Storage
 
 # Leaves up to this size are packed into a few blobs per process instead of a zarr array each:
 # 10,000 small arrays (87 MB) become about 20 writes rather than 10,000.
@@ -75,7 +75,8 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
             else:
                 origin, dtype, shape, impl = describe(path, leaf)
                 if origin is PY:
-                    records.append((path, origin, dtype, (), None, Storage("v", leaf), None))
+                    records.append((path, origin, dtype, (), None, Storage("v", leaf), None,
+                                    False))
                     continue
                 value = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
                 if origin is NUMPY:
@@ -104,7 +105,8 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
                 arrays.append(ArrayWrite(index, shape, chunks, stored,
                                           _owned_shards(value, me)))
                 storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
-            records.append((path, origin, dtype, shape, impl, storage, described))
+            records.append((path, origin, dtype, shape, impl, storage, described,
+                            origin is JAX and leaf.weak_type))
         parts = [None] * len(packing.part_sizes)
         if copy:
             _copy_shards(arrays)
@@ -136,12 +138,14 @@ def _placement(sharding: Any, me: int) -> tuple[bool, bool | None, bool, tuple |
 _PACKED = Storage("p")  # a packed leaf's storage until its blob and offset are known
 
 
-def _describe_sharding(sharding: Any) -> tuple | None:
+def _describe_sharding(sharding: Any) -> SavedSharding | None:
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
     mesh = sharding.mesh
     spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in sharding.spec)
-    return (tuple(mesh.devices.shape), tuple(mesh.axis_names), spec)
+    return SavedSharding(tuple(mesh.devices.shape), tuple(mesh.axis_names), spec,
+                         tuple(t.name for t in mesh.axis_types),
+                         tuple(d.id for d in mesh.devices.flat))
 
 
 def _is_cpu(x: jax.Array) -> bool:
@@ -204,4 +208,5 @@ def _shard_shape(value: Any) -> tuple[int, ...]:
 
 def _stored_dtype(name: str) -> str:
     # TensorStore's zarr3 lacks a few ml_dtypes; their bytes go in as same-width uints.
-    return {"float8_e4m3": "uint8", "int2": "uint8", "uint2": "uint8"}.get(name, name)
+    return {"float8_e4m3": "uint8", "int2": "uint8", "uint2": "uint8", "uint4": "uint8"}.get(
+        name, name)
