@@ -68,7 +68,9 @@ def test_ls_table_totals_pattern_and_json(run_dir, tmp_path):
     assert lines[2].split() == ["b", "numpy", "int8", "[3]", "3", "B"]
     assert lines[3].split() == ["note", "py", "str", "[]", "0", "B", "'hi'"]
     assert lines[4].split()[:7] == ["w", "jax", "float32", "[8,", "4]", "128", "B"]
-    assert lines[4].endswith("P('x', 'y') over mesh(x=4, y=2)")
+    # The CLI's process has one device: metadata() says where a restore would put it.
+    assert lines[4].endswith("P('x', 'y') over mesh(x=4, y=2) (saved on devices not all "
+                             "here: restores on the default device)")
     assert lines[5] == "3 leaves, 131 B"
 
     rc, out, _ = cli("ls", f"{run_dir}/20", "*/kernel")

@@ -7,6 +7,7 @@ with 4 devices, and in this (8-device) test process; and a process killed in the
 save leaves no commit, an error naming it on the survivors, and the earlier checkpoint intact.
 """
 
+import jax
 import numpy as np
 import pytest
 from _multiprocess import assert_all_ok, format_results, run_multiprocess
@@ -89,6 +90,11 @@ def paths(tmp_path):
             "expected": str(tmp_path / "expected.npz"), "paths": LEAVES}
 
 
+def _commit(ckpt):
+    loc = _storage.location(ckpt)
+    return _restore.load_commit(loc, _storage.open_kvstore(loc))
+
+
 def check_here(args):
     """This process (8 devices, not the saved 4) restores both checkpoints, no target."""
     expected = {k.replace("|", "/"): v for k, v in np.load(args["expected"]).items()}
@@ -103,8 +109,13 @@ def check_here(args):
             np.testing.assert_array_equal(np.asarray(leaf), value, err_msg=path)
         assert tree["step"] == 7
         np.testing.assert_array_equal(np.asarray(tree["extra"]["local"]), np.arange(5.0) * 1.5)
+        # Saved on the job's 4 devices, whose ids this process lacks (a job's CPU devices
+        # have ids of their own per process): restored above on the default device.
+        ids = _commit(ckpt).leaves["params/dense/kernel"].sharding.device_ids
+        assert len(set(ids)) == 4 and not set(ids) <= {d.id for d in jax.devices()}
         assert pc.metadata(ckpt).leaves["params/dense/kernel"].sharding == (
-            "P('x', 'y') over mesh(x=2, y=2)")
+            "P('x', 'y') over mesh(x=2, y=2) (saved on devices not all here: restores on the "
+            "default device)")
 
 
 @pytest.mark.timeout(170)
