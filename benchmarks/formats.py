@@ -2,6 +2,7 @@
 
     python benchmarks/formats.py                  # every comparison, 3 rounds
     python benchmarks/formats.py --smoke          # tiny trees, 1 round (the test's run)
+    python benchmarks/formats.py --only orbax-small safetensors-big
 
 Comparisons (ratios of medians, theirs over ours: above 1, pytree_ckpt is faster):
 
@@ -117,17 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "formats.json")
+    parser.add_argument("--only", nargs="*", choices=sorted(TARGETS), default=sorted(TARGETS),
+                        help="run only these comparisons")
     args = parser.parse_args(argv)
     repeats = 1 if args.smoke else args.repeats
     workdir = Path(tempfile.mkdtemp(prefix="formats-", dir=args.workdir))
     results = {}
     try:
         for tree_name in ("small", "big", "train"):
+            if f"orbax-{tree_name}" not in args.only:
+                continue
             results[f"orbax-{tree_name}"] = orbax_case(tree_name, args.smoke, workdir, repeats)
             shutil.rmtree(workdir / f"orbax-{tree_name}")
             _report(f"orbax-{tree_name}", results[f"orbax-{tree_name}"], args.smoke)
-        results["safetensors-big"] = safetensors_case(args.smoke, workdir, repeats)
-        _report("safetensors-big", results["safetensors-big"], args.smoke)
+        if "safetensors-big" in args.only:
+            results["safetensors-big"] = safetensors_case(args.smoke, workdir, repeats)
+            _report("safetensors-big", results["safetensors-big"], args.smoke)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for name, result in results.items():
