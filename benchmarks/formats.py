@@ -16,12 +16,12 @@ Comparisons (ratios of medians, theirs over ours: above 1, pytree_ckpt is faster
   target's devices, and by ``pc.restore(path, target)``. Target: pytree_ckpt within 1.2x
   (ratio >= 1/1.2).
 
-Trees are those of bench.py (``benchmarks/_trees.py``), built from the same seed. Each
-round runs both readers back to back, their order reversed every other round, after one
-untimed warm-up each; ``gc.collect()`` before each timed call. Files are written once per
-tree, in a temporary folder (``--workdir``), and read from a warm page cache. Both
-readers run in this one process; Orbax's threads and caches stay alive after its calls,
-which if anything slows the pytree_ckpt calls that follow them.
+Trees are those of bench.py (``benchmarks/_trees.py``), built from the same seed. Files
+are written once per comparison, in a temporary folder (``--workdir``), and read from a
+warm page cache. Each reader runs in a worker process of its own, as in bench.py (after an
+Orbax restore, any Python in the same process runs slower); each round times one restore
+of each, their order reversed every other round, after one untimed warm-up each, with
+``gc.collect()`` before each timed call. Medians are reported.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -60,56 +61,81 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _compare(theirs, ours, repeats: int) -> dict:
-    _timed(theirs), _timed(ours)  # warm-up
-    times: dict[str, list[float]] = {"theirs": [], "ours": []}
-    for r in range(repeats):
-        pair = [("theirs", theirs), ("ours", ours)]
-        for side, fn in pair if r % 2 == 0 else pair[::-1]:
-            times[side].append(_timed(fn))
+def _reader(case: str, side: str, path: Path, smoke: bool):
+    """The function a worker times: one restore of ``path`` by ``side``."""
+    spec = _trees.tree_spec("big" if case == "safetensors-big" else case.split("-")[1], smoke)
+    if side == "ours":
+        def ours():
+            tree, status = pc.restore(path, spec)
+            # Orbax records optax's EmptyState as None: an entry no target leaf asks for.
+            assert not status.unmatched and not status.mismatched, status
+            return tree
+        return ours
+    if case == "safetensors-big":
+        from safetensors.numpy import load_file
+
+        device = jax.local_devices()[0]
+        return lambda: jax.device_put(load_file(str(path)), device)
+    import orbax.checkpoint as ocp
+
+    return lambda: ocp.StandardCheckpointer().restore(path, spec)
+
+
+def _worker(case: str, side: str, path: Path, smoke: bool) -> int:
+    """Times one restore per line read from stdin; prints ``TIME <seconds>`` for each."""
+    fn = _reader(case, side, path, smoke)
+    for _line in sys.stdin:
+        print(f"TIME {_timed(fn)!r}", flush=True)
+    return 0
+
+
+def _compare(case: str, path: Path, smoke: bool, repeats: int) -> dict:
+    """Each side in a worker process of its own (an Orbax restore slows later Python in its
+    process), one warm-up each, then rounds alternating which side goes first."""
+    workers = {side: subprocess.Popen(
+        [sys.executable, __file__, "--worker", case, side, str(path)] + (["--smoke"] * smoke),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for side in ("theirs", "ours")}
+
+    def run(side: str) -> float:
+        worker = workers[side]
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        for line in worker.stdout:
+            if line.startswith("TIME "):
+                return float(line.split()[1])
+        raise RuntimeError(f"the {side} worker of {case} ended early")
+
+    try:
+        run("theirs"), run("ours")  # warm-up
+        times: dict[str, list[float]] = {"theirs": [], "ours": []}
+        for r in range(repeats):
+            for side in ("theirs", "ours") if r % 2 == 0 else ("ours", "theirs"):
+                times[side].append(run(side))
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
     medians = {side: statistics.median(runs) for side, runs in times.items()}
     return {"runs": times, "median": medians, "ratio": medians["theirs"] / medians["ours"]}
 
 
-def orbax_case(tree_name: str, smoke: bool, workdir: Path, repeats: int) -> dict:
+def write_orbax(tree_name: str, smoke: bool, workdir: Path) -> Path:
     import orbax.checkpoint as ocp
 
-    spec = _trees.tree_spec(tree_name, smoke)
     path = workdir / f"orbax-{tree_name}"
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path, _trees.materialize(spec))
+    checkpointer.save(path, _trees.materialize(_trees.tree_spec(tree_name, smoke)))
     checkpointer.wait_until_finished()
-    gc.collect()
-
-    def ours():
-        tree, status = pc.restore(path, spec)
-        # Orbax records optax's EmptyState as None: the one checkpoint entry nobody asks for.
-        assert not status.unmatched and not status.mismatched, status
-        return tree
-
-    return _compare(lambda: ocp.StandardCheckpointer().restore(path, spec), ours, repeats)
+    return path
 
 
-def safetensors_case(smoke: bool, workdir: Path, repeats: int) -> dict:
-    from safetensors.numpy import load_file, save_file
+def write_safetensors(smoke: bool, workdir: Path) -> Path:
+    from safetensors.numpy import save_file
 
-    spec = _trees.tree_spec("big", smoke)
-    tree = _trees.materialize(spec)
+    tree = _trees.materialize(_trees.tree_spec("big", smoke))
     path = workdir / "big.safetensors"
     save_file({name: np.asarray(x) for name, x in tree.items()}, str(path))
-    del tree
-    gc.collect()
-    device = jax.local_devices()[0]
-
-    def theirs():
-        return jax.device_put(load_file(str(path)), device)
-
-    def ours():
-        tree, status = pc.restore(path, spec)
-        status.assert_consumed()
-        return tree
-
-    return _compare(theirs, ours, repeats)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,22 +144,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "formats.json")
+    parser.add_argument("--worker", nargs=3, metavar=("CASE", "SIDE", "PATH"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", choices=sorted(TARGETS), default=sorted(TARGETS),
                         help="run only these comparisons")
     args = parser.parse_args(argv)
+    if args.worker:
+        case, side, path = args.worker
+        return _worker(case, side, Path(path), args.smoke)
     repeats = 1 if args.smoke else args.repeats
     workdir = Path(tempfile.mkdtemp(prefix="formats-", dir=args.workdir))
     results = {}
     try:
-        for tree_name in ("small", "big", "train"):
-            if f"orbax-{tree_name}" not in args.only:
-                continue
-            results[f"orbax-{tree_name}"] = orbax_case(tree_name, args.smoke, workdir, repeats)
-            shutil.rmtree(workdir / f"orbax-{tree_name}")
-            _report(f"orbax-{tree_name}", results[f"orbax-{tree_name}"], args.smoke)
-        if "safetensors-big" in args.only:
-            results["safetensors-big"] = safetensors_case(args.smoke, workdir, repeats)
-            _report("safetensors-big", results["safetensors-big"], args.smoke)
+        for case in sorted(args.only, key=list(TARGETS).index):
+            if case == "safetensors-big":
+                path = write_safetensors(args.smoke, workdir)
+            else:
+                path = write_orbax(case.split("-")[1], args.smoke, workdir)
+            gc.collect()
+            results[case] = _compare(case, path, args.smoke, repeats)
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            _report(case, results[case], args.smoke)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     for name, result in results.items():
