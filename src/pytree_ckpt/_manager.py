@@ -40,7 +40,7 @@ import jax
 import msgpack
 import numpy as np
 
-from . import _async, _distributed, _lock, _storage
+from . import _async, _clean, _distributed, _lock, _storage
 from ._async import SaveFuture
 from ._errors import (
     CheckpointExistsError,
@@ -251,11 +251,11 @@ class CheckpointManager:
             return False
         if not (force or preempt or step % self._interval == 0):
             return False
-        self._check_newest(step)
         if self._lock is not None:
             self._lock.check()
         encoded = _encode_metrics(metrics)
         self._check_step_folder(step)
+        self._check_newest(step)
         self._finish_pending()
         if self._primary:
             self._write_metrics(step, encoded)
@@ -472,11 +472,10 @@ class CheckpointManager:
         if not self._primary:
             return steps
         committed = set(map(str, steps))
-        for name, inside in children.items():
-            if (_STEP.fullmatch(name) and name not in committed and inside is not None
-                    and all(map(_leftover, inside))):
-                _storage.delete_prefix(self._loc, self._kv, name)
-            elif (m := _METRICS_FILE.fullmatch(name)) and (m[1] not in committed or m[2]):
+        # Holding the lock, it is the only writer of its steps: every leftover is reclaimed.
+        _clean.remove(self._loc, self._kv, _clean.leftovers(self._loc, self._kv, children, None))
+        for name in children:
+            if (m := _METRICS_FILE.fullmatch(name)) and (m[1] not in committed or m[2]):
                 self._delete_file(name)
         return steps
 
@@ -623,11 +622,6 @@ def _committed(children: dict[str, set[str] | None]) -> list[int]:
     A file, or a link, named like a step is not one of the manager's and is left alone."""
     return sorted(int(n) for n, inside in children.items()
                   if inside is not None and _STEP.fullmatch(n) and COMMIT_FILE in inside)
-
-
-def _leftover(name: str) -> bool:
-    """What an interrupted save leaves inside a step folder (the rule of save's own guard)."""
-    return name.startswith("d-") or name.startswith(COMMIT_FILE + ".")
 
 
 def _check_step(step: Any) -> int:
