@@ -10,7 +10,7 @@ DOCUMENTED = {
     "CorruptCheckpointError", "FormatVersionError", "UnsupportedLeafError", "PathCollisionError",
     "PathNotFoundError", "SaveError", "ShardingError", "CheckpointManager", "latest", "LockedError",
     "PartialRestoreError",
-    "save_safetensors", "verify", "VerifyReport",
+    "save_safetensors", "verify", "VerifyReport", "clean", "CleanReport",
 }
 
 

@@ -14,6 +14,8 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 from ._async import SaveFuture as SaveFuture
+from ._clean import CleanReport as CleanReport
+from ._clean import clean as clean
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointExistsError as CheckpointExistsError
 from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
@@ -49,6 +51,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
     "CheckpointManager",
+    "CleanReport",
     "CheckpointMetadata",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
@@ -67,6 +70,7 @@ __all__ = [
     "ShardingError",
     "UnsupportedLeafError",
     "VerifyReport",
+    "clean",
     "latest",
     "metadata",
     "restore",

@@ -22,13 +22,12 @@ import hashlib
 import json
 import os
 import time
-import uuid
 import warnings
 from typing import Any
 
 import msgpack
 
-from . import _binding, _distributed, _format, _snapshot, _storage, _write
+from . import _binding, _clean, _distributed, _format, _snapshot, _storage, _write
 from ._errors import CorruptCheckpointError, SaveError, UnsupportedLeafError
 from ._format import COMMIT_FILE, LeafRecord, Storage
 
@@ -60,10 +59,10 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
     if not _distributed.is_multiprocess():
         if error is not None:
             raise error
-        return uuid.uuid4().hex
+        return _clean.new_save_id()
     primary = _distributed.process_index() == 0
     mine = "" if error is not None else json.dumps(
-        [url, _tree_digest(snap), uuid.uuid4().hex if primary else None])
+        [url, _tree_digest(snap), _clean.new_save_id() if primary else None])
     try:
         values = _distributed.exchange(
             f"save/{meeting}/agree", mine,

@@ -1,0 +1,202 @@
+"""Reclaiming what interrupted saves left behind, without touching a save still writing.
+
+Two kinds of leftovers, in a checkpoint or in each step of a manager's directory:
+
+- an **incomplete save**: a folder with checkpoint data (``d-*`` generations, TensorStore's
+  temporary ``checkpoint.msgpack.*`` files) and no commit file (a save that never
+  committed);
+- an **orphaned generation**: a ``d-*`` folder of a committed checkpoint that its commit
+  file does not name (an overwrite killed before it committed, or one whose deletion of the
+  generation it replaced failed).
+
+A save in progress looks exactly like either, so a leftover is reclaimed only once it is
+older than :data:`LIVE_SAVE_S`: a save's generation is named by its start time (see
+:func:`new_save_id`), and a generation named otherwise (by an older version of the
+library) by its newest file's time on a local disk, and is kept on an object store. A
+:class:`CheckpointManager` holding its directory's lock is the only writer of its step
+folders and never overwrites a step, so its start-up reclaims every leftover at once
+(``live_s=None``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, NamedTuple
+
+from . import _format, _storage
+from ._format import COMMIT_FILE
+
+# A leftover younger than this may belong to a save still writing (in another process).
+LIVE_SAVE_S = float(os.environ.get("PYTREE_CKPT_CLEAN_AFTER_S", 6 * 3600))
+_TIMED = "c"  # the 13th hex digit of a save id that starts with its time (uuid4's is "4")
+
+
+def new_save_id() -> str:
+    """A save's id (its generation is ``d-<id>``): 32 hex digits, the first 12 its start time
+    in milliseconds, then ``c``, then 19 random ones."""
+    return f"{int(time.time() * 1000):012x}{_TIMED}{uuid.uuid4().hex[:19]}"
+
+
+class CleanReport(NamedTuple):
+    """What :func:`clean` found (and, with ``deleted``, removed), as paths.
+
+    - ``incomplete``: folders of saves that never committed.
+    - ``orphaned``: generations of committed checkpoints that no commit file names.
+    - ``kept``: leftovers young enough to be a save still writing, left alone.
+    - ``deleted``: whether ``incomplete`` and ``orphaned`` were deleted.
+    """
+
+    directory: str
+    incomplete: tuple[str, ...]
+    orphaned: tuple[str, ...]
+    kept: tuple[str, ...]
+    deleted: bool
+
+    def __str__(self) -> str:
+        verb = "deleted" if self.deleted else "can be deleted"
+        lines = [f"{self.directory}: {len(self.incomplete)} incomplete saves and "
+                 f"{len(self.orphaned)} orphaned generations {verb}; {len(self.kept)} "
+                 "leftovers young enough to be a save in progress kept"]
+        lines += [f"  incomplete {p}" for p in self.incomplete]
+        lines += [f"  orphaned   {p}" for p in self.orphaned]
+        lines += [f"  kept       {p}" for p in self.kept]
+        return "\n".join(lines)
+
+
+def clean(directory: str | os.PathLike | dict, *, delete: bool = False) -> CleanReport:
+    """Lists (and with ``delete``, deletes) what interrupted saves left in a checkpoint or a
+    :class:`CheckpointManager`'s directory: incomplete saves, and generations of committed
+    checkpoints that no commit file names (crashed overwrites).
+
+    Never what a save may still be writing, in this process or another: a leftover is
+    reclaimed once it is older than 6 hours (``PYTREE_CKPT_CLEAN_AFTER_S``), and younger
+    ones are reported as kept. Committed checkpoints, metrics files and anything that is not
+    a leftover of a save are never deleted.
+
+    **Arguments:**
+
+    - ``directory``: a checkpoint's or a manager's directory, as for :func:`save`.
+    - ``delete``: delete what is found; by default only report it.
+
+    **Returns:** a :class:`CleanReport`.
+
+    **Raises:** :class:`CheckpointError` if the storage cannot be opened; ``ValueError`` for
+    an unsupported URL scheme; ``OSError`` if a deletion fails.
+
+    Example::
+
+        >>> with pc.CheckpointManager("memory://doc/clean", async_save=False) as mgr:
+        ...     mgr.save(1, {"w": jnp.ones(2)})
+        True
+        >>> report = pc.clean("memory://doc/clean")
+        >>> report.incomplete, report.orphaned, report.deleted
+        ((), (), False)
+    """
+    loc = _storage.location(directory)
+    kv = _storage.open_kvstore(loc)
+    found = leftovers(loc, kv, _storage.child_names(loc, kv), LIVE_SAVE_S)
+    if delete:
+        remove(loc, kv, found)
+    return found._replace(deleted=delete)
+
+
+def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | None],
+              live_s: float | None) -> CleanReport:
+    """What interrupted saves left at ``loc`` (``children``: its listing, as
+    :func:`_storage.child_names` gives it). With ``live_s`` None, nothing counts as a live
+    save's (the caller holds the manager's lock)."""
+    incomplete: list[str] = []
+    orphaned: list[str] = []
+    kept: list[str] = []
+    if COMMIT_FILE in children or any(map(_is_generation, children)):
+        checkpoints = {"": set(children)}  # a checkpoint itself
+    else:
+        checkpoints = {n: inside for n, inside in children.items()
+                       if _is_step(n) and inside is not None}
+    for name, inside in sorted(checkpoints.items()):
+        where = loc.child(name) if name else loc
+        generations = sorted(n for n in inside if _is_generation(n))
+        if COMMIT_FILE in inside:
+            named = _named_generation(kv, f"{name}/{COMMIT_FILE}" if name else COMMIT_FILE)
+            if named is None:
+                continue  # an unreadable commit file: nothing here can be judged
+            for g in generations:
+                if g != named:
+                    young = _young(where, g, live_s)
+                    (kept if young else orphaned).append(_path(where, g))
+        elif (inside or name) and all(_is_leftover(n) for n in inside):
+            # An empty step folder has no age to go by: a save may have just made it.
+            young = (any(_young(where, g, live_s) for g in generations)
+                     or (not generations and live_s is not None))
+            (kept if young else incomplete).append(where.url)
+    return CleanReport(loc.url, tuple(incomplete), tuple(orphaned), tuple(kept), False)
+
+
+def remove(loc: _storage.Location, kv: Any, found: CleanReport) -> None:
+    """Deletes ``found``'s incomplete saves and orphaned generations."""
+    base = loc.url.rstrip("/")
+    for path in (*found.incomplete, *found.orphaned):
+        relative = path[len(base):].strip("/")
+        if not relative:  # the checkpoint itself is an incomplete save: its contents
+            for name in _storage.top_level_names(loc, kv) or ():
+                if _is_leftover(name):
+                    _storage.delete_prefix(loc, kv, name)
+        else:
+            _storage.delete_prefix(loc, kv, relative)
+
+
+def _named_generation(kv: Any, key: str) -> str | None:
+    try:
+        raw = _storage.read_key(kv, key)
+    except Exception:
+        return None
+    return None if raw is None else _format.generation_of(raw)
+
+
+def _young(where: _storage.Location, generation: str, live_s: float | None) -> bool:
+    """Whether ``generation`` may be a save still writing."""
+    if live_s is None:
+        return False
+    started = _started(generation)
+    if started is None:  # not named by its time: its newest file's, where there are files
+        if where.local is None:
+            return True
+        started = _newest_mtime(os.path.join(where.local, generation))
+    return time.time() - started < live_s
+
+
+def _started(generation: str) -> float | None:
+    save_id = generation[2:]
+    if len(save_id) != 32 or save_id[12] != _TIMED:
+        return None
+    return int(save_id[:12], 16) / 1000
+
+
+def _newest_mtime(folder: str) -> float:
+    newest = 0.0
+    for root, _dirs, files in os.walk(folder):
+        for n in (root, *(os.path.join(root, f) for f in files)):
+            try:
+                newest = max(newest, os.lstat(n).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+def _path(where: _storage.Location, name: str) -> str:
+    return f"{where.url.rstrip('/')}/{name}"
+
+
+def _is_step(name: str) -> bool:
+    return name == "0" or (name.isdigit() and name.isascii() and name[0] != "0")
+
+
+def _is_generation(name: str) -> bool:
+    return name.startswith("d-")
+
+
+def _is_leftover(name: str) -> bool:
+    """What an interrupted save leaves (the rule of save's own guard)."""
+    return name.startswith("d-") or name.startswith(COMMIT_FILE + ".")

@@ -1,0 +1,94 @@
+"""pc.clean and a manager's start-up reclaim what interrupted saves left (incomplete saves,
+generations no commit file names), never what a save may still be writing."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pytree_ckpt as pc
+from pytree_ckpt import _clean
+
+SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+
+# Writes its data, then is SIGKILLed just before writing the commit file: what a crashed
+# overwrite leaves is a generation folder that no commit file names.
+_KILLED_BEFORE_COMMIT = """
+import os, signal, sys
+import numpy as np, pytree_ckpt as pc
+from pytree_ckpt import _storage
+real = _storage.write_key
+def write_key(loc, kv, key, *a, **k):
+    if key == "checkpoint.msgpack":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(loc, kv, key, *a, **k)
+_storage.write_key = write_key
+pc.save({"w": np.full(100_000, 9.0)}, sys.argv[1], overwrite=True)
+"""
+
+
+def _crash_an_overwrite(path):
+    child = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_COMMIT, str(path)],
+                           env=dict(os.environ, PYTHONPATH=SRC), capture_output=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+
+
+def _generations(path):
+    return sorted(p.name for p in path.iterdir() if p.name.startswith("d-"))
+
+
+def test_crashed_overwrites_leave_generations_that_clean_reclaims_once_old(tmp_path,
+                                                                           monkeypatch):
+    path = tmp_path / "c"
+    pc.save({"w": np.arange(3)}, path)
+    (committed,) = _generations(path)
+    for _ in range(2):
+        _crash_an_overwrite(path)
+    orphans = [g for g in _generations(path) if g != committed]
+    assert len(orphans) == 2
+    # Minutes old: as far as anyone can tell, saves still writing. Nothing is deleted.
+    report = pc.clean(path, delete=True)
+    assert report == pc.CleanReport(str(path), (), (), tuple(str(path / g) for g in orphans),
+                                    True)
+    assert _generations(path) == sorted([committed, *orphans])
+    monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)  # as if hours had passed
+    report = pc.clean(path)
+    assert report.orphaned == tuple(str(path / g) for g in orphans) and not report.deleted
+    assert _generations(path) == sorted([committed, *orphans])  # only listed
+    assert "2 orphaned generations can be deleted" in str(report)
+    assert pc.clean(path, delete=True).deleted
+    assert _generations(path) == [committed]
+    tree, _ = pc.restore(path)
+    np.testing.assert_array_equal(tree["w"], np.arange(3))
+    assert pc.clean(path) == pc.CleanReport(str(path), (), (), (), False)
+
+
+def test_a_manager_start_reclaims_orphaned_generations_and_incomplete_steps(tmp_path):
+    run = tmp_path / "run"
+    with pc.CheckpointManager(run, async_save=False) as mgr:
+        mgr.save(1, {"w": np.arange(3)})
+    (committed,) = _generations(run / "1")
+    _crash_an_overwrite(run / "1")  # an orphan inside a committed step
+    _crash_an_overwrite(run / "2")  # an incomplete step
+    assert len(_generations(run / "1")) == 2 and len(_generations(run / "2")) == 1
+    (orphan,) = [g for g in _generations(run / "1") if g != committed]
+    assert pc.clean(run).kept == (str(run / "1" / orphan), str(run / "2"))  # minutes old
+    with pc.CheckpointManager(run) as mgr:  # holding the lock: every leftover goes
+        assert mgr.steps() == [1]
+    assert _generations(run / "1") == [committed] and not (run / "2").exists()
+    tree, _ = pc.restore(run / "1")
+    np.testing.assert_array_equal(tree["w"], np.arange(3))
+
+
+def test_clean_reports_an_incomplete_checkpoint_and_deletes_only_leftovers(tmp_path,
+                                                                          monkeypatch):
+    path = tmp_path / "c"
+    _crash_an_overwrite(path)
+    monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)
+    assert pc.clean(path).incomplete == (str(path),)
+    pc.clean(path, delete=True)
+    assert os.listdir(path) == []
+    with pytest.raises(pc.CheckpointNotFoundError):
+        pc.restore(path)
