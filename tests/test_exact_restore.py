@@ -1,6 +1,8 @@
 """Restore gives back exactly what was saved: byte orders, registered node orders, Python
 leaf types, x64 dtypes and weak types, and Python leaves the commit file must hold."""
 
+import os
+import re
 import typing
 
 import jax
@@ -198,3 +200,44 @@ def test_a_python_int_restores_into_a_weakly_typed_target(where):
     restored, status = pc.restore(where, {"step": jax.jit(lambda: 0)()})
     assert status.matched == ("step",)
     assert restored["step"].weak_type and int(restored["step"]) == 5
+
+
+# ---- Python leaves the commit file must hold --------------------------------------------
+
+def test_ints_of_any_size_round_trip(where):
+    huge = {"pos": 7 ** 20_000, "neg": -(3 ** 30_000), "edge": 2**64, "min": -(2**63) - 1}
+    assert huge["pos"] > 10**4300  # past the 4,300 digits Python writes as text
+    fut = pc.save_async({**huge, "w": jnp.arange(3.0)}, where)
+    assert fut.result() == where
+    restored, status = pc.restore(where)
+    status.assert_consumed()
+    assert {k: restored[k] for k in huge} == huge
+    assert all(type(restored[k]) is int for k in huge)
+    assert pc.metadata(where).leaves["pos"].value == huge["pos"]
+    restored, _ = pc.restore(where, {k: 0 for k in huge})
+    assert restored == huge
+
+
+@pytest.mark.parametrize("tree, path", [
+    ({"ok": 1, "bad": "a\ud800b"}, "bad"),
+    ({"ok": 1, "nest": {"k\udfff": jnp.ones(2)}}, "nest/k\udfff"),
+    ({"nest": [{"\ud800": {}}]}, "nest/0/\ud800"),  # an empty node
+], ids=["str leaf", "dict key", "empty node"])
+def test_text_the_commit_file_cannot_hold_is_refused_at_once(where, tree, path):
+    big = jnp.ones((300, 300))  # written before the commit file, were the save let start
+    for save in (pc.save, pc.save_async):
+        with pytest.raises(pc.UnsupportedLeafError, match=(
+                re.escape(repr(path)) + r".*not valid Unicode text \(a lone surrogate\)")):
+            save({"big": big, **tree}, where)
+        assert not os.path.exists(where)
+
+
+def test_ints_too_long_for_text_are_shown_by_their_size(where):
+    pc.save({"pos": 7 ** 20_000, "n": 5}, where)
+    info = pc.metadata(where)
+    assert f"pos: int = <int of {(7 ** 20_000).bit_length():,} bits>" in str(info)
+    assert "&lt;int of 56,148 bits&gt;" in info._repr_html_()
+    assert "value=<int of 56,148 bits>" in repr(info.leaves["pos"]) and repr(info)
+    assert repr(info.leaves["n"]) == (
+        "LeafMetadata(path='n', kind='py', shape=(), dtype='int', nbytes=0, sharding=None, "
+        "value=5)")

@@ -193,7 +193,7 @@ def _leaf_json(leaf: Any) -> dict:
 
 def _detail(leaf: Any) -> str:
     if leaf.kind == "py":
-        return _short(repr(leaf.value))
+        return _short(_show(leaf.value))
     return leaf.sharding or ""
 
 
@@ -495,11 +495,20 @@ def _emit(document: Any) -> None:
     sys.stdout.write("\n")
 
 
+def _show(value: Any) -> str:
+    from ._leaves import show_py  # ints too long for Python's text shown by their size
+
+    return show_py(value)
+
+
 def _jsonable(value: Any) -> Any:
     """``value`` as strict JSON: containers kept, NaN/inf floats, bytes, complex and other
     values as their repr."""
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | str):
         return value
+    if isinstance(value, int):  # JSON writes ints as text: Python's limit applies
+        shown = _show(value)
+        return value if shown[0] != "<" else shown
     if isinstance(value, float):
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, dict):

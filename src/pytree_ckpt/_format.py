@@ -33,7 +33,10 @@ With ``n`` leaves in save order::
     "rank":      u1[n]
     "shape":     i8[sum(rank)]                  every leaf's dimensions, one after another
     "storage":   u1[n]                          0 value, 1 zarr array, 2 packed
-    "values":    [value] per storage-0 leaf     a Python leaf's value (_leaves.encode_py)
+    "values":    [value] per storage-0 leaf     a Python leaf's value (_leaves.encode_py):
+                                                an int past 64 bits as bytes (two's
+                                                complement, little-endian; from version 5)
+                                                or decimal text (before), complex as a pair
     "array":     u4[z]  per storage-1 leaf      its zarr array a/<array>
     "chunks":    i8[sum(rank of those leaves)]  their chunk shapes, one after another
     "stored":    u1[z]                          index into "dtypes": the dtype stored
@@ -217,7 +220,7 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
                         else shardings.setdefault(r.sharding, len(shardings)) + 1)
         weak.append(r.weak)
         if s.kind == "v":
-            values.append(_leaves.encode_py(s.value))
+            values.append(_leaves.encode_py(s.value, commit.version))
         elif s.kind == "z":
             array.append(s.index)
             chunks += s.chunks

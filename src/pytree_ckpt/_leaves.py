@@ -86,6 +86,8 @@ def describe(path: str, leaf: Any) -> LeafInfo:
     tp = type(leaf)
     py = _PY_NAMES.get(tp)
     if py is not None:
+        if tp is str:
+            check_text(path, leaf, "leaf")
         return LeafInfo(PY, py, ())
     kind = ARRAY_KINDS.get(tp) or _array_kind(path, tp)
     if kind is JAX:
@@ -147,12 +149,29 @@ def little_endian(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def encode_py(value: Any) -> Any:
-    """A Python leaf as a msgpack value (exact: big ints as decimal text, complex as a pair)."""
+def check_text(path: str, text: str, what: str) -> None:
+    """Raises :class:`UnsupportedLeafError` naming ``path`` unless ``text`` (a str leaf, or a
+    path) is valid Unicode: msgpack writes str as UTF-8, which has no lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnsupportedLeafError(
+            f"{what} {path or '<root>'!r} is not valid Unicode text (a lone surrogate), which "
+            "the checkpoint cannot store as text; use bytes, or valid text") from None
+
+
+def encode_py(value: Any, version: int) -> Any:
+    """A Python leaf as a msgpack value, in format ``version``: exact, complex as a pair of
+    floats, ints past 64 bits as their two's-complement bytes, little-endian (decimal text
+    before format 5, which Python refuses past 4,300 digits)."""
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
-        return value if -(2**63) <= value < 2**64 else str(value)
+        if -(2**63) <= value < 2**64:
+            return value
+        if version < 5:
+            return str(value)
+        return value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
     if isinstance(value, complex):
         return [value.real, value.imag]
     return value
@@ -168,6 +187,8 @@ def decode_py(type_name: str, stored: Any, where: str) -> Any:
             value, ok = int(stored), True
         except ValueError:
             ok = False
+    elif tp is int and isinstance(stored, bytes):  # linear in its length, whatever that is
+        value, ok = int.from_bytes(stored, "little", signed=True), True
     elif tp is complex and isinstance(stored, list) and len(stored) == 2:
         if all(isinstance(x, float) for x in stored):
             value, ok = complex(stored[0], stored[1]), True
@@ -179,6 +200,15 @@ def decode_py(type_name: str, stored: Any, where: str) -> Any:
             f"declared type {type_name!r}"
         )
     return value
+
+
+def show_py(value: Any) -> str:
+    """``repr(value)`` of a Python leaf for display; an int Python will not write as text
+    (over 4,300 digits, ``sys.get_int_max_str_digits()``) as its size instead."""
+    try:
+        return repr(value)
+    except ValueError:
+        return f"<int of {value.bit_length():,} bits>"
 
 
 def item_kind(dtype: np.dtype) -> str:

@@ -28,9 +28,15 @@ class LeafMetadata(NamedTuple):
     sharding: str | None = None
     value: Any = None
 
+    def __repr__(self) -> str:
+        # NamedTuple's repr, with a value Python will not write as text shown by its size.
+        fields = (f"{name}={_leaves.show_py(v) if name == 'value' else repr(v)}"
+                  for name, v in zip(self._fields, self, strict=True))
+        return f"LeafMetadata({', '.join(fields)})"
+
     def __str__(self) -> str:
         if self.kind == _leaves.PY:
-            return f"{self.path}: {self.dtype} = {self.value!r:.60}"
+            return f"{self.path}: {self.dtype} = {_leaves.show_py(self.value):.60}"
         where = f" sharded {self.sharding}" if self.sharding else ""
         return f"{self.path}: {self.kind} {self.dtype}{list(self.shape)} ({self.nbytes} B){where}"
 
@@ -126,7 +132,7 @@ def _html_table(leaves: list[tuple[str, LeafMetadata]]) -> str:
         f"<tr><td><code title='{html.escape(m.path)}'>{html.escape(name)}</code></td>"
         f"<td>{m.kind}</td><td>{html.escape(m.dtype)}</td><td>{list(m.shape)}</td>"
         f"<td>{m.nbytes:,}</td><td>{html.escape(m.sharding or '')}</td>"
-        f"<td>{html.escape(repr(m.value)[:60]) if m.kind == _leaves.PY else ''}</td></tr>"
+        f"<td>{html.escape(_leaves.show_py(m.value)[:60]) if m.kind == _leaves.PY else ''}</td></tr>"
         for name, m in leaves)
     return ("<table><tr><th>name</th><th>kind</th><th>dtype</th><th>shape</th><th>bytes</th>"
             f"<th>sharding</th><th>value</th></tr>{rows}</table>") if rows else ""

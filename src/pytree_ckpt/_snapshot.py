@@ -68,6 +68,7 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
     one_device, device_of = jax.sharding.SingleDeviceSharding, _transfer.device_of
     with _gc.paused():
         flat = _graph.flatten(tree, treedef=False)
+        _check_paths(flat)
         for path, leaf in zip(flat.paths, flat.leaves, strict=True):
             dtype = jax_dtypes.get(leaf.dtype) if kinds.get(type(leaf)) is JAX else None
             if dtype is not None:  # a jax.Array of a saved dtype, not a PRNG key
@@ -116,6 +117,18 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
 
 
 _ITEMSIZES = {name: dtype.itemsize for name, dtype in _leaves.DTYPES.items()}
+
+
+def _check_paths(flat: _graph.Flat) -> None:
+    """Every path can be written to the commit file (msgpack writes UTF-8): checked here,
+    while the caller waits, rather than when the commit file is written after the data.
+    One encode of all paths joined (~0.3 ms for 10,000); path by path only to name one."""
+    paths = [*flat.paths, *(n.path for n in flat.nodes)]
+    try:
+        "\n".join(paths).encode("utf-8")
+    except UnicodeEncodeError:
+        for path in paths:
+            _leaves.check_text(path, path, "path")
 
 
 def _placement(sharding: Any, me: int) -> tuple[bool, bool | None, bool, tuple | None]:
