@@ -182,6 +182,56 @@ def test_verify_names_a_flipped_leaf_and_exits_1(tmp_path):
     assert doc["leaves"] == 2 and doc["bytes_read"] > 400_000
 
 
+def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path):
+    directory = tmp_path / "run"
+    with pc.CheckpointManager(directory, async_save=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": jnp.ones(3) * step})
+    (directory / "3" / "checkpoint.msgpack").unlink()  # step 3 crashed before its commit
+    generation = next((directory / "2").glob("d-*"))
+    orphan = directory / "2" / "d-0123456789abc0123456789abcdef0"  # a crashed overwrite's
+    orphan.mkdir()
+    (orphan / "blob").write_bytes(b"x" * 10)
+    old = {"PYTREE_CKPT_CLEAN_AFTER_S": "0"}  # every leftover counts as old, not a live save
+
+    # Recent: step 3 and the orphan may be a save still writing; clean --yes keeps them.
+    rc, out, err = cli("steps", directory)
+    assert (rc, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"{directory}: 2 committed steps, latest 2"
+    assert lines[4].split() == ["3", "saving?"]
+    assert f"  {orphan}" in lines
+    rc, out, _ = cli("clean", directory, "--yes", "--json")
+    assert json.loads(out) == {"directory": str(directory), "incomplete": [], "orphaned": [],
+                               "kept": [str(orphan), f"{directory}/3"], "deleted": True}
+    assert orphan.is_dir() and (directory / "3").is_dir()
+
+    rc, out, _ = cli("steps", directory, "--json", env=old)
+    doc = json.loads(out)
+    assert [(r["step"], r["state"]) for r in doc["steps"]] == [
+        (1, "committed"), (2, "committed"), (3, "incomplete")]
+    assert doc["latest"] == 2 and doc["orphaned"] == [str(orphan)]
+    rc, out, err = cli("clean", directory, env=old)
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == ["leftovers of interrupted saves:",
+                                f"  incomplete  {directory}/3",
+                                f"  orphaned    {orphan}",
+                                f"{directory}: 2 can be deleted: run again with --yes"]
+    assert (directory / "3").is_dir() and orphan.is_dir()  # listed, not deleted
+    rc, out, _ = cli("clean", directory, "--yes", env=old)
+    assert rc == 0 and out.splitlines()[-1] == f"{directory}: deleted 2"
+    assert not orphan.exists()
+    assert sorted(p.name for p in directory.iterdir() if not p.name.endswith(".msgpack")) == [
+        "1", "2", "manager.lock"]
+    assert generation.is_dir()  # the committed step's own generation stays
+    np.testing.assert_array_equal(pc.restore(directory / "2")[0]["w"], [2, 2, 2])
+    rc, out, _ = cli("clean", directory)
+    assert rc == 0 and out == f"{directory}: nothing to clean\n"
+    rc, _, err = cli("clean", tmp_path / "nothing")
+    assert rc == 2 and err == (f"pytree-ckpt: error: {tmp_path}/nothing: no checkpoint or "
+                               "CheckpointManager directory there\n")
+
+
 def test_bad_input_is_one_line_and_exit_2_corruption_exit_1(run_dir, tmp_path, capsys):
     rc, out, err = cli("ls", tmp_path / "nothing")
     assert (rc, out) == (2, "")
@@ -237,6 +287,8 @@ def test_commands_read_the_loopback_s3_server(s3_server):
     rc, out, err = cli("verify", f"{directory}/2", "--json", env=env)
     assert rc == 0, err
     assert json.loads(out)["ok"] is True and json.loads(out)["leaves"] == 7
+    rc, out, err = cli("clean", directory, env=env)
+    assert (rc, out, err) == (0, f"{directory}: nothing to clean\n", "")
     rc, out, err = cli("steps", directory, "--best", "loss", "--min", "--json", env=env)
     assert rc == 0, err
     doc = json.loads(out)

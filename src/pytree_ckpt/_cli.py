@@ -8,14 +8,18 @@ public API, one command per question people ask of a checkpoint::
     pytree-ckpt steps DIR [--best METRIC]    a manager's steps: time, size, metrics, the best
     pytree-ckpt convert SRC DST [--at P]     Orbax, Flax msgpack or safetensors to ours; ours to
                                              safetensors (DST ending in .safetensors)
+    pytree-ckpt clean DIR [--yes]            incomplete saves and orphaned generations: listed,
+                                             deleted with --yes (pytree_ckpt.clean)
 
 Every command takes ``--json`` (one JSON document on stdout instead of a table). Exit status:
 0 fine; 1 differences (``diff``) or a corrupt checkpoint found; 2 bad usage, or nothing there
 (no checkpoint, an incomplete save, an empty directory). An error is one line on stderr,
 never a traceback. Progress bars go to stderr, and only when it is a terminal.
 
-Each command reads through what ``import pytree_ckpt`` offers (``metadata``, ``restore``, a
-read-only :class:`CheckpointManager`), so it reads every location and format they read.
+Each command goes through what ``import pytree_ckpt`` offers (``metadata``, ``restore``,
+``verify``, ``save``, ``save_safetensors``, ``clean``, a read-only
+:class:`CheckpointManager`), so it
+reads every location and format they read.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        import pytree_ckpt as pc  # after parsing: --help needs no JAX
+        import pytree_ckpt as pc  # inside the try: a failure to import is one line too
 
         return args.run(pc, args)
     except KeyboardInterrupt:
@@ -139,6 +143,15 @@ def _parser() -> argparse.ArgumentParser:
                          help="DST's format (default: from DST's name)")
     convert.add_argument("--overwrite", action="store_true", help="replace what is at DST")
     convert.set_defaults(run=_convert)
+
+    clean = commands.add_parser(
+        "clean", parents=[common], help="remove what interrupted saves left behind",
+        description="List the incomplete saves and orphaned generations in a checkpoint or a "
+                    "CheckpointManager's directory (pytree_ckpt.clean); delete them with --yes. "
+                    "Leftovers young enough to be a save still writing are kept.")
+    clean.add_argument("directory", metavar="DIR", help="a checkpoint or a manager's directory")
+    clean.add_argument("--yes", action="store_true", help="delete what is listed")
+    clean.set_defaults(run=_clean)
     return parser
 
 
@@ -408,29 +421,58 @@ def _steps(pc: Any, args: argparse.Namespace) -> int:
     with pc.CheckpointManager(args.directory, read_only=True, best_fn=best_fn,
                               best_mode="min" if args.min else "max") as mgr:
         steps = mgr.steps()
-        if not steps:
-            raise _Nothing(_no_steps(pc, args.directory, mgr.directory))
+        directory = mgr.directory
         rows = []
         for step in steps:
             info = mgr.metadata(step)
-            rows.append({"step": step, "time": _iso(info.writer.get("time")),
-                         "nbytes": info.nbytes, "leaves": len(info.leaves),
+            rows.append({"step": step, "state": "committed",
+                         "time": _iso(info.writer.get("time")), "nbytes": info.nbytes,
+                         "leaves": len(info.leaves),
                          "metrics": _jsonable(dict(mgr.metrics(step) or {}))})
         best = mgr.best_step()
-        directory = mgr.directory
+    # What clean would remove (incomplete saves, orphaned generations), and what it keeps as
+    # young enough to be a save still writing.
+    leftovers = pc.clean(args.directory)
+    for state, paths in (("incomplete", leftovers.incomplete), ("saving?", leftovers.kept)):
+        for path in paths:
+            step = _step_of(path, directory)
+            if step is not None:
+                rows.append({"step": step, "state": state, "time": None, "nbytes": None,
+                             "leaves": None, "metrics": {}})
+    if not rows:
+        raise _Nothing(_no_steps(pc, args.directory, directory))
+    rows.sort(key=lambda r: r["step"])
     for row in rows:
         row["best"] = row["step"] == best
+    orphaned = list(leftovers.orphaned) + [p for p in leftovers.kept
+                                           if _step_of(p, directory) is None]
+    latest = steps[-1] if steps else None
     if args.json:
-        _emit({"directory": directory, "steps": rows, "best": best, "latest": steps[-1]})
+        _emit({"directory": directory, "steps": rows, "best": best, "latest": latest,
+               "orphaned": orphaned})
         return EXIT_OK
-    print(f"{directory}: {len(steps)} committed steps, latest {steps[-1]}"
+    print(f"{directory}: {len(steps)} committed steps"
+          + (f", latest {latest}" if steps else "")
           + (f", best {best} ({'lowest' if args.min else 'highest'} {args.best})"
              if best is not None else ""))
-    _table(("step", "time (UTC)", "bytes", "leaves", "metrics", ""),
-           [(str(r["step"]), r["time"] or "", _size(r["nbytes"]), str(r["leaves"]),
+    _table(("step", "state", "time (UTC)", "bytes", "leaves", "metrics", ""),
+           [(str(r["step"]), r["state"], r["time"] or "",
+             "" if r["nbytes"] is None else _size(r["nbytes"]),
+             "" if r["leaves"] is None else str(r["leaves"]),
              _short(", ".join(f"{k}={_number(v)}" for k, v in r["metrics"].items())),
-             "best" if r["best"] else "") for r in rows], right={0, 2, 3})
+             "best" if r["best"] else "") for r in rows], right={0, 3, 4})
+    if any(r["state"] == "saving?" for r in rows):
+        print("saving?: incomplete, and recent enough to be a save still writing")
+    _section(f"orphaned generations ({len(orphaned)})", [(p,) for p in orphaned])
+    if len(rows) > len(steps) or orphaned:
+        print("pytree-ckpt clean DIR --yes removes what is incomplete or orphaned and not recent")
     return EXIT_OK
+
+
+def _step_of(path: str, directory: str) -> int | None:
+    """The step whose folder ``path`` is, inside the manager's ``directory``, or None."""
+    name = path[len(directory.rstrip("/")) + 1:] if path.startswith(directory) else ""
+    return int(name) if name.isdigit() and (name == "0" or not name.startswith("0")) else None
 
 
 def _no_steps(pc: Any, given: str, url: str) -> str:
@@ -470,6 +512,42 @@ def _convert(pc: Any, args: argparse.Namespace) -> int:
         print(f"{info.path} ({info.format}{part}, {leaves} leaves, {_size(nbytes)}) -> "
               f"{written} ({to})")
     return EXIT_OK
+
+
+# ---- clean ----
+
+def _clean(pc: Any, args: argparse.Namespace) -> int:
+    report = pc.clean(args.directory, delete=args.yes)
+    found = (*report.incomplete, *report.orphaned)
+    if not found and not report.kept and not _anything_there(pc, args.directory):
+        raise _Nothing(f"{report.directory}: no checkpoint or CheckpointManager directory there")
+    if args.json:
+        _emit({"directory": report.directory, "incomplete": list(report.incomplete),
+               "orphaned": list(report.orphaned), "kept": list(report.kept),
+               "deleted": report.deleted})
+        return EXIT_OK
+    rows = ([("incomplete", p) for p in report.incomplete]
+            + [("orphaned", p) for p in report.orphaned]
+            + [("kept", p) for p in report.kept])
+    _section("leftovers of interrupted saves", rows)
+    if report.kept:
+        print(f"kept: {len(report.kept)} young enough to be a save still writing")
+    if not found:
+        print(f"{report.directory}: nothing to clean")
+    elif report.deleted:
+        print(f"{report.directory}: deleted {len(found)}")
+    else:
+        print(f"{report.directory}: {len(found)} can be deleted: run again with --yes")
+    return EXIT_OK
+
+
+def _anything_there(pc: Any, path: str) -> bool:
+    """Whether ``path`` holds a checkpoint (of any format) or a manager's committed steps."""
+    try:
+        pc.metadata(path)
+        return True
+    except pc.CheckpointError:
+        return pc.latest(path) is not None
 
 
 # ---- shared ----
