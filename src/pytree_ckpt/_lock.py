@@ -136,9 +136,13 @@ class DirectoryLock:
         """Releases the lock (idempotent)."""
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            try:
+                os.ftruncate(fd, 0)
+            finally:  # the lock is released whatever happened to the owner record
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # also for a forked child sharing it
+                finally:
+                    os.close(fd)
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
