@@ -196,3 +196,50 @@ def test_a_manager_that_fails_to_open_on_a_full_disk_releases_its_lock(tmp_path)
     first, second = json.loads(out.strip().splitlines()[-1])
     assert first.startswith("OSError") and "File too large" in first, first
     assert second == [1], second
+
+
+_READ_ONLY_CHILD = textwrap.dedent(r'''
+    import json, sys
+    import numpy as np
+    import pytree_ckpt as pc
+    root, phase = sys.argv[1], sys.argv[2]
+    if phase == "write":
+        with pc.CheckpointManager(root, async_save=False) as mgr:
+            mgr.save(3, {"w": np.arange(4.0)})
+        sys.exit(0)
+    out = {}
+    with pc.CheckpointManager(root, read_only=True) as mgr:
+        tree, _ = mgr.restore()
+        out["read_only"] = [mgr.steps(), tree["w"].tolist(), pc.verify(root + "/3").ok]
+    try:
+        pc.CheckpointManager(root)
+        out["writer"] = "opened"
+    except OSError as e:
+        out["writer"] = type(e).__name__ + ": " + str(e)
+    print(json.dumps(out))
+''')
+
+
+def test_a_manager_on_read_only_media_restores_without_a_lock(tmp_path):
+    """A directory on a read-only file system (a tmpfs remounted read-only, in a private
+    mount namespace): a read-only manager lists, restores and verifies with no lock; a
+    writing one says why it cannot take the lock, and how to only read."""
+    import json
+    import shutil
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare -m to mount a private tmpfs")
+    src = os.path.dirname(os.path.dirname(pc.__file__))
+    py = f"{sys.executable} -c '{_READ_ONLY_CHILD}'"
+    script = (f"mount -t tmpfs -o size=8m none {mnt} && {py} {mnt}/run write && "
+              f"mount -o remount,ro {mnt} && {py} {mnt}/run read")
+    out = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=src), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["read_only"] == [[3], [0.0, 1.0, 2.0, 3.0], True], result
+    assert result["writer"] == (
+        f"OSError: [Errno 30] {mnt}/run/manager.lock: cannot create the lock file (Read-only "
+        "file system); to only read this directory, open it with read_only=True"), result

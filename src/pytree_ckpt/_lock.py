@@ -74,6 +74,9 @@ class DirectoryLock:
             # blocked by a FIFO.
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not os.path.islink(path):
+                raise OSError(e.errno, f"{path}: cannot create the lock file ({e.strerror}); to "
+                              "only read this directory, open it with read_only=True") from None
             if not os.path.islink(path) and e.errno not in (errno.ENXIO, errno.EISDIR):
                 raise
             raise NotACheckpointError(

@@ -101,8 +101,9 @@ class CheckpointManager:
 
     **Raises:** :class:`LockedError` if another manager holds the directory (never with
     ``read_only``); :class:`NotACheckpointError` if ``manager.lock`` is a symbolic link or
-    not a file; ``ValueError`` for a bad option, or ``handle_preemption=True`` outside the
-    main thread or with ``read_only``.
+    not a file; ``OSError`` if it cannot be created (read-only media: use ``read_only``);
+    ``ValueError`` for a bad option, or ``handle_preemption=True`` outside the main thread or
+    with ``read_only``.
 
     Example, a training loop that resumes where it stopped and saves once more on SIGTERM::
 
