@@ -1,10 +1,15 @@
-"""The commit protocol: every process writes, all report, then the primary commits.
+"""The commit protocol: all processes agree, every process writes, all report, then the
+primary commits.
+
+Before anything is written (:func:`agree`, in the caller's thread), every process publishes
+the checkpoint's path and a digest of its tree, and the primary a save id; a failed snapshot
+is reported there too. Any difference or failure fails the save on every process.
 
 A save's background part (:func:`finish`): every process writes its data into a fresh
-generation folder ``d-<hex>`` of the checkpoint (named by the primary); all processes report
-success; then the primary writes the commit file (atomically: TensorStore's file driver writes
-through a rename and fsyncs; an object store PUT is atomic) and only then deletes an
-overwritten checkpoint's old generation.
+generation folder ``d-<save id>`` of the checkpoint; all processes report success (each
+waited for as long as its heartbeat says it is alive); then the primary writes the commit
+file (atomically: TensorStore's file driver writes through a rename and fsyncs; an object
+store PUT is atomic) and only then deletes an overwritten checkpoint's old generation.
 
 Until the commit file exists, nothing is restorable and earlier checkpoints are untouched.
 
@@ -13,6 +18,10 @@ write, as atomic as the store's): of two such saves racing to one path, the firs
 wins and the other fails with :class:`SaveError`, instead of silently replacing a checkpoint
 whose save had already returned. (With ``overwrite=True`` the last writer wins, as asked.)
 A save that fails deletes its own uncommitted generation: a full disk is not left fuller.
+
+The outcome is the commit file's: restore's own validation runs on it before it is written
+(what restore would refuse is refused), and once it is written the save has succeeded, so
+what fails afterwards is a warning.
 """
 
 from __future__ import annotations

@@ -48,8 +48,12 @@ def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) 
 
     **Raises:** :class:`CheckpointExistsError` if a checkpoint is there and ``overwrite`` is
     False; :class:`NotACheckpointError` if ``path`` holds anything else (it is never
-    deleted); :class:`UnsupportedLeafError` or :class:`PathCollisionError` naming the leaf;
-    :class:`SaveError` if a write fails (nothing is committed).
+    deleted); :class:`UnsupportedLeafError` or :class:`PathCollisionError` naming the leaf
+    (also for a leaf restore would refuse, such as a ``bytes`` leaf too large for the commit
+    file); :class:`SaveError` if a write fails, or in a multi-process job if the processes'
+    paths or trees differ or one of them failed (nothing is committed). A failure after the
+    commit (syncing the directory, deleting an overwritten generation) is a
+    ``RuntimeWarning``: the checkpoint is committed.
 
     Example::
 
@@ -82,7 +86,8 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
     re-raises any background error.
 
     **Raises:** at once, what :func:`save` raises before writing (existing checkpoint,
-    foreign directory, unsupported leaf); later, from ``result()``, :class:`SaveError`.
+    foreign directory, unsupported leaf, processes that differ); later, from ``result()``,
+    :class:`SaveError`, or :class:`UnsupportedLeafError` for a leaf restore would refuse.
 
     Example::
 
