@@ -49,7 +49,8 @@ def _plan(path: str, spec: Any) -> tuple:
     commit = _restore.load_commit(loc, kv)
     flat = _graph.flatten(spec)
     records = commit.leaves.records(flat.paths)
-    jobs = [(p, r, _restore._want(p, leaf))
+    device = _read.default_device()
+    jobs = [(p, r, _restore._want(p, leaf, device))
             for p, r, leaf in zip(flat.paths, records, flat.leaves, strict=True)]
     if any(r.storage.kind != "p" for _p, r, _w in jobs):
         raise SystemExit("the floor reads packed leaves only: use the small tree")
