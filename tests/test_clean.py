@@ -92,3 +92,45 @@ def test_clean_reports_an_incomplete_checkpoint_and_deletes_only_leftovers(tmp_p
     assert os.listdir(path) == []
     with pytest.raises(pc.CheckpointNotFoundError):
         pc.restore(path)
+
+
+# A manager's save of step 2 with metrics, killed just before its commit file: the metrics
+# file (written first) and the step folder stay.
+_MANAGER_KILLED_BEFORE_COMMIT = """
+import os, signal, sys
+import numpy as np, pytree_ckpt as pc
+from pytree_ckpt import _storage
+real = _storage.write_key
+def write_key(loc, kv, key, *a, **k):
+    if key == "checkpoint.msgpack":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(loc, kv, key, *a, **k)
+mgr = pc.CheckpointManager(sys.argv[1], async_save=False)
+_storage.write_key = write_key
+mgr.save(2, {"w": np.full(1000, 9.0)}, metrics={"loss": 0.25})
+"""
+
+
+def test_clean_reclaims_the_metrics_files_of_steps_that_never_committed(tmp_path,
+                                                                        monkeypatch):
+    run = tmp_path / "run"
+    with pc.CheckpointManager(run, async_save=False) as mgr:
+        mgr.save(1, {"w": np.arange(3)}, metrics={"loss": 0.5})
+    child = subprocess.run([sys.executable, "-c", _MANAGER_KILLED_BEFORE_COMMIT, str(run)],
+                           env=dict(os.environ, PYTHONPATH=SRC), capture_output=True)
+    assert child.returncode == -9, child.stderr[-2000:]
+    # A metrics file whose save died before it made its step folder, and TensorStore's
+    # temporary file of a metrics write that never finished.
+    (run / "3.metrics.msgpack").write_bytes((run / "2.metrics.msgpack").read_bytes())
+    (run / "1.metrics.msgpack.__lock").write_bytes(b"")
+    leftovers = (str(run / "1.metrics.msgpack.__lock"), str(run / "2"),
+                 str(run / "2.metrics.msgpack"), str(run / "3.metrics.msgpack"))
+    # Minutes old: a save may still be writing them.
+    assert pc.clean(run, delete=True) == pc.CleanReport(str(run), (), (), leftovers, True)
+    assert (run / "2.metrics.msgpack").exists() and (run / "3.metrics.msgpack").exists()
+    monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)
+    assert pc.clean(run) == pc.CleanReport(str(run), leftovers, (), (), False)
+    assert "4 incomplete saves" in str(pc.clean(run, delete=True))
+    assert sorted(os.listdir(run)) == ["1", "1.metrics.msgpack", "manager.lock"]
+    with pc.CheckpointManager(run, read_only=True) as mgr:
+        assert mgr.steps() == [1] and mgr.metrics(1) == {"loss": 0.5}

@@ -186,8 +186,9 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
     directory = tmp_path / "run"
     with pc.CheckpointManager(directory, async_save=False) as mgr:
         for step in (1, 2, 3):
-            mgr.save(step, {"w": jnp.ones(3) * step})
+            mgr.save(step, {"w": jnp.ones(3) * step}, metrics={"loss": 1 / step})
     (directory / "3" / "checkpoint.msgpack").unlink()  # step 3 crashed before its commit
+    metrics = directory / "3.metrics.msgpack"  # written before step 3's save began
     generation = next((directory / "2").glob("d-*"))
     orphan = directory / "2" / "d-0123456789abc0123456789abcdef0"  # a crashed overwrite's
     orphan.mkdir()
@@ -203,8 +204,9 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
     assert f"  {orphan}" in lines
     rc, out, _ = cli("clean", directory, "--yes", "--json")
     assert json.loads(out) == {"directory": str(directory), "incomplete": [], "orphaned": [],
-                               "kept": [str(orphan), f"{directory}/3"], "deleted": True}
-    assert orphan.is_dir() and (directory / "3").is_dir()
+                               "kept": [str(orphan), f"{directory}/3", str(metrics)],
+                               "deleted": True}
+    assert orphan.is_dir() and (directory / "3").is_dir() and metrics.is_file()
 
     rc, out, _ = cli("steps", directory, "--json", env=old)
     doc = json.loads(out)
@@ -215,12 +217,15 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
     assert (rc, err) == (0, "")
     assert out.splitlines() == ["leftovers of interrupted saves:",
                                 f"  incomplete  {directory}/3",
+                                f"  incomplete  {metrics}",
                                 f"  orphaned    {orphan}",
-                                f"{directory}: 2 can be deleted: run again with --yes"]
+                                f"{directory}: 3 can be deleted: run again with --yes"]
     assert (directory / "3").is_dir() and orphan.is_dir()  # listed, not deleted
     rc, out, _ = cli("clean", directory, "--yes", env=old)
-    assert rc == 0 and out.splitlines()[-1] == f"{directory}: deleted 2"
-    assert not orphan.exists()
+    assert rc == 0 and out.splitlines()[-1] == f"{directory}: deleted 3"
+    assert not orphan.exists() and not metrics.exists()
+    assert sorted(p.name for p in directory.glob("*.metrics.msgpack")) == [
+        "1.metrics.msgpack", "2.metrics.msgpack"]
     assert sorted(p.name for p in directory.iterdir() if not p.name.endswith(".msgpack")) == [
         "1", "2", "manager.lock"]
     assert generation.is_dir()  # the committed step's own generation stays

@@ -5,6 +5,9 @@ Two kinds of leftovers, in a checkpoint or in each step of a manager's directory
 - an **incomplete save**: a folder with checkpoint data (``d-*`` generations, TensorStore's
   temporary ``checkpoint.msgpack.*`` files) and no commit file (a save that never
   committed);
+- a **metrics file of a step that never committed** (a manager writes
+  ``<step>.metrics.msgpack`` before the step's checkpoint), or a temporary file of a metrics
+  write that never finished (``<step>.metrics.msgpack.*``): counted with the incomplete saves;
 - an **orphaned generation**: a ``d-*`` folder of a committed checkpoint that its commit
   file does not name (an overwrite killed before it committed, or one whose deletion of the
   generation it replaced failed).
@@ -13,6 +16,8 @@ A save in progress looks exactly like either, so a leftover is reclaimed only on
 older than :data:`LIVE_SAVE_S`: a save's generation is named by its start time (see
 :func:`new_save_id`), and a generation named otherwise (by an older version of the
 library) by its newest file's time on a local disk, and is kept on an object store. A
+metrics file goes with its step's folder where that is an incomplete save, and otherwise by
+its own time on a local disk (it is kept on an object store). A
 :class:`CheckpointManager` holding its directory's lock is the only writer of its step
 folders and never overwrites a step, so its start-up reclaims every leftover at once
 (``live_s=None``).
@@ -21,6 +26,7 @@ folders and never overwrites a step, so its start-up reclaims every leftover at 
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 from typing import Any, NamedTuple
@@ -31,6 +37,8 @@ from ._format import COMMIT_FILE
 # A leftover younger than this may belong to a save still writing (in another process).
 LIVE_SAVE_S = float(os.environ.get("PYTREE_CKPT_CLEAN_AFTER_S", 6 * 3600))
 _TIMED = "c"  # the 13th hex digit of a save id that starts with its time (uuid4's is "4")
+# A manager's metrics file of a step, or a temporary file of its write (TensorStore's).
+_METRICS_FILE = re.compile(r"(0|[1-9][0-9]*)\.metrics\.msgpack(\..+)?")
 
 
 def new_save_id() -> str:
@@ -42,7 +50,8 @@ def new_save_id() -> str:
 class CleanReport(NamedTuple):
     """What :func:`clean` found (and, with ``deleted``, removed), as paths.
 
-    - ``incomplete``: folders of saves that never committed.
+    - ``incomplete``: folders of saves that never committed, and metrics files of steps
+      that never committed.
     - ``orphaned``: generations of committed checkpoints that no commit file names.
     - ``kept``: leftovers young enough to be a save still writing, left alone.
     - ``deleted``: whether ``incomplete`` and ``orphaned`` were deleted.
@@ -68,12 +77,13 @@ class CleanReport(NamedTuple):
 def clean(directory: str | os.PathLike | dict, *, delete: bool = False) -> CleanReport:
     """Lists (and with ``delete``, deletes) what interrupted saves left in a checkpoint or a
     :class:`CheckpointManager`'s directory: incomplete saves, and generations of committed
-    checkpoints that no commit file names (crashed overwrites).
+    checkpoints that no commit file names (crashed overwrites), and metrics files of a
+    manager's steps that never committed.
 
     Never what a save may still be writing, in this process or another: a leftover is
     reclaimed once it is older than 6 hours (``PYTREE_CKPT_CLEAN_AFTER_S``), and younger
-    ones are reported as kept. Committed checkpoints, metrics files and anything that is not
-    a leftover of a save are never deleted.
+    ones are reported as kept. Committed checkpoints, their metrics files and anything that is
+    not a leftover of a save are never deleted.
 
     **Arguments:**
 
@@ -131,7 +141,15 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
             young = (any(_young(where, g, live_s) for g in generations)
                      or (not generations and live_s is not None))
             (kept if young else incomplete).append(where.url)
-    return CleanReport(loc.url, tuple(incomplete), tuple(orphaned), tuple(kept), False)
+    if "" not in checkpoints:  # a manager's directory
+        committed = {n for n, inside in checkpoints.items() if COMMIT_FILE in inside}
+        for name in _orphan_metrics(children, committed):
+            step_folder = loc.child(_METRICS_FILE.fullmatch(name)[1]).url
+            young = (step_folder in kept if step_folder in kept + incomplete
+                     else _young_file(loc, name, live_s))
+            (kept if young else incomplete).append(_path(loc, name))
+    return CleanReport(loc.url, tuple(sorted(incomplete)), tuple(sorted(orphaned)),
+                       tuple(sorted(kept)), False)
 
 
 def remove(loc: _storage.Location, kv: Any, found: CleanReport) -> None:
@@ -143,8 +161,17 @@ def remove(loc: _storage.Location, kv: Any, found: CleanReport) -> None:
             for name in _storage.top_level_names(loc, kv) or ():
                 if _is_leftover(name):
                     _storage.delete_prefix(loc, kv, name)
+        elif _METRICS_FILE.fullmatch(relative):
+            _storage.delete_file(loc, kv, relative)
         else:
             _storage.delete_prefix(loc, kv, relative)
+
+
+def _orphan_metrics(children: dict[str, set[str] | None], committed: set[str]) -> list[str]:
+    """A manager directory's metrics files of steps not committed, and temporary ones."""
+    return [n for n, inside in sorted(children.items())
+            if inside is None and (m := _METRICS_FILE.fullmatch(n))
+            and (m[2] or m[1] not in committed)]
 
 
 def _named_generation(kv: Any, key: str) -> str | None:
@@ -165,6 +192,19 @@ def _young(where: _storage.Location, generation: str, live_s: float | None) -> b
             return True
         started = _newest_mtime(os.path.join(where.local, generation))
     return time.time() - started < live_s
+
+
+def _young_file(loc: _storage.Location, name: str, live_s: float | None) -> bool:
+    """Whether the file ``name`` may be a save's still writing: by its time on a local disk;
+    an object store's listing has no times, so there it may always be."""
+    if live_s is None:
+        return False
+    if loc.local is None:
+        return True
+    try:
+        return time.time() - os.lstat(os.path.join(loc.local, name)).st_mtime < live_s
+    except FileNotFoundError:
+        return False
 
 
 def _started(generation: str) -> float | None:

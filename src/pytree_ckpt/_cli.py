@@ -430,13 +430,15 @@ def _steps(pc: Any, args: argparse.Namespace) -> int:
                          "leaves": len(info.leaves),
                          "metrics": _jsonable(dict(mgr.metrics(step) or {}))})
         best = mgr.best_step()
-    # What clean would remove (incomplete saves, orphaned generations), and what it keeps as
-    # young enough to be a save still writing.
+    # What clean would remove (incomplete saves, orphaned generations, metrics files of steps
+    # that never committed), and what it keeps as young enough to be a save still writing.
     leftovers = pc.clean(args.directory)
+    listed = set(steps)
     for state, paths in (("incomplete", leftovers.incomplete), ("saving?", leftovers.kept)):
         for path in paths:
             step = _step_of(path, directory)
-            if step is not None:
+            if step is not None and step not in listed:
+                listed.add(step)
                 rows.append({"step": step, "state": state, "time": None, "nbytes": None,
                              "leaves": None, "metrics": {}})
     if not rows:
@@ -470,8 +472,10 @@ def _steps(pc: Any, args: argparse.Namespace) -> int:
 
 
 def _step_of(path: str, directory: str) -> int | None:
-    """The step whose folder ``path`` is, inside the manager's ``directory``, or None."""
+    """The step whose folder or metrics file ``path`` is, inside the manager's ``directory``,
+    or None."""
     name = path[len(directory.rstrip("/")) + 1:] if path.startswith(directory) else ""
+    name = name.split(".metrics.msgpack", 1)[0]
     return int(name) if name.isdigit() and (name == "0" or not name.startswith("0")) else None
 
 
