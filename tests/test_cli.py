@@ -362,6 +362,14 @@ def test_convert_round_trips_foreign_to_ours_and_ours_to_safetensors(tmp_path):
     restored, _ = pc.restore(tmp_path / "from_hf")
     np.testing.assert_array_equal(restored["dense"]["kernel"], kernel)
     np.testing.assert_array_equal(restored["dense"]["bias"], [1, 2])
+    rc, out, err = cli("verify", tmp_path / "hf.safetensors")  # no checksums to check there
+    assert (rc, out) == (2, "") and err == (
+        f"pytree-ckpt: error: {tmp_path}/hf.safetensors: a safetensors file, not a pytree_ckpt "
+        "checkpoint: verify checks the checksums a pytree_ckpt checkpoint records, and this "
+        "format records none (restore and metadata read it; pytree-ckpt convert makes a "
+        "pytree_ckpt checkpoint of it)\n")
+    rc, out, err = cli("verify", tmp_path / "from_hf")
+    assert rc == 0 and out.startswith(f"{tmp_path}/from_hf: ok: 2 leaves"), err
 
     state = {"params": {"w": kernel, "b": np.ones(2, np.float32)}, "step": 7}
     (tmp_path / "state.msgpack").write_bytes(flax.serialization.to_bytes(state))

@@ -186,3 +186,30 @@ def test_a_format_4_checkpoint_restores_and_verifies_without_bindings(two):
     assert pc.verify(one).ok
     tree, _ = pc.restore(one)
     assert not np.array_equal(tree["a"], _tree(0)["a"])
+
+
+def test_verify_refuses_another_tools_checkpoint_naming_its_format(tmp_path):
+    import flax.serialization
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import save_file
+
+    tree = {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3)}
+    save_file({k: v.astype(np.float32) for k, v in tree.items()}, str(tmp_path / "m.safetensors"))
+    (tmp_path / "state.msgpack").write_bytes(flax.serialization.to_bytes(tree))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "orbax", tree)
+    checkpointer.wait_until_finished()
+    for name, what in [("m.safetensors", "a safetensors file"),
+                       ("state.msgpack", "a Flax msgpack file"), ("orbax", "an Orbax checkpoint")]:
+        path = tmp_path / name
+        with pytest.raises(pc.NotACheckpointError, match=(
+                f"^{path}: {what}, not a pytree_ckpt checkpoint: verify checks the checksums "
+                "a pytree_ckpt checkpoint records, and this format records none")):
+            pc.verify(path)
+    # A safetensors header that does not fit its file: corrupt, not merely foreign.
+    damaged = (tmp_path / "m.safetensors").read_bytes()[:-8]
+    (tmp_path / "short.safetensors").write_bytes(damaged)
+    with pytest.raises(pc.CorruptCheckpointError, match="short.safetensors"):
+        pc.verify(tmp_path / "short.safetensors")
+    with pytest.raises(pc.CheckpointNotFoundError, match="not a checkpoint"):
+        pc.verify(tmp_path)

@@ -19,13 +19,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _binding, _format, _gc, _storage
-from ._errors import CorruptCheckpointError, NotACheckpointError
+from . import _binding, _format, _formats, _gc, _source, _storage
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
 from ._format import COMMIT_FILE, Commit, LeafRecord
 from ._restore import commit_file, load_commit
 
 _IN_FLIGHT = 16  # chunks read at once (~64 MiB of chunks of the writer's size)
 _MAX_ZARR_JSON = 1 << 16
+_FOREIGN = {_source.ORBAX: "an Orbax checkpoint", _source.FLAX_MSGPACK: "a Flax msgpack file",
+            _source.SAFETENSORS: "a safetensors file"}
 
 
 class VerifyReport(NamedTuple):
@@ -73,7 +75,10 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> V
     committed pytree_ckpt checkpoint is there; :class:`CorruptCheckpointError` or
     :class:`FormatVersionError` for a commit file that cannot be read (nothing else can be
     checked then), and with ``raise_on_error`` for any problem;
-    :class:`NotACheckpointError` for a FIFO or device in place of the commit file.
+    :class:`NotACheckpointError` for a FIFO or device in place of the commit file, and for
+    another tool's checkpoint (Orbax, Flax msgpack, safetensors), whose files record no
+    checksums to check (the reader's checks of its header still apply:
+    :class:`CorruptCheckpointError` for one that does not fit the file).
 
     Example::
 
@@ -85,7 +90,7 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> V
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
     with _gc.paused():
-        commit = load_commit(loc, kv)
+        commit = _load_ours(loc, kv)
         problems: dict[str, str] = {}
         read = _Checker(loc.url, kv, commit, problems)
         read.add(_commit_bytes(kv, loc))
@@ -110,6 +115,20 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> V
         raise CorruptCheckpointError(
             f"{loc.url}: {len(problems)} bad leaf/leaves of {report.leaves}: {listed}")
     return report
+
+
+def _load_ours(loc: _storage.Location, kv: Any) -> Commit:
+    """The commit file; for another tool's checkpoint, a clear refusal naming its format."""
+    try:
+        return load_commit(loc, kv)
+    except CheckpointNotFoundError:
+        foreign = _formats.detect(loc, kv)
+        if foreign is None:
+            raise
+    raise NotACheckpointError(
+        f"{loc.url}: {_FOREIGN[foreign.format]}, not a pytree_ckpt checkpoint: verify checks the "
+        "checksums a pytree_ckpt checkpoint records, and this format records none (restore and "
+        "metadata read it; pytree-ckpt convert makes a pytree_ckpt checkpoint of it)")
 
 
 def _commit_bytes(kv: Any, loc: _storage.Location) -> int:
