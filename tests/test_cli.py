@@ -2,11 +2,14 @@
 local and on the loopback S3 server: its tables, its --json, its exit status, its one-line
 errors."""
 
+import fcntl
 import json
 import os
 import pathlib
+import struct
 import subprocess
 import sys
+import termios
 
 import jax
 import jax.numpy as jnp
@@ -420,3 +423,48 @@ def test_json_goes_before_or_after_the_command_and_a_closed_pipe_is_quiet(tmp_pa
                             PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH",
                                                                                   "")])))
     assert out.stdout.splitlines()[1] == "status 0" and out.stderr == ""
+
+
+def cli_on_terminal(*args):
+    """Runs the command line with its stderr on a pseudo-terminal and its stdout piped;
+    returns (exit status, stdout, what the terminal received)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    terminal, child_end = os.openpty()
+    # 24 rows of 100 columns (a new pseudo-terminal has 0, and tqdm draws nothing in 0).
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "pytree_ckpt", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=child_end, env=env)
+    os.close(child_end)
+    shown = b""
+    try:
+        while data := os.read(terminal, 1 << 16):
+            shown += data
+    except OSError:  # EIO: the child's end is closed (it exited)
+        pass
+    finally:
+        os.close(terminal)
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    assert proc.wait(timeout=120) is not None
+    return proc.returncode, out, shown.decode()
+
+
+def test_bars_are_drawn_on_a_terminal_only_and_never_with_json(tmp_path):
+    pc.save({"w": np.arange(100_000, dtype=np.float32), "b": np.ones(3)}, tmp_path / "c")
+    rc, out, shown = cli_on_terminal("verify", tmp_path / "c")
+    assert rc == 0 and out.startswith(f"{tmp_path}/c: ok: 2 leaves, ")
+    assert shown.startswith("\rverify:   0%|") and "/391k [" in shown, shown  # its chunks and blob
+    assert cli("verify", tmp_path / "c")[2] == ""  # piped: no bar
+    rc, out, shown = cli_on_terminal("verify", tmp_path / "c", "--json")
+    assert (rc, shown) == (0, "") and json.loads(out)["ok"] is True
+
+    rc, out, shown = cli_on_terminal("convert", tmp_path / "c", tmp_path / "copy")
+    assert rc == 0 and out == (f"{tmp_path}/c (pytree_ckpt, 2 leaves, 390.6 KiB) -> "
+                               f"{tmp_path}/copy (pytree_ckpt)\n")
+    assert "\rrestore:   0%|" in shown and "\rsave:   0%|" in shown, shown
+    rc, out, shown = cli_on_terminal("convert", tmp_path / "c", tmp_path / "copy2", "--json")
+    assert (rc, shown) == (0, "") and json.loads(out)["nbytes"] == 400_024
+    rc, _, err = cli("convert", tmp_path / "c", tmp_path / "copy3")
+    assert (rc, err) == (0, "")
+    np.testing.assert_array_equal(pc.restore(tmp_path / "copy2")[0]["w"], np.arange(100_000))

@@ -1,12 +1,21 @@
-"""restore(progress=True) draws a bar of the bytes read and restores what restore does;
-without it the library prints nothing."""
+"""progress=True draws a bar of the bytes a save writes, or a restore or verify reads (and
+they do what they do without it); without it the library prints nothing. A failing save's bar
+is closed."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 import pytree_ckpt as pc
 from pytree_ckpt import _progress
+
+SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 
 TREE = {"w": jnp.arange(4096.0).reshape(64, 64), "small": [np.full(10, i) for i in range(5)],
         "step": 3}
@@ -39,3 +48,106 @@ def test_progress_bar_only_when_asked_and_the_same_tree(tmp_path, capfd, monkeyp
         again, _ = mgr.restore(1, progress=True)
     assert "restore:   0%|" in capfd.readouterr().err
     jax.tree.map(np.testing.assert_array_equal, again, saved)
+
+
+class _Recorded:
+    """tqdm.auto's bar, each one kept to be looked at (it still draws as it would)."""
+
+    def __init__(self, monkeypatch):
+        import tqdm.auto
+
+        self.bars = bars = []
+
+        class Recording(tqdm.auto.tqdm):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                bars.append(self)
+
+        monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+
+    def take(self):
+        """(desc, total, n, closed) of every bar made since the last take."""
+        out = [(b.desc, b.total, b.n, b.disable) for b in self.bars]
+        self.bars.clear()
+        return out
+
+
+def _files_bytes(folder, pattern):
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+
+
+def test_save_and_verify_bars_count_every_byte_and_nothing_is_drawn_unasked(
+        tmp_path, capfd, monkeypatch):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("x",))
+    sharded = jax.device_put(jnp.arange(128 * 1024, dtype=jnp.float32).reshape(128, 1024),
+                             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x")))
+    tree = {**TREE, "big": np.arange(100_000, dtype=np.float64), "sharded": sharded}
+    recorded = _Recorded(monkeypatch)
+    pc.save(tree, tmp_path / "quiet")
+    pc.save_async(tree, tmp_path / "quiet_async").result()
+    report = pc.verify(tmp_path / "quiet")
+    with pc.CheckpointManager(tmp_path / "run", async_save=False) as mgr:
+        mgr.save(1, tree)
+    assert capfd.readouterr() == ("", "") and recorded.take() == []  # nothing unless asked
+
+    # Written: every array's bytes (zarr chunks hold the shards' bytes, packed blobs the
+    # small leaves); the bar reaches that total and is closed.
+    written = tree["big"].nbytes + sharded.nbytes + _files_bytes(tmp_path / "quiet", "d-*/p/**/*")
+    for save in (lambda p: pc.save(tree, p, progress=True),
+                 lambda p: pc.save_async(tree, p, progress=True).result()):
+        save(tmp_path / "loud")
+        assert recorded.take() == [("save", written, written, True)]
+        err = capfd.readouterr().err
+        shown = tqdm.tqdm.format_sizeof(written, divisor=1024)  # 1.28M
+        assert err.startswith("\rsave:   0%|") and f"/{shown} [" in err, err
+        shutil.rmtree(tmp_path / "loud")
+    with pc.CheckpointManager(tmp_path / "run", async_save=True) as mgr:
+        mgr.save(2, tree, progress=True)
+    assert recorded.take() == [("save", written, written, True)]
+    assert "\rsave:   0%|" in capfd.readouterr().err
+
+    # Read: every chunk (with its 4-byte checksum) and blob, as the commit file names them.
+    data = (_files_bytes(tmp_path / "quiet", "d-*/a/*/c/**/*")
+            + _files_bytes(tmp_path / "quiet", "d-*/p/**/*"))
+    assert pc.verify(tmp_path / "quiet", progress=True) == report
+    assert recorded.take() == [("verify", data, data, True)]
+    assert "\rverify:   0%|" in capfd.readouterr().err
+    assert report.bytes_read > data
+
+
+# Writes fail past 1 MiB a file (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG, as on a full disk).
+_FAILING_SAVE = """
+import resource, signal, sys
+import numpy as np, tqdm.auto
+import pytree_ckpt as pc
+bars = []
+class Recording(tqdm.auto.tqdm):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        bars.append(self)
+tqdm.auto.tqdm = Recording
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+tree = {"w": np.ones((1024, 1024), np.float32), "small": np.ones(3)}
+for n, save in enumerate([pc.save, lambda t, p, **k: pc.save_async(t, p, **k).result()]):
+    try:
+        save(tree, f"{sys.argv[1]}/{n}", progress=True)
+    except pc.SaveError as e:
+        print("SaveError", "File too large" in str(e))
+print([(b.desc, b.total, b.disable) for b in bars], len(Recording._instances))
+"""
+
+
+def test_the_bar_of_a_failing_save_is_closed(tmp_path):
+    child = subprocess.run([sys.executable, "-c", _FAILING_SAVE, str(tmp_path)],
+                           capture_output=True, text=True, timeout=240,
+                           env=dict(os.environ, PYTHONPATH=SRC, JAX_PLATFORMS="cpu"))
+    assert child.returncode == 0, child.stderr[-3000:]
+    pc.save({"small": np.ones(3)}, tmp_path / "packed")  # the packed blob of 3 float64s
+    total = 1024 * 1024 * 4 + _files_bytes(tmp_path / "packed", "d-*/p/**/*")
+    shutil.rmtree(tmp_path / "packed")
+    assert child.stdout.splitlines() == [
+        "SaveError True", "SaveError True",
+        f"[('save', {total}, True), ('save', {total}, True)] 0"]
+    assert "save:   0%|" in child.stderr  # drawn, then cleared
+    assert not any(p.name.startswith("d-") for d in tmp_path.iterdir() for p in d.iterdir())

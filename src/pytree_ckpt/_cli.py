@@ -14,7 +14,8 @@ public API, one command per question people ask of a checkpoint::
 Every command takes ``--json`` (one JSON document on stdout instead of a table). Exit status:
 0 fine; 1 differences (``diff``) or a corrupt checkpoint found; 2 bad usage, or nothing there
 (no checkpoint, an incomplete save, an empty directory). An error is one line on stderr,
-never a traceback. Progress bars go to stderr, and only when it is a terminal.
+never a traceback. Progress bars (``verify``, and ``convert``'s read and write) go to
+stderr, and only when it is a terminal and ``--json`` is not given.
 
 Each command goes through what ``import pytree_ckpt`` offers (``metadata``, ``restore``,
 ``verify``, ``save``, ``save_safetensors``, ``clean``, a read-only
@@ -387,7 +388,7 @@ def _spec_json(leaf: Any) -> dict:
 # ---- verify ----
 
 def _verify(pc: Any, args: argparse.Namespace) -> int:
-    report = pc.verify(args.path)
+    report = pc.verify(args.path, progress=_bars(args))
     if args.json:
         _emit({"path": report.path, "format_version": report.version, "leaves": report.leaves,
                "bytes_read": report.bytes_read, "ok": report.ok,
@@ -494,12 +495,12 @@ def _convert(pc: Any, args: argparse.Namespace) -> int:
 
     to = args.to or ("safetensors" if args.dst.endswith(".safetensors") else "pytree_ckpt")
     info = pc.metadata(args.src)
-    tree, status = pc.restore(args.src, at=args.at, progress=sys.stderr.isatty())
+    tree, status = pc.restore(args.src, at=args.at, progress=_bars(args))
     try:
-        if to == "safetensors":
+        if to == "safetensors":  # one write of one buffer: no bar to show
             written = pc.save_safetensors(tree, args.dst, overwrite=args.overwrite)
         else:
-            written = pc.save(tree, args.dst, overwrite=args.overwrite)
+            written = pc.save(tree, args.dst, overwrite=args.overwrite, progress=_bars(args))
     except pc.UnsupportedLeafError as e:
         if to != "safetensors" or args.at:
             raise
@@ -555,6 +556,11 @@ def _anything_there(pc: Any, path: str) -> bool:
 
 
 # ---- shared ----
+
+def _bars(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars (on stderr): only on a terminal, and never with --json."""
+    return sys.stderr.isatty() and not args.json
+
 
 def _metadata(pc: Any, path: str) -> Any:
     """pc.metadata(path), with a hint when the path is a manager's directory."""

@@ -104,11 +104,12 @@ def _tree_digest(snap: _snapshot.Snapshot) -> str:
 
 
 def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
-           save_id: str, seen: bytes | None) -> str:
-    """Writes and commits the snapshot (every process takes part), in the background."""
+           save_id: str, seen: bytes | None, progress: bool = False) -> str:
+    """Writes and commits the snapshot (every process takes part), in the background; with
+    ``progress``, the primary shows a bar of the bytes it writes."""
     try:
         with _distributed.alive(_LIVENESS_S):
-            return _write_and_commit(loc, kv, snap, names, save_id, seen)
+            return _write_and_commit(loc, kv, snap, names, save_id, seen, progress)
     finally:
         # Every write has ended here, failed or not (_write.write_data waits for them).
         for k in range(len(snap.parts)):
@@ -116,14 +117,15 @@ def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set
 
 
 def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
-                      names: set[str], save_id: str, seen: bytes | None) -> str:
+                      names: set[str], save_id: str, seen: bytes | None,
+                      progress: bool) -> str:
     me = _distributed.process_index()
     primary = me == 0
     old = _replaced_generations(kv, names) if primary else []
     data, name = f"d-{save_id}", f"save/{save_id}"
     error, entries = None, []
     try:
-        entries = _write.write_data(kv, data, snap, me, primary)
+        entries = _write.write_data(kv, data, snap, me, primary, progress and primary)
         if loc.local is not None:
             # A tree of Python leaves only writes no data: the folder must exist to be synced
             # (and it makes the checkpoint's own directory exist, durably, before the commit).

@@ -207,7 +207,7 @@ class CheckpointManager:
     # ---- saving ----
 
     def save(self, step: int, tree: Any, *, metrics: Metrics | None = None,
-             force: bool = False) -> bool:
+             force: bool = False, progress: bool = False) -> bool:
         """Saves ``tree`` as checkpoint ``step`` if the interval (or ``force``, or a preemption
         notice) says so.
 
@@ -218,6 +218,7 @@ class CheckpointManager:
         - ``metrics``: a mapping of str to numbers (scalar arrays included), bools, strs or
           None, kept beside the checkpoint for ``best_fn``.
         - ``force``: save even if ``step`` is not a multiple of ``save_interval_steps``.
+        - ``progress``: show a bar of the bytes written, as :func:`save` does; off by default.
 
         With ``async_save`` the call returns once the tree is snapshotted; the previous save is
         first waited for, and retention applied. A preemption-forced save is always waited for
@@ -234,6 +235,12 @@ class CheckpointManager:
         if another manager took the directory over; :class:`NotACheckpointError` for a
         symbolic link or a file named like the step, or a link where the step's metrics file
         goes; what :func:`save` raises; ``TypeError`` for unsupported metrics.
+
+        Example::
+
+            >>> with pc.CheckpointManager("memory://doc/mgr_save", async_save=False) as mgr:
+            ...     mgr.save(1, {"w": jnp.ones(2)}, metrics={"loss": 0.5}, progress=True)
+            True
         """
         self._check_open()
         if self._read_only:
@@ -261,7 +268,7 @@ class CheckpointManager:
         if self._primary:
             self._write_metrics(step, encoded)
         try:
-            fut = save_async(tree, self._path(step))
+            fut = save_async(tree, self._path(step), progress=progress)
         except BaseException:
             self._drop_metrics(step)
             raise

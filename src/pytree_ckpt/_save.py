@@ -28,7 +28,8 @@ from ._format import COMMIT_FILE
 _save_counter = 0
 
 
-def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) -> str:
+def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False,
+         progress: bool = False) -> str:
     """Saves ``tree`` to ``path``; committed and durable when it returns.
 
     **Arguments:**
@@ -39,6 +40,10 @@ def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) 
       ``s3://bucket/dir``, or a TensorStore kvstore spec dict.
     - ``overwrite``: replace an existing checkpoint at ``path``. The old one stays intact and
       restorable until the new one is committed.
+    - ``progress``: show a progress bar of the bytes written (tqdm: a widget in a notebook,
+      on stderr elsewhere), cleared when the writing ends, failed or not. In a multi-process
+      job only process 0 shows it, counting the bytes it writes itself. Off by default: save
+      prints nothing.
 
     Nothing is copied up front (the caller waits, so its arrays are the snapshot): peak
     memory is the tree and a few MiB. :func:`save_async` copies first, so that the caller
@@ -60,13 +65,15 @@ def save(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False) 
         >>> import jax.numpy as jnp, pytree_ckpt as pc
         >>> pc.save({"w": jnp.ones(3), "step": 7}, "memory://doc/save")
         'memory://doc/save'
+        >>> pc.save({"w": jnp.ones(3)}, "memory://doc/save_bar", progress=True)  # a bar on stderr
+        'memory://doc/save_bar'
     """
     # The caller waits: its leaves are the snapshot (no copy; see _snapshot.snapshot).
-    return _start(tree, path, overwrite, copy=False).result()
+    return _start(tree, path, overwrite, progress, copy=False).result()
 
 
-def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False
-               ) -> _async.SaveFuture:
+def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = False,
+               progress: bool = False) -> _async.SaveFuture:
     """Starts saving ``tree`` to ``path``; returns once the tree is snapshotted.
 
     The snapshot copies the shards this process owns to host memory (on the CPU backend,
@@ -80,7 +87,8 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
     fresh memory is what a snapshot mostly waited for): up to 256 MiB of host memory, the
     last save's small leaves, stays allocated between saves.
 
-    **Arguments:** as :func:`save`.
+    **Arguments:** as :func:`save`. With ``progress``, the bar is drawn while the background
+    writes run, and cleared when they end.
 
     **Returns:** a :class:`SaveFuture`; ``result()`` returns the path once committed and
     re-raises any background error.
@@ -95,11 +103,11 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
         >>> fut.result()
         'memory://doc/async'
     """
-    return _start(tree, path, overwrite, copy=True)
+    return _start(tree, path, overwrite, progress, copy=True)
 
 
-def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, copy: bool
-           ) -> _async.SaveFuture:
+def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, progress: bool,
+           copy: bool) -> _async.SaveFuture:
     global _save_counter
     _save_counter += 1  # every call takes part in its meeting, failed or not: no drift
     loc: _storage.Location | None = None
@@ -116,7 +124,7 @@ def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, copy: boo
         raise  # agree raises e; kept for readers and type checkers
     save_id = _commit.agree(str(_save_counter), loc.url, snap, None)
     return _async.submit(
-        lambda: _commit.finish(loc, kv, snap, names, save_id, seen), loc.url)
+        lambda: _commit.finish(loc, kv, snap, names, save_id, seen, progress), loc.url)
 
 
 def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> set[str]:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _binding, _format, _formats, _gc, _source, _storage
+from . import _binding, _format, _formats, _gc, _progress, _source, _storage
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
 from ._format import COMMIT_FILE, Commit, LeafRecord
 from ._restore import commit_file, load_commit
@@ -53,7 +54,8 @@ class VerifyReport(NamedTuple):
         return not self.problems
 
 
-def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> VerifyReport:
+def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False,
+           progress: bool = False) -> VerifyReport:
     """Reads every byte of the checkpoint at ``path`` and checks every checksum and binding.
 
     Restore already checks what it reads (see the README's "Reliability"); ``verify`` reads
@@ -68,6 +70,9 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> V
     - ``path``: a pytree_ckpt checkpoint (as for :func:`restore`).
     - ``raise_on_error``: raise :class:`CorruptCheckpointError` naming every bad leaf instead
       of returning a report with problems.
+    - ``progress``: show a progress bar of the bytes of data read, every chunk and packed
+      blob the commit file names (tqdm: a widget in a notebook, on stderr elsewhere). Off by
+      default: verify prints nothing.
 
     **Returns:** a :class:`VerifyReport`.
 
@@ -86,6 +91,8 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> V
         >>> report = pc.verify("memory://doc/verify")
         >>> report.ok, report.leaves, report.bytes_read > 512 * 512 * 4
         (True, 2, True)
+        >>> pc.verify("memory://doc/verify", progress=True).ok  # a bar on stderr meanwhile
+        True
     """
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
@@ -104,9 +111,12 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False) -> V
             except NotACheckpointError as e:
                 problems.setdefault("", str(e))
         records = read.records()
-        read.packed([r for r in records if r.storage.kind == "p"])
-        for rec in records:
-            if rec.storage.kind == "z":
+        packed = [r for r in records if r.storage.kind == "p"]
+        zarr = [r for r in records if r.storage.kind == "z"]
+        with _progress.bar(_data_bytes(commit, packed, zarr), "verify", progress) as advance:
+            read.advance = advance
+            read.packed(packed)
+            for rec in zarr:
                 read.zarr(rec)
     report = VerifyReport(loc.url, commit.version, len(commit.leaves), read.bytes,
                           dict(sorted(problems.items())))
@@ -131,6 +141,14 @@ def _load_ours(loc: _storage.Location, kv: Any) -> Commit:
         "metadata read it; pytree-ckpt convert makes a pytree_ckpt checkpoint of it)")
 
 
+def _data_bytes(commit: Commit, packed: list[LeafRecord], zarr: list[LeafRecord]) -> int:
+    """The bytes of every packed blob and chunk that ``commit`` says the leaves are in."""
+    blobs = {r.storage.index for r in packed}
+    return (sum(commit.blobs[b][2] for b in blobs)
+            + sum(math.prod(_binding.grid(r)) * (_binding.chunk_bytes(r) + _binding.TRAILER)
+                  for r in zarr))
+
+
 def _commit_bytes(kv: Any, loc: _storage.Location) -> int:
     raw = _storage.read_key(kv, COMMIT_FILE, loc)
     return len(raw) if raw is not None else 0
@@ -143,6 +161,7 @@ class _Checker:
     def __init__(self, url: str, kv: Any, commit: Commit, problems: dict[str, str]):
         self.url, self.kv, self.commit, self.problems = url, kv, commit, problems
         self.bytes = 0
+        self.advance: _progress.Advance = lambda n: None  # a progress bar's, by data bytes
 
     def add(self, n: int) -> None:
         self.bytes += n
@@ -175,6 +194,7 @@ class _Checker:
             key = self.commit.blob_key(blob)
             declared = self.commit.blobs[blob][2]
             result = self.kv.read(key).result()
+            self.advance(declared)
             data = bytes(result.value) if result.state == "value" else None
             if data is None:
                 for rec in recs:
@@ -200,6 +220,7 @@ class _Checker:
         for flat, (index, result) in enumerate(self._chunks(rec)):
             key = _binding.chunk_key(self.commit.data, rec, index)
             value = bytes(result.value) if result.state == "value" else None
+            self.advance(n + _binding.TRAILER)
             if value is None:
                 self.fail(rec.path, f"chunk {index} ({key}) is missing")
                 continue

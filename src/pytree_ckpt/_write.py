@@ -1,7 +1,9 @@
 """Writing a snapshot's data: this process's zarr3 chunks and packed blobs.
 
 Every chunk is written concurrently; the packed parts a few at a time, each released (to
-:data:`_packing.pool`) once written.
+:data:`_packing.pool`) once written. With a progress bar, it advances by each packed part as
+it is written, then by each chunk as the chunks' writes are waited for, in the order they
+were issued (on the writing thread: tqdm's counter is not safe to advance from TensorStore's).
 """
 
 from __future__ import annotations
@@ -11,14 +13,24 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _leaves, _packing, _snapshot, _storage
+from . import _format, _leaves, _packing, _progress, _snapshot, _storage
 
 _PARTS_IN_FLIGHT = 2
 
 
-def write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: bool) -> list[tuple]:
+def write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: bool,
+               progress: bool = False) -> list[tuple]:
     """Writes this process's chunks and packed parts; returns its packed leaves as
-    ``(path, process, part, offset, nbytes, checksum)``."""
+    ``(path, process, part, offset, nbytes, checksum)``. With ``progress``, under a bar of
+    the bytes this process writes."""
+    total = (sum(host.nbytes for w in snap.arrays for _, host in w.shards)
+             + sum(snap.packing.part_sizes))
+    with _progress.bar(total, "save", progress) as advance:
+        return _write_data(kv, data, snap, me, primary, advance)
+
+
+def _write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: bool,
+                advance: _progress.Advance) -> list[tuple]:
     opens = []
     for w in snap.arrays:
         spec = _storage.array_spec(w.shape, w.chunks, w.stored_dtype)
@@ -36,8 +48,8 @@ def write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: b
                 host = np.asarray(host)  # a CPU snapshot copy is a jax.Array: waits, no copy
                 if host.dtype.name != w.stored_dtype:
                     host = host.view(_leaves.DTYPES[w.stored_dtype])
-                futures.append(store[index].write(
-                    host, can_reference_source_data_indefinitely=True))
+                futures.append((host.nbytes, store[index].write(
+                    host, can_reference_source_data_indefinitely=True)))
         spare: list[bytearray] = []  # without a snapshot copy: buffers of written parts
         for k, size in enumerate(snap.packing.part_sizes):
             part, buffer = snap.parts[k], None
@@ -50,15 +62,17 @@ def write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: b
             del view  # a part with a view cannot be resized for the next save
             in_flight.append((k, kv.write(f"{data}/p/{me}/{k}", part), buffer))
             if len(in_flight) >= _PARTS_IN_FLIGHT:
-                _finish_part(snap, spare, *in_flight.popleft())
+                _finish_part(snap, spare, *in_flight.popleft(), advance)
         while in_flight:
-            _finish_part(snap, spare, *in_flight.popleft())
-        for f in futures:
+            _finish_part(snap, spare, *in_flight.popleft(), advance)
+        for nbytes, f in futures:
             f.result()
+            advance(nbytes)
     except BaseException:
         # Let every write end before reporting the failure: the generation is deleted then,
         # and a write still in flight would put files back into it.
-        for f in [*(o for _, o in opens), *futures, *(f for _, f, _ in in_flight)]:
+        for f in [*(o for _, o in opens), *(f for _, f in futures),
+                  *(f for _, f, _ in in_flight)]:
             f.exception()
         raise
     return entries
@@ -75,10 +89,11 @@ def _resized(buffer: bytearray, size: int) -> bytearray:
 
 
 def _finish_part(snap: _snapshot.Snapshot, spare: list[bytearray], k: int, future: Any,
-                 buffer: bytearray | None) -> None:
+                 buffer: bytearray | None, advance: _progress.Advance) -> None:
     # A few parts in flight at a time, each released once written: TensorStore copies what
     # it is given, so writing every part at once would hold the small leaves three times.
     future.result()
+    advance(snap.packing.part_sizes[k])
     if buffer is not None:
         spare.append(buffer)  # packed in place of the snapshot's part: reused for the next
     else:
