@@ -151,3 +151,67 @@ def test_the_bar_of_a_failing_save_is_closed(tmp_path):
         f"[('save', {total}, True), ('save', {total}, True)] 0"]
     assert "save:   0%|" in child.stderr  # drawn, then cleared
     assert not any(p.name.startswith("d-") for d in tmp_path.iterdir() for p in d.iterdir())
+
+
+# Each process writes its half of "x" (and reads it back); process 0 also writes the packed
+# "small".
+_MULTIPROCESS = r"""
+import jax, numpy as np, tqdm.auto
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import pytree_ckpt as pc
+bars = []
+class Recording(tqdm.auto.tqdm):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        bars.append(self)
+tqdm.auto.tqdm = Recording
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x"))
+full = np.arange(8 * 1000, dtype=np.float32).reshape(8, 1000)
+x = jax.make_array_from_callback(full.shape, sharding, lambda i: full[i])
+pc.save({"x": x, "small": np.ones(3), "step": 1}, args["path"], progress=True)
+tree, status = pc.restore(args["path"], {"x": x, "small": np.zeros(3), "step": 0},
+                          progress=True)
+np.testing.assert_array_equal(np.asarray(tree["x"].addressable_data(0)), full[4 * process_id:][:4])
+print("BARS", [(b.desc, b.total, b.n, b.disable) for b in bars])
+"""
+
+
+def test_in_a_multiprocess_job_only_process_0_draws(tmp_path):
+    from _multiprocess import assert_all_ok, run_multiprocess
+
+    path = tmp_path / "c"
+    results = run_multiprocess(_MULTIPROCESS, num_processes=2, timeout_s=90,
+                               args={"path": str(path)})
+    assert_all_ok(results)
+    half = 4 * 1000 * 4
+    written = half + _files_bytes(path, "d-*/p/0/*")  # its half of "x", the packed blob
+    read = 2 * half + 3 * 8  # restore's bar: the leaves' whole sizes
+    assert results[0].stdout.splitlines()[-1] == (
+        f"BARS [('save', {written}, {written}, True), ('restore', {read}, {read}, True)]")
+    assert "save:   0%|" in results[0].stderr and "restore:   0%|" in results[0].stderr
+    assert results[1].stdout.splitlines()[-1] == "BARS []"
+    assert "save:" not in results[1].stderr and "restore:" not in results[1].stderr
+
+
+def test_bars_land_in_the_notebook_cell_that_asked(tmp_path, monkeypatch):
+    # A save's bar is drawn by the background writer thread: it must still show in the cell
+    # (as text on stderr without ipywidgets; tqdm.auto draws a widget where it is installed).
+    from _notebooks import execute_cells
+
+    cells = execute_cells([
+        "import numpy as np, pytree_ckpt as pc\ntree = {'w': np.arange(300_000.0)}",
+        f"pc.save(tree, {str(tmp_path / 'a')!r})",
+        f"pc.save(tree, {str(tmp_path / 'b')!r}, progress=True)",
+        f"pc.save_async(tree, {str(tmp_path / 'c')!r}, progress=True).result()",
+        f"pc.verify({str(tmp_path / 'a')!r}, progress=True).ok",
+    ], tmp_path, monkeypatch)
+
+    def stderr(outputs):
+        return "".join(o.text for o in outputs if o.get("name") == "stderr")
+
+    assert [o.output_type for o in cells[1]] == ["execute_result"]  # nothing unless asked
+    for outputs, what, result in [(cells[2], "save", repr(str(tmp_path / "b"))),
+                                  (cells[3], "save", repr(str(tmp_path / "c"))),
+                                  (cells[4], "verify", "True")]:
+        assert f"\r{what}:   0%|          | 0.00/2.29M [" in stderr(outputs), outputs
+        assert outputs[-1].data["text/plain"] == result

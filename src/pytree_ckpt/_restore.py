@@ -111,7 +111,8 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
       fine). Off by default: restore is pure and reports in the status; a
       :class:`CheckpointManager`'s restore is strict by default.
     - ``progress``: show a progress bar of the bytes read (tqdm: a widget in a notebook, on
-      stderr elsewhere). Off by default: restore prints nothing.
+      stderr elsewhere), over the restored leaves' whole sizes; in a multi-process job only
+      process 0 shows it. Off by default: restore prints nothing.
 
     Matching is by path. Leaves found with another shape, or a dtype that would lose
     information (int <-> float, narrowing ints), are ``mismatched`` and keep the target's
@@ -187,7 +188,8 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any, progress: bool
 
 
 def _read_all(ckpt: _source.Source, jobs: list, progress: bool) -> dict[str, Any]:
-    if not progress:
+    """Reads ``jobs``; with ``progress``, under a bar (process 0's only: one bar per job)."""
+    if not progress or jax.process_index() != 0:
         return ckpt.read(jobs)
     return _progress.read_with_bar(ckpt.read, jobs, "restore")
 
