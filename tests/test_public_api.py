@@ -11,6 +11,7 @@ DOCUMENTED = {
     "PathNotFoundError", "SaveError", "ShardingError", "CheckpointManager", "latest", "LockedError",
     "PartialRestoreError",
     "save_safetensors", "verify", "VerifyReport", "clean", "CleanReport",
+    "read_blocks", "RegionError",
 }
 
 
@@ -36,5 +37,6 @@ def test_errors_also_derive_from_fitting_builtins():
     assert issubclass(pc.UnsupportedLeafError, TypeError)
     assert issubclass(pc.PartialRestoreError, AssertionError)
     assert issubclass(pc.ShardingError, ValueError)
+    assert issubclass(pc.RegionError, IndexError)
     assert all(issubclass(getattr(pc, n), pc.CheckpointError)
                for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError")

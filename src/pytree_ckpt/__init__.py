@@ -14,6 +14,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
 from ._async import SaveFuture as SaveFuture
+from ._blocks import read_blocks as read_blocks
 from ._clean import CleanReport as CleanReport
 from ._clean import clean as clean
 from ._errors import CheckpointError as CheckpointError
@@ -27,6 +28,7 @@ from ._errors import NotACheckpointError as NotACheckpointError
 from ._errors import PartialRestoreError as PartialRestoreError
 from ._errors import PathCollisionError as PathCollisionError
 from ._errors import PathNotFoundError as PathNotFoundError
+from ._errors import RegionError as RegionError
 from ._errors import SaveError as SaveError
 from ._errors import ShardingError as ShardingError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
@@ -64,6 +66,7 @@ __all__ = [
     "PartialRestoreError",
     "PathCollisionError",
     "PathNotFoundError",
+    "RegionError",
     "RestoreStatus",
     "SaveError",
     "SaveFuture",
@@ -73,6 +76,7 @@ __all__ = [
     "clean",
     "latest",
     "metadata",
+    "read_blocks",
     "restore",
     "save",
     "save_async",

@@ -13,6 +13,7 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── UnsupportedLeafError         (TypeError)          a leaf that cannot be saved exactly
     ├── PathCollisionError           (ValueError)         two leaves with one path, e.g. {1: a, "1": b}
     ├── PathNotFoundError            (KeyError)           ``at=`` names nothing in the checkpoint
+    ├── RegionError                  (IndexError)         an index outside a leaf's shape
     ├── PartialRestoreError          (AssertionError)     a strict restore left target leaves unrestored
     ├── ShardingError                (ValueError)         a target's sharding names no devices here
     ├── SaveError                    (RuntimeError)       a write failed, here or on another process
@@ -62,11 +63,17 @@ class PathCollisionError(CheckpointError, ValueError):
 
 
 class PathNotFoundError(CheckpointError, KeyError):
-    """A path given to ``restore(at=...)`` names nothing in the checkpoint."""
+    """A path given to ``restore(at=...)`` names nothing in the checkpoint, or one given to
+    :func:`read_blocks` names no leaf."""
 
     def __str__(self) -> str:
         # KeyError's str() would wrap the message in quotes.
         return str(self.args[0]) if self.args else ""
+
+
+class RegionError(CheckpointError, IndexError):
+    """An ``index`` given to :func:`read_blocks` is not a region of the leaf: it reaches
+    outside the leaf's shape, has a step, or is not made of slices."""
 
 
 class PartialRestoreError(CheckpointError, AssertionError):

@@ -62,6 +62,8 @@ class Want(NamedTuple):
     pytype: type | None = None  # for py and npscalar
     impl: str | None = None  # for prngkey
     weak: bool = False  # for jax: a weakly typed jax.Array
+    # For numpy: the part of the saved array to read, (start, stop) per axis; None for all.
+    region: tuple[tuple[int, int], ...] | None = None
 
 
 Job = tuple[str, LeafRecord, Want]  # (target path, saved leaf, what the target wants)
@@ -228,8 +230,12 @@ class _ZarrReads:
 
 
 def _region_keys(rec: LeafRecord, want: Want, layouts: _Layouts) -> list[tuple]:
+    """The regions of ``rec`` to read, as (start, stop) per axis: each device's for a
+    jax.Array, ``want.region`` where one is asked for, else the whole array."""
     if want.kind == _leaves.JAX:
         return list(dict.fromkeys(key for _d, _index, key in layouts(want.sharding, rec.shape)))
+    if want.region is not None:
+        return [want.region]
     return [_region_key(tuple(slice(0, d) for d in rec.shape), rec.shape)]
 
 
@@ -379,6 +385,10 @@ def _build(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], layout
     if want.kind == _leaves.NPSCALAR:
         return want.pytype(host.astype(want.dtype).reshape(())[()])
     if want.kind == _leaves.NUMPY:
+        if whole and want.region is not None:
+            # A copy of the part: the whole array (a blob's range, a decoded file) is not
+            # kept alive by it.
+            return host[tuple(slice(a, b) for a, b in want.region)].astype(want.dtype)
         return host.astype(want.dtype, copy=not host.flags.writeable)
     data = jax.device_put(host, default_device())  # PRNG key data: small, rewrapped
     key = jax.random.wrap_key_data(data, impl=want.impl)

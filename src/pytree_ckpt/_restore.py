@@ -294,7 +294,7 @@ def _want(path: str, leaf: Any, device: Any) -> Want:
         # made without NamedTuple's Python-level __new__ (~3 ms of a 10,000-leaf restore).
         return _WANT((_leaves.JAX, dtype if isinstance(dtype, np.dtype) else np.dtype(dtype),
                       shape if type(shape) is tuple else tuple(shape), sharding, None, None,
-                      leaf.weak_type))
+                      leaf.weak_type, None))
     if isinstance(leaf, np.ndarray):
         return Want(_leaves.NUMPY, leaf.dtype, leaf.shape)
     if isinstance(leaf, np.generic):

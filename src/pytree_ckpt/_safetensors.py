@@ -14,8 +14,8 @@ model comes as several files named by ``model.safetensors.index.json``
 
 The header is untrusted: its size is bounded, names appear once, dtypes are known, every
 tensor's byte count agrees with its shape and lies inside the file, and no two overlap.
-A tensor is read as byte ranges: for a sharded target, each device's region is read as the
-range of rows (along the first axis) it covers, not the whole tensor.
+A tensor is read as byte ranges: for a sharded target or a region (:func:`pytree_ckpt.read_blocks`),
+each region is read as the bytes from its first element to its last, not the whole tensor.
 """
 
 from __future__ import annotations
@@ -208,7 +208,8 @@ def _record(url: str, name: str, spec: Any, base: int, number: int) -> LeafRecor
 
 def read(files: list[_source.File], jobs: list[_read.Job]) -> dict[str, Any]:
     """The restored leaves of ``jobs`` by target path: each region read as one range of
-    rows, in pieces of ~_PIECE_BYTES, at most ~_BYTES_IN_FLIGHT of them in flight."""
+    bytes (:func:`_span`), in pieces of ~_PIECE_BYTES, at most ~_BYTES_IN_FLIGHT of them in
+    flight."""
     layouts = _read._Layouts()
     out: dict[str, Any] = {}
     in_flight: collections.deque = collections.deque()
@@ -231,16 +232,14 @@ def _pieces(files: list[_source.File], jobs: list[_read.Job], layouts: _read._La
     one item with no future."""
     for path, rec, want in jobs:
         f, offset = files[rec.storage.index], rec.storage.offset
-        shape = rec.shape
-        row = _leaves.DTYPES[rec.dtype].itemsize * math.prod(shape[1:])
+        dtype = _leaves.DTYPES[rec.dtype]
         regions: dict[tuple, np.ndarray] = {}
         todo = []
         for key in _read._region_keys(rec, want, layouts):
-            rows = key[0] if key else (0, 1)
-            regions[key] = full = _read._aligned_empty(
-                (rows[1] - rows[0], *shape[1:]) if shape else (), _leaves.DTYPES[rec.dtype])
-            flat = full.reshape(-1).view(np.uint8) if full.size else np.empty(0, np.uint8)
-            start = offset + rows[0] * row
+            first, stop = _span(key, rec.shape)
+            regions[key] = span = _read._aligned_empty((stop - first,), dtype)
+            flat = span.view(np.uint8)
+            start = offset + first * dtype.itemsize
             for lo in range(0, len(flat), _PIECE_BYTES):
                 hi = min(lo + _PIECE_BYTES, len(flat))
                 todo.append((flat[lo:hi], (start + lo, start + hi)))
@@ -274,15 +273,40 @@ def _finish(files: list[_source.File], item: tuple, layouts: _read._Layouts,
     return len(buf)
 
 
-def _regions(rec: LeafRecord, rows: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray]:
-    """Each region's array from the rows read for it (a copy where the region is narrower
-    than the rows along a later axis: the host piece must be contiguous)."""
+def _span(key: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple[int, int]:
+    """The elements ``[first, stop)`` of the C-order tensor ``shape`` from the first element
+    of the region ``key`` ((start, stop) per axis) to its last: the bytes to read for it."""
+    if any(b <= a for a, b in key):
+        return 0, 0
+    first = last = 0
+    for (a, b), stride in zip(key, _strides(shape), strict=True):
+        first += a * stride
+        last += (b - 1) * stride
+    return first, last + 1
+
+
+def _strides(shape: tuple[int, ...]) -> list[int]:
+    """C-order strides of ``shape``, in elements."""
+    out, step = [], 1
+    for d in reversed(shape):
+        out.append(step)
+        step *= d
+    return out[::-1]
+
+
+def _regions(rec: LeafRecord, spans: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray]:
+    """Each region's array from the span read for it (:func:`_span`): the span itself
+    where the region is contiguous, else a copy of its elements (a host piece must be
+    contiguous)."""
     out = {}
-    for key, full in rows.items():
-        rest = tuple(slice(a, b) for a, b in key[1:])
-        if any(b - a != d for (a, b), d in zip(key[1:], rec.shape[1:], strict=True)):
-            full = np.ascontiguousarray(full[(slice(None), *rest)])
-        out[key] = full
+    for key, span in spans.items():
+        shape = tuple(b - a for a, b in key)
+        if span.size == math.prod(shape):
+            out[key] = span.reshape(shape)
+        else:
+            strides = [s * span.itemsize for s in _strides(rec.shape)]
+            out[key] = np.ascontiguousarray(
+                np.lib.stride_tricks.as_strided(span, shape, strides, writeable=False))
     return out
 
 
