@@ -311,9 +311,12 @@ def test_commands_read_the_loopback_s3_server(s3_server):
     assert doc["format"] == "safetensors" and doc["total"]["nbytes"] == 84
 
 
-def test_diff_values_reads_in_bounded_batches_and_compares_chunks(tmp_path, monkeypatch, capsys):
-    """In-process, with a small batch and chunk: each restore reads at most one batch (or one
-    leaf larger than it), and chunked comparison gives the numbers of a whole-array one."""
+def test_diff_values_reads_small_leaves_in_batches_and_large_ones_in_blocks(
+        tmp_path, monkeypatch, capsys):
+    """In-process, with --block-bytes 1000 and a small chunk: each restore reads one batch of
+    small leaves (about a block a side), a larger leaf is read block by block from each side
+    and never whole, and the comparison by chunks and blocks gives a whole-array one's
+    numbers."""
     rng = np.random.default_rng(0)
     a = {f"x{i}": rng.standard_normal(100).astype(np.float32) for i in range(10)}
     a["big"] = rng.standard_normal(5000)
@@ -323,30 +326,175 @@ def test_diff_values_reads_in_bounded_batches_and_compares_chunks(tmp_path, monk
     a["big"][1], b["big"][1] = np.nan, np.nan  # NaN equals NaN
     pc.save(a, tmp_path / "a")
     pc.save(b, tmp_path / "b")
-    monkeypatch.setattr(_cli, "_BATCH_BYTES", 1000)
     monkeypatch.setattr(_cli, "_CHUNK_ELEMENTS", 64)
-    read_bytes = []
-    real_restore = pc.restore
+    read_bytes, blocks = [], []
+    real_restore, real_blocks = pc.restore, pc.read_blocks
 
     def counting_restore(path, target=None, **kw):
         tree, status = real_restore(path, target, **kw)
         read_bytes.append(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
         return tree, status
 
+    def counting_blocks(path, leaf, **kw):
+        for index, block in real_blocks(path, leaf, **kw):
+            blocks.append((leaf, block.nbytes))
+            yield index, block
+
     monkeypatch.setattr(pc, "restore", counting_restore)
-    assert _cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--values", "--json"]) == 1
-    assert max(read_bytes) == 40000  # "big" alone; the 400-byte leaves two at a time
-    assert sorted(read_bytes) == [800] * 10 + [40000] * 2
+    monkeypatch.setattr(pc, "read_blocks", counting_blocks)
+    assert _cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--values", "--json",
+                      "--block-bytes", "1000"]) == 1
+    assert sorted(read_bytes) == [800] * 10  # the 400-byte leaves two at a time
+    assert blocks == [("big", 1000)] * 80  # 40,000 bytes: 40 blocks a side
     big = np.delete(np.arange(5000), 1)
     gap = np.abs(a["big"][big] - b["big"][big])
     expected_rel = float(np.max(gap[gap > 0] / np.abs(b["big"][big][gap > 0])))
     doc = json.loads(capsys.readouterr().out)
     found = {d["path"]: d for d in doc["values_differ"]}
     assert sorted(found) == ["big", "x3"]
-    assert found["big"]["differing"] == 50
+    assert found["big"]["differing"] == 50 and found["big"]["elements"] == 5000
     assert found["big"]["max_abs"] == pytest.approx(float(gap.max()))
     assert found["big"]["max_rel"] == pytest.approx(expected_rel)
     assert found["x3"]["differing"] == 1 and found["x3"]["max_abs"] == pytest.approx(0.5)
+
+
+def value_pair() -> tuple[dict, dict]:
+    """Two trees of every kind of array leaf, differing in most of them."""
+    rng = np.random.default_rng(1)
+    a = {"f32": rng.standard_normal((6, 5)).astype(np.float32),
+         "bf16": jnp.asarray(rng.standard_normal(40), jnp.bfloat16),
+         "c64": (rng.standard_normal(12) + 1j * rng.standard_normal(12)).astype(np.complex64),
+         "bool": rng.random((4, 4)) > 0.5, "i8": rng.integers(-9, 9, 30, dtype=np.int8),
+         "u32": np.arange(20, dtype=np.uint32), "zero_d": np.float32(1.5),
+         "empty": np.zeros((0, 3), np.float32), "same": np.ones((5, 5), np.float64),
+         "key": jax.random.split(jax.random.key(0), 3), "zeros": np.zeros(10, np.float32)}
+    b = dict(a)
+    a["f32"][0, 0] = np.nan
+    b["f32"] = a["f32"].copy()  # NaN on both sides: equal
+    b["f32"][2, 3] += 0.25
+    b["f32"][5, 4] = np.nan  # NaN against a number: differs, no difference measured
+    b["bf16"] = a["bf16"].at[::7].multiply(2)
+    b["c64"] = a["c64"] * np.complex64(1 + 1e-3j)
+    b["bool"] = ~a["bool"]
+    b["i8"] = a["i8"].copy()
+    b["i8"][-1] += 5
+    b["zero_d"] = np.float32(-1.5)
+    b["key"] = jax.random.split(jax.random.key(1), 3)
+    b["zeros"] = np.arange(10, dtype=np.float32)  # relative to B's value, not A's 0
+    b["u32"] = a["u32"].copy()
+    b["u32"][3] = 0  # B's value 0: no relative difference there
+    return a, b
+
+
+def test_diff_values_block_by_block_gives_whole_array_numbers(tmp_path, capsys):
+    """Blocks of 16 bytes (each leaf but the smallest read block by block) and of 64 MiB
+    (each leaf read whole) give the same document, with and without tolerances: counts,
+    largest absolute and relative differences, NaN equal to NaN, bool, complex, PRNG keys,
+    0-d and empty arrays."""
+    a, b = value_pair()
+    pc.save(a, tmp_path / "a")
+    pc.save(b, tmp_path / "b")
+    docs = {}
+    for extra in ([], ["--atol", "0.1", "--rtol", "0.01"]):
+        for block in ("16", "64M"):
+            assert _cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--values",
+                              "--json", "--block-bytes", block, *extra]) == 1
+            docs[block, bool(extra)] = json.loads(capsys.readouterr().out)
+        assert docs["16", bool(extra)] == docs["64M", bool(extra)]
+    found = {d["path"]: d for d in docs["16", False]["values_differ"]}
+    assert sorted(found) == ["bf16", "bool", "c64", "f32", "i8", "key", "u32", "zero_d", "zeros"]
+    assert (found["f32"]["differing"], found["f32"]["elements"]) == (2, 30)
+    assert found["f32"]["max_abs"] == pytest.approx(0.25, rel=1e-6)
+    assert found["bool"] == {"path": "bool", "elements": 16, "differing": 16, "max_abs": 1.0,
+                             "max_rel": 0.0}
+    assert found["zero_d"]["max_abs"] == 3.0 and found["zero_d"]["max_rel"] == 2.0
+    assert found["zeros"]["max_rel"] == 1.0  # |0 - x| / |x|
+    assert found["u32"]["max_abs"] == 3.0 and found["u32"]["max_rel"] == 0.0
+    assert found["c64"]["max_rel"] == pytest.approx(1e-3, rel=1e-3)
+    assert found["key"]["elements"] == 6
+    tolerant = {d["path"] for d in docs["16", True]["values_differ"]}
+    assert tolerant == {"bf16", "bool", "f32", "i8", "key", "u32", "zero_d", "zeros"}
+    assert [_cli._byte_count(t) for t in ("4096", "4K", "64MiB", "1g")] == [
+        4096, 4096, 64 << 20, 1 << 30]
+    with pytest.raises(SystemExit, match="^2$"):
+        _cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--block-bytes", "0"])
+    assert "not a positive size such as 4096 or 64M: '0'" in capsys.readouterr().err
+
+
+# Runs the command line in a child of its own and prints that child's peak RSS (getrusage of
+# the only process it waited for) with its exit status and output.
+PEAK = """
+import json, resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss << 10  # KiB on Linux
+print(json.dumps({"rc": done.returncode, "out": done.stdout, "err": done.stderr, "peak": peak}))
+"""
+
+
+def cli_peak(*args) -> tuple[int, str, str, int]:
+    """As :func:`cli`, and the command's peak RSS in bytes."""
+    # glibc keeps freed buffers of TensorStore's threads in an arena per thread, as many as
+    # 8 per core: two arenas make the peak the same on machines with more cores.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", MALLOC_ARENA_MAX="2",
+               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", PEAK, sys.executable, "-m", "pytree_ckpt",
+                          *map(str, args)], capture_output=True, text=True, env=env,
+                         timeout=300, check=True)
+    doc = json.loads(out.stdout)
+    assert "Traceback" not in doc["err"], doc["err"]
+    return doc["rc"], doc["out"], doc["err"], doc["peak"]
+
+
+def test_diff_values_of_a_leaf_far_larger_than_a_block_holds_about_two_blocks(tmp_path):
+    """A 128 MiB leaf on each side, compared in blocks of 4 MiB: the command's peak RSS is
+    within 64 MiB of a diff of two tiny checkpoints' (reading the leaf whole from both sides
+    takes 256 MiB more), and the numbers are exact."""
+    a = np.arange(32 << 20, dtype=np.float32).reshape(4096, 8192)
+    a[100, 3] = np.nan
+    b = a.copy()  # NaN on both sides at [100, 3]: equal
+    b[5, 7] += 1.0
+    b[4000, :10] *= 3.0  # another block
+    b[2000, 1] = np.nan  # NaN in B only: differs, no difference measured
+    for name, table in (("a", a), ("b", b), ("tiny_a", np.zeros(4)), ("tiny_b", np.ones(4))):
+        pc.save({"table": table, "bias": np.ones(8, np.float32)}, tmp_path / name)
+    rc, out, err, base = cli_peak("diff", tmp_path / "tiny_a", tmp_path / "tiny_b", "--values",
+                                  "--json", "--block-bytes", "4M")
+    assert rc == 1, err
+    rc, out, err, peak = cli_peak("diff", tmp_path / "a", tmp_path / "b", "--values", "--json",
+                                  "--block-bytes", "4M")
+    assert rc == 1, err
+    [table] = json.loads(out)["values_differ"]
+    changed = [(5, 7), *((4000, j) for j in range(10))]
+    gaps = [abs(float(a[i]) - float(b[i])) for i in changed]
+    rels = [gap / abs(float(b[i])) for gap, i in zip(gaps, changed, strict=True)]
+    assert table == {"path": "table", "elements": 32 << 20, "differing": 12,
+                     "max_abs": max(gaps), "max_rel": max(rels)}
+    assert peak - base < 64 << 20, (peak - base) / 2**20
+
+
+def test_diff_values_of_a_safetensors_file_and_our_conversion_of_it(tmp_path):
+    """A foreign file against our checkpoint, its large tensor compared block by block."""
+    from safetensors.numpy import save_file
+
+    weights = {"model.embed": np.random.default_rng(2).standard_normal((300, 64)).astype(
+        np.float32), "model.bias": np.arange(5, dtype=np.int32)}
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    rc, _, err = cli("convert", tmp_path / "m.safetensors", tmp_path / "ours")
+    assert rc == 0, err
+    rc, out, err = cli("diff", tmp_path / "m.safetensors", tmp_path / "ours", "--values",
+                       "--block-bytes", "4K")
+    assert rc == 0, err
+    assert out.splitlines()[-1] == ("A and B are the same: 0 only in A, 0 only in B, 0 changed, "
+                                    "0 of 2 values differ")
+    old = float(weights["model.embed"][250, 3])
+    weights["model.embed"][250, 3] = 7.0
+    save_file(weights, str(tmp_path / "changed.safetensors"))
+    rc, out, err = cli("diff", tmp_path / "ours", tmp_path / "changed.safetensors", "--values",
+                       "--json", "--block-bytes", "4K")
+    assert rc == 1, err
+    assert json.loads(out)["values_differ"] == [
+        {"path": "model/embed", "elements": 300 * 64, "differing": 1, "max_abs": abs(old - 7.0),
+         "max_rel": abs(old - 7.0) / 7.0}]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Orbax's own

@@ -4,6 +4,7 @@ public API, one command per question people ask of a checkpoint::
     pytree-ckpt ls PATH [PATTERN]            the leaves: kind, dtype, shape, bytes, sharding, value
     pytree-ckpt diff A B [--values]          paths only in A / only in B / of another shape or dtype;
                                              with --values, which leaves differ and by how much
+                                             (read block by block: --block-bytes)
     pytree-ckpt verify PATH                  every byte read, every checksum and binding checked
     pytree-ckpt steps DIR [--best METRIC]    a manager's steps: time, size, metrics, the best
     pytree-ckpt convert SRC DST [--at P]     Orbax, Flax msgpack or safetensors to ours; ours to
@@ -18,7 +19,7 @@ never a traceback. Progress bars (``verify``, and ``convert``'s read and write) 
 stderr, and only when it is a terminal and ``--json`` is not given.
 
 Each command goes through what ``import pytree_ckpt`` offers (``metadata``, ``restore``,
-``verify``, ``save``, ``save_safetensors``, ``clean``, a read-only
+``read_blocks``, ``verify``, ``save``, ``save_safetensors``, ``clean``, a read-only
 :class:`CheckpointManager`), so it
 reads every location and format they read.
 """
@@ -31,13 +32,16 @@ import fnmatch
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
-_BATCH_BYTES = 64 << 20  # diff --values reads each side in batches of leaves of about this size
-_CHUNK_ELEMENTS = 1 << 20  # and compares a leaf this many elements at a time
+# diff --values holds about two blocks of this size (--block-bytes): a larger leaf is read
+# block by block from each side, smaller ones in batches of about a block a side.
+_BLOCK_BYTES = 64 << 20
+_CHUNK_ELEMENTS = 1 << 20  # and compares this many elements at a time
 _VALUE_WIDTH = 60
 
 
@@ -106,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("a", metavar="A", help="a checkpoint")
     diff.add_argument("b", metavar="B", help="another checkpoint")
     diff.add_argument("--values", action="store_true",
-                      help="also read and compare the arrays (in batches, bounded memory)")
+                      help="also read and compare the arrays (block by block, bounded memory)")
+    diff.add_argument("--block-bytes", type=_byte_count, default=_BLOCK_BYTES, metavar="N",
+                      help="with --values, read at most about N bytes a side at a time: a "
+                           "larger array block by block (e.g. 16M, 1G; default 64M)")
     diff.add_argument("--atol", type=_non_negative, default=0.0,
                       help="absolute tolerance for --values (default 0: exact)")
     diff.add_argument("--rtol", type=_non_negative, default=0.0,
@@ -154,6 +161,14 @@ def _parser() -> argparse.ArgumentParser:
     clean.add_argument("--yes", action="store_true", help="delete what is listed")
     clean.set_defaults(run=_clean)
     return parser
+
+
+def _byte_count(text: str) -> int:
+    """``text`` as a positive count of bytes: digits, with K, M or G for KiB, MiB, GiB."""
+    match = re.fullmatch(r"(\d+)([kmg]?)(i?b)?", text.strip().lower())
+    if not match or not int(match[1]):
+        raise argparse.ArgumentTypeError(f"not a positive size such as 4096 or 64M: {text!r}")
+    return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2]]
 
 
 def _non_negative(text: str) -> float:
@@ -230,7 +245,8 @@ def _diff(pc: Any, args: argparse.Namespace) -> int:
             same_arrays.append(la)
     differ = [_py_difference(la, lb) for la, lb in same_py if not _same_value(la.value, lb.value)]
     if args.values:
-        differ += _array_differences(pc, a.path, b.path, same_arrays, args.atol, args.rtol)
+        differ += _array_differences(pc, a.path, b.path, same_arrays, args.atol, args.rtol,
+                                     args.block_bytes, bar=_bars(args))
         order = {p: i for i, p in enumerate(a.leaves)}
         differ.sort(key=lambda d: order[d["path"]])
     compared = len(same_py) + (len(same_arrays) if args.values else 0)
@@ -266,30 +282,42 @@ def _py_difference(la: Any, lb: Any) -> dict:
 
 
 def _array_differences(pc: Any, path_a: str, path_b: str, leaves: list, atol: float,
-                       rtol: float) -> list[dict]:
-    """Reads the arrays of ``leaves`` from both checkpoints in batches of about _BATCH_BYTES
-    a side (a larger leaf alone) and compares them _CHUNK_ELEMENTS at a time: memory stays
-    about two batches (or two of the largest leaf), whatever the checkpoints' size."""
+                       rtol: float, block_bytes: int, *, bar: bool) -> list[dict]:
+    """How the arrays of ``leaves`` differ between the checkpoints, holding about two blocks
+    of ``block_bytes`` at a time, whatever the leaves' sizes: a leaf larger than a block is
+    read from both block by block (``pc.read_blocks``: blocks of one shape and dtype line
+    up), smaller leaves in batches of about a block a side, one restore per batch; ``bar``:
+    a progress bar of the bytes compared, advanced per batch and per block."""
     from tqdm import tqdm
 
     found = []
+    small = [leaf for leaf in leaves if leaf.nbytes <= block_bytes]
+    large = [leaf for leaf in leaves if leaf.nbytes > block_bytes]
     with tqdm(total=sum(leaf.nbytes for leaf in leaves), unit="B", unit_scale=True,
-              desc="comparing", file=sys.stderr, disable=not sys.stderr.isatty(),
-              leave=False) as bar:
-        for batch in _batches(leaves):
+              desc="comparing", file=sys.stderr, disable=not bar, leave=False) as progress:
+        for batch in _batches(small, block_bytes):
             values_a, values_b = _read(pc, path_a, batch), _read(pc, path_b, batch)
             for leaf in batch:
-                d = _compare(values_a.pop(leaf.path), values_b.pop(leaf.path), atol, rtol)
-                if d is not None:
-                    found.append({"path": leaf.path, **d})
-                bar.update(leaf.nbytes)
+                tally = _Tally(atol, rtol)
+                tally.add(values_a.pop(leaf.path), values_b.pop(leaf.path))
+                found += tally.found(leaf.path)
+                progress.update(leaf.nbytes)
+        for leaf in large:
+            tally = _Tally(atol, rtol)
+            blocks_b = pc.read_blocks(path_b, leaf.path, block_bytes=block_bytes)
+            for _index, block_a in pc.read_blocks(path_a, leaf.path, block_bytes=block_bytes):
+                _index, block_b = next(blocks_b)
+                tally.add(block_a, block_b)
+                progress.update(block_a.nbytes)
+                del block_a, block_b  # not held while the next two are read
+            found += tally.found(leaf.path)
     return found
 
 
-def _batches(leaves: list) -> Iterator[list]:
+def _batches(leaves: list, most: int) -> Iterator[list]:
     batch, size = [], 0
     for leaf in leaves:
-        if batch and size + leaf.nbytes > _BATCH_BYTES:
+        if batch and size + leaf.nbytes > most:
             yield batch
             batch, size = [], 0
         batch.append(leaf)
@@ -300,17 +328,17 @@ def _batches(leaves: list) -> Iterator[list]:
 
 def _read(pc: Any, path: str, leaves: list) -> dict[str, Any]:
     """The values of ``leaves`` (arrays) as NumPy arrays, by path, in one restore: the target
-    is those paths as nested dicts of NumPy arrays (whose zero pages are never touched)."""
-    import jax
+    is those paths as nested dicts of NumPy arrays (whose zero pages are never touched). A
+    PRNG key restores only into a key: its key data is read by itself."""
     import numpy as np
 
     from ._graph import split_path  # the documented path encoding, undone
 
     target: dict = {}
-    keys = []
+    values = {}
     for leaf in leaves:
-        if leaf.kind == "prngkey":  # a key restores into a key: read it by itself, as saved
-            keys.append(leaf)
+        if leaf.kind == "prngkey":
+            [(_index, values[leaf.path])] = pc.read_blocks(path, leaf.path, block_bytes=None)
             continue
         *parents, name = split_path(leaf.path)
         node = target
@@ -318,56 +346,62 @@ def _read(pc: Any, path: str, leaves: list) -> dict[str, Any]:
             node = node.setdefault(parent, {})
         node[name] = np.zeros(leaf.shape, np.dtype(leaf.dtype))
     tree, _ = pc.restore(path, target, strict=True)
-    values = {}
     for leaf in leaves:
-        if leaf.kind == "prngkey":
-            key, _ = pc.restore(path, at=leaf.path)
-            values[leaf.path] = np.asarray(jax.random.key_data(key))
-            continue
-        node = tree
-        for name in split_path(leaf.path):
-            node = node[name]
-        values[leaf.path] = node
+        if leaf.kind != "prngkey":
+            node = tree
+            for name in split_path(leaf.path):
+                node = node[name]
+            values[leaf.path] = node
     return values
 
 
-def _compare(a: Any, b: Any, atol: float, rtol: float) -> dict | None:
-    """How ``a`` and ``b`` (same shape and dtype) differ, or None if they do not: elements
+class _Tally:
+    """How two arrays of one shape and dtype differ, told a block at a time: the elements
     that differ (NaN equals NaN; beyond ``atol + rtol * |b|`` when given), the largest
     absolute difference and the largest relative one (of ``|b|``, where it is not 0)."""
-    import numpy as np
 
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    wide = np.complex128 if np.issubdtype(a.dtype, np.complexfloating) else np.float64
-    count = 0
-    max_abs = max_rel = 0.0
-    for start in range(0, flat_a.size, _CHUNK_ELEMENTS):
-        x = flat_a[start:start + _CHUNK_ELEMENTS]
-        y = flat_b[start:start + _CHUNK_ELEMENTS]
-        if a.dtype == np.bool_:
-            count += int(np.count_nonzero(x != y))
-            max_abs = max(max_abs, float(np.any(x != y)))
-            continue
-        xw, yw = x.astype(wide), y.astype(wide)
-        both_nan = np.isnan(xw) & np.isnan(yw)
-        if atol or rtol:
-            differ = ~(np.isclose(xw, yw, rtol=rtol, atol=atol) | both_nan)
-        else:
-            differ = (x != y) & ~both_nan
-        n = int(np.count_nonzero(differ))
-        if not n:
-            continue
-        count += n
-        gap = np.abs(xw[differ] - yw[differ])
-        base = np.abs(yw[differ])
-        max_abs = max(max_abs, float(np.nanmax(gap, initial=0.0)))
-        rel = np.divide(gap, base, out=np.full(gap.shape, np.nan), where=base != 0)
-        if np.any(rel == rel):
-            max_rel = max(max_rel, float(np.nanmax(rel)))
-    if not count:
-        return None
-    return {"elements": int(flat_a.size), "differing": count, "max_abs": max_abs,
-            "max_rel": max_rel}
+    def __init__(self, atol: float, rtol: float) -> None:
+        self.atol, self.rtol = atol, rtol
+        self.elements = self.differing = 0
+        self.max_abs = self.max_rel = 0.0
+
+    def add(self, a: Any, b: Any) -> None:
+        """Counts the blocks ``a`` (of A) and ``b`` (of B), _CHUNK_ELEMENTS at a time."""
+        import numpy as np
+
+        flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+        wide = np.complex128 if np.issubdtype(a.dtype, np.complexfloating) else np.float64
+        self.elements += flat_a.size
+        for start in range(0, flat_a.size, _CHUNK_ELEMENTS):
+            x = flat_a[start:start + _CHUNK_ELEMENTS]
+            y = flat_b[start:start + _CHUNK_ELEMENTS]
+            if a.dtype == np.bool_:
+                self.differing += int(np.count_nonzero(x != y))
+                self.max_abs = max(self.max_abs, float(np.any(x != y)))
+                continue
+            xw, yw = x.astype(wide), y.astype(wide)
+            both_nan = np.isnan(xw) & np.isnan(yw)
+            if self.atol or self.rtol:
+                differ = ~(np.isclose(xw, yw, rtol=self.rtol, atol=self.atol) | both_nan)
+            else:
+                differ = (x != y) & ~both_nan
+            n = int(np.count_nonzero(differ))
+            if not n:
+                continue
+            self.differing += n
+            gap = np.abs(xw[differ] - yw[differ])
+            base = np.abs(yw[differ])
+            self.max_abs = max(self.max_abs, float(np.nanmax(gap, initial=0.0)))
+            rel = np.divide(gap, base, out=np.full(gap.shape, np.nan), where=base != 0)
+            if np.any(rel == rel):
+                self.max_rel = max(self.max_rel, float(np.nanmax(rel)))
+
+    def found(self, path: str) -> list[dict]:
+        """``[difference]`` for the leaf at ``path``, or ``[]`` if nothing differs."""
+        if not self.differing:
+            return []
+        return [{"path": path, "elements": self.elements, "differing": self.differing,
+                 "max_abs": self.max_abs, "max_rel": self.max_rel}]
 
 
 def _difference_row(d: dict) -> tuple[str, ...]:
