@@ -616,3 +616,16 @@ def test_bars_are_drawn_on_a_terminal_only_and_never_with_json(tmp_path):
     rc, _, err = cli("convert", tmp_path / "c", tmp_path / "copy3")
     assert (rc, err) == (0, "")
     np.testing.assert_array_equal(pc.restore(tmp_path / "copy2")[0]["w"], np.arange(100_000))
+
+
+def test_diff_values_draws_its_bar_on_a_terminal_only_and_never_with_json(tmp_path):
+    w = np.arange(100_000, dtype=np.float32)
+    pc.save({"w": w, "b": np.ones(3)}, tmp_path / "a")
+    pc.save({"w": w + 1, "b": np.ones(3)}, tmp_path / "b")
+    args = ("diff", tmp_path / "a", tmp_path / "b", "--values", "--block-bytes", "100K")
+    rc, out, shown = cli_on_terminal(*args)
+    assert rc == 1 and "w  100,000 of 100,000 elements  max abs 1" in out
+    assert shown.startswith("\rcomparing:   0%|") and "/400k [" in shown, shown
+    rc, out, shown = cli_on_terminal(*args, "--json")
+    assert (rc, shown) == (1, "") and json.loads(out)["values_differ"][0]["differing"] == 100_000
+    assert cli(*args)[2] == ""  # piped: no bar
