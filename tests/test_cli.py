@@ -292,6 +292,9 @@ def test_commands_read_the_loopback_s3_server(s3_server):
     rc, out, err = cli("diff", f"{directory}/1", f"{directory}/2", "--values", "--json", env=env)
     assert rc == 1, err
     assert [d["path"] for d in json.loads(out)["values_differ"]] == sorted(CHANGED_ARRAYS) + ["step"]
+    rc, out_blocks, err = cli("diff", f"{directory}/1", f"{directory}/2", "--values", "--json",
+                              "--block-bytes", "16", env=env)  # arrays of 3 or more floats
+    assert (rc, out_blocks) == (1, out), err  # read block by block: the same numbers
     rc, out, err = cli("verify", f"{directory}/2", "--json", env=env)
     assert rc == 0, err
     assert json.loads(out)["ok"] is True and json.loads(out)["leaves"] == 7
