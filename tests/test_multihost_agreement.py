@@ -28,6 +28,10 @@ elif case == "snapshot" and process_id == 1:
     bad_tree = dict(good, odd=object())  # unsupported: raises during the snapshot
 elif case == "trees":
     bad_tree = dict(good, extra=np.zeros(3 if process_id == 0 else 4))
+elif case == "weak":  # a Python float is weakly typed, a NumPy float32 is not
+    lr = jax.device_put(0.5 if process_id == 0 else np.float32(0.5), NamedSharding(mesh, P()))
+    assert lr.weak_type == (process_id == 0)
+    bad_tree = dict(good, lr=lr)
 elif case == "slow" and process_id == 1:
     def slow(*a):
         time.sleep(5)  # longer than the arrival timeout, alive all along
@@ -99,8 +103,21 @@ def test_processes_saving_different_trees_commit_nothing(tmp_path):
         assert _first(out).startswith(
             f"FIRST FAILED DistributedError {tmp_path / 'first'}: save refused on every "
             "process: process(es) 1 saved another tree (its structure, or a leaf's path, "
-            "kind, dtype, shape or sharding) than process 0 (process 0: '3 leaves, 1 nodes, "
-            "digest "), out
+            "kind, dtype, weak type, shape or sharding) than process 0 (process 0: '3 leaves, "
+            "1 nodes, digest "), out
+    _nothing_committed(tmp_path / "first")
+
+
+@pytest.mark.timeout(150)
+def test_processes_saving_a_leaf_weakly_typed_on_one_only_commit_nothing(tmp_path):
+    # Restore gives back the weak type it finds: the hosts must agree on it too.
+    outs = _job(tmp_path, "weak")
+    for out in outs:
+        assert _first(out).startswith(
+            f"FIRST FAILED DistributedError {tmp_path / 'first'}: save refused on every "
+            "process: process(es) 1 saved another tree (its structure, or a leaf's path, "
+            "kind, dtype, weak type, shape or sharding) than process 0 (process 0: '3 leaves, "
+            "1 nodes, digest "), out
     _nothing_committed(tmp_path / "first")
 
 

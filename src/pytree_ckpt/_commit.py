@@ -82,7 +82,7 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
         raise _distributed.DistributedError(f"{url}: save failed before writing: {e}") from e
     agreed = [json.loads(v) for v in values]
     for what, k in (("checkpoint path", 0), ("tree (its structure, or a leaf's path, kind, "
-                                               "dtype, shape or sharding)", 1)):
+                                               "dtype, weak type, shape or sharding)", 1)):
         differ = [p for p, a in enumerate(agreed) if a[k] != agreed[0][k]]
         if differ:
             got = "; ".join(f"process {p}: {a[k]!r}" for p, a in enumerate(agreed)
@@ -96,9 +96,9 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
 
 def _tree_digest(snap: _snapshot.Snapshot) -> str:
     """A digest of what every process must agree on: the tree's nodes and each leaf's
-    record but a Python leaf's value (the primary's is saved)."""
+    record (weak typing included) but a Python leaf's value (the primary's is saved)."""
     described = [(r[0], r[1], r[2], r[3], r[4], r[5].kind, r[5].chunks, r[5].stored_dtype,
-                  r[6]) for r in snap.records]
+                  r[6], r[7]) for r in snap.records]
     digest = hashlib.sha256(repr((snap.nodes, described)).encode()).hexdigest()
     return f"{len(described)} leaves, {len(snap.nodes)} nodes, digest {digest[:16]}"
 
