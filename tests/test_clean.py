@@ -131,6 +131,6 @@ def test_clean_reclaims_the_metrics_files_of_steps_that_never_committed(tmp_path
     monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)
     assert pc.clean(run) == pc.CleanReport(str(run), leftovers, (), (), False)
     assert "4 incomplete saves" in str(pc.clean(run, delete=True))
-    assert sorted(os.listdir(run)) == ["1", "1.metrics.msgpack", "manager.lock"]
+    assert sorted(os.listdir(run)) == [".steps", "1", "1.metrics.msgpack", "manager.lock"]
     with pc.CheckpointManager(run, read_only=True) as mgr:
         assert mgr.steps() == [1] and mgr.metrics(1) == {"loss": 0.5}

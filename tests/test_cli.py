@@ -159,8 +159,10 @@ def test_steps_lists_time_size_metrics_and_the_best(run_dir):
     assert doc["steps"][0]["metrics"] == {"loss": 0.5} and doc["best"] is None
     assert doc["steps"][0]["nbytes"] == 136 and doc["steps"][0]["time"].endswith("Z")
     assert sorted(p.name for p in run_dir.iterdir()) == [
-        "10", "10.metrics.msgpack", "20", "20.metrics.msgpack", "30", "30.metrics.msgpack",
-        "manager.lock"]  # read only: nothing written, nothing deleted
+        ".steps", "10", "10.metrics.msgpack", "20", "20.metrics.msgpack", "30",
+        "30.metrics.msgpack", "manager.lock"]  # read only: nothing written, nothing deleted
+    assert sorted(p.name for p in (run_dir / ".steps").iterdir()) == [
+        "10", "20", "30", "complete"]
 
 
 def test_verify_names_a_flipped_leaf_and_exits_1(tmp_path):
@@ -230,7 +232,7 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
     assert sorted(p.name for p in directory.glob("*.metrics.msgpack")) == [
         "1.metrics.msgpack", "2.metrics.msgpack"]
     assert sorted(p.name for p in directory.iterdir() if not p.name.endswith(".msgpack")) == [
-        "1", "2", "manager.lock"]
+        ".steps", "1", "2", "manager.lock"]
     assert generation.is_dir()  # the committed step's own generation stays
     np.testing.assert_array_equal(pc.restore(directory / "2")[0]["w"], [2, 2, 2])
     rc, out, _ = cli("clean", directory)

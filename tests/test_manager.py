@@ -77,7 +77,8 @@ def test_retention_combinations_and_restart(tmp_path, options, expected, best):
         assert mgr.latest_step() == 10 and mgr.best_step() == best
     on_disk = {p.name for p in tmp_path.iterdir()}
     assert on_disk == ({str(s) for s in expected} | {f"{s}.metrics.msgpack" for s in expected}
-                       | {"manager.lock"})
+                       | {"manager.lock", ".steps"})
+    assert {p.name for p in (tmp_path / ".steps").iterdir()} == {*map(str, expected), "complete"}
     with pc.CheckpointManager(tmp_path, **options) as again:  # a restarted job sees the same
         assert again.steps() == expected and again.best_step() == best
         assert again.restore()[0]["x"].tolist() == [10] * 3
@@ -225,7 +226,7 @@ def test_a_manager_left_open_is_closed_at_exit(tmp_path):
     child = start_child("unclosed", tmp_path)
     _, err = child.communicate(timeout=60)
     assert child.returncode == 0 and not err, err[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "manager.lock"]  # retention ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".steps", "3", "manager.lock"]  # retention ran
     assert pc.restore(pc.latest(tmp_path))[0]["x"].tolist() == [3] * 1000
 
 
@@ -269,7 +270,9 @@ def test_leftovers_are_cleaned_but_foreign_files_are_kept(tmp_path):
     (tmp_path / "README").write_text("mine too")
     with pc.CheckpointManager(tmp_path) as mgr:
         assert mgr.steps() == [3]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["3", "8", "README", "manager.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".steps", "3", "8", "README",
+                                                          "manager.lock"]
+    assert sorted(p.name for p in (tmp_path / ".steps").iterdir()) == ["3", "complete"]
     assert (tmp_path / "8" / "notes.txt").read_text() == "mine"
 
 
@@ -396,7 +399,10 @@ def test_a_step_older_than_the_latest_is_refused_and_newer_steps_are_deleted_exp
         assert mgr.steps() == [100, 110, 120] and mgr.latest_step() == 120
         with pytest.raises(pc.CheckpointNotFoundError, match="no committed checkpoint for step 7"):
             mgr.delete(7)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["100", "110", "120"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == [
+        ".steps", "100", "110", "120"]
+    assert sorted(p.name for p in (tmp_path / ".steps").iterdir()) == [
+        "100", "110", "120", "complete"]
     assert pc.latest(tmp_path) == str(tmp_path / "120")
     with pc.CheckpointManager(tmp_path) as mgr:  # a restart sees the same
         assert mgr.steps() == [100, 110, 120]

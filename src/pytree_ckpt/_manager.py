@@ -9,17 +9,21 @@ Layout of a manager's directory::
       <step>.metrics.msgpack    the metrics given to save(step, ..., metrics=...): a msgpack
                                 map of str to int, float, bool, str or None
       manager.lock              the lock of the manager writing here (see _lock.py)
+      .steps/                   the step index (see _index.py): a marker per step that may
+                                exist, so object stores find the steps without listing chunks
 
-A step counts only if ``<step>/checkpoint.msgpack`` exists (it is committed). Its metrics
-file is written *before* the checkpoint, so a committed step that was given metrics always
-has them; a metrics file whose step is not committed is an orphan of a failed save. On start
-the manager deletes, holding its lock, what a crash left behind: step folders without a commit
-file that hold only checkpoint data (``d-*`` generations, TensorStore's temporary
-``checkpoint.msgpack.*`` files), and orphan or temporary metrics files. Anything else in the
-directory is left alone and ignored.
+A step counts only if ``<step>/checkpoint.msgpack`` exists (it is committed). Its marker in
+the index, then its metrics file, are written *before* the checkpoint, so a committed step
+that was given metrics always has them; a metrics file whose step is not committed is an
+orphan of a failed save. On start the manager deletes, holding its lock, what a crash left
+behind: step folders without a commit file that hold only checkpoint data (``d-*``
+generations, TensorStore's temporary ``checkpoint.msgpack.*`` files), and orphan or temporary
+metrics files. Anything else in the directory is left alone and ignored. On an object store
+with a complete index, only marked steps are looked at (see _index.py).
 
-Deleting a step removes its commit file first, so a crash half-way leaves an incomplete folder
-(cleaned at the next start), never a committed checkpoint with missing data.
+Deleting a step removes its commit file first, then its folder, then its marker, so a crash
+half-way leaves an incomplete folder (cleaned at the next start), never a committed checkpoint
+with missing data, nor a step folder without a marker.
 
 In a multi-process job every process creates a manager and calls save() with the same steps
 (save is collective); every process lists the steps, and only the primary (process 0) holds
@@ -40,7 +44,7 @@ import jax
 import msgpack
 import numpy as np
 
-from . import _async, _clean, _distributed, _lock, _storage
+from . import _async, _clean, _distributed, _index, _lock, _storage
 from ._async import SaveFuture
 from ._errors import (
     CheckpointExistsError,
@@ -266,10 +270,13 @@ class CheckpointManager:
         self._check_newest(step)
         self._finish_pending()
         if self._primary:
+            _index.mark(self._loc, self._kv, step)  # before any of the step's data
             self._write_metrics(step, encoded)
         try:
             fut = save_async(tree, self._path(step), progress=progress)
         except BaseException:
+            # The marker stays: the next start deletes what a failed save left (only
+            # checkpoint data), then the marker.
             self._drop_metrics(step)
             raise
         self._pending = (step, fut, None if encoded is None else _decode_metrics(encoded, ""))
@@ -474,7 +481,14 @@ class CheckpointManager:
         self._apply_retention()
 
     def _scan(self) -> list[int]:
-        """Committed steps; the primary also deletes what a crash left behind."""
+        """Committed steps; the primary also deletes what a crash left behind. On an object
+        store with a complete index, only the marked steps are looked at; otherwise (and
+        locally, where listing is cheap) the whole directory is listed, and the primary
+        brings the index up to date."""
+        if self._loc.local is None:
+            marked = _index.marked(self._loc, self._kv)
+            if marked is not None:
+                return self._scan_marked(marked)
         children = _storage.child_names(self._loc, self._kv)
         steps = _committed(children)
         if not self._primary:
@@ -485,6 +499,22 @@ class CheckpointManager:
         for name in children:
             if (m := _METRICS_FILE.fullmatch(name)) and (m[1] not in committed or m[2]):
                 self._delete_file(name)
+        _index.rebuild(self._loc, self._kv, steps, children.get(_index.INDEX))
+        return steps
+
+    def _scan_marked(self, marked: list[int]) -> list[int]:
+        """The committed steps among the marked ones; the primary reclaims the others (saves
+        that did not finish, steps deleted by hand): folder, metrics file, then marker."""
+        steps = _index.committed(self._kv, marked)
+        if self._primary:
+            for step in sorted(set(marked) - set(steps)):
+                name = str(step)
+                inside = _storage.folder_names(self._loc, self._kv, name)
+                if inside is not None:  # only checkpoint data is deleted (see _clean)
+                    _clean.remove(self._loc, self._kv, _clean.leftovers(
+                        self._loc, self._kv, {name: inside}, None))
+                self._delete_file(f"{name}.metrics.msgpack")
+                _index.unmark(self._loc, self._kv, step)
         return steps
 
     def _apply_retention(self) -> None:
@@ -535,6 +565,7 @@ class CheckpointManager:
             _storage.fsync_dir(os.path.join(self._loc.local, name))
         _storage.delete_prefix(self._loc, self._kv, name)
         self._drop_metrics(step)
+        _index.unmark(self._loc, self._kv, step)  # last: every step folder has its marker
 
     def _check_step_folder(self, step: int) -> None:
         """Refuses to save into a link or a file named like the step: not the manager's own
@@ -617,11 +648,13 @@ def latest(directory: str | os.PathLike | dict) -> str | None:
         'memory://doc/run/5'
     """
     loc = _storage.location(directory)
-    steps = _committed(_storage.child_names(loc, _storage.open_kvstore(loc)))
-    if not steps:
-        return None
-    child = loc.child(str(max(steps)))
-    return child.url
+    kv = _storage.open_kvstore(loc)
+    marked = _index.marked(loc, kv) if loc.local is None else None
+    if marked is not None:  # an object store's step index: one listing per step tried
+        step = _index.latest(kv, marked)
+    else:
+        step = max(_committed(_storage.child_names(loc, kv)), default=None)
+    return None if step is None else loc.child(str(step)).url
 
 
 def _committed(children: dict[str, set[str] | None]) -> list[int]:

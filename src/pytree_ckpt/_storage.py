@@ -176,6 +176,36 @@ def child_names(loc: Location, kv: ts.KvStore) -> dict[str, set[str] | None]:
     return out
 
 
+def folder_names(loc: Location, kv: ts.KvStore, folder: str) -> set[str] | None:
+    """Names directly inside ``folder`` (a folder name inside the location), or None if
+    nothing is there (or, locally, it is not a directory: a file or a symbolic link). On
+    object stores one listing of the keys below ``folder`` only."""
+    if loc.local is not None:
+        path = os.path.join(loc.local, folder)
+        if os.path.islink(path) or not os.path.isdir(path):
+            return None
+        try:
+            return set(os.listdir(path))
+        except FileNotFoundError:
+            return None
+    start = folder.strip("/") + "/"
+    keys = kv.list(prefix_range(start), strip_prefix_length=len(start.encode())).result()
+    return {k.decode("utf-8", "replace").split("/", 1)[0] for k in keys} or None
+
+
+def prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    """The keys that start with ``prefix`` (ending in ``/``). Object stores list a range by
+    the longest prefix its bounds share: this one's is ``prefix`` itself (``[7/, 70)``'s would
+    be ``7``, listing steps 70, 700, ... too). No UTF-8 key holds the byte 0xff."""
+    start = prefix.encode()
+    return ts.KvStore.KeyRange(start, start + b"\xff")
+
+
+def list_key(kv: ts.KvStore, key: str) -> ts.Future:
+    """A future of the keys equal to ``key``: one small listing on an object store."""
+    return kv.list(ts.KvStore.KeyRange(key, key + "\0"))
+
+
 def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
     """Deletes everything under ``prefix`` (a folder name inside the location); a symbolic
     link there is refused (:class:`NotACheckpointError`), and none below it is followed."""
@@ -184,15 +214,13 @@ def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
 
         path = os.path.join(loc.local, prefix)
         if os.path.islink(path):
-            raise _link_error(path)
+            raise link_error(path)
         try:
             shutil.rmtree(path)  # removes links below, never what they point to
         except FileNotFoundError:
             pass  # already gone: deleting is idempotent, failing to delete is not silent
         return
-    start = prefix.rstrip("/") + "/"
-    end = start[:-1] + chr(ord("/") + 1)
-    kv.delete_range(ts.KvStore.KeyRange(start, end)).result()
+    kv.delete_range(prefix_range(prefix.rstrip("/") + "/")).result()
 
 
 def delete_file(loc: Location, kv: ts.KvStore, key: str) -> None:
@@ -209,7 +237,7 @@ def delete_file(loc: Location, kv: ts.KvStore, key: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:  # ELOOP: a link; ENOTDIR: a file where a folder should be
-        raise _link_error(path, e) from None
+        raise link_error(path, e) from None
     try:
         os.unlink(name, dir_fd=fd)  # a link named ``name`` is removed, not followed
     except FileNotFoundError:
@@ -279,10 +307,10 @@ def reset_stale_temp(loc: Location, key: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:  # ELOOP: a link; ENXIO: a FIFO nobody reads; EISDIR
-        raise _link_error(temp, e) from None
+        raise link_error(temp, e) from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise _link_error(temp)
+        raise link_error(temp)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX)  # conflicts with TensorStore's open-file-description lock
         try:
@@ -295,7 +323,7 @@ def reset_stale_temp(loc: Location, key: str) -> None:
         os.close(fd)  # releases the lock
 
 
-def _link_error(path: str, cause: OSError | None = None) -> NotACheckpointError:
+def link_error(path: str, cause: OSError | None = None) -> NotACheckpointError:
     what = ("a symbolic link" if os.path.islink(path) else
             "not a regular file" if cause is None else f"unusable ({cause.strerror})")
     return NotACheckpointError(
@@ -322,8 +350,9 @@ def fsync_tree(directory: str) -> None:
 
 
 def choose_chunks(shard_shape: Iterable[int], itemsize: int, shape: Iterable[int] | None = None,
-                  limit: int = CHUNK_BYTES) -> list[int]:
-    """A chunk shape of at most ~``limit`` bytes that never straddles a shard boundary.
+                  limit: int | None = None) -> list[int]:
+    """A chunk shape of at most ~``limit`` bytes (:data:`CHUNK_BYTES` unless given) that never
+    straddles a shard boundary.
 
     Each device then writes its own chunks with no read-modify-write; splitting further lets
     reads and writes run in parallel. The leading axes are split first, so a chunk is a
@@ -341,6 +370,7 @@ def choose_chunks(shard_shape: Iterable[int], itemsize: int, shape: Iterable[int
     >>> choose_chunks((1048583, 2), 4)  # not rows of 8 bytes: columns of 4 MiB
     [1048583, 1]
     """
+    limit = CHUNK_BYTES if limit is None else limit
     chunks = [max(int(d), 1) for d in shard_shape]
     free = ([int(s) == int(d) for s, d in zip(shard_shape, shape, strict=True)]
             if shape is not None else [False] * len(chunks))
