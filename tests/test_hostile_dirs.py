@@ -61,6 +61,22 @@ def test_a_link_where_a_metrics_file_is_written_is_refused(tmp_path, victim):
     assert victim.read_bytes() == VICTIM_BYTES
 
 
+def test_a_link_in_place_of_the_step_index_is_refused(tmp_path):
+    root, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "notes.txt").write_text("mine")
+    with pc.CheckpointManager(root, async_save=False) as mgr:
+        mgr.save(1, TREE)
+    (root / ".steps" / "1").unlink()
+    (root / ".steps" / "complete").unlink()
+    (root / ".steps").rmdir()
+    (root / ".steps").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(pc.NotACheckpointError, match=r"\.steps: a symbolic link"):
+        pc.CheckpointManager(root)
+    assert sorted(os.listdir(elsewhere)) == ["notes.txt"]  # nothing written through it
+    assert pc.latest(root) == str(root / "1")  # locally the listing is the truth
+
+
 def test_retention_never_deletes_through_a_step_folder_that_is_a_link(tmp_path):
     archive = tmp_path / "archive"
     pc.save(TREE, archive)
