@@ -23,4 +23,5 @@ def test_demo_runs_and_resumes_with_identical_losses(tmp_path):
     assert ("with partial=True: 5 matched, 9 mismatched, e.g. params/hidden/bias: "
             "saved float32[64], target float32[96]") in out.stdout
     assert "10 unused under ['opt_state', 'step']" in out.stdout
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["200", "240", "280", "manager.lock"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        ".steps", "200", "240", "280", "manager.lock"]

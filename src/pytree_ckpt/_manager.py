@@ -634,7 +634,9 @@ def latest(directory: str | os.PathLike | dict) -> str | None:
     or None if it has none; for code that has no manager (an evaluator, a notebook).
 
     It takes no lock and deletes nothing; the manager writing the directory may delete that
-    checkpoint later under its retention rules, so restore it soon after asking.
+    checkpoint later under its retention rules, so restore it soon after asking. On an object
+    store it reads the manager's step index (a few small requests, however many chunks the
+    steps have); a step folder copied in by hand needs its marker there (see the README).
 
     **Raises:** :class:`CheckpointError` if the storage cannot be opened; ``ValueError`` for
     an unsupported URL scheme.
