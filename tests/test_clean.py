@@ -15,7 +15,7 @@ SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 
 # Writes its data, then is SIGKILLed just before writing the commit file: what a crashed
 # overwrite leaves is a generation folder that no commit file names.
-_KILLED_BEFORE_COMMIT = """
+_KILL_AT_COMMIT = """
 import os, signal, sys
 import numpy as np, pytree_ckpt as pc
 from pytree_ckpt import _storage
@@ -24,6 +24,8 @@ def write_key(loc, kv, key, *a, **k):
     if key == "checkpoint.msgpack":
         os.kill(os.getpid(), signal.SIGKILL)
     return real(loc, kv, key, *a, **k)
+"""
+_KILLED_BEFORE_COMMIT = _KILL_AT_COMMIT + """
 _storage.write_key = write_key
 pc.save({"w": np.full(100_000, 9.0)}, sys.argv[1], overwrite=True)
 """
@@ -96,15 +98,7 @@ def test_clean_reports_an_incomplete_checkpoint_and_deletes_only_leftovers(tmp_p
 
 # A manager's save of step 2 with metrics, killed just before its commit file: the metrics
 # file (written first) and the step folder stay.
-_MANAGER_KILLED_BEFORE_COMMIT = """
-import os, signal, sys
-import numpy as np, pytree_ckpt as pc
-from pytree_ckpt import _storage
-real = _storage.write_key
-def write_key(loc, kv, key, *a, **k):
-    if key == "checkpoint.msgpack":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(loc, kv, key, *a, **k)
+_MANAGER_KILLED_BEFORE_COMMIT = _KILL_AT_COMMIT + """
 mgr = pc.CheckpointManager(sys.argv[1], async_save=False)
 _storage.write_key = write_key
 mgr.save(2, {"w": np.full(1000, 9.0)}, metrics={"loss": 0.25})
