@@ -78,3 +78,23 @@ def test_flipped_byte_is_detected(bucket_path):
         raw[len(raw) // 2] ^= 1
         kv.write(key, bytes(raw)).result()
     check(pc.restore(bucket_path)[0])
+
+
+@pytest.mark.parametrize("server", ["gcs_server", "s3_server"])
+def test_a_spec_dicts_paths_name_its_bucket(request, server, monkeypatch):
+    # A kvstore spec is how a bucket is reached with options no URL says (an endpoint):
+    # the paths handed back (pc.latest, save) and named in errors must still be the
+    # bucket's, usable as gs:// or s3:// URLs where the environment gives the endpoint.
+    srv = request.getfixturevalue(server)
+    if server == "s3_server":
+        monkeypatch.setenv("AWS_ENDPOINT_URL", srv.endpoint)
+        monkeypatch.setenv("AWS_REGION", srv.region)
+    directory = f"{srv.url}/spec_paths/run"
+    with pc.CheckpointManager(srv.spec("spec_paths/run/"), async_save=False) as mgr:
+        mgr.save(4, {"w": jnp.arange(3.0)})
+    latest = pc.latest(srv.spec("spec_paths/run"))
+    assert latest == f"{directory}/4"
+    np.testing.assert_array_equal(pc.restore(latest)[0]["w"], np.arange(3.0))
+    assert pc.save({"a": 1}, srv.spec("spec_paths/other")) == f"{srv.url}/spec_paths/other"
+    with pytest.raises(pc.CheckpointExistsError, match=f"^{srv.url}/spec_paths/other: "):
+        pc.save({"a": 1}, srv.spec("spec_paths/other"))

@@ -72,8 +72,9 @@ def location(path: str | os.PathLike | dict) -> Location:
     if isinstance(path, dict):
         spec = dict(path)
         spec["path"] = spec.get("path", "").rstrip("/") + "/"
-        local = spec["path"] if spec.get("driver") == "file" else None
-        return Location(f"{spec.get('driver')}://{spec['path']}", spec, local)
+        if spec.get("driver") == "file":
+            return Location(spec["path"].rstrip("/") or "/", spec, spec["path"])
+        return Location(_spec_url(spec), spec, None)
     text = os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"checkpoint path must be str, os.PathLike or a kvstore spec dict: {path!r}")
@@ -102,6 +103,16 @@ def location(path: str | os.PathLike | dict) -> Location:
         return Location(text, spec, None)
     raise ValueError(f"{text!r}: unsupported scheme {scheme!r} (use a path, file://, "
                      "memory://, gs:// or s3://)")
+
+
+def _spec_url(spec: dict) -> str:
+    """How a kvstore spec's location is written as a URL (the URL names the same objects,
+    though options such as an endpoint come from the environment then)."""
+    driver, key = spec.get("driver"), spec["path"].strip("/")
+    scheme = {"gcs": "gs", "s3": "s3"}.get(driver)
+    if scheme is not None and spec.get("bucket"):
+        return f"{scheme}://{spec['bucket']}/{key}".rstrip("/")
+    return f"{driver}://{key}"
 
 
 _context_lock = threading.Lock()
