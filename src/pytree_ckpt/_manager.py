@@ -61,7 +61,6 @@ from ._status import RestoreStatus, check_complete
 
 Metrics = Mapping[str, Any]
 _STEP = re.compile(r"0|[1-9][0-9]*")
-_METRICS_FILE = re.compile(r"(0|[1-9][0-9]*)\.metrics\.msgpack(\..+)?")
 _MAX_METRICS_BYTES = 1 << 20
 
 
@@ -493,12 +492,9 @@ class CheckpointManager:
         steps = _committed(children)
         if not self._primary:
             return steps
-        committed = set(map(str, steps))
-        # Holding the lock, it is the only writer of its steps: every leftover is reclaimed.
+        # Holding the lock, it is the only writer of its steps: every leftover is reclaimed
+        # (incomplete saves, and the metrics files of steps that never committed).
         _clean.remove(self._loc, self._kv, _clean.leftovers(self._loc, self._kv, children, None))
-        for name in children:
-            if (m := _METRICS_FILE.fullmatch(name)) and (m[1] not in committed or m[2]):
-                self._delete_file(name)
         _index.rebuild(self._loc, self._kv, steps, children.get(_index.INDEX))
         return steps
 
