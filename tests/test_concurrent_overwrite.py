@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import pytree_ckpt as pc
 
@@ -75,3 +76,47 @@ def test_two_processes_overwriting_one_path(tmp_path):
     gens = {p.name for p in path.iterdir() if p.name.startswith("d-")}
     assert _format.generation_of((path / _format.COMMIT_FILE).read_bytes()) in gens
     assert len(gens) <= 2 * ROUNDS + 1
+
+
+def _tree(tag):
+    return {"big": np.full((256, 256), tag, np.float32),
+            "small": [np.full(8, tag * 10 + k, np.int32) for k in range(50)]}
+
+
+def test_a_restore_overwritten_while_it_reads_reads_the_new_checkpoint(tmp_path, monkeypatch):
+    # The overwrite lands after restore has read the commit file and before it reads the
+    # data: the generation it was about to read is deleted. It must come back whole, of the
+    # new save, not fail as damaged.
+    from pytree_ckpt import _restore
+
+    path = tmp_path / "c"
+    pc.save(_tree(1), path)
+    real, calls = _restore.read_leaves, []
+
+    def overwrite_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            pc.save(_tree(2), path, overwrite=True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_restore, "read_leaves", overwrite_first)
+    restored, status = pc.restore(path)
+    assert len(calls) == 2
+    np.testing.assert_array_equal(restored["big"], _tree(2)["big"])
+    for got, want in zip(restored["small"], _tree(2)["small"], strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_blocks_of_a_checkpoint_overwritten_meanwhile_say_so(tmp_path):
+    # Blocks are read one at a time: once the checkpoint is overwritten, the rest would be
+    # another save's, so the iterator stops with an error that says what happened.
+    path = tmp_path / "c"
+    pc.save(_tree(1), path)
+    blocks = pc.read_blocks(path, "big", block_bytes=64 * 1024)
+    _, first = next(blocks)
+    np.testing.assert_array_equal(first, np.full((64, 256), 1, np.float32))
+    pc.save(_tree(2), path, overwrite=True)
+    with pytest.raises(pc.CorruptCheckpointError,
+                       match=f"^{path}: overwritten or deleted while it was read: its commit "
+                             "file now names another generation than d-"):
+        next(blocks)

@@ -66,7 +66,8 @@ def read_blocks(path: str | os.PathLike | dict, leaf: str, *, index: Any = None,
     :func:`metadata`); :class:`RegionError` for an ``index`` outside the leaf's shape, with
     a step, or not made of slices; ``ValueError`` for a ``block_bytes`` below 1. While
     iterating: :class:`CorruptCheckpointError` naming the leaf whose bytes fail their
-    checksum.
+    checksum, or saying that the checkpoint was overwritten or deleted meanwhile (the rest
+    of the leaf would be another save's).
 
     Example::
 

@@ -27,7 +27,7 @@ from ._errors import (
     ShardingError,
     UnsupportedLeafError,
 )
-from ._format import COMMIT_FILE, Commit, LeafRecord, SavedSharding, decode
+from ._format import COMMIT_FILE, Commit, LeafRecord, SavedSharding, decode, generation_of
 from ._read import Want, default_device, read_leaves
 from ._status import Cast, Mismatch, RestoreStatus, check_complete
 
@@ -76,12 +76,36 @@ def open_source(loc: _storage.Location) -> _source.Source:
         writer=commit.writer)
 
 
+class OverwrittenError(CorruptCheckpointError):
+    """The checkpoint was overwritten or deleted while it was read: an overwrite deletes the
+    generation its commit file named, so what was being read is gone (restore starts again
+    from the new commit file; a reader of blocks cannot, since the rest would be another
+    save's)."""
+
+
 def _read(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:
     """:func:`read_leaves`, once nothing in a local generation folder is a FIFO, device or
-    socket (TensorStore's read of one would block forever): one ``stat`` per file."""
-    if loc.local is not None:
-        _storage.check_regular_tree(os.path.join(loc.local, commit.data))
-    return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
+    socket (TensorStore's read of one would block forever): one ``stat`` per file. A failure
+    while the commit file no longer names ``commit``'s generation is :class:`OverwrittenError`."""
+    try:
+        if loc.local is not None:
+            _storage.check_regular_tree(os.path.join(loc.local, commit.data))
+        return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
+    except Exception as e:
+        try:
+            raw = _storage.read_key(kv, COMMIT_FILE)
+        except Exception:
+            raise e from None  # the commit file cannot tell: the first error stands
+        if raw is not None and generation_of(raw) == commit.data:
+            raise
+        raise OverwrittenError(
+            f"{loc.url}: overwritten or deleted while it was read: its commit file now names "
+            f"another generation than {commit.data}, whose files the overwrite deleted") from e
+
+
+# A restore that finds its checkpoint overwritten while it reads starts again this many times
+# in all (each time from the then newest commit file) before it gives up.
+_ATTEMPTS = 3
 
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
@@ -122,7 +146,9 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
 
     **Raises:** :class:`CheckpointNotFoundError`, :class:`IncompleteCheckpointError`,
     :class:`CorruptCheckpointError` (naming the leaf whose bytes fail their checksum, or the
-    file and entry of another tool's checkpoint that is malformed),
+    file and entry of another tool's checkpoint that is malformed; also when the checkpoint
+    was overwritten or deleted while it was read three times running: an overwrite deletes
+    the data being read, and restore starts again from the new commit file),
     :class:`FormatVersionError`, :class:`PathNotFoundError` if ``at`` names nothing,
     :class:`PathCollisionError` if two checkpoint paths map to one after ``at``/``rename``,
     :class:`UnsupportedLeafError` for a target leaf of an unknown type (or an entry of a
@@ -142,7 +168,13 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         (('w',), ())
     """
     with _gc.paused():  # per-leaf loops: see _gc
-        tree, status = _restore(path, target, at, rename, progress)
+        for attempt in range(_ATTEMPTS):
+            try:
+                tree, status = _restore(path, target, at, rename, progress)
+                break
+            except OverwrittenError:
+                if attempt == _ATTEMPTS - 1:
+                    raise
     if strict:
         check_complete(status, _storage.location(path).url, "call restore without strict=True")
     return tree, status
