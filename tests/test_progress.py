@@ -115,9 +115,8 @@ def test_save_and_verify_bars_count_every_byte_and_nothing_is_drawn_unasked(
     assert report.bytes_read > data
 
 
-# Writes fail past 1 MiB a file (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG, as on a full disk).
-_FAILING_SAVE = """
-import resource, signal, sys
+# A child's preamble: every tqdm.auto bar it draws is kept in ``bars``.
+_RECORD_BARS = """
 import numpy as np, tqdm.auto
 import pytree_ckpt as pc
 bars = []
@@ -126,6 +125,12 @@ class Recording(tqdm.auto.tqdm):
         super().__init__(*args, **kwargs)
         bars.append(self)
 tqdm.auto.tqdm = Recording
+"""
+
+
+# Writes fail past 1 MiB a file (RLIMIT_FSIZE, SIGXFSZ ignored: EFBIG, as on a full disk).
+_FAILING_SAVE = _RECORD_BARS + """
+import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 tree = {"w": np.ones((1024, 1024), np.float32), "small": np.ones(3)}
@@ -155,16 +160,9 @@ def test_the_bar_of_a_failing_save_is_closed(tmp_path):
 
 # Each process writes its half of "x" (and reads it back); process 0 also writes the packed
 # "small".
-_MULTIPROCESS = r"""
-import jax, numpy as np, tqdm.auto
+_MULTIPROCESS = _RECORD_BARS + r"""
+import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import pytree_ckpt as pc
-bars = []
-class Recording(tqdm.auto.tqdm):
-    def __init__(self, *a, **k):
-        super().__init__(*a, **k)
-        bars.append(self)
-tqdm.auto.tqdm = Recording
 sharding = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x"))
 full = np.arange(8 * 1000, dtype=np.float32).reshape(8, 1000)
 x = jax.make_array_from_callback(full.shape, sharding, lambda i: full[i])
