@@ -124,7 +124,7 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
         checkpoints = {"": set(children)}  # a checkpoint itself
     else:
         checkpoints = {n: inside for n, inside in children.items()
-                       if _is_step(n) and inside is not None}
+                       if is_step(n) and inside is not None}
     for name, inside in sorted(checkpoints.items()):
         where = loc.child(name) if name else loc
         generations = sorted(n for n in inside if _is_generation(n))
@@ -229,7 +229,8 @@ def _path(where: _storage.Location, name: str) -> str:
     return f"{where.url.rstrip('/')}/{name}"
 
 
-def _is_step(name: str) -> bool:
+def is_step(name: str) -> bool:
+    """Whether ``name`` names a step: a decimal number without leading zeros."""
     return name == "0" or (name.isdigit() and name.isascii() and name[0] != "0")
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _storage
+from . import _clean, _storage
 from ._format import COMMIT_FILE
 
 INDEX = ".steps"
@@ -43,7 +43,7 @@ def marked(loc: _storage.Location, kv: Any) -> list[int] | None:
 
 def marked_in(names: set[str] | None) -> list[int]:
     """The steps among the names in the index folder, ascending."""
-    return sorted(int(n) for n in names or () if _is_step(n))
+    return sorted(int(n) for n in names or () if _clean.is_step(n))
 
 
 def committed(kv: Any, steps: list[int]) -> list[int]:
@@ -86,7 +86,3 @@ def rebuild(loc: _storage.Location, kv: Any, steps: list[int], names: set[str] |
         unmark(loc, kv, step)
     if COMPLETE not in names:
         mark(loc, kv, COMPLETE)
-
-
-def _is_step(name: str) -> bool:
-    return name == "0" or (name.isdigit() and name.isascii() and name[0] != "0")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import atexit
 import bisect
 import os
-import re
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -60,7 +59,6 @@ from ._save import save_async
 from ._status import RestoreStatus, check_complete
 
 Metrics = Mapping[str, Any]
-_STEP = re.compile(r"0|[1-9][0-9]*")
 _MAX_METRICS_BYTES = 1 << 20
 
 
@@ -660,7 +658,7 @@ def _committed(children: dict[str, set[str] | None]) -> list[int]:
     :func:`_storage.child_names`), ascending: folders named by a step, holding a commit file.
     A file, or a link, named like a step is not one of the manager's and is left alone."""
     return sorted(int(n) for n, inside in children.items()
-                  if inside is not None and _STEP.fullmatch(n) and COMMIT_FILE in inside)
+                  if inside is not None and _clean.is_step(n) and COMMIT_FILE in inside)
 
 
 def _check_step(step: Any) -> int:
