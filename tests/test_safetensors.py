@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save, save_file
 
 import pytree_ckpt as pc
-from pytree_ckpt import _read, _restore, _safetensors, _source, _storage
+from pytree_ckpt import _build, _restore, _safetensors, _source, _storage
 
 # Every dtype the package writes from NumPy, with the name our reader gives it.
 DTYPE_MATRIX = {
@@ -125,10 +125,10 @@ def test_a_sharded_target_reads_only_its_rows(tmp_path):
     np.testing.assert_array_equal(np.asarray(tree["w"]), weight)
     # What is read: four ranges of four rows (4 x 6 x 4 bytes each), one per device.
     rec = _restore.open_source(_storage.location(path)).leaves["w"]
-    want = _read.Want("jax", np.dtype(np.float32), (16, 6), sharding)
+    want = _build.Want("jax", np.dtype(np.float32), (16, 6), sharding)
     files = [_source.file_at(_storage.location(path))]
     ranges = sorted(r for _leaf, _buf, r, _f in _safetensors._pieces(
-        files, [("w", rec, want)], _read._Layouts()))
+        files, [("w", rec, want)], _build.Layouts()))
     start = rec.storage.offset
     assert ranges == [(start + k * 96, start + (k + 1) * 96) for k in range(4)]
     # Split along the second axis: whole rows are read, each device keeps its columns.

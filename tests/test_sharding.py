@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _read, _restore, _snapshot, _storage
+from pytree_ckpt import _build, _read, _restore, _snapshot, _storage
 
 # Big enough (512 KiB) to be stored as a zarr array rather than packed.
 BIG = (256, 512)
@@ -271,7 +271,7 @@ def test_replicated_shards_are_written_once(tmp_path, mesh, spec, writes, monkey
     snap = _snapshot.snapshot({"w": value})
     (array,) = snap.arrays
     assert len(array.shards) == writes
-    regions = {_read._region_key(i, BIG) for i, _ in array.shards}
+    regions = {_build._region_key(i, BIG) for i, _ in array.shards}
     assert len(regions) == writes  # each distinct region exactly once
     ckpt = pc.save({"w": value}, tmp_path / "c")
     commit = _commit(ckpt)
@@ -296,13 +296,13 @@ def test_snapshot_holds_no_view_of_device_memory(mesh):
 
 def _record_reads(monkeypatch):
     reads = []
-    real = _read._read_into
+    real = _build.read_into
 
     def read_into(source, buf):
         reads.append(tuple((d.inclusive_min, d.exclusive_max) for d in source.domain))
         return real(source, buf)
 
-    monkeypatch.setattr(_read, "_read_into", read_into)
+    monkeypatch.setattr(_build, "read_into", read_into)
     return reads
 
 
@@ -315,7 +315,7 @@ def test_restore_reads_each_needed_region_once(tmp_path, mesh, monkeypatch, name
     reads = _record_reads(monkeypatch)
     tree, _ = pc.restore(ckpt, jax.ShapeDtypeStruct(BIG, jnp.float32, sharding=sharding))
     _check(tree, value, sharding)
-    needed = {_read._region_key(tuple(i), BIG)
+    needed = {_build._region_key(tuple(i), BIG)
               for i in sharding.addressable_devices_indices_map(BIG).values()}
     assert sorted(reads) == sorted(needed)
 
@@ -328,7 +328,7 @@ def test_restore_reads_a_window_of_slabs_at_a_time(tmp_path, mesh, monkeypatch):
     shard = math.prod(BIG) * 4 // 8
     monkeypatch.setattr(_read, "_BYTES_IN_FLIGHT", 3 * shard)
     outstanding, most = [0], [0]
-    real = _read._read_into
+    real = _build.read_into
 
     class Tracked:
         def __init__(self, future, nbytes):
@@ -343,7 +343,7 @@ def test_restore_reads_a_window_of_slabs_at_a_time(tmp_path, mesh, monkeypatch):
         most[0] = max(most[0], outstanding[0])
         return Tracked(real(source, buf), buf.nbytes)
 
-    monkeypatch.setattr(_read, "_read_into", read_into)
+    monkeypatch.setattr(_build, "read_into", read_into)
     sharding = NamedSharding(mesh, P("x", "y"))
     target = {k: jax.ShapeDtypeStruct(BIG, jnp.float32, sharding=sharding) for k in tree}
     restored, status = pc.restore(ckpt, target)
@@ -369,8 +369,8 @@ def test_a_process_reads_only_its_devices_regions(tmp_path, mesh):
             os.remove(os.path.join(chunk_dir, row, col))
     loc = _storage.location(ckpt)
     kv = _storage.open_kvstore(loc)
-    want = _read.Want("jax", np.dtype(np.float32), BIG, half)
-    ((*_, regions),) = _read._ZarrReads("", kv, commit, [("", rec, want)], _read._Layouts())
+    want = _build.Want("jax", np.dtype(np.float32), BIG, half)
+    ((*_, regions),) = _read._ZarrReads("", kv, commit, [("", rec, want)], _build.Layouts())
     assert sorted(regions) == [((0, 64), (0, 512)), ((64, 128), (0, 512))]
     for (r0, r1), _ in regions:
         np.testing.assert_array_equal(regions[((r0, r1), (0, 512))], value[r0:r1])
@@ -392,11 +392,11 @@ def test_a_missing_chunk_is_an_error_never_zeros(tmp_path, mesh):
     loc = _storage.location(ckpt)
     rows = NamedSharding(mesh, P("x", "y")).addressable_devices_indices_map(BIG)
     mine = {d: i for d, i in rows.items() if i[0].start == 0}
-    want = _read.Want("jax", np.dtype(np.float32), BIG,
+    want = _build.Want("jax", np.dtype(np.float32), BIG,
                          types.SimpleNamespace(addressable_devices_indices_map=lambda s: mine))
     ((*_, regions),) = _read._ZarrReads(
         "", _storage.open_kvstore(loc), commit, [("w", commit.leaves["w"], want)],
-        _read._Layouts())
+        _build.Layouts())
     assert len(regions) == 2
 
 

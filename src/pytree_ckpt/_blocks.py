@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from . import _gc, _leaves, _source, _storage
+from ._build import Want
 from ._errors import PathNotFoundError, RegionError, UnsupportedLeafError
 from ._format import LeafRecord
-from ._read import Want
 from ._restore import open_source
 
 BLOCK_BYTES = 64 << 20

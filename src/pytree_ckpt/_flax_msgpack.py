@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import _gc, _graph, _leaves, _read, _source
+from . import _build, _gc, _graph, _leaves, _source
 from ._errors import CorruptCheckpointError
 from ._format import LeafRecord, Storage
 
@@ -183,13 +183,13 @@ def _unchunk(url: str, path: str, node: dict) -> np.ndarray:
     return np.concatenate(parts).reshape(dims)
 
 
-def read(jobs: list[_read.Job]) -> dict[str, Any]:
+def read(jobs: list[_build.Job]) -> dict[str, Any]:
     """The restored leaves of ``jobs`` (their values are decoded already)."""
-    layouts = _read._Layouts()
+    layouts = _build.Layouts()
     out = {}
     for path, rec, want in jobs:
         if rec.storage.kind == "v":
-            out[path] = _read._py_to_want(rec.storage.value, want)
+            out[path] = _build.py_to_want(rec.storage.value, want)
         else:
-            out[path] = _read._build(rec, want, {(): rec.storage.value}, layouts, whole=True)
+            out[path] = _build.build(rec, want, {(): rec.storage.value}, layouts, whole=True)
     return out

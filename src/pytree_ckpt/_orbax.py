@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import tensorstore as ts
 
-from . import _format, _gc, _graph, _leaves, _read, _source, _storage, _transfer
+from . import _build, _format, _gc, _graph, _leaves, _source, _storage, _transfer
 from ._errors import CorruptCheckpointError, IncompleteCheckpointError
 from ._format import LeafRecord, Storage
 
@@ -358,10 +358,10 @@ def _json_item(loc: _storage.Location, kv: ts.KvStore, prefix: str
 # -- reading -------------------------------------------------------------------------------
 
 
-def read(url: str, jobs: list[_read.Job]) -> dict[str, Any]:
+def read(url: str, jobs: list[_build.Job]) -> dict[str, Any]:
     """The restored leaves of ``jobs``: each region read from its zarr array into an aligned
     buffer, at most ~_BYTES_IN_FLIGHT of them issued and not yet waited for."""
-    layouts = _read._Layouts()
+    layouts = _build.Layouts()
     out: dict[str, Any] = {}
     in_flight: collections.deque = collections.deque()
     waiting = 0
@@ -376,7 +376,7 @@ def read(url: str, jobs: list[_read.Job]) -> dict[str, Any]:
     return out
 
 
-def _region_reads(jobs: list[_read.Job], layouts: _read._Layouts, out: dict[str, Any]
+def _region_reads(jobs: list[_build.Job], layouts: _build.Layouts, out: dict[str, Any]
                   ) -> Iterator[tuple[list, tuple, Any, Any, int]]:
     """``(leaf, region key, buffer or None, read future, bytes)`` per region; ``leaf`` is
     ``[job, regions, regions not yet read]``. Python leaves are built at once into ``out``.
@@ -386,10 +386,10 @@ def _region_reads(jobs: list[_read.Job], layouts: _read._Layouts, out: dict[str,
     than writing into a given buffer)."""
     for path, rec, want in jobs:
         if rec.storage.kind == "v":
-            out[path] = _read._py_to_want(rec.storage.value, want)
+            out[path] = _build.py_to_want(rec.storage.value, want)
             continue
         store, dtype = rec.storage.value, _leaves.DTYPES[rec.dtype]
-        keys = _read._region_keys(rec, want, layouts)
+        keys = _build.region_keys(rec, want, layouts)
         leaf = [(path, rec, want), {}, len(keys)]
         for key in keys:
             shape = tuple(b - a for a, b in key)
@@ -399,11 +399,11 @@ def _region_reads(jobs: list[_read.Job], layouts: _read._Layouts, out: dict[str,
             if nbytes < _SMALL_BYTES:
                 yield leaf, key, None, source.read(), nbytes
             else:
-                buf = _read._aligned_empty(shape, dtype)
-                yield leaf, key, buf, _read._read_into(source, buf), nbytes
+                buf = _build.aligned_empty(shape, dtype)
+                yield leaf, key, buf, _build.read_into(source, buf), nbytes
 
 
-def _finish(url: str, item: tuple, layouts: _read._Layouts, out: dict[str, Any]) -> int:
+def _finish(url: str, item: tuple, layouts: _build.Layouts, out: dict[str, Any]) -> int:
     leaf, key, buf, future, nbytes = item
     (path, rec, want), regions, _count = leaf
     try:
@@ -420,5 +420,5 @@ def _finish(url: str, item: tuple, layouts: _read._Layouts, out: dict[str, Any])
         return nbytes
     regions[key] = result if buf is None else buf
     if leaf[2] == 0:
-        out[path] = _read._build(rec, want, regions, layouts, whole=False)
+        out[path] = _build.build(rec, want, regions, layouts, whole=False)
     return nbytes

@@ -1,4 +1,5 @@
-"""Reading matched leaves and building them as the target asks: the I/O half of restore.
+"""Reading matched leaves of our own format, its chunks and packed blobs: the I/O half of
+restore (:mod:`._build` turns what is read into leaves as the target asks).
 
 Zarr arrays are read region by region, each device's region straight into a 64-byte-aligned
 buffer that the CPU backend adopts without a copy, a window of slabs in flight at a time
@@ -17,9 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import tensorstore as ts
 
-from . import _binding, _format, _gc, _leaves, _storage, _transfer
+from . import _binding, _build, _format, _gc, _leaves, _storage, _transfer
+from ._build import Job, Layouts, Want
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
 
@@ -48,36 +49,7 @@ _BYTES_IN_FLIGHT = max(64 << 20, 4 * _SLAB_BYTES * (os.cpu_count() or 1))
 # What a chunk in flight costs at least, counted in the window: TensorStore's state for each
 # chunk it reads (a slab of 65,536 chunks of a few bytes is otherwise "a few bytes").
 _CHUNK_COST = 4 << 10
-_ALIGN = 64  # the CPU backend adopts 64-byte-aligned host memory without a copy
 _ONE_DEVICE = jax.sharding.SingleDeviceSharding
-
-
-class Want(NamedTuple):
-    """What the target asks for at one path."""
-
-    kind: str  # a _leaves origin: jax, numpy, npscalar, prngkey or py
-    dtype: np.dtype | None  # None for Python leaves
-    shape: tuple[int, ...]
-    sharding: Any = None  # jax.sharding.Sharding for jax / prngkey
-    pytype: type | None = None  # for py and npscalar
-    impl: str | None = None  # for prngkey
-    weak: bool = False  # for jax: a weakly typed jax.Array
-    # For numpy: the part of the saved array to read, (start, stop) per axis; None for all.
-    region: tuple[tuple[int, int], ...] | None = None
-
-
-Job = tuple[str, LeafRecord, Want]  # (target path, saved leaf, what the target wants)
-
-
-def default_device() -> jax.Device:
-    """Where an unsharded leaf goes: the device ``jax.default_device`` sets, as for
-    ``jax.device_put``, else this process's first device."""
-    device = jax.config.jax_default_device
-    if device is None:
-        return jax.local_devices()[0]
-    if isinstance(device, str):  # a platform name
-        return jax.local_devices(backend=device)[0]
-    return device
 
 
 def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False
@@ -85,7 +57,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     """Reads every job's data and returns the restored leaves by target path (``remote``:
     from an object store, see :data:`_REMOTE_RANGES`)."""
     out: dict[str, Any] = {}
-    layouts = _Layouts()
+    layouts = Layouts()
     by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs
     for job in jobs:
         by_kind[job[1].storage.kind].append(job)
@@ -101,54 +73,16 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                 host = _checked(url, data, start, rec, blob, crc)
                 if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
                         and host.dtype == want.dtype):
-                    # The common case, without _build's dispatch: ~1.5 µs a leaf less.
+                    # The common case, without build's dispatch: ~1.5 µs a leaf less.
                     out[path] = _transfer.to_device(host, want.sharding, copy=True,
                                                     weak_type=want.weak)
                 else:
-                    out[path] = _build(rec, want, {(): host}, layouts, whole=True)
+                    out[path] = _build.build(rec, want, {(): host}, layouts, whole=True)
         for path, rec, want, regions in zarr:
-            out[path] = _build(rec, want, regions, layouts, whole=False)
+            out[path] = _build.build(rec, want, regions, layouts, whole=False)
         for path, rec, want in by_kind["v"]:
-            out[path] = _py_to_want(rec.storage.value, want)
+            out[path] = _build.py_to_want(rec.storage.value, want)
     return out
-
-
-class _Layouts:
-    """Per (sharding, shape): each addressable device with its index and region key.
-
-    ``addressable_devices_indices_map`` costs tens of µs; a tree has few distinct layouts.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[Any, list[tuple[Any, tuple, tuple]]] = {}
-
-    def __call__(self, sharding: Any, shape: tuple[int, ...]) -> list[tuple[Any, tuple, tuple]]:
-        key = (id(sharding), shape)  # the wants keep every sharding alive meanwhile
-        if key not in self._cache:
-            if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-                device = _transfer.device_of(sharding)
-                whole = tuple(slice(0, d) for d in shape)
-                self._cache[key] = [(device, whole, _region_key(whole, shape))]
-            else:
-                entries = []
-                for device, index in sharding.addressable_devices_indices_map(shape).items():
-                    index = tuple(index) if index is not None else tuple(
-                        slice(None) for _ in shape)
-                    entries.append((device, index, _region_key(index, shape)))
-                self._cache[key] = entries
-        return self._cache[key]
-
-
-def _region_key(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    return tuple((s.start or 0, d if s.stop is None else s.stop)
-                 for s, d in zip(index, shape, strict=True))
-
-
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    offset = (-raw.ctypes.data) % _ALIGN
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 class _ZarrReads:
@@ -163,7 +97,7 @@ class _ZarrReads:
     """
 
     def __init__(self, url: str, kv: Any, commit: Commit, jobs: list[Job],
-                 layouts: _Layouts) -> None:
+                 layouts: Layouts) -> None:
         self._url, self._kv, self._commit = url, kv, commit
         self._layouts = layouts
         self._opening = collections.deque(
@@ -185,7 +119,7 @@ class _ZarrReads:
             store = opening.result()
             stored = _leaves.DTYPES[rec.storage.stored_dtype]
             regions, slabs = {}, []
-            for key in _region_keys(rec, want, self._layouts):
+            for key in _build.region_keys(rec, want, self._layouts):
                 buf = regions[key] = _allocate(key, stored, rec, self._url)
                 slabs += [(store[sub] if sub else store, buf[local] if local else buf,
                            _chunks_in(sub, rec.storage.chunks))
@@ -202,7 +136,7 @@ class _ZarrReads:
             if slab is None:
                 return
             leaf, source, buf, chunks = slab
-            future = _read_into(source, buf) if source is not None else None
+            future = _build.read_into(source, buf) if source is not None else None
             # A slab of many tiny chunks costs TensorStore more than its bytes.
             nbytes = max(buf.nbytes, chunks * _CHUNK_COST) if buf is not None else 0
             self._in_flight.append((leaf, future, nbytes))
@@ -229,19 +163,9 @@ class _ZarrReads:
                 yield path, rec, want, regions
 
 
-def _region_keys(rec: LeafRecord, want: Want, layouts: _Layouts) -> list[tuple]:
-    """The regions of ``rec`` to read, as (start, stop) per axis: each device's for a
-    jax.Array, ``want.region`` where one is asked for, else the whole array."""
-    if want.kind == _leaves.JAX:
-        return list(dict.fromkeys(key for _d, _index, key in layouts(want.sharding, rec.shape)))
-    if want.region is not None:
-        return [want.region]
-    return [_region_key(tuple(slice(0, d) for d in rec.shape), rec.shape)]
-
-
 def _allocate(key: tuple, dtype: np.dtype, rec: LeafRecord, url: str) -> np.ndarray:
     try:
-        return _aligned_empty(tuple(b - a for a, b in key), dtype)
+        return _build.aligned_empty(tuple(b - a for a, b in key), dtype)
     except MemoryError:
         # Sizes come from the (checksummed but untrusted) commit file: say which leaf,
         # rather than a bare MemoryError from deep inside.
@@ -289,11 +213,6 @@ def _chunks_in(index: tuple[slice, ...], chunks: tuple[int, ...]) -> int:
     """How many chunks of the grid ``chunks`` the region ``index`` touches."""
     return math.prod((s.stop - 1) // c - s.start // c + 1 if s.stop > s.start else 0
                      for s, c in zip(index, chunks, strict=True))
-
-
-def _read_into(source: Any, buf: np.ndarray) -> Any:
-    # Reading into a buffer we own is ~2x faster than read() returning a new array.
-    return ts.array(buf, copy=False, write=True).write(source)
 
 
 def _packed_ranges(url: str, kv: Any, commit: Commit,
@@ -368,66 +287,3 @@ def _checked(url: str, data: memoryview, start: int, rec: LeafRecord, blob: int,
     return host
 
 
-def _as_logical(host: np.ndarray, rec: LeafRecord) -> np.ndarray:
-    dtype = _leaves.DTYPES[rec.dtype]
-    return host if host.dtype == dtype else host.view(dtype)
-
-
-def _build(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], layouts: _Layouts,
-           *, whole: bool) -> Any:
-    """The restored leaf from its host data: ``regions`` maps region keys to host arrays,
-    or, with ``whole``, holds the whole array under ``()``."""
-    if want.kind == _leaves.JAX:
-        return _assemble(rec, want, regions, layouts, whole)
-    host = _as_logical(next(iter(regions.values())), rec)
-    if want.kind == _leaves.PY:
-        return want.pytype(host.reshape(()).item())
-    if want.kind == _leaves.NPSCALAR:
-        return want.pytype(host.astype(want.dtype).reshape(())[()])
-    if want.kind == _leaves.NUMPY:
-        if whole and want.region is not None:
-            # A copy of the part: the whole array (a blob's range, a decoded file) is not
-            # kept alive by it.
-            return host[tuple(slice(a, b) for a, b in want.region)].astype(want.dtype)
-        return host.astype(want.dtype, copy=not host.flags.writeable)
-    data = jax.device_put(host, default_device())  # PRNG key data: small, rewrapped
-    key = jax.random.wrap_key_data(data, impl=want.impl)
-    return jax.device_put(key, want.sharding) if want.sharding is not None else key
-
-
-def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], layouts: _Layouts,
-              whole: bool) -> jax.Array:
-    # Packed leaves are views into a whole range of a blob: copy them (``copy=whole``), so
-    # that no restored leaf keeps the range alive (that held the small-leaf tree twice).
-    if type(want.sharding) is _ONE_DEVICE:
-        # One device, one piece: no layout to look up (each target leaf has a sharding
-        # object of its own, so _Layouts' cache misses: ~2 µs a leaf).
-        (host,) = regions.values()
-        host = _as_logical(host, rec)
-        if host.dtype != want.dtype:
-            host = host.astype(want.dtype)
-        return _transfer.to_device(host, want.sharding, copy=whole, weak_type=want.weak)
-    pieces, devices, given = [], [], set()
-    for device, index, key in layouts(want.sharding, rec.shape):
-        host = (regions[()][index] if index else regions[()]) if whole else regions[key]
-        host = _as_logical(host, rec).astype(want.dtype, copy=False)
-        if key in given:
-            # Two devices must not adopt one host buffer: donating one would clobber both.
-            host = host.copy()
-        given.add(key)
-        pieces.append(host)
-        devices.append(device)
-    return _transfer.assemble(rec.shape, want.dtype, want.sharding, pieces, devices, copy=whole,
-                              weak_type=want.weak)
-
-
-def _py_to_want(value: Any, want: Want) -> Any:
-    if want.kind == _leaves.PY:
-        return value if want.pytype is type(value) else want.pytype(value)
-    arr = np.asarray(value, dtype=want.dtype)
-    if want.kind == _leaves.NPSCALAR:
-        return want.pytype(arr[()])
-    if want.kind == _leaves.NUMPY:
-        return arr
-    return _transfer.put(arr, want.sharding if want.sharding is not None else default_device(),
-                         weak_type=want.weak)

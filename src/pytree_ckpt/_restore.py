@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from . import _formats, _gc, _graph, _leaves, _progress, _source, _storage
+from ._build import Want, default_device
 from ._errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -28,7 +29,7 @@ from ._errors import (
     UnsupportedLeafError,
 )
 from ._format import COMMIT_FILE, Commit, LeafRecord, SavedSharding, decode, generation_of
-from ._read import Want, default_device, read_leaves
+from ._read import read_leaves
 from ._status import Cast, Mismatch, RestoreStatus, check_complete
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _gc, _graph, _leaves, _read, _source, _storage
+from . import _build, _gc, _graph, _leaves, _source, _storage
 from ._errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -206,11 +206,11 @@ def _record(url: str, name: str, spec: Any, base: int, number: int) -> LeafRecor
 # -- reading -------------------------------------------------------------------------------
 
 
-def read(files: list[_source.File], jobs: list[_read.Job]) -> dict[str, Any]:
+def read(files: list[_source.File], jobs: list[_build.Job]) -> dict[str, Any]:
     """The restored leaves of ``jobs`` by target path: each region read as one range of
     bytes (:func:`_span`), in pieces of ~_PIECE_BYTES, at most ~_BYTES_IN_FLIGHT of them in
     flight."""
-    layouts = _read._Layouts()
+    layouts = _build.Layouts()
     out: dict[str, Any] = {}
     in_flight: collections.deque = collections.deque()
     waiting = 0
@@ -225,7 +225,7 @@ def read(files: list[_source.File], jobs: list[_read.Job]) -> dict[str, Any]:
     return out
 
 
-def _pieces(files: list[_source.File], jobs: list[_read.Job], layouts: _read._Layouts
+def _pieces(files: list[_source.File], jobs: list[_build.Job], layouts: _build.Layouts
             ) -> Iterator[tuple[list, np.ndarray, tuple[int, int], Any]]:
     """``(leaf, bytes of its buffer, (start, stop) in the file, read future)`` for every
     piece; ``leaf`` is ``[job, regions, pieces not yet read]``. A leaf with no bytes gives
@@ -235,9 +235,9 @@ def _pieces(files: list[_source.File], jobs: list[_read.Job], layouts: _read._La
         dtype = _leaves.DTYPES[rec.dtype]
         regions: dict[tuple, np.ndarray] = {}
         todo = []
-        for key in _read._region_keys(rec, want, layouts):
+        for key in _build.region_keys(rec, want, layouts):
             first, stop = _span(key, rec.shape)
-            regions[key] = span = _read._aligned_empty((stop - first,), dtype)
+            regions[key] = span = _build.aligned_empty((stop - first,), dtype)
             flat = span.view(np.uint8)
             start = offset + first * dtype.itemsize
             for lo in range(0, len(flat), _PIECE_BYTES):
@@ -250,7 +250,7 @@ def _pieces(files: list[_source.File], jobs: list[_read.Job], layouts: _read._La
             yield leaf, buf, (lo, hi), f.kv.read(f.key, byte_range=slice(lo, hi))
 
 
-def _finish(files: list[_source.File], item: tuple, layouts: _read._Layouts,
+def _finish(files: list[_source.File], item: tuple, layouts: _build.Layouts,
             out: dict[str, Any]) -> int:
     leaf, buf, (lo, hi), future = item
     (path, rec, want), regions, _count = leaf
@@ -269,7 +269,7 @@ def _finish(files: list[_source.File], item: tuple, layouts: _read._Layouts,
         buf[:] = np.frombuffer(data, np.uint8)
     leaf[2] -= 1
     if leaf[2] <= 0:
-        out[path] = _read._build(rec, want, _regions(rec, regions), layouts, whole=False)
+        out[path] = _build.build(rec, want, _regions(rec, regions), layouts, whole=False)
     return len(buf)
 
 

@@ -4,7 +4,7 @@ A :class:`Source` is a checkpoint's leaf records by path, its inner nodes, and a
 that reads matched leaves as the target wants them. Our own commit file gives one
 (:func:`_restore.open_source`); so do the readers of other tools' files (``_safetensors``,
 ``_flax_msgpack``, ``_orbax``), which describe their leaves with the same
-:class:`~._format.LeafRecord` and build them with the same code (``_read._build``), so
+:class:`~._format.LeafRecord` and build them with the same code (``_build.build``), so
 matching, the status and the target's kinds, dtypes and shardings behave the same for
 every format.
 """
@@ -34,7 +34,7 @@ class Source(NamedTuple):
     leaves: Mapping[str, LeafRecord]  # with records(paths) and summaries(), see Records
     nodes: tuple[_graph.Node, ...]  # inner nodes, root first
     tree_nodes: Callable[[], tuple[_graph.Node, ...]]  # nodes, checked to form one tree
-    read: Callable[[list], dict[str, Any]]  # jobs (_read.Job) -> restored leaves by path
+    read: Callable[[list], dict[str, Any]]  # jobs (_build.Job) -> restored leaves by path
     writer: Mapping[str, Any]
 
 
