@@ -12,11 +12,12 @@ import pytree_ckpt as pc
 def test_docstring_examples():
     # Some examples read the checkpoint an earlier one wrote (metadata() shows what save()
     # wrote to memory://doc/save), so _save's run first, once, in one process.
-    names = sorted(m.name for m in pkgutil.iter_modules(pc.__path__))
-    names.sort(key=lambda n: n != "_save")
+    # Every module, those of subpackages (_foreign) included.
+    names = sorted(m.name for m in pkgutil.walk_packages(pc.__path__, "pytree_ckpt."))
+    names.sort(key=lambda n: n != "pytree_ckpt._save")
     failed, attempted = {}, 0
     for name in names:
-        module = importlib.import_module(f"pytree_ckpt.{name}")
+        module = importlib.import_module(name)
         result = doctest.testmod(module, extraglobs={"pc": pc, "jnp": jnp},
                                  optionflags=doctest.ELLIPSIS, report=True)
         attempted += result.attempted

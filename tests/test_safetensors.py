@@ -14,7 +14,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save, save_file
 
 import pytree_ckpt as pc
-from pytree_ckpt import _build, _restore, _safetensors, _source, _storage
+from pytree_ckpt import _build, _restore, _source, _storage
+from pytree_ckpt._foreign import safetensors as _safetensors
 
 # Every dtype the package writes from NumPy, with the name our reader gives it.
 DTYPE_MATRIX = {

@@ -32,6 +32,7 @@ from ._errors import RegionError as RegionError
 from ._errors import SaveError as SaveError
 from ._errors import ShardingError as ShardingError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
+from ._foreign.safetensors import save_safetensors as save_safetensors
 from ._jit import save_in_jit as save_in_jit
 from ._manager import CheckpointManager as CheckpointManager
 from ._manager import latest as latest
@@ -39,7 +40,6 @@ from ._metadata import CheckpointMetadata as CheckpointMetadata
 from ._metadata import LeafMetadata as LeafMetadata
 from ._metadata import metadata as metadata
 from ._restore import restore as restore
-from ._safetensors import save_safetensors as save_safetensors
 from ._save import save as save
 from ._save import save_async as save_async
 from ._status import Cast as Cast

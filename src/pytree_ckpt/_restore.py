@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _formats, _gc, _graph, _leaves, _progress, _source, _storage
+from . import _foreign, _gc, _graph, _leaves, _progress, _source, _storage
 from ._build import Want, default_device
 from ._errors import (
     CheckpointNotFoundError,
@@ -66,7 +66,7 @@ def open_source(loc: _storage.Location) -> _source.Source:
     try:
         commit = load_commit(loc, kv)
     except CheckpointNotFoundError:
-        foreign = _formats.detect(loc, kv)
+        foreign = _foreign.detect(loc, kv)
         if foreign is None:
             raise
         return foreign

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _binding, _format, _formats, _gc, _progress, _source, _storage
+from . import _binding, _foreign, _format, _gc, _progress, _source, _storage
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
 from ._format import COMMIT_FILE, Commit, LeafRecord
 from ._restore import commit_file, load_commit
@@ -132,7 +132,7 @@ def _load_ours(loc: _storage.Location, kv: Any) -> Commit:
     try:
         return load_commit(loc, kv)
     except CheckpointNotFoundError:
-        foreign = _formats.detect(loc, kv)
+        foreign = _foreign.detect(loc, kv)
         if foreign is None:
             raise
     raise NotACheckpointError(

@@ -17,21 +17,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _flax_msgpack, _orbax, _safetensors, _source, _storage
+from .. import _source, _storage
+from . import flax_msgpack, orbax, safetensors
 
 _HEAD_BYTES = 16
 
 
 def detect(loc: _storage.Location, kv: Any) -> _source.Source | None:
     """The checkpoint at ``loc`` read by the reader its files call for, or None."""
-    if _exists(kv, _orbax.ITEM_METADATA):
-        return _orbax.open_item(loc, kv)
-    if _exists(kv, _orbax.STEP_METADATA):
-        return _orbax.open_step(loc, kv)
-    if _exists(kv, _safetensors.INDEX_FILE):
-        f = _source.File(f"{loc.url.rstrip('/')}/{_safetensors.INDEX_FILE}", kv,
-                         _safetensors.INDEX_FILE)
-        return _safetensors.open_index(f)
+    if _exists(kv, orbax.ITEM_METADATA):
+        return orbax.open_item(loc, kv)
+    if _exists(kv, orbax.STEP_METADATA):
+        return orbax.open_step(loc, kv)
+    if _exists(kv, safetensors.INDEX_FILE):
+        f = _source.File(f"{loc.url.rstrip('/')}/{safetensors.INDEX_FILE}", kv,
+                         safetensors.INDEX_FILE)
+        return safetensors.open_index(f)
     f = _file(loc)
     if f is None:
         return None
@@ -39,11 +40,11 @@ def detect(loc: _storage.Location, kv: Any) -> _source.Source | None:
     if head is None:
         return None
     if f.key.endswith(".json"):
-        return _safetensors.open_index(f)
-    if _safetensors.is_safetensors(head):
-        return _safetensors.open_file(f)
-    if _flax_msgpack.is_msgpack_map(head):
-        return _flax_msgpack.open_file(f)
+        return safetensors.open_index(f)
+    if safetensors.is_safetensors(head):
+        return safetensors.open_file(f)
+    if flax_msgpack.is_msgpack_map(head):
+        return flax_msgpack.open_file(f)
     return None
 
 

@@ -29,9 +29,9 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from . import _build, _gc, _graph, _leaves, _source
-from ._errors import CorruptCheckpointError
-from ._format import LeafRecord, Storage
+from .. import _build, _gc, _graph, _leaves, _source
+from .._errors import CorruptCheckpointError
+from .._format import LeafRecord, Storage
 
 MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map 16, map 32
 CHUNKED = "__msgpack_chunked_array__"

@@ -30,14 +30,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _build, _gc, _graph, _leaves, _source, _storage
-from ._errors import (
+from .. import _build, _gc, _graph, _leaves, _source, _storage
+from .._errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     PathCollisionError,
     UnsupportedLeafError,
 )
-from ._format import LeafRecord, Storage
+from .._format import LeafRecord, Storage
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's bound

@@ -42,9 +42,9 @@ from typing import Any
 import jax
 import tensorstore as ts
 
-from . import _build, _format, _gc, _graph, _leaves, _source, _storage, _transfer
-from ._errors import CorruptCheckpointError, IncompleteCheckpointError
-from ._format import LeafRecord, Storage
+from .. import _build, _format, _gc, _graph, _leaves, _source, _storage, _transfer
+from .._errors import CorruptCheckpointError, IncompleteCheckpointError
+from .._format import LeafRecord, Storage
 
 ITEM_METADATA = "_METADATA"
 STEP_METADATA = "_CHECKPOINT_METADATA"
