@@ -42,15 +42,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _plan(path: str, spec: Any) -> tuple:
     """Everything the floor decides before its clock starts: the commit file decoded, every
     target path matched to its record, the ranges grouped (restore's own helpers)."""
-    from pytree_ckpt import _build, _graph, _read, _restore, _storage
+    from pytree_ckpt import _build, _graph, _match, _open, _read, _storage
 
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
-    commit = _restore.load_commit(loc, kv)
+    commit = _open.load_commit(loc, kv)
     flat = _graph.flatten(spec)
     records = commit.leaves.records(flat.paths)
     device = _build.default_device()
-    jobs = [(p, r, _restore._want(p, leaf, device))
+    jobs = [(p, r, _match.want_for(p, leaf, device))
             for p, r, leaf in zip(flat.paths, records, flat.leaves, strict=True)]
     if any(r.storage.kind != "p" for _p, r, _w in jobs):
         raise SystemExit("the floor reads packed leaves only: use the small tree")

@@ -87,11 +87,11 @@ def test_a_restore_overwritten_while_it_reads_reads_the_new_checkpoint(tmp_path,
     # The overwrite lands after restore has read the commit file and before it reads the
     # data: the generation it was about to read is deleted. It must come back whole, of the
     # new save, not fail as damaged.
-    from pytree_ckpt import _restore
+    from pytree_ckpt import _open
 
     path = tmp_path / "c"
     pc.save(_tree(1), path)
-    real, calls = _restore.read_leaves, []
+    real, calls = _open.read_leaves, []
 
     def overwrite_first(*args, **kwargs):
         calls.append(1)
@@ -99,7 +99,7 @@ def test_a_restore_overwritten_while_it_reads_reads_the_new_checkpoint(tmp_path,
             pc.save(_tree(2), path, overwrite=True)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_restore, "read_leaves", overwrite_first)
+    monkeypatch.setattr(_open, "read_leaves", overwrite_first)
     restored, status = pc.restore(path)
     assert len(calls) == 2
     np.testing.assert_array_equal(restored["big"], _tree(2)["big"])

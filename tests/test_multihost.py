@@ -13,7 +13,7 @@ import pytest
 from _multiprocess import assert_all_ok, format_results, run_multiprocess
 
 import pytree_ckpt as pc
-from pytree_ckpt import _restore, _storage
+from pytree_ckpt import _open, _storage
 
 STATE = r"""
 import jax, jax.numpy as jnp, numpy as np, optax
@@ -92,7 +92,7 @@ def paths(tmp_path):
 
 def _commit(ckpt):
     loc = _storage.location(ckpt)
-    return _restore.load_commit(loc, _storage.open_kvstore(loc))
+    return _open.load_commit(loc, _storage.open_kvstore(loc))
 
 
 def check_here(args):
@@ -128,7 +128,7 @@ def test_multihost_save_and_restore_on_other_topologies(tmp_path, processes, dev
     assert all(f"SAVED {i}" in r.stdout for i, r in enumerate(results)), format_results(results)
     assert pc.metadata(args["sync"]).writer["processes"] == processes
     loc = _storage.location(args["sync"])
-    commit = _restore.load_commit(loc, _storage.open_kvstore(loc))
+    commit = _open.load_commit(loc, _storage.open_kvstore(loc))
     assert {proc for proc, _, _ in commit.blobs} == {0, processes - 1}  # "local" packed there
     # The same checkpoints restored by a job of another shape, onto another mesh.
     other = (4, 1) if (processes, devices) == (2, 2) else (2, 2)

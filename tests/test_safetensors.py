@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save, save_file
 
 import pytree_ckpt as pc
-from pytree_ckpt import _build, _restore, _source, _storage
+from pytree_ckpt import _build, _open, _source, _storage
 from pytree_ckpt._foreign import safetensors as _safetensors
 
 # Every dtype the package writes from NumPy, with the name our reader gives it.
@@ -125,7 +125,7 @@ def test_a_sharded_target_reads_only_its_rows(tmp_path):
     assert tree["w"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(tree["w"]), weight)
     # What is read: four ranges of four rows (4 x 6 x 4 bytes each), one per device.
-    rec = _restore.open_source(_storage.location(path)).leaves["w"]
+    rec = _open.open_source(_storage.location(path)).leaves["w"]
     want = _build.Want("jax", np.dtype(np.float32), (16, 6), sharding)
     files = [_source.file_at(_storage.location(path))]
     ranges = sorted(r for _leaf, _buf, r, _f in _safetensors._pieces(

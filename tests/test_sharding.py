@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _build, _read, _restore, _snapshot, _storage
+from pytree_ckpt import _build, _open, _read, _snapshot, _storage
 
 # Big enough (512 KiB) to be stored as a zarr array rather than packed.
 BIG = (256, 512)
@@ -41,7 +41,7 @@ def _put(value, mesh, spec):
 
 def _commit(path):
     loc = _storage.location(path)
-    return _restore.load_commit(loc, _storage.open_kvstore(loc))
+    return _open.load_commit(loc, _storage.open_kvstore(loc))
 
 
 def _chunk_files(ckpt, commit, leaf):

@@ -25,7 +25,7 @@ from . import _gc, _leaves, _source, _storage
 from ._build import Want
 from ._errors import PathNotFoundError, RegionError, UnsupportedLeafError
 from ._format import LeafRecord
-from ._restore import open_source
+from ._open import open_source
 
 BLOCK_BYTES = 64 << 20
 

@@ -13,7 +13,8 @@ import jax
 
 from . import _gc, _graph, _leaves, _storage
 from ._format import SavedSharding
-from ._restore import devices_for, open_source
+from ._open import open_source
+from ._placement import devices_for
 
 
 class LeafMetadata(NamedTuple):
@@ -141,7 +142,7 @@ def _html_table(leaves: list[tuple[str, LeafMetadata]]) -> str:
 def _sharding_text(s: SavedSharding | None, devices: tuple[Any, ...]) -> str | None:
     """``P('x', 'y') over mesh(x=4, y=2)``; axis types unless all Auto; where the saved
     devices are not all among ``devices`` (``jax.devices()``), what a restore without a
-    target does instead (see _restore.devices_for)."""
+    target does instead (see _placement.devices_for)."""
     if s is None:
         return None
     axes = [f"{n}={d}" for n, d in zip(s.axis_names, s.mesh_shape, strict=True)]

@@ -2,7 +2,7 @@
 
 A :class:`Source` is a checkpoint's leaf records by path, its inner nodes, and a function
 that reads matched leaves as the target wants them. Our own commit file gives one
-(:func:`_restore.open_source`); so do the readers of other tools' files (``_foreign``:
+(:func:`_open.open_source`); so do the readers of other tools' files (``_foreign``:
 safetensors, Flax msgpack, Orbax), which describe their leaves with the same
 :class:`~._format.LeafRecord` and build them with the same code (``_build.build``), so
 matching, the status and the target's kinds, dtypes and shardings behave the same for

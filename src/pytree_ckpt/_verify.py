@@ -23,7 +23,7 @@ import numpy as np
 from . import _binding, _foreign, _format, _gc, _progress, _source, _storage
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
 from ._format import COMMIT_FILE, Commit, LeafRecord
-from ._restore import commit_file, load_commit
+from ._open import commit_file, load_commit
 
 _IN_FLIGHT = 16  # chunks read at once (~64 MiB of chunks of the writer's size)
 _MAX_ZARR_JSON = 1 << 16

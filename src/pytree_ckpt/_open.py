@@ -1,0 +1,89 @@
+"""Opening a checkpoint: its commit file (ours), or another tool's files.
+
+:func:`open_source` gives a :class:`~._source.Source` for any format: our commit file,
+validated as untrusted input (:func:`load_commit`), or, where there is none, what
+``_foreign.detect`` recognizes. Reading our leaves goes through :func:`_read.read_leaves`,
+guarded against an overwrite that lands while they are read (:class:`OverwrittenError`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from . import _foreign, _source, _storage
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from ._format import COMMIT_FILE, Commit, decode, generation_of
+from ._read import read_leaves
+
+
+def commit_file(loc: _storage.Location) -> str:
+    """The commit file of the checkpoint at ``loc``, as errors about it name it."""
+    return f"{loc.url}/{COMMIT_FILE}"
+
+
+def load_commit(loc: _storage.Location, kv: Any) -> Commit:
+    """Reads and validates the commit file, or says precisely why there is none."""
+    if loc.local is not None:  # a FIFO there would block the read forever
+        _storage.check_regular(os.path.join(loc.local, COMMIT_FILE))
+    try:
+        data = _storage.read_key(kv, COMMIT_FILE)
+    except Exception as e:
+        raise CheckpointNotFoundError(f"{loc.url}: cannot read the commit file ({e})") from e
+    if data is None:
+        names = _storage.top_level_names(loc, kv)
+        if not names:
+            raise CheckpointNotFoundError(f"{loc.url}: no checkpoint there (nothing exists)")
+        if any(n.startswith(("d-", COMMIT_FILE + ".")) for n in names):
+            raise IncompleteCheckpointError(
+                f"{loc.url}: incomplete checkpoint (data but no {COMMIT_FILE}): a save did not "
+                "finish, so nothing here is restorable")
+        raise CheckpointNotFoundError(
+            f"{loc.url}: not a checkpoint (no {COMMIT_FILE}; it holds "
+            f"{', '.join(sorted(map(repr, names))[:5])})")
+    return decode(data, commit_file(loc))
+
+
+def open_source(loc: _storage.Location) -> _source.Source:
+    """The checkpoint at ``loc``: ours (its commit file), or another tool's files."""
+    kv = _storage.open_kvstore(loc)
+    try:
+        commit = load_commit(loc, kv)
+    except CheckpointNotFoundError:
+        foreign = _foreign.detect(loc, kv)
+        if foreign is None:
+            raise
+        return foreign
+    return _source.Source(
+        format=_source.PYTREE_CKPT, url=loc.url, version=commit.version, leaves=commit.leaves,
+        nodes=commit.nodes, tree_nodes=lambda: commit.tree_nodes(commit_file(loc)),
+        read=functools.partial(_read_checked, loc, kv, commit),
+        writer=commit.writer)
+
+
+class OverwrittenError(CorruptCheckpointError):
+    """The checkpoint was overwritten or deleted while it was read: an overwrite deletes the
+    generation its commit file named, so what was being read is gone (restore starts again
+    from the new commit file; a reader of blocks cannot, since the rest would be another
+    save's)."""
+
+
+def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:
+    """:func:`read_leaves`, once nothing in a local generation folder is a FIFO, device or
+    socket (TensorStore's read of one would block forever): one ``stat`` per file. A failure
+    while the commit file no longer names ``commit``'s generation is :class:`OverwrittenError`."""
+    try:
+        if loc.local is not None:
+            _storage.check_regular_tree(os.path.join(loc.local, commit.data))
+        return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
+    except Exception as e:
+        try:
+            raw = _storage.read_key(kv, COMMIT_FILE)
+        except Exception:
+            raise e from None  # the commit file cannot tell: the first error stands
+        if raw is not None and generation_of(raw) == commit.data:
+            raise
+        raise OverwrittenError(
+            f"{loc.url}: overwritten or deleted while it was read: its commit file now names "
+            f"another generation than {commit.data}, whose files the overwrite deleted") from e
