@@ -52,9 +52,9 @@ def test_a_stale_commit_temp_file_does_not_corrupt_the_next_commit(tmp_path):
 _KILLED_MID_COMMIT = """
 import os, random, signal, sys, threading
 import numpy as np, pytree_ckpt as pc
-from pytree_ckpt import _format
+from pytree_ckpt import _decode
 path, seed = sys.argv[1], int(sys.argv[2])
-decode = _format.decode
+decode = _decode.decode
 def checked_then_die(*args):
     # SIGKILL 1-4 ms after the commit file is encoded and checked as restore reads it: while
     # TensorStore writes and fsyncs its 4 MB temp file, before the rename.
@@ -62,7 +62,7 @@ def checked_then_die(*args):
     delay = random.Random(seed).uniform(0.001, 0.004)
     threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
     return out
-_format.decode = checked_then_die
+_decode.decode = checked_then_die
 pc.save({"w": np.zeros(3), "long": "x" * 4_000_000}, path, overwrite=True)
 """
 

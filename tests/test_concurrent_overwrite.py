@@ -71,10 +71,10 @@ def test_two_processes_overwriting_one_path(tmp_path):
     # The committed generation is there; so may be generations committed by one writer and
     # replaced by the other, which did not know them (orphans: harmless, never deleted by
     # guesswork, since a folder no commit file names may be a save in progress).
-    from pytree_ckpt import _format
+    from pytree_ckpt import _decode, _format
 
     gens = {p.name for p in path.iterdir() if p.name.startswith("d-")}
-    assert _format.generation_of((path / _format.COMMIT_FILE).read_bytes()) in gens
+    assert _decode.generation_of((path / _format.COMMIT_FILE).read_bytes()) in gens
     assert len(gens) <= 2 * ROUNDS + 1
 
 

@@ -1,7 +1,7 @@
 """The commit file is untrusted input: fuzz its decoder and validator, and restore through it.
 
 Every case must end in a ``pc.CheckpointError`` (any other exception escaping
-``_format.decode``, ``pc.restore`` or ``pc.metadata`` is a bug), or decode and restore
+``_decode.decode``, ``pc.restore`` or ``pc.metadata`` is a bug), or decode and restore
 without returning wrong data, within a bounded time (hypothesis' per-example deadline,
 pytest-timeout as the backstop).
 
@@ -39,7 +39,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pytree_ckpt as pc
-from pytree_ckpt import _format, _graph
+from pytree_ckpt import _decode, _format, _graph
 
 EXAMPLES = int(os.environ.get("PYTREE_CKPT_FUZZ_EXAMPLES", "150"))
 FAST = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), database=None,
@@ -101,7 +101,7 @@ def repack(body: Any, body_bytes: bytes | None = None) -> bytes:
 def decode_or_error(data: bytes) -> _format.Commit | None:
     """The decoded commit, or None when decode raised a CheckpointError (nothing else may)."""
     try:
-        return _format.decode(data, "x")
+        return _decode.decode(data, "x")
     except pc.CheckpointError as e:
         assert str(e).startswith("x"), e  # errors name the file
         return None
@@ -319,8 +319,8 @@ def restore_checked(real: Real, scratch, raw: bytes) -> None:
     """Restores a commit file that decoded: errors must be CheckpointErrors, and every
     leaf whose description is unchanged (a packed leaf's location aside) must be exact."""
     (scratch / _format.COMMIT_FILE).write_bytes(raw)
-    commit = _format.decode(raw, "x")
-    original = _format.decode(real.raw, "x").leaves
+    commit = _decode.decode(raw, "x")
+    original = _decode.decode(real.raw, "x").leaves
     try:
         pc.metadata(scratch)
     except pc.CheckpointError:

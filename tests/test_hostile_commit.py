@@ -1,6 +1,6 @@
 """Hand-picked forgeries of the commit file, beyond test_fuzz_commit.py's random ones: each is
 re-encoded with a correct checksum and must end in a ``pc.CheckpointError`` (from
-``_format.decode``, or end to end from ``pc.restore`` with and without a target and
+``_decode.decode``, or end to end from ``pc.restore`` with and without a target and
 ``pc.metadata``), or in a result that says what it restored, within seconds and in
 bounded memory. Anything else escaping is a bug.
 
@@ -32,7 +32,7 @@ import pytest
 from _commit_body import set_field
 
 import pytree_ckpt as pc
-from pytree_ckpt import _format
+from pytree_ckpt import _decode, _format
 
 WHERE = "forged/checkpoint.msgpack"
 # What a decode may take: milliseconds here, seconds under tracemalloc on a loaded 2-core
@@ -69,7 +69,7 @@ def encode_body(body) -> bytes:
 def decode_is_typed(data: bytes):
     start = time.perf_counter()
     try:
-        return _format.decode(data, WHERE)
+        return _decode.decode(data, WHERE)
     except pc.CheckpointError:
         return None
     finally:
@@ -311,7 +311,7 @@ def test_a_path_without_recorded_ancestors_costs_nothing(real, depth):
     tracemalloc.start()
     try:
         with pytest.raises(pc.CorruptCheckpointError, match="its parent is not a recorded node"):
-            _format.decode(data, WHERE).tree_nodes(WHERE)
+            _decode.tree_nodes(_decode.decode(data, WHERE), WHERE)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Any, NamedTuple
 
-from . import _format, _storage
+from . import _decode, _storage
 from ._format import COMMIT_FILE
 
 # A leftover younger than this may belong to a save still writing (in another process).
@@ -179,7 +179,7 @@ def _named_generation(kv: Any, key: str) -> str | None:
         raw = _storage.read_key(kv, key)
     except Exception:
         return None
-    return None if raw is None else _format.generation_of(raw)
+    return None if raw is None else _decode.generation_of(raw)
 
 
 def _young(where: _storage.Location, generation: str, live_s: float | None) -> bool:

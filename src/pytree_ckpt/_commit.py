@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-from . import _binding, _clean, _distributed, _format, _snapshot, _storage, _write
+from . import _binding, _clean, _decode, _distributed, _format, _snapshot, _storage, _write
 from ._errors import CorruptCheckpointError, SaveError, UnsupportedLeafError
 from ._format import COMMIT_FILE, LeafRecord, Storage
 
@@ -167,7 +167,7 @@ def _commit_failure(loc: _storage.Location, kv: Any, data: str, e: Exception) ->
     except Exception as unreadable:
         return (f"{type(e).__name__}: {e}; whether the checkpoint was committed is unknown "
                 f"(the commit file cannot be read back: {unreadable}): restore tells")
-    if raw is not None and _format.generation_of(raw) == data:
+    if raw is not None and _decode.generation_of(raw) == data:
         warnings.warn(f"{loc.url}: the checkpoint was committed, though writing its commit "
                       f"file reported {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
         return None
@@ -252,7 +252,7 @@ def _check_restorable(loc: _storage.Location, encoded: bytes, commit: _format.Co
     """Decodes ``encoded`` with restore's own validation; raises UnsupportedLeafError
     naming the leaf if restore would refuse it."""
     try:
-        _format.decode(encoded, f"{loc.url}/{COMMIT_FILE}")
+        _decode.decode(encoded, f"{loc.url}/{COMMIT_FILE}")
     except CorruptCheckpointError as e:
         reason = str(e).split(f"{COMMIT_FILE}: ", 1)[-1]
         if len(encoded) > _format.MAX_COMMIT_BYTES:
@@ -291,7 +291,7 @@ def _committed_generation(kv: Any) -> str | None:
         raw = _storage.read_key(kv, COMMIT_FILE)
     except Exception:
         return None
-    return None if raw is None else _format.generation_of(raw)
+    return None if raw is None else _decode.generation_of(raw)
 
 
 def _gather_packed(name: str, entries: list[tuple], snap: _snapshot.Snapshot, me: int

@@ -58,7 +58,7 @@ def unused(entries: dict[str, str], matched: list[str], mismatched: list[Mismatc
 def select(ckpt: _source.Source, at: str | None, rename_fn: Callable[[str], str] | None, url: str
             ) -> dict[str, str]:
     """Checkpoint paths by target path (after ``at`` and ``rename``). Paths only: a leaf's
-    record is built when a target asks for it (see _format._Columns)."""
+    record is built when a target asks for it (see _columns.Columns)."""
     if rename_fn is None and not at:
         return {p: p for p in ckpt.leaves}
     if rename_fn is None:  # distinct paths under ``at`` stay distinct: no collisions

@@ -13,8 +13,9 @@ import os
 from typing import Any
 
 from . import _foreign, _source, _storage
+from ._decode import decode, generation_of, tree_nodes
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
-from ._format import COMMIT_FILE, Commit, decode, generation_of
+from ._format import COMMIT_FILE, Commit
 from ._read import read_leaves
 
 
@@ -57,7 +58,7 @@ def open_source(loc: _storage.Location) -> _source.Source:
         return foreign
     return _source.Source(
         format=_source.PYTREE_CKPT, url=loc.url, version=commit.version, leaves=commit.leaves,
-        nodes=commit.nodes, tree_nodes=lambda: commit.tree_nodes(commit_file(loc)),
+        nodes=commit.nodes, tree_nodes=lambda: tree_nodes(commit, commit_file(loc)),
         read=functools.partial(_read_checked, loc, kv, commit),
         writer=commit.writer)
 

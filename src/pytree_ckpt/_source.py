@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import tensorstore as ts
 
-from . import _format, _graph, _leaves, _storage
+from . import _decode, _graph, _leaves, _storage
 from ._errors import CorruptCheckpointError
 from ._format import LeafRecord
 
@@ -39,13 +39,13 @@ class Source(NamedTuple):
 
 
 class Records(dict):
-    """Leaf records by path, built in full by a reader (the interface of _format._Columns)."""
+    """Leaf records by path, built in full by a reader (the interface of _columns.Columns)."""
 
     def records(self, paths: Sequence[str]) -> list[LeafRecord]:
         return [self[p] for p in paths]
 
     def summaries(self) -> tuple[list, ...]:
-        """``(paths, origins, shapes, dtypes, nbytes, shardings, values)``, as _Columns'."""
+        """``(paths, origins, shapes, dtypes, nbytes, shardings, values)``, as Columns'."""
         recs = list(self.values())
         return ([r.path for r in recs], [r.origin for r in recs], [r.shape for r in recs],
                 [r.dtype for r in recs], [_nbytes(r) for r in recs],
@@ -106,7 +106,7 @@ def checked_nodes(where: str, nodes: tuple[_graph.Node, ...], leaves: Mapping[st
                 raise CorruptCheckpointError(
                     f"{where}: entry {node.path!r:.200} is both a value and a container of "
                     "other entries")
-        _format._validate_tree(nodes, leaves, where)
+        _decode.validate_tree(nodes, leaves, where)
         return nodes
 
     return check

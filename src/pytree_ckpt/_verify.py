@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _binding, _foreign, _format, _gc, _progress, _source, _storage
+from . import _binding, _decode, _foreign, _format, _gc, _progress, _source, _storage
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
 from ._format import COMMIT_FILE, Commit, LeafRecord
 from ._open import commit_file, load_commit
@@ -102,7 +102,7 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False,
         read = _Checker(loc.url, kv, commit, problems)
         read.add(_commit_bytes(kv, loc))
         try:
-            commit.tree_nodes(commit_file(loc))
+            _decode.tree_nodes(commit, commit_file(loc))
         except CorruptCheckpointError as e:
             problems[""] = str(e)
         if loc.local is not None:
@@ -215,7 +215,7 @@ class _Checker:
         """Checks a zarr leaf's ``zarr.json`` and every chunk: its length, its bytes against
         its trailer, and its trailer against the commit file's record (format 5 on)."""
         self._zarr_json(rec)
-        recorded = self.commit.chunk_crcs(rec.path)
+        recorded = _decode.chunk_crcs(self.commit, rec.path)
         n = _binding.chunk_bytes(rec)
         for flat, (index, result) in enumerate(self._chunks(rec)):
             key = _binding.chunk_key(self.commit.data, rec, index)

@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import tensorstore as ts
 
-from .. import _build, _format, _gc, _graph, _leaves, _source, _storage, _transfer
+from .. import _build, _decode, _gc, _graph, _leaves, _source, _storage, _transfer
 from .._errors import CorruptCheckpointError, IncompleteCheckpointError
 from .._format import LeafRecord, Storage
 
@@ -231,7 +231,7 @@ def _array_record(url: str, e: _Entry, store: ts.TensorStore, impl: str | None,
     saved = None
     if sharding is not None and origin == _leaves.JAX:
         try:
-            saved = _format._validate_sharding(sharding, f"{url}: entry {e.path!r:.200}",
+            saved = _decode.validate_sharding(sharding, f"{url}: entry {e.path!r:.200}",
                                                len(shape))
         except CorruptCheckpointError:
             saved = None  # display only: a sharding JAX would refuse is dropped, not fatal
