@@ -32,7 +32,7 @@ import uuid
 from typing import Any, NamedTuple
 
 from . import _decode, _storage
-from ._format import COMMIT_FILE
+from ._format import COMMIT_FILE, is_generation, is_ours
 
 # A leftover younger than this may belong to a save still writing (in another process).
 LIVE_SAVE_S = float(os.environ.get("PYTREE_CKPT_CLEAN_AFTER_S", 6 * 3600))
@@ -120,14 +120,14 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
     incomplete: list[str] = []
     orphaned: list[str] = []
     kept: list[str] = []
-    if COMMIT_FILE in children or any(map(_is_generation, children)):
+    if COMMIT_FILE in children or any(map(is_generation, children)):
         checkpoints = {"": set(children)}  # a checkpoint itself
     else:
         checkpoints = {n: inside for n, inside in children.items()
                        if is_step(n) and inside is not None}
     for name, inside in sorted(checkpoints.items()):
         where = loc.child(name) if name else loc
-        generations = sorted(n for n in inside if _is_generation(n))
+        generations = sorted(n for n in inside if is_generation(n))
         if COMMIT_FILE in inside:
             named = _named_generation(kv, f"{name}/{COMMIT_FILE}" if name else COMMIT_FILE)
             if named is None:
@@ -136,7 +136,7 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
                 if g != named:
                     young = _young(where, g, live_s)
                     (kept if young else orphaned).append(_path(where, g))
-        elif (inside or name) and all(_is_leftover(n) for n in inside):
+        elif (inside or name) and all(map(is_ours, inside)):
             # An empty step folder has no age to go by: a save may have just made it.
             young = (any(_young(where, g, live_s) for g in generations)
                      or (not generations and live_s is not None))
@@ -159,7 +159,7 @@ def remove(loc: _storage.Location, kv: Any, found: CleanReport) -> None:
         relative = path[len(base):].strip("/")
         if not relative:  # the checkpoint itself is an incomplete save: its contents
             for name in _storage.top_level_names(loc, kv) or ():
-                if _is_leftover(name):
+                if is_ours(name):
                     _storage.delete_prefix(loc, kv, name)
         elif _METRICS_FILE.fullmatch(relative):
             _storage.delete_file(loc, kv, relative)
@@ -233,11 +233,3 @@ def is_step(name: str) -> bool:
     """Whether ``name`` names a step: a decimal number without leading zeros."""
     return name == "0" or (name.isdigit() and name.isascii() and name[0] != "0")
 
-
-def _is_generation(name: str) -> bool:
-    return name.startswith("d-")
-
-
-def _is_leftover(name: str) -> bool:
-    """What an interrupted save leaves (the rule of save's own guard)."""
-    return name.startswith("d-") or name.startswith(COMMIT_FILE + ".")

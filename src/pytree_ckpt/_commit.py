@@ -122,7 +122,7 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
     me = _distributed.process_index()
     primary = me == 0
     old = _replaced_generations(kv, names) if primary else []
-    data, name = f"d-{save_id}", f"save/{save_id}"
+    data, name = _format.generation_folder(save_id), f"save/{save_id}"
     error, entries = None, []
     try:
         entries = _write.write_data(kv, data, snap, me, primary, progress and primary)

@@ -105,7 +105,25 @@ COMMIT_FILE = "checkpoint.msgpack"
 # ~50 bytes a leaf: room for millions of leaves, and decoding a forged file of this size
 # takes at most a few GB (see _decode's body limits).
 MAX_COMMIT_BYTES = 256 << 20
+# A generation folder's name, as a commit file may name it: "d-" and the save's id.
 GENERATION_RE = re.compile(r"d-[0-9a-f]{32}")
+
+
+def generation_folder(save_id: str) -> str:
+    """The name of the generation folder that save ``save_id`` writes its data into."""
+    return f"d-{save_id}"
+
+
+def is_generation(name: str) -> bool:
+    """Whether directory entry ``name`` is named like a generation folder (``d-*``): the
+    loose test for listings; a commit file's ``data`` must match GENERATION_RE in full."""
+    return name.startswith("d-")
+
+
+def is_ours(name: str) -> bool:
+    """Whether a directory entry ``name`` is a save's: a generation folder, or TensorStore's
+    temporary file of an interrupted commit (the commit file's name, a dot, a suffix)."""
+    return is_generation(name) or name.startswith(COMMIT_FILE + ".")
 
 
 class Storage(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Any
 from . import _foreign, _source, _storage
 from ._decode import decode, generation_of, tree_nodes
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
-from ._format import COMMIT_FILE, Commit
+from ._format import COMMIT_FILE, Commit, is_ours
 from ._read import read_leaves
 
 
@@ -36,7 +36,7 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
         names = _storage.top_level_names(loc, kv)
         if not names:
             raise CheckpointNotFoundError(f"{loc.url}: no checkpoint there (nothing exists)")
-        if any(n.startswith(("d-", COMMIT_FILE + ".")) for n in names):
+        if any(map(is_ours, names)):
             raise IncompleteCheckpointError(
                 f"{loc.url}: incomplete checkpoint (data but no {COMMIT_FILE}): a save did not "
                 "finish, so nothing here is restorable")

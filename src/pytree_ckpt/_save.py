@@ -23,7 +23,7 @@ from typing import Any
 
 from . import _async, _commit, _snapshot, _storage
 from ._errors import CheckpointExistsError, NotACheckpointError
-from ._format import COMMIT_FILE
+from ._format import COMMIT_FILE, is_ours
 
 _save_counter = 0
 
@@ -133,7 +133,7 @@ def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> set[
     names = _storage.top_level_names(loc, kv)
     if not names:
         return set()
-    foreign = sorted(n for n in names if n != COMMIT_FILE and not _is_ours(n))
+    foreign = sorted(n for n in names if n != COMMIT_FILE and not is_ours(n))
     if foreign:
         raise NotACheckpointError(
             f"{loc.url}: refusing to write into a directory that is not a previous checkpoint "
@@ -145,7 +145,3 @@ def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> set[
         )
     return names
 
-
-def _is_ours(name: str) -> bool:
-    # Data generations, and TensorStore's own temporary files of an interrupted commit.
-    return name.startswith("d-") or name.startswith(COMMIT_FILE + ".")
