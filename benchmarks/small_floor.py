@@ -62,12 +62,12 @@ def _floor(planned: tuple) -> Any:
     """Restore's own packed-leaf reading, checking and transfers, and the tree they make."""
     import jax
 
-    from pytree_ckpt import _format, _gc, _read, _transfer
+    from pytree_ckpt import _format, _gc_pause, _read, _transfer
 
     url, kv, commit, flat, groups = planned
     crc = _format.LEAF_CRC[commit.version]
     out = {}
-    with _gc.paused():  # as restore's own per-leaf loops
+    with _gc_pause.paused():  # as restore's own per-leaf loops
         for group, data, start, blob in _read._packed_ranges(
                 url, kv, commit, groups, _read._LOCAL_RANGES.in_flight):
             for path, rec, want in group:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from . import _gc, _graph, _leaves, _storage
+from . import _gc_pause, _graph, _leaves, _storage
 from ._format import SavedSharding
 from ._open import open_source
 from ._placement import devices_for
@@ -175,7 +175,7 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
         >>> info.leaves["w"].shape, info.leaves["step"].value
         ((3,), 7)
     """
-    with _gc.paused():  # per-leaf loops: see _gc
+    with _gc_pause.paused():  # per-leaf loops: see _gc_pause
         return _metadata(_storage.location(path))
 
 

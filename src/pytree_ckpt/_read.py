@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from . import _binding, _build, _format, _gc, _leaves, _storage, _transfer
+from . import _binding, _build, _format, _gc_pause, _leaves, _storage, _transfer
 from ._build import Job, Layouts, Want
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
@@ -61,7 +61,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs
     for job in jobs:
         by_kind[job[1].storage.kind].append(job)
-    with _gc.paused():
+    with _gc_pause.paused():
         zarr = _ZarrReads(url, kv, commit, by_kind["z"], layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
         policy = _REMOTE_RANGES if remote else _LOCAL_RANGES

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from . import _gc, _graph, _leaves, _match, _placement, _progress, _source, _storage
+from . import _gc_pause, _graph, _leaves, _match, _placement, _progress, _source, _storage
 from ._build import default_device
 from ._open import OverwrittenError, open_source
 from ._status import Cast, RestoreStatus, check_complete
@@ -83,7 +83,7 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         >>> status.matched, status.unused
         (('w',), ())
     """
-    with _gc.paused():  # per-leaf loops: see _gc
+    with _gc_pause.paused():  # per-leaf loops: see _gc_pause
         for attempt in range(_ATTEMPTS):
             try:
                 tree, status = _restore(path, target, at, rename, progress)

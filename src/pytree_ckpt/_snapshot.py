@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from . import _distributed, _gc, _graph, _leaves, _packing, _storage, _transfer
+from . import _distributed, _gc_pause, _graph, _leaves, _packing, _storage, _transfer
 from ._format import SavedSharding, Storage
 
 # Leaves up to this size are packed into a few blobs per process instead of a zarr array each:
@@ -66,7 +66,7 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
     # object of their own: keyed by id alone, every leaf would miss (~0.5 µs each).
     placement: dict[Any, tuple] = {}
     one_device, device_of = jax.sharding.SingleDeviceSharding, _transfer.device_of
-    with _gc.paused():
+    with _gc_pause.paused():
         flat = _graph.flatten(tree, treedef=False)
         _check_paths(flat)
         for path, leaf in zip(flat.paths, flat.leaves, strict=True):

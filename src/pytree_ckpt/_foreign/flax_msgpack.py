@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .. import _build, _gc, _graph, _leaves, _source
+from .. import _build, _gc_pause, _graph, _leaves, _source
 from .._errors import CorruptCheckpointError
 from .._format import LeafRecord, Storage
 
@@ -113,7 +113,7 @@ def open_file(f: _source.File) -> _source.Source:
     result = f.kv.read(f.key).result()
     data = bytes(result.value) if result.state == "value" else b""
     try:
-        with _gc.paused():
+        with _gc_pause.paused():
             tree = _unpack(data, f.url, _ext(f.url))
     except Exception as e:  # msgpack raises several unrelated types for malformed input
         raise CorruptCheckpointError(f"{f.url}: not a valid Flax msgpack file ({e!s:.200})"

@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import tensorstore as ts
 
-from .. import _build, _decode, _gc, _graph, _leaves, _source, _storage, _transfer
+from .. import _build, _decode, _gc_pause, _graph, _leaves, _source, _storage, _transfer
 from .._errors import CorruptCheckpointError, IncompleteCheckpointError
 from .._format import LeafRecord, Storage
 
@@ -365,7 +365,7 @@ def read(url: str, jobs: list[_build.Job]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     in_flight: collections.deque = collections.deque()
     waiting = 0
-    with _gc.paused():
+    with _gc_pause.paused():
         for item in _region_reads(jobs, layouts, out):
             in_flight.append(item)
             waiting += item[4]

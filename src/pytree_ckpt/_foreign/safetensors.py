@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .. import _build, _gc, _graph, _leaves, _source, _storage
+from .. import _build, _gc_pause, _graph, _leaves, _source, _storage
 from .._errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -214,7 +214,7 @@ def read(files: list[_source.File], jobs: list[_build.Job]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     in_flight: collections.deque = collections.deque()
     waiting = 0
-    with _gc.paused():
+    with _gc_pause.paused():
         for leaf, buf, piece, future in _pieces(files, jobs, layouts):
             in_flight.append((leaf, buf, piece, future))
             waiting += len(buf)
