@@ -35,7 +35,6 @@ from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._foreign.safetensors import save_safetensors as save_safetensors
 from ._jit import save_in_jit as save_in_jit
 from ._manager import CheckpointManager as CheckpointManager
-from ._manager import latest as latest
 from ._metadata import CheckpointMetadata as CheckpointMetadata
 from ._metadata import LeafMetadata as LeafMetadata
 from ._metadata import metadata as metadata
@@ -45,6 +44,7 @@ from ._save import save_async as save_async
 from ._status import Cast as Cast
 from ._status import Mismatch as Mismatch
 from ._status import RestoreStatus as RestoreStatus
+from ._steps import latest as latest
 from ._verify import VerifyReport as VerifyReport
 from ._verify import verify as verify
 

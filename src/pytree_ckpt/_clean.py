@@ -26,19 +26,17 @@ folders and never overwrites a step, so its start-up reclaims every leftover at 
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 from typing import Any, NamedTuple
 
-from . import _decode, _storage
+from . import _decode, _steps, _storage
 from ._format import COMMIT_FILE, is_generation, is_ours
+from ._steps import METRICS_FILE, is_step
 
 # A leftover younger than this may belong to a save still writing (in another process).
 LIVE_SAVE_S = float(os.environ.get("PYTREE_CKPT_CLEAN_AFTER_S", 6 * 3600))
 _TIMED = "c"  # the 13th hex digit of a save id that starts with its time (uuid4's is "4")
-# A manager's metrics file of a step, or a temporary file of its write (TensorStore's).
-_METRICS_FILE = re.compile(r"(0|[1-9][0-9]*)\.metrics\.msgpack(\..+)?")
 
 
 def new_save_id() -> str:
@@ -144,7 +142,7 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
     if "" not in checkpoints:  # a manager's directory
         committed = {n for n, inside in checkpoints.items() if COMMIT_FILE in inside}
         for name in _orphan_metrics(children, committed):
-            step_folder = loc.child(_METRICS_FILE.fullmatch(name)[1]).url
+            step_folder = loc.child(METRICS_FILE.fullmatch(name)[1]).url
             young = (step_folder in kept if step_folder in kept + incomplete
                      else _young_file(loc, name, live_s))
             (kept if young else incomplete).append(_path(loc, name))
@@ -161,16 +159,28 @@ def remove(loc: _storage.Location, kv: Any, found: CleanReport) -> None:
             for name in _storage.top_level_names(loc, kv) or ():
                 if is_ours(name):
                     _storage.delete_prefix(loc, kv, name)
-        elif _METRICS_FILE.fullmatch(relative):
+        elif METRICS_FILE.fullmatch(relative):
             _storage.delete_file(loc, kv, relative)
         else:
             _storage.delete_prefix(loc, kv, relative)
 
 
+def reclaim_step(loc: _storage.Location, kv: Any, step: int) -> None:
+    """Deletes what is left of a marked step that is not committed (a save that did not
+    finish, a step deleted by hand): the checkpoint data in its folder (nothing else, see
+    :func:`leftovers`), its metrics file, then its marker. For a manager holding its lock."""
+    name = str(step)
+    inside = _storage.folder_names(loc, kv, name)
+    if inside is not None:
+        remove(loc, kv, leftovers(loc, kv, {name: inside}, None))
+    _storage.delete_file(loc, kv, _steps.metrics_name(step))
+    _steps.unmark(loc, kv, step)
+
+
 def _orphan_metrics(children: dict[str, set[str] | None], committed: set[str]) -> list[str]:
     """A manager directory's metrics files of steps not committed, and temporary ones."""
     return [n for n, inside in sorted(children.items())
-            if inside is None and (m := _METRICS_FILE.fullmatch(n))
+            if inside is None and (m := METRICS_FILE.fullmatch(n))
             and (m[2] or m[1] not in committed)]
 
 
@@ -227,9 +237,3 @@ def _newest_mtime(folder: str) -> float:
 
 def _path(where: _storage.Location, name: str) -> str:
     return f"{where.url.rstrip('/')}/{name}"
-
-
-def is_step(name: str) -> bool:
-    """Whether ``name`` names a step: a decimal number without leading zeros."""
-    return name == "0" or (name.isdigit() and name.isascii() and name[0] != "0")
-

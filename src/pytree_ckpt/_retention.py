@@ -1,0 +1,59 @@
+"""Retention: which of a :class:`CheckpointManager`'s committed steps to delete, and which new
+step to refuse. Pure functions of the steps, their metrics and the manager's options; the
+manager does the deleting.
+
+A step is kept if it is one of the newest ``keep``, a multiple of ``keep_every_n_steps``, or
+the best by ``best_fn``; the others are deleted. Because the newest steps are kept, steps
+only go up: a step older than the newest is refused (:func:`check_newest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from ._errors import CheckpointExistsError
+from ._steps import Metrics
+
+
+def expired(steps: list[int], keep: int | None, keep_every_n_steps: int | None,
+            best: int | None) -> list[int]:
+    """The steps to delete among the committed ``steps`` (ascending), in their order: those
+    outside the newest ``keep`` (None: all kept), not a multiple of ``keep_every_n_steps`` and
+    not ``best``."""
+    kept = set(steps if keep is None else steps[-keep:])
+    if keep_every_n_steps is not None:
+        kept.update(s for s in steps if s % keep_every_n_steps == 0)
+    if best is not None:
+        kept.add(best)
+    return [s for s in steps if s not in kept]
+
+
+def best_step(metrics: Iterable[tuple[int, Metrics | None]],
+              best_fn: Callable[[Metrics], float] | None, best_mode: str) -> int | None:
+    """The step with the highest (``best_mode="max"``) or lowest (``"min"``) ``best_fn`` of its
+    metrics, among ``(step, metrics)`` pairs; ties go to the newer step, and a step without
+    metrics, or scoring NaN, is never the best. None without ``best_fn`` or a scored step."""
+    if best_fn is None:
+        return None
+    scored = []
+    for step, found in metrics:
+        if found is not None:
+            score = float(best_fn(found))
+            if score == score:  # a NaN (a diverged run) is never the best
+                scored.append((score if best_mode == "max" else -score, step))
+    return max(scored)[1] if scored else None
+
+
+def check_newest(where: str, step: int, steps: list[int], pending: int | None) -> None:
+    """Refuses a step older than the newest committed (``steps``, ascending) or in flight
+    (``pending``) one: retention keeps the highest steps, so after a rollback it would delete
+    the new steps and keep the diverged ones (steps [100, 200, 300], restore 100, save 110:
+    [110, 200, 300], and latest_step() the diverged 300)."""
+    newest = max([*steps[-1:], *([] if pending is None else [pending])], default=None)
+    if newest is not None and step < newest:
+        newer = [s for s in steps if s > step]
+        raise CheckpointExistsError(
+            f"{where}: step {step} is older than the latest step {newest}; "
+            "retention keeps the newest steps, so after a rollback it would delete the "
+            f"new ones and keep {newer}. Delete the newer steps first: "
+            f"mgr.delete(s) for s in {newer}")
