@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _cli
+from pytree_ckpt import _cli, _diff
 
 SRC = pathlib.Path(pc.__file__).parents[1]
 
@@ -331,7 +331,7 @@ def test_diff_values_reads_small_leaves_in_batches_and_large_ones_in_blocks(
     a["big"][1], b["big"][1] = np.nan, np.nan  # NaN equals NaN
     pc.save(a, tmp_path / "a")
     pc.save(b, tmp_path / "b")
-    monkeypatch.setattr(_cli, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(_diff, "_CHUNK_ELEMENTS", 64)
     read_bytes, blocks = [], []
     real_restore, real_blocks = pc.restore, pc.read_blocks
 
