@@ -21,16 +21,14 @@ stderr, and only when it is a terminal and ``--json`` is not given.
 Each command goes through what ``import pytree_ckpt`` offers (``metadata``, ``restore``,
 ``read_blocks``, ``verify``, ``save``, ``save_safetensors``, ``clean``, a read-only
 :class:`CheckpointManager`), so it reads every location and format they read. ``diff``
-compares what those read with the engine in _diff.py; this module parses the arguments and
-prints.
+compares what those read with the engine in _diff.py and prints with _cli_text.py; this module
+parses the arguments and runs the commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import fnmatch
-import json
 import math
 import os
 import re
@@ -38,13 +36,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._cli_text import emit, iso, jsonable, number, section, shape, short, show, size, table, written
 from ._diff import array_differences, compare
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 # diff --values holds about two blocks of this size (--block-bytes): a larger leaf is read
 # block by block from each side, smaller ones in batches of about a block a side.
 _BLOCK_BYTES = 64 << 20
-_VALUE_WIDTH = 60
 
 
 class _Nothing(Exception):
@@ -79,7 +77,7 @@ def _fail(error: Exception, args: argparse.Namespace) -> int:
     if len(text) > 1000:
         text = text[:997] + "..."
     if args.json:
-        _emit({"error": text, "exit_status": status})
+        emit({"error": text, "exit_status": status})
     print(f"pytree-ckpt: error: {text}", file=sys.stderr)
     return status
 
@@ -193,18 +191,18 @@ def _ls(pc: Any, args: argparse.Namespace) -> int:
                        f"(of {len(info.leaves)} leaves)")
     total = sum(leaf.nbytes for leaf in leaves)
     if args.json:
-        _emit({"path": info.path, "format": info.format, "format_version": info.format_version,
-               "writer": _jsonable(dict(info.writer)),
-               "leaves": [_leaf_json(leaf) for leaf in leaves],
-               "total": {"leaves": len(leaves), "nbytes": total}})
+        emit({"path": info.path, "format": info.format, "format_version": info.format_version,
+              "writer": jsonable(dict(info.writer)),
+              "leaves": [_leaf_json(leaf) for leaf in leaves],
+              "total": {"leaves": len(leaves), "nbytes": total}})
         return EXIT_OK
     print(f"{info.path}: {info.format} checkpoint, format {info.format_version}"
-          f"{_written(info.writer)}")
-    rows = [(leaf.path, leaf.kind, leaf.dtype, _shape(leaf.shape), _size(leaf.nbytes),
+          f"{written(info.writer)}")
+    rows = [(leaf.path, leaf.kind, leaf.dtype, shape(leaf.shape), size(leaf.nbytes),
              _detail(leaf)) for leaf in leaves]
-    _table(("path", "kind", "dtype", "shape", "bytes", "sharding / value"), rows, right={4})
-    print(f"{len(leaves)} leaves, {_size(total)}"
-          + (f" (of {len(info.leaves)} leaves, {_size(info.nbytes)})"
+    table(("path", "kind", "dtype", "shape", "bytes", "sharding / value"), rows, right={4})
+    print(f"{len(leaves)} leaves, {size(total)}"
+          + (f" (of {len(info.leaves)} leaves, {size(info.nbytes)})"
              if len(leaves) < len(info.leaves) else ""))
     return EXIT_OK
 
@@ -219,12 +217,12 @@ def _matches(path: str, pattern: str | None) -> bool:
 def _leaf_json(leaf: Any) -> dict:
     return {"path": leaf.path, "kind": leaf.kind, "dtype": leaf.dtype, "shape": list(leaf.shape),
             "nbytes": leaf.nbytes, "sharding": leaf.sharding,
-            "value": _jsonable(leaf.value) if leaf.kind == "py" else None}
+            "value": jsonable(leaf.value) if leaf.kind == "py" else None}
 
 
 def _detail(leaf: Any) -> str:
     if leaf.kind == "py":
-        return _short(_show(leaf.value))
+        return short(show(leaf.value))
     return leaf.sharding or ""
 
 
@@ -233,7 +231,7 @@ def _detail(leaf: Any) -> str:
 def _diff(pc: Any, args: argparse.Namespace) -> int:
     a, b = _metadata(pc, args.a), _metadata(pc, args.b)
     only_a, only_b, changed, same_py, same_arrays, py_differ = compare(a, b)
-    differ = [{"path": d["path"], "a": _jsonable(d["a"]), "b": _jsonable(d["b"])}
+    differ = [{"path": d["path"], "a": jsonable(d["a"]), "b": jsonable(d["b"])}
               for d in py_differ]
     if args.values:
         differ += array_differences(pc, a.path, b.path, same_arrays, args.atol, args.rtol,
@@ -243,18 +241,18 @@ def _diff(pc: Any, args: argparse.Namespace) -> int:
     compared = len(same_py) + (len(same_arrays) if args.values else 0)
     found = bool(only_a or only_b or changed or differ)
     if args.json:
-        _emit({"a": a.path, "b": b.path, "only_in_a": only_a, "only_in_b": only_b,
-               "changed": [{"path": la.path, "a": _spec_json(la), "b": _spec_json(lb)}
-                           for la, lb in changed],
-               "values_differ": differ, "values_compared": compared,
-               "arrays_compared": args.values, "differ": found})
+        emit({"a": a.path, "b": b.path, "only_in_a": only_a, "only_in_b": only_b,
+              "changed": [{"path": la.path, "a": _spec_json(la), "b": _spec_json(lb)}
+                          for la, lb in changed],
+              "values_differ": differ, "values_compared": compared,
+              "arrays_compared": args.values, "differ": found})
         return EXIT_FOUND if found else EXIT_OK
     print(f"A = {a.path}\nB = {b.path}")
-    _section(f"only in A ({len(only_a)})", [(p,) for p in only_a])
-    _section(f"only in B ({len(only_b)})", [(p,) for p in only_b])
-    _section(f"kind, dtype or shape differ ({len(changed)})",
-             [(la.path, f"A {_spec(la)}", f"B {_spec(lb)}") for la, lb in changed])
-    _section(f"values differ ({len(differ)})", [_difference_row(d) for d in differ])
+    section(f"only in A ({len(only_a)})", [(p,) for p in only_a])
+    section(f"only in B ({len(only_b)})", [(p,) for p in only_b])
+    section(f"kind, dtype or shape differ ({len(changed)})",
+            [(la.path, f"A {_spec(la)}", f"B {_spec(lb)}") for la, lb in changed])
+    section(f"values differ ({len(differ)})", [_difference_row(d) for d in differ])
     unread = "" if args.values else f"; {len(same_arrays)} arrays not read (add --values)"
     verdict = "differ" if found else "are the same"
     print(f"A and B {verdict}: {len(only_a)} only in A, {len(only_b)} only in B, "
@@ -264,7 +262,7 @@ def _diff(pc: Any, args: argparse.Namespace) -> int:
 
 def _difference_row(d: dict) -> tuple[str, ...]:
     if "elements" not in d:
-        return (d["path"], f"A {_short(repr(d['a']), 30)}", f"B {_short(repr(d['b']), 30)}")
+        return (d["path"], f"A {short(repr(d['a']), 30)}", f"B {short(repr(d['b']), 30)}")
     return (d["path"], f"{d['differing']:,} of {d['elements']:,} elements",
             f"max abs {d['max_abs']:.4g}", f"max rel {d['max_rel']:.4g}")
 
@@ -282,17 +280,17 @@ def _spec_json(leaf: Any) -> dict:
 def _verify(pc: Any, args: argparse.Namespace) -> int:
     report = pc.verify(args.path, progress=_bars(args))
     if args.json:
-        _emit({"path": report.path, "format_version": report.version, "leaves": report.leaves,
-               "bytes_read": report.bytes_read, "ok": report.ok,
-               "problems": dict(report.problems)})
+        emit({"path": report.path, "format_version": report.version, "leaves": report.leaves,
+              "bytes_read": report.bytes_read, "ok": report.ok,
+              "problems": dict(report.problems)})
         return EXIT_OK if report.ok else EXIT_FOUND
     if report.ok:
-        print(f"{report.path}: ok: {report.leaves} leaves, {_size(report.bytes_read)} read, "
+        print(f"{report.path}: ok: {report.leaves} leaves, {size(report.bytes_read)} read, "
               "every checksum and binding checked")
         return EXIT_OK
     count = len(report.problems)
     print(f"{report.path}: {count} problem{'s' * (count != 1)} in {report.leaves} leaves "
-          f"({_size(report.bytes_read)} read):")
+          f"({size(report.bytes_read)} read):")
     for path, problem in report.problems.items():
         print(f"  {path or '<checkpoint>'}: {problem}")
     return EXIT_FOUND
@@ -319,9 +317,9 @@ def _steps(pc: Any, args: argparse.Namespace) -> int:
         for step in steps:
             info = mgr.metadata(step)
             rows.append({"step": step, "state": "committed",
-                         "time": _iso(info.writer.get("time")), "nbytes": info.nbytes,
+                         "time": iso(info.writer.get("time")), "nbytes": info.nbytes,
                          "leaves": len(info.leaves),
-                         "metrics": _jsonable(dict(mgr.metrics(step) or {}))})
+                         "metrics": jsonable(dict(mgr.metrics(step) or {}))})
         best = mgr.best_step()
     # What clean would remove (incomplete saves, orphaned generations, metrics files of steps
     # that never committed), and what it keeps as young enough to be a save still writing.
@@ -343,22 +341,22 @@ def _steps(pc: Any, args: argparse.Namespace) -> int:
                                            if _step_of(p, directory) is None]
     latest = steps[-1] if steps else None
     if args.json:
-        _emit({"directory": directory, "steps": rows, "best": best, "latest": latest,
-               "orphaned": orphaned})
+        emit({"directory": directory, "steps": rows, "best": best, "latest": latest,
+              "orphaned": orphaned})
         return EXIT_OK
     print(f"{directory}: {len(steps)} committed steps"
           + (f", latest {latest}" if steps else "")
           + (f", best {best} ({'lowest' if args.min else 'highest'} {args.best})"
              if best is not None else ""))
-    _table(("step", "state", "time (UTC)", "bytes", "leaves", "metrics", ""),
-           [(str(r["step"]), r["state"], r["time"] or "",
-             "" if r["nbytes"] is None else _size(r["nbytes"]),
-             "" if r["leaves"] is None else str(r["leaves"]),
-             _short(", ".join(f"{k}={_number(v)}" for k, v in r["metrics"].items())),
-             "best" if r["best"] else "") for r in rows], right={0, 3, 4})
+    table(("step", "state", "time (UTC)", "bytes", "leaves", "metrics", ""),
+          [(str(r["step"]), r["state"], r["time"] or "",
+            "" if r["nbytes"] is None else size(r["nbytes"]),
+            "" if r["leaves"] is None else str(r["leaves"]),
+            short(", ".join(f"{k}={number(v)}" for k, v in r["metrics"].items())),
+            "best" if r["best"] else "") for r in rows], right={0, 3, 4})
     if any(r["state"] == "saving?" for r in rows):
         print("saving?: incomplete, and recent enough to be a save still writing")
-    _section(f"orphaned generations ({len(orphaned)})", [(p,) for p in orphaned])
+    section(f"orphaned generations ({len(orphaned)})", [(p,) for p in orphaned])
     if len(rows) > len(steps) or orphaned:
         print("pytree-ckpt clean DIR --yes removes what is incomplete or orphaned and not recent")
     return EXIT_OK
@@ -402,11 +400,11 @@ def _convert(pc: Any, args: argparse.Namespace) -> int:
     leaves = len(status.matched)
     nbytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
     if args.json:
-        _emit({"source": info.path, "source_format": info.format, "at": args.at,
-               "destination": written, "format": to, "leaves": leaves, "nbytes": nbytes})
+        emit({"source": info.path, "source_format": info.format, "at": args.at,
+              "destination": written, "format": to, "leaves": leaves, "nbytes": nbytes})
     else:
         part = f" at {args.at!r}" if args.at else ""
-        print(f"{info.path} ({info.format}{part}, {leaves} leaves, {_size(nbytes)}) -> "
+        print(f"{info.path} ({info.format}{part}, {leaves} leaves, {size(nbytes)}) -> "
               f"{written} ({to})")
     return EXIT_OK
 
@@ -419,14 +417,14 @@ def _clean(pc: Any, args: argparse.Namespace) -> int:
     if not found and not report.kept and not _anything_there(pc, args.directory):
         raise _Nothing(f"{report.directory}: no checkpoint or CheckpointManager directory there")
     if args.json:
-        _emit({"directory": report.directory, "incomplete": list(report.incomplete),
-               "orphaned": list(report.orphaned), "kept": list(report.kept),
-               "deleted": report.deleted})
+        emit({"directory": report.directory, "incomplete": list(report.incomplete),
+              "orphaned": list(report.orphaned), "kept": list(report.kept),
+              "deleted": report.deleted})
         return EXIT_OK
     rows = ([("incomplete", p) for p in report.incomplete]
             + [("orphaned", p) for p in report.orphaned]
             + [("kept", p) for p in report.kept])
-    _section("leftovers of interrupted saves", rows)
+    section("leftovers of interrupted saves", rows)
     if report.kept:
         print(f"kept: {len(report.kept)} young enough to be a save still writing")
     if not found:
@@ -468,94 +466,3 @@ def _metadata(pc: Any, path: str) -> Any:
         raise pc.CheckpointNotFoundError(
             f"{e} -- a CheckpointManager's directory: name a step, e.g. {newest}, or run "
             "pytree-ckpt steps") from None
-
-
-def _emit(document: Any) -> None:
-    json.dump(document, sys.stdout, allow_nan=False)
-    sys.stdout.write("\n")
-
-
-def _show(value: Any) -> str:
-    from ._leaves import show_py  # ints too long for Python's text shown by their size
-
-    return show_py(value)
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as strict JSON: containers kept, NaN/inf floats, bytes, complex and other
-    values as their repr."""
-    if value is None or isinstance(value, bool | str):
-        return value
-    if isinstance(value, int):  # JSON writes ints as text: Python's limit applies
-        shown = _show(value)
-        return value if shown[0] != "<" else shown
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return repr(value)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset()
-           ) -> None:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        out = [c.rjust(w) if i in right else c.ljust(w)
-               for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "  ".join(out).rstrip()
-
-    print(line(headers))
-    for row in rows:
-        print(line(row))
-
-
-def _section(title: str, rows: list[tuple[str, ...]]) -> None:
-    if not rows:
-        return
-    print(f"{title}:")
-    columns = max(map(len, rows))
-    rows = [tuple(r) + ("",) * (columns - len(r)) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(columns)]
-    for row in rows:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
-def _shape(shape: tuple) -> str:
-    return "[" + ", ".join(map(str, shape)) + "]"
-
-
-def _short(text: str, width: int = _VALUE_WIDTH) -> str:
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def _number(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def _iso(seconds: Any) -> str | None:
-    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        return None
-    try:
-        moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
-    except (OverflowError, OSError, ValueError):
-        return None
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _written(writer: Any) -> str:
-    by = f", written by {writer['library']}" if writer.get("library") else ""
-    when = _iso(writer.get("time"))
-    return by + (f" at {when}" if when else "")
