@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 # Session-scoped: TensorStore reads GOOGLE_AUTH_TOKEN_FOR_TESTING once per process, at the first
 # gs:// request, so the variables are set before any test that asks for `gcs_server` runs and
 # stay set until the session ends. Each test should write under its own path in the bucket.
+from _proxy import FaultProxy  # noqa: E402
 from _servers import (  # noqa: E402
     GcsServer,
     S3Server,
@@ -37,6 +38,30 @@ def s3_server() -> Iterator[S3Server]:
     """moto's S3 server with an empty bucket; use ``s3_server.spec(path)`` (not a URL)."""
     with moto_s3_server() as server, patched_environ(server.env()):
         yield server
+
+
+@pytest.fixture(params=["gcs", "s3"])
+def proxied(request, monkeypatch) -> Iterator[tuple[FaultProxy, str]]:
+    """``(proxy, url)``: a fresh folder URL per test whose every request goes through a
+    :class:`_proxy.FaultProxy` in front of fake-gcs-server or moto's S3 (stopped after).
+
+    TensorStore caches an open gcs driver, with the endpoint it read, per context: the
+    library's context is dropped before and after, so the next one reads the variable."""
+    import pytree_ckpt._storage as storage
+
+    name = request.node.name.replace("[", "_").replace("]", "")
+    server = request.getfixturevalue(f"{request.param}_server")
+    with FaultProxy(server.endpoint) as proxy:
+        if request.param == "gcs":
+            monkeypatch.setenv("TENSORSTORE_GCS_HTTP_URL", proxy.endpoint)
+        else:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+            monkeypatch.setenv("AWS_REGION", server.region)
+        storage.forget_contexts()
+        try:
+            yield proxy, f"{server.url}/{name}"
+        finally:
+            storage.forget_contexts()
 
 
 # ---- End of object-storage servers ----
