@@ -297,7 +297,7 @@ def test_lock_on_object_store(monkeypatch):
     # A holder that died on another host without closing: taken over once its heartbeat is old.
     kv.write(_lock.LOCK_FILE, b'{"host": "elsewhere", "pid": 1, "token": "t", "time": 1.5}'
              ).result()
-    monkeypatch.setattr(_lock, "STALE_S", 0.05)  # heartbeats every 10 ms
+    monkeypatch.setenv("PYTREE_CKPT_LOCK_STALE_S", "0.05")  # heartbeats every 10 ms
     second = pc.CheckpointManager(url)
     assert _lock._token(kv.read(_lock.LOCK_FILE).result().value) == second._lock._token
     # ... and one that looked dead while alive (a stalled heartbeat) learns at its next save.

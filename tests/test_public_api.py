@@ -11,7 +11,7 @@ DOCUMENTED = {
     "PathNotFoundError", "SaveError", "ShardingError", "CheckpointManager", "latest", "LockedError",
     "PartialRestoreError",
     "save_safetensors", "verify", "VerifyReport", "clean", "CleanReport",
-    "read_blocks", "RegionError",
+    "read_blocks", "RegionError", "StorageError", "ConfigurationError", "configure",
 }
 
 
@@ -38,5 +38,8 @@ def test_errors_also_derive_from_fitting_builtins():
     assert issubclass(pc.PartialRestoreError, AssertionError)
     assert issubclass(pc.ShardingError, ValueError)
     assert issubclass(pc.RegionError, IndexError)
+    assert issubclass(pc.StorageError, OSError)
+    assert not issubclass(pc.StorageError, FileNotFoundError | ValueError)
+    assert issubclass(pc.ConfigurationError, ValueError)
     assert all(issubclass(getattr(pc, n), pc.CheckpointError)
                for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError")

@@ -20,6 +20,7 @@ from ._clean import clean as clean
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointExistsError as CheckpointExistsError
 from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
+from ._errors import ConfigurationError as ConfigurationError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import IncompleteCheckpointError as IncompleteCheckpointError
@@ -31,6 +32,7 @@ from ._errors import PathNotFoundError as PathNotFoundError
 from ._errors import RegionError as RegionError
 from ._errors import SaveError as SaveError
 from ._errors import ShardingError as ShardingError
+from ._errors import StorageError as StorageError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._foreign.safetensors import save_safetensors as save_safetensors
 from ._jit import save_in_jit as save_in_jit
@@ -38,6 +40,7 @@ from ._manager import CheckpointManager as CheckpointManager
 from ._metadata import CheckpointMetadata as CheckpointMetadata
 from ._metadata import LeafMetadata as LeafMetadata
 from ._metadata import metadata as metadata
+from ._options import configure as configure
 from ._restore import restore as restore
 from ._save import save as save
 from ._save import save_async as save_async
@@ -56,6 +59,7 @@ __all__ = [
     "CleanReport",
     "CheckpointMetadata",
     "CheckpointNotFoundError",
+    "ConfigurationError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "IncompleteCheckpointError",
@@ -71,9 +75,11 @@ __all__ = [
     "SaveError",
     "SaveFuture",
     "ShardingError",
+    "StorageError",
     "UnsupportedLeafError",
     "VerifyReport",
     "clean",
+    "configure",
     "latest",
     "metadata",
     "read_blocks",

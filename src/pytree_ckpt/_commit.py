@@ -36,20 +36,15 @@ from typing import Any
 
 import msgpack
 
-from . import _binding, _clean, _decode, _distributed, _format, _snapshot, _storage, _write
+from . import _binding, _clean, _decode, _distributed, _faults, _format, _options, _snapshot, _storage, _write
 from ._errors import CorruptCheckpointError, SaveError, UnsupportedLeafError
 from ._format import COMMIT_FILE, LeafRecord, Storage
-
-# How long every process has to reach a save (from the first to arrive), and how long a
-# process taking part in one may show no sign of life before it counts as gone (a process
-# writing is waited for, however long its shards take: see _distributed.alive).
-_ARRIVAL_TIMEOUT_S = float(os.environ.get("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600))
-_LIVENESS_S = float(os.environ.get("PYTREE_CKPT_LIVENESS_TIMEOUT_S", 30))
 
 
 def commit_stamp(kv: Any) -> bytes:
     """The commit file's storage generation now (TensorStore's "no value" one if absent)."""
-    return kv.read(COMMIT_FILE, byte_range=slice(0, 0)).result().stamp.generation
+    with _faults.faults(_storage.kv_url(kv, COMMIT_FILE)):
+        return kv.read(COMMIT_FILE, byte_range=slice(0, 0)).result().stamp.generation
 
 
 def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
@@ -75,7 +70,8 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
     try:
         values = _distributed.exchange(
             f"save/{meeting}/agree", mine,
-            None if error is None else f"{type(error).__name__}: {error}", _ARRIVAL_TIMEOUT_S)
+            None if error is None else f"{type(error).__name__}: {error}",
+            _options.get("barrier_timeout_s"))
     except _distributed.DistributedError as e:
         if error is not None:
             raise error from e
@@ -108,7 +104,7 @@ def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set
     """Writes and commits the snapshot (every process takes part), in the background; with
     ``progress``, the primary shows a bar of the bytes it writes."""
     try:
-        with _distributed.alive(_LIVENESS_S):
+        with _distributed.alive(_options.get("liveness_timeout_s")):
             return _write_and_commit(loc, kv, snap, names, save_id, seen, progress)
     finally:
         # Every write has ended here, failed or not (_write.write_data waits for them).
@@ -177,7 +173,8 @@ def _commit_failure(loc: _storage.Location, kv: Any, data: str, e: Exception) ->
 
 def _check(name: str, error: str | None, what: str) -> None:
     try:
-        _distributed.report_and_check(name, error, _ARRIVAL_TIMEOUT_S, _LIVENESS_S)
+        _distributed.report_and_check(name, error, _options.get("barrier_timeout_s"),
+                                      _options.get("liveness_timeout_s"))
     except Exception as e:
         raise SaveError(f"{what}: {e}") from e
 
@@ -300,7 +297,8 @@ def _gather_packed(name: str, entries: list[tuple], snap: _snapshot.Snapshot, me
     sizes = [(me, k, n) for k, n in enumerate(snap.packing.part_sizes)]
     if _distributed.is_multiprocess():
         mine = base64.b64encode(msgpack.packb([entries, sizes])).decode()
-        gathered = _distributed.gather_str(f"{name}/packed", mine, _ARRIVAL_TIMEOUT_S)
+        gathered = _distributed.gather_str(f"{name}/packed", mine,
+                                           _options.get("barrier_timeout_s"))
         entries, sizes = [], []
         for text in gathered or []:
             e, s = msgpack.unpackb(base64.b64decode(text))

@@ -16,6 +16,8 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── RegionError                  (IndexError)         an index outside a leaf's shape
     ├── PartialRestoreError          (AssertionError)     a strict restore left target leaves unrestored
     ├── ShardingError                (ValueError)         a target's sharding names no devices here
+    ├── StorageError                 (OSError)            the store could not be read or written
+    ├── ConfigurationError           (ValueError)         a bad option, or a bad PYTREE_CKPT_* variable
     ├── SaveError                    (RuntimeError)       a write failed, here or on another process
     └── LockedError                  (RuntimeError)       another CheckpointManager holds the directory
 """
@@ -107,6 +109,32 @@ class PartialRestoreError(CheckpointError, AssertionError):
 class ShardingError(CheckpointError, ValueError):
     """A target leaf's sharding cannot be placed on devices: it is on an abstract mesh
     (``jax.eval_shape`` under ``jax.set_mesh``) and no matching concrete mesh is set."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The store could not be read or written: permission denied, a server error or a dropped
+    connection still failing after retries (see :func:`configure`'s ``storage_deadline_s``),
+    an unreachable endpoint. Nothing is known about the checkpoint itself: it is neither
+    missing (:class:`CheckpointNotFoundError`) nor damaged (:class:`CorruptCheckpointError`);
+    retrying later, or fixing credentials or permissions, is the way out. The message names
+    the URL and the last fault; ``__cause__`` is TensorStore's error.
+
+    Example (the common resume pattern, which must not restart training from scratch on a
+    permissions or network fault)::
+
+        try:
+            state, _ = pc.restore("gs://my-bucket/run/7", target)
+        except pc.StorageError:
+            raise  # 403, or 503 after retries: nothing is known; fix and rerun
+        except FileNotFoundError:
+            state = init()  # really absent: start fresh
+    """
+
+
+class ConfigurationError(CheckpointError, ValueError):
+    """An option given to :func:`configure`, or a ``PYTREE_CKPT_*`` environment variable
+    read in its place, is not a valid value; the message names the option or variable.
+    Raised when the value is used, never by ``import pytree_ckpt``."""
 
 
 class SaveError(CheckpointError, RuntimeError):

@@ -11,12 +11,14 @@ retention rules; the second one therefore gets a :class:`LockedError` naming the
   made by ``fork`` (a data-loader worker) shares the lock until it exits.
 - **Object stores and memory://**: an object ``manager.lock`` with the owner and a heartbeat
   time, created by a conditional write (only if absent), read back to check the token, and
-  refreshed by a background thread every ``STALE_S / 5`` seconds. A lock whose heartbeat is
-  older than ``STALE_S`` (its holder died without closing), or whose holder is a dead process
-  on this very host, is taken over. Limits: creation is as atomic as the store's conditional
-  writes (GCS and S3 honour them; fake-gcs-server does not); staleness compares clocks of
-  different hosts; after a crash, a restart on another host waits up to ``STALE_S`` (5
-  minutes unless ``PYTREE_CKPT_LOCK_STALE_S`` says otherwise) or until the object is deleted.
+  refreshed by a background thread every ``lock_stale_s / 5`` seconds (an option of
+  :func:`pytree_ckpt.configure`). A lock whose heartbeat is older than ``lock_stale_s`` (its
+  holder died without closing), or whose holder is a dead process on this very host, is
+  taken over. Limits: creation is as atomic as the store's conditional writes (GCS and S3
+  honour them; fake-gcs-server does not); staleness compares clocks of different hosts;
+  after a crash, a restart on another host waits up to ``lock_stale_s`` (5 minutes unless
+  ``PYTREE_CKPT_LOCK_STALE_S`` or ``configure`` says otherwise) or until the object is
+  deleted.
 """
 
 from __future__ import annotations
@@ -32,11 +34,10 @@ import time
 import uuid
 from typing import Any
 
-from . import _storage
+from . import _faults, _options, _storage
 from ._errors import LockedError, NotACheckpointError
 
 LOCK_FILE = "manager.lock"
-STALE_S = float(os.environ.get("PYTREE_CKPT_LOCK_STALE_S", 300))
 
 
 class DirectoryLock:
@@ -101,6 +102,10 @@ class DirectoryLock:
         self._fd = fd
 
     def _acquire_object(self) -> None:
+        with _faults.faults(f"{self._loc.url}/{LOCK_FILE}"):
+            self._acquire_object_once()
+
+    def _acquire_object_once(self) -> None:
         found = self._kv.read(LOCK_FILE).result()
         if found.state == "value" and not _stale(found.value):
             raise self._refuse(found.value)
@@ -117,7 +122,7 @@ class DirectoryLock:
         self._thread.start()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(STALE_S / 5):
+        while not self._stop.wait(_options.get("lock_stale_s") / 5):
             try:
                 stamp = self._kv.write(LOCK_FILE, self._owner(),
                                        if_equal=self._generation).result()
@@ -175,11 +180,11 @@ def _describe(raw: bytes | None) -> str:
 
 
 def _stale(raw: bytes) -> bool:
-    """True if the lock's holder is surely gone: no heartbeat for STALE_S, or a dead process
+    """True if the lock's holder is surely gone: no heartbeat for lock_stale_s, or a dead process
     on this host."""
     owner = _parse(raw)
     when, pid = owner.get("time"), owner.get("pid")
-    if not isinstance(when, float) or time.time() - when > STALE_S:
+    if not isinstance(when, float) or time.time() - when > _options.get("lock_stale_s"):
         return True
     if owner.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
         try:

@@ -20,7 +20,9 @@ from typing import Any, NamedTuple
 
 import tensorstore as ts
 
+from . import _options
 from ._errors import CheckpointError, NotACheckpointError
+from ._faults import faults, retry_settings
 
 # Chunks of at most this many bytes (and lined up with shard boundaries) read and write in
 # parallel; one 64 MiB chunk per array reads back about 2x slower than chunks of ~4 MiB.
@@ -117,15 +119,8 @@ def _spec_url(spec: dict) -> str:
 
 _context_lock = threading.Lock()
 
-
 @functools.cache
-def context() -> ts.Context:
-    """The one TensorStore context (created on first use, not at import).
-
-    One context means one ``memory://`` store per process, so a checkpoint saved to memory
-    can be restored by a later call; and caching is off, since a checkpoint's bytes are read
-    once.
-    """
+def _base_context() -> ts.Context:
     with _context_lock:
         return ts.Context({
             "cache_pool": {"total_bytes_limit": 0},
@@ -134,11 +129,48 @@ def context() -> ts.Context:
         })
 
 
+@functools.cache
+def _retrying_context(deadline_s: float) -> ts.Context:
+    retries = retry_settings(deadline_s)
+    spec = {"gcs_request_retries": retries, "s3_request_retries": retries,
+            "http_request_retries": retries}
+    return ts.Context(ts.Context.Spec(spec), _base_context())
+
+
+def context() -> ts.Context:
+    """The TensorStore context for the storage deadline in force (created on first use,
+    not at import; see :func:`pytree_ckpt.configure`).
+
+    Every such context is a child of one base context, so there is one ``memory://`` store
+    per process (a checkpoint saved to memory can be restored by a later call, whatever the
+    deadline); caching is off, since a checkpoint's bytes are read once.
+    """
+    return _retrying_context(_options.get("storage_deadline_s"))
+
+
+def forget_contexts() -> None:
+    """Drops every context (``memory://`` contents with them): the next one reads again what
+    TensorStore reads when a driver opens, e.g. ``TENSORSTORE_GCS_HTTP_URL``."""
+    _retrying_context.cache_clear()
+    _base_context.cache_clear()
+
+
 def open_kvstore(loc: Location) -> ts.KvStore:
+    ctx = context()  # a bad option is a ConfigurationError of its own
     try:
-        return ts.KvStore.open(loc.spec, context=context()).result()
+        return ts.KvStore.open(loc.spec, context=ctx).result()
     except Exception as e:
         raise CheckpointError(f"{loc.url}: cannot open storage ({e})") from e
+
+
+def kv_url(kv: ts.KvStore, key: str = "") -> str:
+    """A URL for ``key`` in ``kv``, for messages (an S3 spec with an endpoint has no
+    ``kv.url``: its bucket is named as ``s3://``)."""
+    try:
+        spec = kv.spec().to_json()
+    except Exception:  # noqa: BLE001 - only for a message
+        return key
+    return _spec_url(dict(spec, path=spec.get("path", "") + key))
 
 
 def top_level_names(loc: Location, kv: ts.KvStore) -> set[str] | None:
@@ -150,7 +182,7 @@ def top_level_names(loc: Location, kv: ts.KvStore) -> set[str] | None:
             return None
         except NotADirectoryError:
             return {""}
-    keys = kv.list().result()
+    keys = listing(loc, kv, loc.url)
     if not keys:
         return None
     return {k.decode("utf-8", "replace").split("/", 1)[0] for k in keys}
@@ -179,7 +211,7 @@ def child_names(loc: Location, kv: ts.KvStore) -> dict[str, set[str] | None]:
                 except OSError:  # gone meanwhile
                     pass
         return out
-    for key in kv.list().result():
+    for key in listing(loc, kv, loc.url):
         first, _, rest = key.decode("utf-8", "replace").partition("/")
         inside = out.setdefault(first, set())
         if rest:
@@ -200,8 +232,26 @@ def folder_names(loc: Location, kv: ts.KvStore, folder: str) -> set[str] | None:
         except FileNotFoundError:
             return None
     start = folder.strip("/") + "/"
-    keys = kv.list(prefix_range(start), strip_prefix_length=len(start.encode())).result()
+    keys = listing(loc, kv, f"{loc.url}/{folder}", start)
     return {k.decode("utf-8", "replace").split("/", 1)[0] for k in keys} or None
+
+
+def listing(loc: Location, kv: ts.KvStore, url: str, prefix: str = "") -> list[bytes]:
+    """The keys below ``prefix`` (``""`` or ending in ``/``), relative to it; a fault of the
+    store is a :class:`StorageError` naming ``url``.
+
+    TensorStore (0.1.86) reads a GCS listing refused with an HTTP 4xx (403 included) as an
+    empty one: an empty GCS listing is confirmed by reading one key there (missing, if the
+    bucket answers), so that a refusal is never taken for "no checkpoint here"."""
+    with faults(url):
+        if prefix:
+            keys = kv.list(prefix_range(prefix), strip_prefix_length=len(prefix.encode()))
+        else:
+            keys = kv.list()
+        keys = keys.result()
+        if not keys and loc.spec.get("driver") == "gcs":
+            kv.read(prefix + ".pytree-ckpt-probe").result()
+    return keys
 
 
 def prefix_range(prefix: str) -> ts.KvStore.KeyRange:
@@ -231,7 +281,8 @@ def delete_prefix(loc: Location, kv: ts.KvStore, prefix: str) -> None:
         except FileNotFoundError:
             pass  # already gone: deleting is idempotent, failing to delete is not silent
         return
-    kv.delete_range(prefix_range(prefix.rstrip("/") + "/")).result()
+    with faults(f"{loc.url}/{prefix}"):
+        kv.delete_range(prefix_range(prefix.rstrip("/") + "/")).result()
 
 
 def delete_file(loc: Location, kv: ts.KvStore, key: str) -> None:
@@ -239,7 +290,8 @@ def delete_file(loc: Location, kv: ts.KvStore, key: str) -> None:
     folder is opened without following a link (:class:`NotACheckpointError` for one), so a
     step folder that is a link to an archived checkpoint never loses that one's file."""
     if loc.local is None:
-        kv.write(key, None).result()
+        with faults(f"{loc.url}/{key}"):
+            kv.write(key, None).result()
         return
     folder, _, name = key.rpartition("/")
     path = os.path.join(loc.local, folder)
@@ -262,7 +314,8 @@ def read_key(kv: ts.KvStore, key: str, loc: Location | None = None) -> bytes | N
     or socket there is refused (:class:`NotACheckpointError`): reading one would block."""
     if loc is not None and loc.local is not None:
         check_regular(os.path.join(loc.local, key))
-    result = kv.read(key).result()
+    with faults(loc.url + "/" + key if loc is not None else kv_url(kv, key)):
+        result = kv.read(key).result()
     return bytes(result.value) if result.state == "value" else None
 
 
@@ -296,7 +349,8 @@ def write_key(loc: Location, kv: ts.KvStore, key: str, value: bytes, **options: 
     it, into whatever file it points to. (One planted between this check and TensorStore's
     open is not caught: that needs TensorStore to open with ``O_NOFOLLOW``.)"""
     reset_stale_temp(loc, key)
-    return kv.write(key, value, **options).result()
+    with faults(f"{loc.url}/{key}"):
+        return kv.write(key, value, **options).result()
 
 
 def reset_stale_temp(loc: Location, key: str) -> None:

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _binding, _decode, _foreign, _format, _gc_pause, _progress, _source, _storage
+from . import _binding, _decode, _faults, _foreign, _format, _gc_pause, _progress, _source, _storage
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
 from ._format import COMMIT_FILE, Commit, LeafRecord
 from ._open import commit_file, load_commit
@@ -96,7 +96,7 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False,
     """
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
-    with _gc_pause.paused():
+    with _gc_pause.paused(), _faults.faults(loc.url):  # a storage fault is no damage found
         commit = _load_ours(loc, kv)
         problems: dict[str, str] = {}
         read = _Checker(loc.url, kv, commit, problems)

@@ -1,0 +1,180 @@
+"""Object stores that fail: every request through a fault-injecting proxy (tests/_proxy.py)
+in front of fake-gcs-server and moto's S3.
+
+A fault of the store (403, 503 after retries, a dropped connection that keeps dropping) is a
+:class:`pc.StorageError` naming the URL, never "not found" or "corrupt"; transient faults
+are retried and survived; a persistent one ends within the storage deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _proxy import FaultProxy, classify
+
+import pytree_ckpt as pc
+from pytree_ckpt import _faults
+
+TREE = {"w": jnp.arange(3 * 1024 * 1024, dtype=jnp.float32).reshape(12, -1),
+        "b": jnp.ones(3), "step": 7}
+
+
+def check(restored):
+    np.testing.assert_array_equal(restored["w"], TREE["w"])
+    np.testing.assert_array_equal(restored["b"], TREE["b"])
+    assert restored["step"] == 7
+
+
+@pytest.fixture
+def deadline():
+    """Sets a storage deadline for the test (and clears it after)."""
+    def set_(seconds):
+        pc.configure(storage_deadline_s=seconds)
+        return seconds
+    yield set_
+    pc.configure(storage_deadline_s=None)
+
+
+# ---- the proxy itself ----
+
+def test_proxy_classifies_both_protocols():
+    assert classify("GET", "/b/run/ckpt/checkpoint.msgpack") == ("get", "run/ckpt/checkpoint.msgpack")
+    assert classify("GET", "/b?list-type=2&prefix=run%2F") == ("list", "run/")
+    assert classify("PUT", "/b/run/x") == ("put", "run/x")
+    assert classify("HEAD", "/b/run/x") == ("head", "run/x")
+    assert classify("POST", "/b?delete") == ("delete", "")
+    assert classify("GET", "/storage/v1/b/b/o/run%2Fx?alt=media") == ("get", "run/x")
+    assert classify("GET", "/storage/v1/b/b/o/run%2Fx") == ("head", "run/x")
+    assert classify("GET", "/storage/v1/b/b/o?prefix=run%2F") == ("list", "run/")
+    assert classify("POST", "/upload/storage/v1/b/b/o?uploadType=media&name=run%2Fx") == (
+        "put", "run/x")
+    assert classify("DELETE", "/storage/v1/b/b/o/run%2Fx") == ("delete", "run/x")
+    with pytest.raises(ValueError, match="loopback"):
+        FaultProxy("http://example.com:80")
+    with FaultProxy("http://127.0.0.1:1") as proxy, pytest.raises(ValueError, match="exactly"):
+        proxy.fail(status=503, drop=True)
+
+
+def test_proxy_counts_and_injects(proxied):
+    proxy, url = proxied
+    assert pc.save(TREE, f"{url}/c") == f"{url}/c"
+    assert proxy.counts()["put"] >= 3 and proxy.endpoint.startswith("http://127.0.0.1:")
+    proxy.clear()
+    rule = proxy.fail(kind="get", key="checkpoint.msgpack", status=503, count=2)
+    check(pc.restore(f"{url}/c")[0])
+    assert rule.hits == 2
+    assert proxy.keys("get").count(f"{url.split('/', 3)[3]}/c/checkpoint.msgpack") == 3
+
+
+# ---- honest classes ----
+
+def test_a_refused_listing_is_a_storage_error(proxied):
+    proxy, url = proxied
+    pc.save({"a": 1}, f"{url}/run/1")
+    # Credentials that lost access: every request refused. (TensorStore reads a refused GCS
+    # listing as an empty one; the library confirms an empty one with a read.)
+    proxy.fail(status=403)
+    with pytest.raises(pc.StorageError, match=f"^{url}/run(/.steps)?: the storage could not be read") as e:
+        pc.latest(f"{url}/run")
+    assert "PERMISSION_DENIED" in str(e.value) and e.value.__cause__ is not None
+    assert not isinstance(e.value, FileNotFoundError | ValueError)
+    with pytest.raises(pc.StorageError):
+        pc.CheckpointManager(f"{url}/run", async_save=False)
+    with pytest.raises(pc.StorageError):
+        pc.save({"a": 1}, f"{url}/other")
+
+
+def test_is_storage_fault_reads_tensorstores_codes():
+    for text in ("PERMISSION_DENIED: Forbidden", "UNAUTHENTICATED: no token",
+                 "UNAVAILABLE: Connection reset by peer", "DEADLINE_EXCEEDED: timed out",
+                 "ABORTED: All 12 retry attempts failed: 503"):
+        assert _faults.is_storage_fault(ValueError(text)), text
+    for text in ("NOT_FOUND: x", "DATA_LOSS: checksum", "INVALID_ARGUMENT: y",
+                 "ABORTED: generation mismatch"):
+        assert not _faults.is_storage_fault(ValueError(text)), text
+    assert _faults.is_storage_fault(PermissionError(13, "denied"))
+
+
+# ---- retries, bounded ----
+
+def test_retry_settings_fit_the_deadline():
+    for deadline_s in (0, 0.5, 3, 30, 120, 3600):
+        r = _faults.retry_settings(deadline_s)
+        initial, most = _faults.RETRY_INITIAL_S, float(r["max_delay"][:-1])
+        waits = [min(initial * 2**n + initial, most) for n in range(r["max_retries"])]
+        assert sum(waits) <= deadline_s
+        more = min(initial * 2**r["max_retries"] + initial, most)
+        assert r["max_retries"] == 64 or sum(waits) + more > deadline_s
+    assert _faults.retry_settings(120)["max_retries"] >= 10
+
+
+def test_a_server_failing_every_request_ends_within_the_deadline(proxied, deadline):
+    proxy, url = proxied
+    pc.save(TREE, f"{url}/c")
+    seconds = deadline(3.0)
+    proxy.fail(status=503)
+    for call in (lambda: pc.latest(url), lambda: pc.save({"a": 1}, f"{url}/d"),
+                 lambda: pc.CheckpointManager(url)):
+        start = time.monotonic()
+        with pytest.raises(pc.StorageError, match="retry attempts failed.*503") as e:
+            call()
+        assert time.monotonic() - start < seconds + 3.0
+        assert "storage_deadline_s=3 s" in str(e.value)
+
+
+def test_transient_faults_are_survived(proxied):
+    proxy, url = proxied
+    proxy.fail(kind="put", status=503, count=2)
+    proxy.fail(kind="put", drop=True, count=1)
+    pc.save(TREE, f"{url}/c")
+    proxy.fail(kind="get", status=503, count=2)
+    proxy.fail(kind="get", status=429, count=1)
+    proxy.fail(kind="get", drop=True, count=2)
+    check(pc.restore(f"{url}/c")[0])
+    assert pc.verify(f"{url}/c").ok
+    assert all(rule.hits == rule.count for rule in proxy._rules)
+
+
+def test_a_slow_server_is_waited_for(proxied):
+    proxy, url = proxied
+    pc.save({"w": jnp.arange(4.0)}, f"{url}/c")
+    proxy.fail(kind="get", key="checkpoint.msgpack", delay=5.0, count=1)
+    start = time.monotonic()
+    np.testing.assert_array_equal(pc.restore(f"{url}/c")[0]["w"], np.arange(4.0))
+    assert time.monotonic() - start >= 5.0
+
+
+# ---- options ----
+
+def test_configure_validates_and_names_the_option(monkeypatch):
+    with pytest.raises(pc.ConfigurationError, match="storage_deadline_s.*'soon'"):
+        pc.configure(storage_deadline_s="soon")
+    with pytest.raises(pc.ConfigurationError, match="unknown option 'deadline'"):
+        pc.configure(deadline=3)
+    for bad in (-1, float("nan"), float("inf"), True):
+        with pytest.raises(pc.ConfigurationError):
+            pc.configure(storage_deadline_s=bad)
+    monkeypatch.setenv("PYTREE_CKPT_STORAGE_DEADLINE_S", "12")
+    assert pc.configure().storage_deadline_s == 12.0
+    assert pc.configure(storage_deadline_s=5).storage_deadline_s == 5.0
+    assert pc.configure(storage_deadline_s=None).storage_deadline_s == 12.0
+    monkeypatch.setenv("PYTREE_CKPT_STORAGE_DEADLINE_S", "12s")
+    with pytest.raises(pc.ConfigurationError, match="PYTREE_CKPT_STORAGE_DEADLINE_S.*'12s'"):
+        pc.save({"a": 1}, "memory://faults/bad_env")
+
+
+def test_bad_environment_values_never_break_import():
+    env = dict(os.environ, PYTREE_CKPT_BARRIER_TIMEOUT_S="ten", PYTREE_CKPT_LIVENESS_TIMEOUT_S="",
+               PYTREE_CKPT_LOCK_STALE_S="5m", PYTREE_CKPT_STORAGE_DEADLINE_S="-1")
+    code = ("import pytree_ckpt as pc\n"
+            "try:\n    pc.configure()\nexcept pc.ConfigurationError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "environment variable PYTREE_CKPT_STORAGE_DEADLINE_S: '-1'" in done.stdout
