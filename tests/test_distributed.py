@@ -442,3 +442,32 @@ def test_harness_timeout_kills_every_process():
     for pid in pids:  # reaped: the pid no longer names a process of ours
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+KEYS = """
+import jax.numpy as jnp
+import pytree_ckpt as pc
+from pytree_ckpt import _distributed
+client = _distributed._job()[0]
+counts = []
+for i in range(args["saves"]):
+    pc.save({"w": jnp.arange(4.0) + i, "i": i}, args["path"], overwrite=True)
+    if process_id == 0 and i in (4, args["saves"] - 1):
+        counts.append(len(client.key_value_dir_get("pytree_ckpt/save/")))
+result(counts=counts, last=int(pc.restore(args["path"])[0]["i"]))
+"""
+
+
+@pytest.mark.timeout(170)
+def test_a_long_job_keeps_no_keys_of_finished_saves(tmp_path):
+    # Process 0 keeps every coordination key until the job ends: each save's meetings
+    # must be deleted once every process has left them, or its memory grows all job long.
+    saves = 100
+    runs = run_multiprocess(_PRELUDE + textwrap.dedent(KEYS), num_processes=2,
+                            devices_per_process=1, timeout_s=150,
+                            args={"path": str(tmp_path / "ckpt"), "saves": saves})
+    assert_all_ok(runs)
+    first, second = _results(runs)
+    assert second["last"] == first["last"] == saves - 1
+    early, late = first["counts"]
+    assert 0 < late <= early <= 16, first  # at most the keys of the last two saves

@@ -47,6 +47,10 @@ def commit_stamp(kv: Any) -> bytes:
         return kv.read(COMMIT_FILE, byte_range=slice(0, 0)).result().stamp.generation
 
 
+# The meetings of the last save agreed on: deleted once every process is in the next one.
+_last_meetings: list[str] = []
+
+
 def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
           error: BaseException | None) -> str:
     """Every process of a multi-process job agrees on a save before any data is written:
@@ -76,7 +80,10 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
         if error is not None:
             raise error from e
         raise _distributed.DistributedError(f"{url}: save failed before writing: {e}") from e
+    # Every process reported here, so every one has left the previous save's meetings.
     agreed = [json.loads(v) for v in values]
+    _distributed.forget(_last_meetings)
+    _last_meetings[:] = [f"save/{meeting}/agree", f"save/{agreed[0][2]}"]
     for what, k in (("checkpoint path", 0), ("tree (its structure, or a leaf's path, kind, "
                                                "dtype, weak type, shape or sharding)", 1)):
         differ = [p for p, a in enumerate(agreed) if a[k] != agreed[0][k]]

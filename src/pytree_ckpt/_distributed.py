@@ -172,6 +172,22 @@ def gather_str(name: str, value: str, timeout_s: float) -> list[str] | None:
     return values
 
 
+def forget(names: list[str]) -> None:
+    """Deletes every key of the meetings ``names`` (each with all the keys below it), on
+    process 0 only; call it once every process is known to have left those meetings (a
+    later meeting they all reported in). The coordination service keeps every key until
+    the job ends: a save's meetings would otherwise grow process 0's memory for the whole
+    job. Best effort: a key left behind costs memory, not correctness."""
+    client, me, count = _job()
+    if count == 1 or me != 0:
+        return
+    for name in names:
+        try:
+            client.key_value_delete(f"{_PREFIX}{name}")
+        except jax.errors.JaxRuntimeError:
+            pass
+
+
 def report_and_check(name: str, error: str | None, timeout_s: float,
                      liveness_s: float | None = None) -> None:
     """Publish whether this process's part succeeded, then check everyone's.
