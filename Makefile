@@ -5,9 +5,12 @@ PYTHON ?= python3
 UV_VERSION := 0.13.9
 TOOLS := .tools
 UV := $(TOOLS)/bin/uv
-VENV := .venv
+# One environment per Python: e.g. make test PYTHON=/path/to/python3.12 VENV=.venv-3.12. The stamp
+# names the Python's version, so a PYTHON of another version re-syncs VENV rather than reusing it.
+VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.synced
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+STAMP := $(VENV)/.synced-$(PYVER)
 LATEST := .venv-latest
 
 # uv uses the Python that runs make (never downloads one) and puts the project in .venv.
@@ -36,8 +39,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
 
+# ruff over everything; pyright (settings in pyproject.toml) over src/, against VENV's packages.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/pyright --pythonpath $(abspath $(PY))
 
 # Refresh uv.lock to the newest releases that pyproject.toml's ranges allow.
 lock: $(UV)
