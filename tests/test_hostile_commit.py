@@ -374,3 +374,11 @@ def test_a_tree_too_deep_to_flatten_is_a_typed_error_and_loses_nothing(tmp_path)
     with pytest.raises(pc.UnsupportedLeafError, match="nested too deep to flatten"):
         pc.restore(tmp_path / "c", tree)
     assert pc.restore(tmp_path / "c")[0] == {"w": 1}
+
+
+def test_a_null_in_the_shardings_table_is_named(real):
+    # Code 0 is "no sharding"; a null entry in the table was a TypeError from its spec's length.
+    body = copy.deepcopy(real[2])
+    body["shardings"] = [*body["shardings"], None]
+    with pytest.raises(pc.CorruptCheckpointError, match=r"bad 'shardings' list \(a null entry\)"):
+        _decode.decode(encode_body(body), WHERE)

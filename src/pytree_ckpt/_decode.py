@@ -343,7 +343,12 @@ def _sharding_table(f: dict, c: Leaves, where: str, version: int
     table = f["shardings"]
     if type(table) is not list:
         raise _fail(where, "bad 'shardings' list")
-    shardings = [validate_sharding(s, where, _MAX_RANK, version) for s in table]
+    shardings: list[SavedSharding] = []
+    for s in table:
+        saved = validate_sharding(s, where, _MAX_RANK, version)
+        if saved is None:  # code 0 is the only "no sharding"
+            raise _fail(where, "bad 'shardings' list (a null entry)")
+        shardings.append(saved)
     spec_len = np.array([0] + [len(s[2]) for s in shardings], np.int64)
     bad = c.sharding > len(shardings)
     bad |= spec_len[np.where(bad, 0, c.sharding)] > c.rank
