@@ -224,7 +224,8 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
     replaced generation) is a warning, never an error that would say nothing was committed."""
     commit = _format.Commit(
         data=data, nodes=snap.nodes, arrays=snap.n_arrays,
-        blobs=tuple(sorted(sizes)), leaves=_finish_records(snap, entries, sorted(sizes)),
+        blobs=tuple(sorted(sizes)),
+        leaves=_finish_records(snap, entries, sorted(sizes)),  # pyright: ignore[reportArgumentType]
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
         version=_format.FORMAT_VERSION,
     )

@@ -82,13 +82,16 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import google_crc32c
 import msgpack
 import numpy as np
 
 from . import _graph, _leaves
+
+if TYPE_CHECKING:  # _columns imports this module
+    from ._columns import Columns
 
 MAGIC = "pytree_ckpt"
 FORMAT_VERSION = 5
@@ -170,7 +173,7 @@ class Commit(NamedTuple):
 
     data: str
     nodes: tuple[_graph.Node, ...]
-    leaves: Mapping[str, LeafRecord]
+    leaves: Columns  # as decoded; a commit being written holds a dict (encode() needs a Mapping)
     blobs: tuple[tuple[int, int, int], ...]  # (process, part, nbytes)
     arrays: int
     writer: dict[str, Any]

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import tensorstore as ts
 
 from . import _decode, _graph, _leaves, _storage
+from ._columns import Columns
 from ._errors import CorruptCheckpointError
 from ._format import LeafRecord
 
@@ -31,7 +32,7 @@ class Source(NamedTuple):
     format: str  # one of the names above
     url: str
     version: int  # our format version; 0 for other formats
-    leaves: Mapping[str, LeafRecord]  # with records(paths) and summaries(), see Records
+    leaves: Records | Columns  # by path, with records(paths) and summaries()
     nodes: tuple[_graph.Node, ...]  # inner nodes, root first
     tree_nodes: Callable[[], tuple[_graph.Node, ...]]  # nodes, checked to form one tree
     read: Callable[[list], dict[str, Any]]  # jobs (_build.Job) -> restored leaves by path
