@@ -39,10 +39,10 @@ class Want(NamedTuple):
 Job = tuple[str, LeafRecord, Want]  # (target path, saved leaf, what the target wants)
 
 
-def default_device() -> jax.Device:
+def default_device() -> jax.Device:  # an alias of a class  # pyright: ignore[reportInvalidTypeForm]
     """Where an unsharded leaf goes: the device ``jax.default_device`` sets, as for
     ``jax.device_put``, else this process's first device."""
-    device = jax.config.jax_default_device
+    device = jax.config.jax_default_device  # set at run time  # pyright: ignore[reportAttributeAccessIssue]
     if device is None:
         return jax.local_devices()[0]
     if isinstance(device, str):  # a platform name
@@ -118,8 +118,10 @@ def build(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], layouts
         return _assemble(rec, want, regions, layouts, whole)
     host = _as_logical(next(iter(regions.values())), rec)
     if want.kind == _leaves.PY:
+        assert want.pytype is not None  # set for py and npscalar
         return want.pytype(host.reshape(()).item())
     if want.kind == _leaves.NPSCALAR:
+        assert want.pytype is not None
         return want.pytype(host.astype(want.dtype).reshape(())[()])
     if want.kind == _leaves.NUMPY:
         if whole and want.region is not None:
@@ -154,15 +156,18 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
         given.add(key)
         pieces.append(host)
         devices.append(device)
+    assert want.dtype is not None  # set for every kind but py
     return _transfer.assemble(rec.shape, want.dtype, want.sharding, pieces, devices, copy=whole,
                               weak_type=want.weak)
 
 
 def py_to_want(value: Any, want: Want) -> Any:
     if want.kind == _leaves.PY:
+        assert want.pytype is not None  # set for py and npscalar
         return value if want.pytype is type(value) else want.pytype(value)
     arr = np.asarray(value, dtype=want.dtype)
     if want.kind == _leaves.NPSCALAR:
+        assert want.pytype is not None
         return want.pytype(arr[()])
     if want.kind == _leaves.NUMPY:
         return arr

@@ -91,7 +91,7 @@ def save_in_jit(tree: Any, path: str, *, overwrite: bool = False, **fields: Any)
     traced, impls = [], {}
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, jax.Array):
-            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            if jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key):
                 # A callback receives a key's raw data: keep its implementation to rewrap it.
                 impls[i] = str(jax.random.key_impl(leaf))
                 leaf = jax.random.key_data(leaf)

@@ -71,7 +71,7 @@ def dtype_name(dtype: Any) -> str:
 
 
 def is_prng_key(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 # What follows runs once per leaf of every save (10,000 leaves: each microsecond is 10 ms the
@@ -94,7 +94,7 @@ def describe(path: str, leaf: Any) -> LeafInfo:
         dtype = leaf.dtype
         name = JAX_DTYPES.get(dtype)
         if name is None:
-            if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            if jax.numpy.issubdtype(dtype, jax.dtypes.prng_key):
                 data = jax.random.key_data(leaf)
                 impl = str(jax.random.key_impl(leaf))
                 return LeafInfo(PRNGKEY, dtype_name(data.dtype), tuple(data.shape), impl)

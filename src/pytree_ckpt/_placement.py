@@ -17,9 +17,9 @@ from ._format import LeafRecord, SavedSharding
 
 def saved_want(rec: LeafRecord, placement: Placement) -> Want:
     """What restoring without a target gives back for ``rec``: the kind it was saved as."""
-    dtype = _leaves.DTYPES.get(rec.dtype)
     if rec.origin == _leaves.PY:
         return Want(_leaves.PY, None, (), pytype=_leaves.PY_TYPES[rec.dtype])
+    dtype = _leaves.DTYPES[rec.dtype]
     if rec.origin == _leaves.NPSCALAR:
         return Want(_leaves.NPSCALAR, dtype, (), pytype=dtype.type)
     if rec.origin == _leaves.NUMPY:
@@ -49,12 +49,13 @@ class Placement:
         if saved is None:
             return self._device
         if saved not in self._meshes:
-            self._meshes[saved] = self._mesh(rec)
+            self._meshes[saved] = self._mesh(rec, saved)
         mesh = self._meshes[saved]
         if mesh is None:
             return self._device
         spec = saved.spec
         if rec.origin == _leaves.PRNGKEY:  # the key data's spec, cut to the keys' rank
+            assert rec.impl is not None  # every key has one
             rank = len(rec.shape) - len(_leaves.prng_key_shape(rec.impl) or ())
             spec = spec[:rank]
         try:
@@ -66,8 +67,7 @@ class Placement:
                 f"its shape {rec.shape} ({e})") from None
         return sharding
 
-    def _mesh(self, rec: LeafRecord) -> jax.sharding.Mesh | None:
-        saved = rec.sharding
+    def _mesh(self, rec: LeafRecord, saved: SavedSharding) -> jax.sharding.Mesh | None:
         devices = devices_for(saved, self._devices)
         if devices is None:
             return None
