@@ -142,7 +142,7 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
     if "" not in checkpoints:  # a manager's directory
         committed = {n for n, inside in checkpoints.items() if COMMIT_FILE in inside}
         for name in _orphan_metrics(children, committed):
-            step_folder = loc.child(METRICS_FILE.fullmatch(name)[1]).url
+            step_folder = loc.child(METRICS_FILE.fullmatch(name)[1]).url  # pyright: ignore[reportOptionalSubscript]  # _orphan_metrics gives only matching names
             young = (step_folder in kept if step_folder in kept + incomplete
                      else _young_file(loc, name, live_s))
             (kept if young else incomplete).append(_path(loc, name))

@@ -33,7 +33,8 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 from ._cli_text import emit, iso, jsonable, number, section, shape, short, show, size, table, written
@@ -183,7 +184,7 @@ def _non_negative(text: str) -> float:
 
 # ---- ls ----
 
-def _ls(pc: Any, args: argparse.Namespace) -> int:
+def _ls(pc: ModuleType, args: argparse.Namespace) -> int:
     info = _metadata(pc, args.path)
     leaves = [leaf for leaf in info.leaves.values() if _matches(leaf.path, args.pattern)]
     if args.pattern is not None and not leaves:
@@ -228,7 +229,7 @@ def _detail(leaf: Any) -> str:
 
 # ---- diff ----
 
-def _diff(pc: Any, args: argparse.Namespace) -> int:
+def _diff(pc: ModuleType, args: argparse.Namespace) -> int:
     a, b = _metadata(pc, args.a), _metadata(pc, args.b)
     only_a, only_b, changed, same_py, same_arrays, py_differ = compare(a, b)
     differ = [{"path": d["path"], "a": jsonable(d["a"]), "b": jsonable(d["b"])}
@@ -277,7 +278,7 @@ def _spec_json(leaf: Any) -> dict:
 
 # ---- verify ----
 
-def _verify(pc: Any, args: argparse.Namespace) -> int:
+def _verify(pc: ModuleType, args: argparse.Namespace) -> int:
     report = pc.verify(args.path, progress=_bars(args))
     if args.json:
         emit({"path": report.path, "format_version": report.version, "leaves": report.leaves,
@@ -298,16 +299,18 @@ def _verify(pc: Any, args: argparse.Namespace) -> int:
 
 # ---- steps ----
 
-def _steps(pc: Any, args: argparse.Namespace) -> int:
+def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
     if args.min and not args.best:
         raise ValueError("--min needs --best METRIC")
-    best_fn = None
+    best_fn: Callable[[Any], float] | None = None
     if args.best:
         metric = args.best
 
-        def best_fn(metrics: Any) -> float:
+        def by_metric(metrics: Any) -> float:
             value = metrics.get(metric)
             return float(value) if isinstance(value, int | float) else math.nan
+
+        best_fn = by_metric
 
     with pc.CheckpointManager(args.directory, read_only=True, best_fn=best_fn,
                               best_mode="min" if args.min else "max") as mgr:
@@ -370,7 +373,7 @@ def _step_of(path: str, directory: str) -> int | None:
     return int(name) if name.isdigit() and (name == "0" or not name.startswith("0")) else None
 
 
-def _no_steps(pc: Any, given: str, url: str) -> str:
+def _no_steps(pc: ModuleType, given: str, url: str) -> str:
     try:
         pc.metadata(given)
     except pc.CheckpointError:
@@ -380,7 +383,7 @@ def _no_steps(pc: Any, given: str, url: str) -> str:
 
 # ---- convert ----
 
-def _convert(pc: Any, args: argparse.Namespace) -> int:
+def _convert(pc: ModuleType, args: argparse.Namespace) -> int:
     import jax
 
     to = args.to or ("safetensors" if args.dst.endswith(".safetensors") else "pytree_ckpt")
@@ -411,7 +414,7 @@ def _convert(pc: Any, args: argparse.Namespace) -> int:
 
 # ---- clean ----
 
-def _clean(pc: Any, args: argparse.Namespace) -> int:
+def _clean(pc: ModuleType, args: argparse.Namespace) -> int:
     report = pc.clean(args.directory, delete=args.yes)
     found = (*report.incomplete, *report.orphaned)
     if not found and not report.kept and not _anything_there(pc, args.directory):
@@ -436,7 +439,7 @@ def _clean(pc: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _anything_there(pc: Any, path: str) -> bool:
+def _anything_there(pc: ModuleType, path: str) -> bool:
     """Whether ``path`` holds a checkpoint (of any format) or a manager's committed steps."""
     try:
         pc.metadata(path)
@@ -452,7 +455,7 @@ def _bars(args: argparse.Namespace) -> bool:
     return sys.stderr.isatty() and not args.json
 
 
-def _metadata(pc: Any, path: str) -> Any:
+def _metadata(pc: ModuleType, path: str) -> Any:
     """pc.metadata(path), with a hint when the path is a manager's directory."""
     try:
         return pc.metadata(path)

@@ -6,7 +6,7 @@ import datetime
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from typing import Any
 
 VALUE_WIDTH = 60  # a value's text is cut to this width in tables
@@ -40,7 +40,7 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: set[int] = frozenset()
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Set[int] = frozenset()
            ) -> None:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
@@ -68,10 +68,11 @@ def section(title: str, rows: list[tuple[str, ...]]) -> None:
 def size(n: int) -> str:
     if n < 1024:
         return f"{n} B"
+    scaled = float(n)
     for unit in ("KiB", "MiB", "GiB", "TiB"):
-        n /= 1024
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}"
+        scaled /= 1024
+        if scaled < 1024 or unit == "TiB":
+            return f"{scaled:.1f} {unit}"
     raise AssertionError("unreachable")
 
 

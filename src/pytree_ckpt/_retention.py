@@ -49,7 +49,7 @@ def check_newest(where: str, step: int, steps: list[int], pending: int | None) -
     (``pending``) one: retention keeps the highest steps, so after a rollback it would delete
     the new steps and keep the diverged ones (steps [100, 200, 300], restore 100, save 110:
     [110, 200, 300], and latest_step() the diverged 300)."""
-    newest = max([*steps[-1:], *([] if pending is None else [pending])], default=None)
+    newest = max(steps[-1:] + ([] if pending is None else [pending]), default=None)
     if newest is not None and step < newest:
         newer = [s for s in steps if s > step]
         raise CheckpointExistsError(
