@@ -126,6 +126,7 @@ class Trailers:
             found = _trailer(future.result())
             if found is None:
                 raise CorruptCheckpointError(f"{url}: {_missing(self._data, self._rec, index)}")
+            assert self._recorded is not None  # chunks are read only where recorded
             if found != int(self._recorded[flat]):
                 raise CorruptCheckpointError(
                     f"{url}: leaf {self._rec.path!r:.200}: chunk {index} is not the chunk "

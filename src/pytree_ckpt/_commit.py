@@ -70,7 +70,7 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
         return _clean.new_save_id()
     primary = _distributed.process_index() == 0
     mine = "" if error is not None else json.dumps(
-        [url, _tree_digest(snap), _clean.new_save_id() if primary else None])
+        [url, _tree_digest(snap), _clean.new_save_id() if primary else None])  # pyright: ignore[reportArgumentType]  # snap unless error
     try:
         values = _distributed.exchange(
             f"save/{meeting}/agree", mine,
@@ -304,7 +304,7 @@ def _gather_packed(name: str, entries: list[tuple], snap: _snapshot.Snapshot, me
     """Every process's packed leaves and blob sizes (on the primary; others get theirs)."""
     sizes = [(me, k, n) for k, n in enumerate(snap.packing.part_sizes)]
     if _distributed.is_multiprocess():
-        mine = base64.b64encode(msgpack.packb([entries, sizes])).decode()
+        mine = base64.b64encode(msgpack.packb([entries, sizes])).decode()  # pyright: ignore[reportArgumentType]  # packb returns bytes
         gathered = _distributed.gather_str(f"{name}/packed", mine,
                                            _options.get("barrier_timeout_s"))
         entries, sizes = [], []
@@ -324,4 +324,5 @@ def _finish_records(snap: _snapshot.Snapshot, entries: list[tuple], blobs: list[
     if missing:
         raise SaveError(f"no process wrote the small leaves {missing[:5]}")
     # One record per leaf, a packed leaf's with the place its process wrote it to.
-    return {f[0]: LeafRecord(*f[:5], placed.get(f[0], f[5]), *f[6:]) for f in snap.records}
+    return {f[0]: LeafRecord(*f[:5], placed.get(f[0], f[5]), *f[6:])  # pyright: ignore[reportCallIssue]  # f: a record's fields
+            for f in snap.records}

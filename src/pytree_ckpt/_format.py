@@ -134,7 +134,7 @@ class Storage(NamedTuple):
 
     kind: str  # "v", "z" or "p"
     value: Any = None  # "v": the decoded Python value
-    index: int = 0  # "z": array id; "p": blob number
+    index: int = 0  # "z": array id; "p": blob number  # pyright: ignore[reportIncompatibleMethodOverride]
     chunks: tuple[int, ...] = ()  # "z"
     stored_dtype: str = ""  # "z"
     offset: int = 0  # "p"
@@ -196,7 +196,7 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
     leaf's chunks' CRC-32C, leaf after leaf in commit order (see _binding)."""
     dtypes: dict[str, int] = {}
     impls: dict[str, int] = {}
-    shardings: dict[tuple, int] = {}
+    shardings: dict[SavedSharding, int] = {}
     paths, origin, dtype, rank, dims, kind, impl, sharding = [], [], [], [], [], [], [], []
     weak: list[bool] = []
     values, array, chunks, stored, blob, offset, crc = [], [], [], [], [], [], []
@@ -249,7 +249,7 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
         },
         use_bin_type=True,
     )
-    return msgpack.packb([MAGIC, commit.version, zlib.crc32(body), body], use_bin_type=True)
+    return msgpack.packb([MAGIC, commit.version, zlib.crc32(body), body], use_bin_type=True)  # pyright: ignore[reportReturnType, reportArgumentType]  # packb gives bytes
 
 
 def _encode_sharding(s: SavedSharding, version: int) -> list:

@@ -23,7 +23,7 @@ PACK_BYTES = 256 << 10
 
 
 class ArrayWrite(NamedTuple):
-    index: int
+    index: int  # pyright: ignore[reportIncompatibleMethodOverride]  # a field, as tuple.index is never called
     shape: tuple[int, ...]
     chunks: tuple[int, ...]
     stored_dtype: str
@@ -79,7 +79,7 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
                     records.append((path, origin, dtype, (), None, Storage("v", leaf), None,
                                     False))
                     continue
-                value = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
+                value: Any = jax.random.key_data(leaf) if origin is PRNGKEY else leaf
                 if origin is NUMPY:
                     value = _leaves.little_endian(value)
             nbytes = prod(shape) * itemsizes[dtype]
@@ -108,10 +108,10 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
                 storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
             records.append((path, origin, dtype, shape, impl, storage, described,
                             origin is JAX and leaf.weak_type))
-        parts = [None] * len(packing.part_sizes)
+        parts: list[bytearray | None] = [None] * len(packing.part_sizes)
         if copy:
             _copy_shards(arrays)
-            parts = _packing.pack(packing)
+            parts[:] = _packing.pack(packing)
             packing.values.clear()  # copied: hold none of the caller's arrays
     return Snapshot(tuple(flat.nodes), records, arrays, len(arrays), packing, parts, copy)
 
@@ -155,6 +155,7 @@ def _describe_sharding(sharding: Any) -> SavedSharding | None:
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None
     mesh = sharding.mesh
+    assert mesh.devices is not None  # a saved array's mesh is concrete
     spec = tuple(e if e is None or isinstance(e, str) else tuple(e) for e in sharding.spec)
     return SavedSharding(tuple(mesh.devices.shape), tuple(mesh.axis_names), spec,
                          tuple(t.name for t in mesh.axis_types),

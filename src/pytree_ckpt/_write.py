@@ -40,7 +40,7 @@ def _write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: 
     futures: list = []
     entries = []
     crc = _format.LEAF_CRC[_format.FORMAT_VERSION]
-    in_flight: collections.deque = collections.deque()
+    in_flight: collections.deque[tuple[int, Any, bytearray | None]] = collections.deque()
     try:
         for w, opening in opens:
             store = opening.result()
@@ -56,6 +56,7 @@ def _write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: 
             if not snap.copied:
                 buffer = _resized(spare.pop(), size) if spare else bytearray(size)
                 part = _packing.fill(buffer, snap.packing, k)
+            assert part is not None  # a copied part, or one just packed
             view = np.frombuffer(part, np.uint8)
             entries += [(path, me, k, off, n, crc(view[off:off + n]))
                         for path, off, n in snap.packing.placed(k)]
