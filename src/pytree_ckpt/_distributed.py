@@ -410,11 +410,11 @@ def _shorten(message: str, limit: int = 4000) -> str:
     return message if len(message) <= limit else message[:limit] + " ...(truncated)"
 
 
-def _is_timeout(e: jax.errors.JaxRuntimeError) -> bool:
+def _is_timeout(e: jax.errors.JaxRuntimeError) -> bool:  # pyright: ignore[reportInvalidTypeForm]  # an alias of a class
     return str(e).startswith("DEADLINE_EXCEEDED")
 
 
-def _service_error(what: str, me: int, e: jax.errors.JaxRuntimeError) -> DistributedError:
+def _service_error(what: str, me: int, e: jax.errors.JaxRuntimeError) -> DistributedError:  # pyright: ignore[reportInvalidTypeForm]
     return DistributedError(
         f"The JAX coordination service failed during {what} on process {me}: {e}"
     )

@@ -159,7 +159,7 @@ def _children(node: Any) -> tuple[list[tuple[Any, Any]], bool]:
         children, _ = jax.tree_util.flatten_one_level_with_keys(node)
     except ValueError:
         return [], False
-    if isinstance(node, tuple) and hasattr(tp, "_fields") and _in_field_order(children, node):
+    if isinstance(node, tuple) and hasattr(tp, "_fields") and _in_field_order(children, node):  # pyright: ignore[reportArgumentType]  # a list
         # jax 0.10.2's flatten_one_level_with_keys names every NamedTuple child after the
         # first field; where the registry gives the fields in order, they are the names.
         # The registry decides the children and their order (a NamedTuple registered with a

@@ -91,6 +91,8 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
             except OverwrittenError:
                 if attempt == _ATTEMPTS - 1:
                     raise
+        else:
+            raise AssertionError("unreachable: the last attempt returns or raises")
     if strict:
         check_complete(status, _storage.location(path).url, "call restore without strict=True")
     return tree, status

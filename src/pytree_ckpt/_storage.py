@@ -110,7 +110,7 @@ def location(path: str | os.PathLike | dict) -> Location:
 def _spec_url(spec: dict) -> str:
     """How a kvstore spec's location is written as a URL (the URL names the same objects,
     though options such as an endpoint come from the environment then)."""
-    driver, key = spec.get("driver"), spec["path"].strip("/")
+    driver, key = spec.get("driver", ""), spec["path"].strip("/")
     scheme = {"gcs": "gs", "s3": "s3"}.get(driver)
     if scheme is not None and spec.get("bucket"):
         return f"{scheme}://{spec['bucket']}/{key}".rstrip("/")
@@ -214,6 +214,7 @@ def child_names(loc: Location, kv: ts.KvStore) -> dict[str, set[str] | None]:
     for key in listing(loc, kv, loc.url):
         first, _, rest = key.decode("utf-8", "replace").partition("/")
         inside = out.setdefault(first, set())
+        assert inside is not None  # None only for files of a local directory, above
         if rest:
             inside.add(rest.split("/", 1)[0])
     return out

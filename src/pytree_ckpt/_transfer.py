@@ -27,7 +27,7 @@ import numpy as np
 
 try:  # private: jax 0.10's batched transfer and abstract array type
     from jax._src import core as _core
-    from jax._src.lib import xla_client as _xc
+    from jax._src.lib import xla_client as _xc  # pyright: ignore[reportPrivateImportUsage]
 
     _batched = _xc.batched_device_put
     _ShapedArray = _core.ShapedArray
@@ -86,7 +86,7 @@ def _weakly_typed(x: jax.Array, weak_type: bool) -> jax.Array:
         return x
     from jax._src.lax import lax as _lax  # private, as the batched transfer
 
-    return _lax._convert_element_type(x, weak_type=True)
+    return _lax._convert_element_type(x, weak_type=True)  # pyright: ignore[reportReturnType]  # a jax.Array for one
 
 
 def device_of(sharding: jax.sharding.SingleDeviceSharding) -> Any:

@@ -180,6 +180,7 @@ def _unchunk(url: str, path: str, node: dict) -> np.ndarray:
         raise CorruptCheckpointError(
             f"{url}: entry {path!r:.200}: malformed chunked array (chunks must be 1-D "
             "arrays of one dtype adding up to its shape)")
+    assert dims is not None and parts is not None  # checked in ok
     return np.concatenate(parts).reshape(dims)
 
 

@@ -176,6 +176,7 @@ def _entry_fields(where: str, value: Any) -> tuple[list[str], list[int], str]:
         for k in keys) and isinstance(meta, dict) and isinstance(meta.get("value_type"), str))
     if not ok:
         raise CorruptCheckpointError(f"{where}: malformed entry {str(value)!r:.200}")
+    assert isinstance(keys, list) and isinstance(meta, dict)  # checked in ok
     value_type = meta["value_type"]
     if value_type not in (*_ARRAY_TYPES, "scalar", "string", "None", *_EMPTY_NODES):
         path = "/".join(k["key"] for k in keys)
@@ -272,7 +273,7 @@ def _key_impls(loc: _storage.Location, kv: ts.KvStore) -> dict[str, Any]:
         for item in items:
             meta = item.get("array_metadata") if isinstance(item, dict) else None
             ext = meta.get("ext_metadata") if isinstance(meta, dict) else None
-            if isinstance(ext, dict) and "random_key_impl" in ext:
+            if isinstance(meta, dict) and isinstance(ext, dict) and "random_key_impl" in ext:
                 out[str(meta.get("param_name"))] = ext["random_key_impl"]
     return out
 
