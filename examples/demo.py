@@ -5,7 +5,7 @@ Flax MLP with optax Adam on synthetic data on the CPU, saving every 40 steps thr
 ``CheckpointManager``; then, as a second run would after a restart, it restores the latest
 checkpoint into a freshly built model and shows that training continues with exactly the
 losses of the first run, and shows that a resume into a changed model is refused unless
-``partial=True``. Finally it loads only the weights into an inference tree.
+``strict=False``. Finally it loads only the weights into an inference tree.
 """
 
 from __future__ import annotations
@@ -94,14 +94,14 @@ def main() -> None:
         status.assert_consumed()
         assert int(state.step) == step
         # A resume into a changed model (a wider hidden layer) raises rather than training on
-        # from fresh weights; partial=True accepts it and returns the status to act on.
+        # from fresh weights; strict=False accepts it and returns the status to act on.
         wider = fresh_state(seed=0, width=96)
         try:
             mgr.restore(step, target=wider)
         except pc.PartialRestoreError as e:
             print(f"  resume into a wider model refused: {str(e).splitlines()[0]}")
-        _, status = mgr.restore(step, target=wider, partial=True)
-        print(f"  with partial=True: {len(status.matched)} matched, {len(status.mismatched)} "
+        _, status = mgr.restore(step, target=wider, strict=False)
+        print(f"  with strict=False: {len(status.matched)} matched, {len(status.mismatched)} "
               f"mismatched, e.g. {status.mismatched[0]}")
         second_run = train(state, mgr, step + 1, STEPS)
     same = all(second_run[s] == first_run[s] for s in second_run)

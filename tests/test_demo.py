@@ -20,7 +20,7 @@ def test_demo_runs_and_resumes_with_identical_losses(tmp_path):
     assert "identical losses" in out.stdout
     assert "resume into a wider model refused: " in out.stdout
     assert "9 target leaves were not restored" in out.stdout
-    assert ("with partial=True: 5 matched, 9 mismatched, e.g. params/hidden/bias: "
+    assert ("with strict=False: 5 matched, 9 mismatched, e.g. params/hidden/bias: "
             "saved float32[64], target float32[96]") in out.stdout
     assert "10 unused under ['opt_state', 'step']" in out.stdout
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [

@@ -15,7 +15,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     # The manager's resume into the wider model is refused, naming the hidden layer's leaves.
     assert "9 target leaves were not restored" in texts
     assert "    params/hidden/kernel: saved float32[4, 32], target float32[4, 48]" in texts
-    assert "To accept a partial restore, pass partial=True" in texts
+    assert "To accept a partial restore, pass strict=False" in texts
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert any("RestoreStatus: 14 matched, 0 unmatched, 0 unused, 0 mismatched" in h for h in html)
     assert any("mismatched" in h and "params/hidden/kernel" in h for h in html)

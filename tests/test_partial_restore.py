@@ -1,5 +1,5 @@
 """A resume never continues from a partial state by accident: CheckpointManager.restore is strict
-by default (PartialRestoreError naming every unmatched and mismatched path), partial=True gives
+by default (PartialRestoreError naming every unmatched and mismatched path), strict=False gives
 the tree and status as restore does, and pc.restore(..., strict=True) is the same check."""
 
 import re
@@ -46,16 +46,16 @@ def test_manager_resume_into_a_changed_model_raises_naming_exactly_those_paths(r
     assert sorted(listed) == sorted(UNMATCHED + MISMATCHED)
     assert ("    params/layer_1/kernel: saved float32[4, 4], target float32[4, 6]"
             in message.splitlines())
-    assert message.splitlines()[-1] == ("To accept a partial restore, pass partial=True, and "
+    assert message.splitlines()[-1] == ("To accept a partial restore, pass strict=False, and "
                                         "read the returned status.")
     assert err.value.status.unmatched == UNMATCHED
     assert tuple(m.path for m in err.value.status.mismatched) == MISMATCHED
     assert isinstance(err.value, AssertionError) and isinstance(err.value, pc.CheckpointError)
 
 
-def test_partial_true_returns_the_tree_and_status_as_restore_does(run):
+def test_strict_false_returns_the_tree_and_status_as_restore_does(run):
     target = grown_model()
-    tree, status = run.restore(3, target=target, partial=True)
+    tree, status = run.restore(3, target=target, strict=False)
     plain_tree, plain_status = pc.restore(f"{run.directory}/3", target)
     assert status == plain_status
     assert status.unmatched == UNMATCHED
@@ -124,3 +124,32 @@ def test_grouping_goes_as_deep_as_stays_short_and_caps_the_groups(tmp_path):
     assert lines[2:4] == ["    k0000", "    k0001"]
     assert "    ... and 980 more groups (980 paths)" in lines
     assert len(str(err.value)) < 2000
+
+
+def test_the_managers_keyword_is_strict_and_partial_is_gone(run):
+    with pytest.raises(pc.PartialRestoreError):
+        run.restore(3, target=grown_model(), strict=True)
+    _, status = run.restore(3, target=grown_model(), strict=False)
+    assert status.unmatched == UNMATCHED
+    with pytest.raises(TypeError, match="partial"):
+        run.restore(3, target=grown_model(), partial=True)
+
+
+@pytest.mark.parametrize("check, expected", [
+    ("assert_consumed", "restore did not consume the checkpoint exactly:\n"
+                        "  unmatched (in target, not in checkpoint) (1):\n    b\n"
+                        "  unused (in checkpoint, not in target) (1):\n    step"),
+    ("assert_existing_matched", "some target paths were not restored:\n"
+                                "  unmatched (in target, not in checkpoint) (1):\n    b"),
+])
+def test_status_assertions_raise_partial_restore_error_with_the_status(check, expected):
+    pc.save({"w": jnp.ones(3), "step": 1}, "memory://strict/assert", overwrite=True)
+    _, status = pc.restore("memory://strict/assert", {"w": jnp.zeros(3), "b": 0.0})
+    with pytest.raises(pc.PartialRestoreError) as err:
+        getattr(status, check)()
+    assert str(err.value) == expected and err.value.status is status
+    assert isinstance(err.value, AssertionError)
+    _, nothing = pc.restore("memory://strict/assert", {"x": 0.0})
+    with pytest.raises(pc.PartialRestoreError, match="nothing was restored") as err:
+        nothing.assert_nontrivial_match()
+    assert err.value.status is nothing

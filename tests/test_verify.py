@@ -92,7 +92,9 @@ def test_an_intact_checkpoint_verifies(two):
     assert report.leaves == 5
     data = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(two[0]) for f in fs)
     assert report.bytes_read == data  # every file, each once
-    assert pc.verify(two[0], raise_on_error=True) == report
+    assert pc.verify(two[0], strict=True) == report
+    with pytest.raises(TypeError, match="raise_on_error"):
+        pc.verify(two[0], raise_on_error=True)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -106,9 +108,9 @@ def test_verify_finds_every_chunk_out_of_place(two, case):
     names = "; ".join(f"'{p}': " for p in sorted(bad))
     with pytest.raises(pc.CorruptCheckpointError,
                        match=rf"{len(bad)} bad leaf/leaves of 5: '{sorted(bad)[0]}': "):
-        pc.verify(two[0], raise_on_error=True)
+        pc.verify(two[0], strict=True)
     try:
-        pc.verify(two[0], raise_on_error=True)
+        pc.verify(two[0], strict=True)
     except pc.CorruptCheckpointError as e:
         assert all(n in str(e) for n in names.split("; ")), str(e)
 

@@ -82,9 +82,9 @@ class PartialRestoreError(CheckpointError, AssertionError):
     """A strict restore (:meth:`CheckpointManager.restore` by default, :func:`restore` with
     ``strict=True``) left target leaves unmatched or mismatched; the message names every one.
 
-    An ``AssertionError`` because it is the check ``status.assert_existing_matched()`` makes,
-    which has always raised one: code that catches that keeps working. ``status`` holds the
-    :class:`RestoreStatus` of the refused restore.
+    The ``assert_*`` checks of :class:`RestoreStatus` raise it too. An ``AssertionError``
+    because those are assertions: code that catches ``AssertionError`` keeps working.
+    ``status`` holds the :class:`RestoreStatus` of the refused restore or of the check.
 
     Example::
 

@@ -325,25 +325,26 @@ class CheckpointManager:
 
     def restore(self, step: int | None = None, target: Any = None, *, at: str | None = None,
                 rename: Mapping[str, str] | Callable[[str], str] | None = None,
-                partial: bool = False, progress: bool = False) -> tuple[Any, RestoreStatus]:
+                strict: bool = True, progress: bool = False) -> tuple[Any, RestoreStatus]:
         """Restores committed step ``step`` (the latest if None); see :func:`restore` for
         ``target``, ``at``, ``rename`` and ``progress``.
 
-        Strict unless ``partial=True``: a resume that would leave target leaves unmatched or
-        mismatched (a layer renamed, a width changed, another run's checkpoint) raises instead
-        of letting training go on from freshly initialised values. Checkpoint entries the
-        target does not ask for are fine (loading the params of a training checkpoint).
+        Strict by default (``strict=True``, unlike :func:`restore`): a resume that would leave
+        target leaves unmatched or mismatched (a layer renamed, a width changed, another run's
+        checkpoint) raises instead of letting training go on from freshly initialised values.
+        Checkpoint entries the target does not ask for are fine (loading the params of a
+        training checkpoint).
 
         **Returns:** ``(tree, status)``.
 
         **Raises:** :class:`PartialRestoreError` naming every unmatched and mismatched path,
-        unless ``partial=True``; :class:`CheckpointNotFoundError` if there is no such committed
+        unless ``strict=False``; :class:`CheckpointNotFoundError` if there is no such committed
         step; what :func:`restore` raises.
         """
         path = self._path(self._resolve(step))
         tree, status = _restore(path, target, at=at, rename=rename, progress=progress)
-        if not partial:
-            check_complete(status, _storage.location(path).url, "pass partial=True")
+        if strict:
+            check_complete(status, _storage.location(path).url, "pass strict=False")
         return tree, status
 
     def metrics(self, step: int | None = None) -> Metrics | None:

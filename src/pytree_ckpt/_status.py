@@ -79,38 +79,42 @@ class RestoreStatus:
     def assert_consumed(self) -> RestoreStatus:
         """Asserts every target path matched and every checkpoint entry was used.
 
-        **Raises:** ``AssertionError`` naming every unmatched, unused and mismatched path.
+        **Raises:** :class:`PartialRestoreError` (an ``AssertionError``) naming every unmatched,
+        unused and mismatched path; its ``status`` is this status.
         """
         problems = (_listing("unmatched (in target, not in checkpoint)", self.unmatched)
                     + _listing("unused (in checkpoint, not in target)", self.unused)
                     + _listing("mismatched", self.mismatched))
         if problems:
-            raise AssertionError("restore did not consume the checkpoint exactly:\n"
-                                 + "\n".join(problems))
+            raise PartialRestoreError("restore did not consume the checkpoint exactly:\n"
+                                      + "\n".join(problems), self)
         return self
 
     def assert_existing_matched(self) -> RestoreStatus:
         """Asserts every target path was found (and fit); unused checkpoint entries are fine.
 
-        **Raises:** ``AssertionError`` naming every unmatched and mismatched path.
+        **Raises:** :class:`PartialRestoreError` (an ``AssertionError``) naming every unmatched
+        and mismatched path; its ``status`` is this status.
         """
         problems = (_listing("unmatched (in target, not in checkpoint)", self.unmatched)
                     + _listing("mismatched", self.mismatched))
         if problems:
-            raise AssertionError("some target paths were not restored:\n" + "\n".join(problems))
+            raise PartialRestoreError("some target paths were not restored:\n"
+                                      + "\n".join(problems), self)
         return self
 
     def assert_nontrivial_match(self) -> RestoreStatus:
         """Asserts at least one leaf was restored from the checkpoint.
 
-        **Raises:** ``AssertionError`` listing what the target asked for otherwise.
+        **Raises:** :class:`PartialRestoreError` (an ``AssertionError``) listing what the
+        target asked for otherwise; its ``status`` is this status.
         """
         if not self.matched:
-            raise AssertionError(
+            raise PartialRestoreError(
                 "nothing was restored from the checkpoint (wrong path, at= or rename?):\n"
                 + "\n".join(_listing("unmatched", self.unmatched)
                             + _listing("mismatched", self.mismatched)
-                            + _listing("unused", self.unused)))
+                            + _listing("unused", self.unused)), self)
         return self
 
     def __str__(self) -> str:

@@ -54,7 +54,7 @@ class VerifyReport(NamedTuple):
         return not self.problems
 
 
-def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False,
+def verify(path: str | os.PathLike | dict, *, strict: bool = False,
            progress: bool = False) -> VerifyReport:
     """Reads every byte of the checkpoint at ``path`` and checks every checksum and binding.
 
@@ -68,7 +68,7 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False,
     **Arguments:**
 
     - ``path``: a pytree_ckpt checkpoint (as for :func:`restore`).
-    - ``raise_on_error``: raise :class:`CorruptCheckpointError` naming every bad leaf instead
+    - ``strict``: raise :class:`CorruptCheckpointError` naming every bad leaf instead
       of returning a report with problems.
     - ``progress``: show a progress bar of the bytes of data read, every chunk and packed
       blob the commit file names (tqdm: a widget in a notebook, on stderr elsewhere). Off by
@@ -79,7 +79,7 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False,
     **Raises:** :class:`CheckpointNotFoundError` / :class:`IncompleteCheckpointError` if no
     committed pytree_ckpt checkpoint is there; :class:`CorruptCheckpointError` or
     :class:`FormatVersionError` for a commit file that cannot be read (nothing else can be
-    checked then), and with ``raise_on_error`` for any problem;
+    checked then), and with ``strict=True`` for any problem;
     :class:`NotACheckpointError` for a FIFO or device in place of the commit file, and for
     another tool's checkpoint (Orbax, Flax msgpack, safetensors), whose files record no
     checksums to check (the reader's checks of its header still apply:
@@ -120,7 +120,7 @@ def verify(path: str | os.PathLike | dict, *, raise_on_error: bool = False,
                 read.zarr(rec)
     report = VerifyReport(loc.url, commit.version, len(commit.leaves), read.bytes,
                           dict(sorted(problems.items())))
-    if raise_on_error and problems:
+    if strict and problems:
         listed = "; ".join(f"{p!r:.200}: {m}" for p, m in report.problems.items())
         raise CorruptCheckpointError(
             f"{loc.url}: {len(problems)} bad leaf/leaves of {report.leaves}: {listed}")
