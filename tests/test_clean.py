@@ -65,6 +65,8 @@ def test_crashed_overwrites_leave_generations_that_clean_reclaims_once_old(tmp_p
     tree, _ = pc.restore(path)
     np.testing.assert_array_equal(tree["w"], np.arange(3))
     assert pc.clean(path) == pc.CleanReport(str(path), (), (), (), False)
+    assert pc.clean(path=path).path == str(path)  # the field and the argument, as elsewhere
+    assert pc.CleanReport._fields == ("path", "incomplete", "orphaned", "kept", "deleted")
 
 
 def test_a_manager_start_reclaims_orphaned_generations_and_incomplete_steps(tmp_path):

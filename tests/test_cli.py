@@ -86,7 +86,7 @@ def test_ls_table_totals_pattern_and_json(run_dir, tmp_path):
     assert rc == 0
     doc = json.loads(out)
     assert doc["path"] == f"{run_dir}/20" and doc["format"] == "pytree_ckpt"
-    assert doc["total"] == {"leaves": 3, "nbytes": 84}
+    assert doc["total"] == {"leaf_count": 3, "nbytes": 84}
     assert doc["leaves"][0] == {"path": "params/dense/bias", "kind": "jax", "dtype": "float32",
                                 "shape": [4], "nbytes": 16, "sharding": None, "value": None}
     assert [leaf["path"] for leaf in doc["leaves"]] == [
@@ -158,6 +158,7 @@ def test_steps_lists_time_size_metrics_and_the_best(run_dir):
     assert [s["step"] for s in doc["steps"]] == [10, 20, 30] and doc["latest"] == 30
     assert doc["steps"][0]["metrics"] == {"loss": 0.5} and doc["best"] is None
     assert doc["steps"][0]["nbytes"] == 136 and doc["steps"][0]["time"].endswith("Z")
+    assert doc["steps"][0]["leaf_count"] == 7 and "leaves" not in doc["steps"][0]
     assert sorted(p.name for p in run_dir.iterdir()) == [
         ".steps", "10", "10.metrics.msgpack", "20", "20.metrics.msgpack", "30",
         "30.metrics.msgpack", "manager.lock"]  # read only: nothing written, nothing deleted
@@ -184,7 +185,8 @@ def test_verify_names_a_flipped_leaf_and_exits_1(tmp_path):
     rc, out, _ = cli("verify", tmp_path / "c", "--json")
     doc = json.loads(out)
     assert rc == 1 and doc["ok"] is False and list(doc["problems"]) == ["w"]
-    assert doc["leaves"] == 2 and doc["bytes_read"] > 400_000
+    assert doc["leaf_count"] == 2 and doc["bytes_read"] > 400_000
+    assert doc["format_version"] == pc.metadata(tmp_path / "c").format_version
 
 
 def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path):
@@ -208,7 +210,7 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
     assert lines[4].split() == ["3", "saving?"]
     assert f"  {orphan}" in lines
     rc, out, _ = cli("clean", directory, "--yes", "--json")
-    assert json.loads(out) == {"directory": str(directory), "incomplete": [], "orphaned": [],
+    assert json.loads(out) == {"path": str(directory), "incomplete": [], "orphaned": [],
                                "kept": [str(orphan), f"{directory}/3", str(metrics)],
                                "deleted": True}
     assert orphan.is_dir() and (directory / "3").is_dir() and metrics.is_file()
@@ -299,7 +301,7 @@ def test_commands_read_the_loopback_s3_server(s3_server):
     assert (rc, out_blocks) == (1, out), err  # read block by block: the same numbers
     rc, out, err = cli("verify", f"{directory}/2", "--json", env=env)
     assert rc == 0, err
-    assert json.loads(out)["ok"] is True and json.loads(out)["leaves"] == 7
+    assert json.loads(out)["ok"] is True and json.loads(out)["leaf_count"] == 7
     rc, out, err = cli("clean", directory, env=env)
     assert (rc, out, err) == (0, f"{directory}: nothing to clean\n", "")
     rc, out, err = cli("steps", directory, "--best", "loss", "--min", "--json", env=env)
@@ -537,7 +539,7 @@ def test_convert_round_trips_foreign_to_ours_and_ours_to_safetensors(tmp_path):
         assert rc == 0, err
         assert json.loads(out) == {
             "source": f"{tmp_path}/{source}", "source_format": name, "at": None,
-            "destination": f"{tmp_path}/from_{name}", "format": "pytree_ckpt", "leaves": 3,
+            "destination": f"{tmp_path}/from_{name}", "format": "pytree_ckpt", "leaf_count": 3,
             "nbytes": 56}
         restored, _ = pc.restore(tmp_path / f"from_{name}")
         np.testing.assert_array_equal(restored["params"]["w"], kernel)
@@ -567,7 +569,7 @@ def test_json_goes_before_or_after_the_command_and_a_closed_pipe_is_quiet(tmp_pa
     pc.save({"w": np.ones(2)}, tmp_path / "c")
     for argv in (["--json", "ls", str(tmp_path / "c")], ["ls", str(tmp_path / "c"), "--json"]):
         assert _cli.main(argv) == 0
-        assert json.loads(capsys.readouterr().out)["total"] == {"leaves": 1, "nbytes": 16}
+        assert json.loads(capsys.readouterr().out)["total"] == {"leaf_count": 1, "nbytes": 16}
     pc.save({f"k{i}": np.zeros(2) for i in range(3000)}, tmp_path / "many")
     out = subprocess.run(
         f"{sys.executable} -m pytree_ckpt ls {tmp_path / 'many'} | head -n 1; "

@@ -43,3 +43,28 @@ def test_errors_also_derive_from_fitting_builtins():
     assert issubclass(pc.ConfigurationError, ValueError)
     assert all(issubclass(getattr(pc, n), pc.CheckpointError)
                for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError")
+
+
+def test_public_records_share_one_vocabulary():
+    """One field name per concept across every public record: a location is ``path``, the
+    commit file's version ``format_version``, ``leaves`` a mapping by path, a count ``*_count``."""
+    import dataclasses
+
+    fields = {
+        "VerifyReport": pc.VerifyReport._fields,
+        "CleanReport": pc.CleanReport._fields,
+        "LeafMetadata": pc.LeafMetadata._fields,
+        "Mismatch": pc.Mismatch._fields,
+        "Cast": pc.Cast._fields,
+        "CheckpointMetadata": tuple(f.name for f in dataclasses.fields(pc.CheckpointMetadata)),
+        "RestoreStatus": tuple(f.name for f in dataclasses.fields(pc.RestoreStatus)),
+    }
+    assert fields["VerifyReport"] == ("path", "format_version", "leaf_count", "bytes_read",
+                                      "problems")
+    assert fields["CleanReport"] == ("path", "incomplete", "orphaned", "kept", "deleted")
+    assert fields["CheckpointMetadata"][:2] == ("path", "format_version")
+    assert fields["LeafMetadata"][0] == "path"
+    every = {f for names in fields.values() for f in names}
+    assert not every & {"version", "directory", "url", "location", "leaf_paths"}
+    assert [r for r, names in fields.items() if "leaves" in names] == ["CheckpointMetadata"]
+    assert list(inspect.signature(pc.clean).parameters) == ["path", "delete"]

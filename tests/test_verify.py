@@ -88,8 +88,9 @@ CASES = {
 def test_an_intact_checkpoint_verifies(two):
     report = pc.verify(two[0])
     assert report.ok and report.problems == {}
-    assert report.path == str(two[0]) and report.version == _format.FORMAT_VERSION
-    assert report.leaves == 5
+    assert report.path == str(two[0]) and report.format_version == _format.FORMAT_VERSION
+    assert report.leaf_count == 5
+    assert report._fields == ("path", "format_version", "leaf_count", "bytes_read", "problems")
     data = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(two[0]) for f in fs)
     assert report.bytes_read == data  # every file, each once
     assert pc.verify(two[0], strict=True) == report
@@ -183,7 +184,7 @@ def test_a_format_4_checkpoint_restores_and_verifies_without_bindings(two):
     tree, status = pc.restore(one)
     np.testing.assert_array_equal(tree["a"], _tree(0)["a"])
     report = pc.verify(one)
-    assert report.ok and report.version == 4
+    assert report.ok and report.format_version == 4
     _chunks_of_a_leaf_swapped(*two)
     assert pc.verify(one).ok
     tree, _ = pc.restore(one)

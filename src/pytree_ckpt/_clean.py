@@ -48,6 +48,7 @@ def new_save_id() -> str:
 class CleanReport(NamedTuple):
     """What :func:`clean` found (and, with ``deleted``, removed), as paths.
 
+    - ``path``: the checkpoint or manager's directory looked in, as a URL or local path.
     - ``incomplete``: folders of saves that never committed, and metrics files of steps
       that never committed.
     - ``orphaned``: generations of committed checkpoints that no commit file names.
@@ -55,7 +56,7 @@ class CleanReport(NamedTuple):
     - ``deleted``: whether ``incomplete`` and ``orphaned`` were deleted.
     """
 
-    directory: str
+    path: str
     incomplete: tuple[str, ...]
     orphaned: tuple[str, ...]
     kept: tuple[str, ...]
@@ -63,7 +64,7 @@ class CleanReport(NamedTuple):
 
     def __str__(self) -> str:
         verb = "deleted" if self.deleted else "can be deleted"
-        lines = [f"{self.directory}: {len(self.incomplete)} incomplete saves and "
+        lines = [f"{self.path}: {len(self.incomplete)} incomplete saves and "
                  f"{len(self.orphaned)} orphaned generations {verb}; {len(self.kept)} "
                  "leftovers young enough to be a save in progress kept"]
         lines += [f"  incomplete {p}" for p in self.incomplete]
@@ -72,7 +73,7 @@ class CleanReport(NamedTuple):
         return "\n".join(lines)
 
 
-def clean(directory: str | os.PathLike | dict, *, delete: bool = False) -> CleanReport:
+def clean(path: str | os.PathLike | dict, *, delete: bool = False) -> CleanReport:
     """Lists (and with ``delete``, deletes) what interrupted saves left in a checkpoint or a
     :class:`CheckpointManager`'s directory: incomplete saves, and generations of committed
     checkpoints that no commit file names (crashed overwrites), and metrics files of a
@@ -85,7 +86,7 @@ def clean(directory: str | os.PathLike | dict, *, delete: bool = False) -> Clean
 
     **Arguments:**
 
-    - ``directory``: a checkpoint's or a manager's directory, as for :func:`save`.
+    - ``path``: a checkpoint or a manager's directory, as for :func:`save`.
     - ``delete``: delete what is found; by default only report it.
 
     **Returns:** a :class:`CleanReport`.
@@ -102,7 +103,7 @@ def clean(directory: str | os.PathLike | dict, *, delete: bool = False) -> Clean
         >>> report.incomplete, report.orphaned, report.deleted
         ((), (), False)
     """
-    loc = _storage.location(directory)
+    loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
     found = leftovers(loc, kv, _storage.child_names(loc, kv), LIVE_SAVE_S)
     if delete:

@@ -195,7 +195,7 @@ def _ls(pc: ModuleType, args: argparse.Namespace) -> int:
         emit({"path": info.path, "format": info.format, "format_version": info.format_version,
               "writer": jsonable(dict(info.writer)),
               "leaves": [_leaf_json(leaf) for leaf in leaves],
-              "total": {"leaves": len(leaves), "nbytes": total}})
+              "total": {"leaf_count": len(leaves), "nbytes": total}})
         return EXIT_OK
     print(f"{info.path}: {info.format} checkpoint, format {info.format_version}"
           f"{written(info.writer)}")
@@ -281,16 +281,17 @@ def _spec_json(leaf: Any) -> dict:
 def _verify(pc: ModuleType, args: argparse.Namespace) -> int:
     report = pc.verify(args.path, progress=_bars(args))
     if args.json:
-        emit({"path": report.path, "format_version": report.version, "leaves": report.leaves,
+        emit({"path": report.path, "format_version": report.format_version,
+              "leaf_count": report.leaf_count,
               "bytes_read": report.bytes_read, "ok": report.ok,
               "problems": dict(report.problems)})
         return EXIT_OK if report.ok else EXIT_FOUND
     if report.ok:
-        print(f"{report.path}: ok: {report.leaves} leaves, {size(report.bytes_read)} read, "
+        print(f"{report.path}: ok: {report.leaf_count} leaves, {size(report.bytes_read)} read, "
               "every checksum and binding checked")
         return EXIT_OK
     count = len(report.problems)
-    print(f"{report.path}: {count} problem{'s' * (count != 1)} in {report.leaves} leaves "
+    print(f"{report.path}: {count} problem{'s' * (count != 1)} in {report.leaf_count} leaves "
           f"({size(report.bytes_read)} read):")
     for path, problem in report.problems.items():
         print(f"  {path or '<checkpoint>'}: {problem}")
@@ -321,7 +322,7 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
             info = mgr.metadata(step)
             rows.append({"step": step, "state": "committed",
                          "time": iso(info.writer.get("time")), "nbytes": info.nbytes,
-                         "leaves": len(info.leaves),
+                         "leaf_count": len(info.leaves),
                          "metrics": jsonable(dict(mgr.metrics(step) or {}))})
         best = mgr.best_step()
     # What clean would remove (incomplete saves, orphaned generations, metrics files of steps
@@ -334,7 +335,7 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
             if step is not None and step not in listed:
                 listed.add(step)
                 rows.append({"step": step, "state": state, "time": None, "nbytes": None,
-                             "leaves": None, "metrics": {}})
+                             "leaf_count": None, "metrics": {}})
     if not rows:
         raise _Nothing(_no_steps(pc, args.directory, directory))
     rows.sort(key=lambda r: r["step"])
@@ -354,7 +355,7 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
     table(("step", "state", "time (UTC)", "bytes", "leaves", "metrics", ""),
           [(str(r["step"]), r["state"], r["time"] or "",
             "" if r["nbytes"] is None else size(r["nbytes"]),
-            "" if r["leaves"] is None else str(r["leaves"]),
+            "" if r["leaf_count"] is None else str(r["leaf_count"]),
             short(", ".join(f"{k}={number(v)}" for k, v in r["metrics"].items())),
             "best" if r["best"] else "") for r in rows], right={0, 3, 4})
     if any(r["state"] == "saving?" for r in rows):
@@ -404,7 +405,7 @@ def _convert(pc: ModuleType, args: argparse.Namespace) -> int:
     nbytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
     if args.json:
         emit({"source": info.path, "source_format": info.format, "at": args.at,
-              "destination": written, "format": to, "leaves": leaves, "nbytes": nbytes})
+              "destination": written, "format": to, "leaf_count": leaves, "nbytes": nbytes})
     else:
         part = f" at {args.at!r}" if args.at else ""
         print(f"{info.path} ({info.format}{part}, {leaves} leaves, {size(nbytes)}) -> "
@@ -418,9 +419,9 @@ def _clean(pc: ModuleType, args: argparse.Namespace) -> int:
     report = pc.clean(args.directory, delete=args.yes)
     found = (*report.incomplete, *report.orphaned)
     if not found and not report.kept and not _anything_there(pc, args.directory):
-        raise _Nothing(f"{report.directory}: no checkpoint or CheckpointManager directory there")
+        raise _Nothing(f"{report.path}: no checkpoint or CheckpointManager directory there")
     if args.json:
-        emit({"directory": report.directory, "incomplete": list(report.incomplete),
+        emit({"path": report.path, "incomplete": list(report.incomplete),
               "orphaned": list(report.orphaned), "kept": list(report.kept),
               "deleted": report.deleted})
         return EXIT_OK
@@ -431,11 +432,11 @@ def _clean(pc: ModuleType, args: argparse.Namespace) -> int:
     if report.kept:
         print(f"kept: {len(report.kept)} young enough to be a save still writing")
     if not found:
-        print(f"{report.directory}: nothing to clean")
+        print(f"{report.path}: nothing to clean")
     elif report.deleted:
-        print(f"{report.directory}: deleted {len(found)}")
+        print(f"{report.path}: deleted {len(found)}")
     else:
-        print(f"{report.directory}: {len(found)} can be deleted: run again with --yes")
+        print(f"{report.path}: {len(found)} can be deleted: run again with --yes")
     return EXIT_OK
 
 

@@ -35,16 +35,17 @@ class VerifyReport(NamedTuple):
     """What :func:`verify` found.
 
     - ``path``: the checkpoint, as a URL or local path.
-    - ``version``: the format version of its commit file.
-    - ``leaves``: how many leaves were checked (every leaf of the checkpoint).
+    - ``format_version``: the format version of its commit file (as in
+      :class:`CheckpointMetadata`).
+    - ``leaf_count``: how many leaves were checked (every leaf of the checkpoint).
     - ``bytes_read``: the bytes read: the commit file, every chunk, ``zarr.json`` and blob.
     - ``problems``: what is wrong, by leaf path (``""`` for the checkpoint as a whole), in
       path order; empty if nothing is.
     """
 
     path: str
-    version: int
-    leaves: int
+    format_version: int
+    leaf_count: int
     bytes_read: int
     problems: Mapping[str, str]
 
@@ -89,7 +90,7 @@ def verify(path: str | os.PathLike | dict, *, strict: bool = False,
 
         >>> _ = pc.save({"w": jnp.ones((512, 512)), "b": jnp.zeros(3)}, "memory://doc/verify")
         >>> report = pc.verify("memory://doc/verify")
-        >>> report.ok, report.leaves, report.bytes_read > 512 * 512 * 4
+        >>> report.ok, report.leaf_count, report.bytes_read > 512 * 512 * 4
         (True, 2, True)
         >>> pc.verify("memory://doc/verify", progress=True).ok  # a bar on stderr meanwhile
         True
@@ -123,7 +124,7 @@ def verify(path: str | os.PathLike | dict, *, strict: bool = False,
     if strict and problems:
         listed = "; ".join(f"{p!r:.200}: {m}" for p, m in report.problems.items())
         raise CorruptCheckpointError(
-            f"{loc.url}: {len(problems)} bad leaf/leaves of {report.leaves}: {listed}")
+            f"{loc.url}: {len(problems)} bad leaf/leaves of {report.leaf_count}: {listed}")
     return report
 
 
