@@ -14,15 +14,15 @@ from pytree_ckpt import _graph
 def test_paths_split_back_into_their_names(names):
     path = ""
     for name in names:
-        path = _graph.join_path(path, name)
+        path = _graph.child_path(path, name)
     assert _graph.split_path(path) == names
 
 
 def test_escaping_of_slash_and_backslash():
-    assert _graph.join_path("a", "b/c") == "a/b\\/c"
-    assert _graph.join_path("a", "d\\") == "a/d\\\\"
+    assert _graph.child_path("a", "b/c") == "a/b\\/c"
+    assert _graph.child_path("a", "d\\") == "a/d\\\\"
     assert _graph.split_path("a/b\\/c/d\\\\") == ["a", "b/c", "d\\"]
-    assert _graph.join_path("", "") == "\\_" and _graph.split_path("\\_/\\_") == ["", ""]
+    assert _graph.child_path("", "") == "\\_" and _graph.split_path("\\_/\\_") == ["", ""]
 
 
 def test_flatten_names_every_kind_of_edge():
@@ -99,3 +99,23 @@ def test_renamer_replaces_whole_name_prefixes_only():
     assert f("enc/old/kernel") == "enc/new/kernel"
     assert f("enc/older/kernel") == "enc/older/kernel"
     assert f("a/b") == "b"
+
+
+@given(st.lists(st.text(), max_size=5))
+def test_public_join_and_split_path_undo_each_other(names):
+    assert pc.split_path(pc.join_path(*names)) == names
+
+
+def test_public_join_path_names_what_flatten_names():
+    tree = {"params": {"a/b": [0.0, {"": 1.0, "x\\": 2.0}]}, "ints": {7: 3.0}}
+    paths = _graph.flatten(tree).paths
+    assert pc.join_path("params", "a/b", 1, "") in paths
+    assert pc.join_path("params", "a/b", 1, "x\\") == "params/a\\/b/1/x\\\\" and \
+        "params/a\\/b/1/x\\\\" in paths
+    assert pc.join_path("ints", 7) == "ints/7" == pc.join_path("ints", np.int64(7))
+    assert "ints/7" in paths
+    assert pc.join_path() == "" and pc.split_path("") == []
+    with pytest.raises(TypeError, match="a name is a str or an int, not float"):
+        pc.join_path("a", 1.5)
+    with pytest.raises(TypeError, match="not bool"):
+        pc.join_path(True)

@@ -52,8 +52,8 @@ def test_saves_exactly_every_kth_step_of_a_jitted_loop(tmp_path, donate):
 
     def step(state):
         jax.lax.cond(state["step"] % k == 0,
-                     lambda: pc.save_in_jit(state, "{dir}/step_{step:03d}", dir=str(tmp_path),
-                                            step=state["step"]),
+                     lambda: pc.save_in_jit(state, "{dir}/step_{step:03d}",
+                                            {"dir": str(tmp_path), "step": state["step"]}),
                      lambda: None)
         return _update(state)
 
@@ -71,7 +71,7 @@ def test_saves_from_a_scan_inside_one_computation(tmp_path):
     def body(state, _):
         jax.lax.cond(state["step"] % 2 == 1,
                      lambda: pc.save_in_jit(state, str(tmp_path) + "/step_{step:03d}",
-                                            step=state["step"]),
+                                            {"step": state["step"]}),
                      lambda: None)
         return _update(state), None
 
@@ -91,7 +91,7 @@ def test_sharded_state_under_jit(tmp_path):
     def step(state):
         jax.lax.cond(state["step"] % 2 == 0,
                      lambda: pc.save_in_jit(state, str(tmp_path / "step_{step:03d}"),
-                                            step=state["step"]),
+                                            {"step": state["step"]}),
                      lambda: None)
         return _update(state)
 
@@ -113,7 +113,7 @@ def test_keys_python_leaves_and_float_fields(tmp_path):
     def step(key, x, lr):
         # Python leaves are not traced: they are captured at trace time and saved as is.
         state = {"key": key, "note": "hello", "count": 3, "none": None, "x": x}
-        pc.save_in_jit(state, str(tmp_path) + "/{name}_{lr:.2f}", name="run", lr=lr)
+        pc.save_in_jit(state, str(tmp_path) + "/{name}_{lr:.2f}", {"name": "run", "lr": lr})
 
     key = jax.random.key(7, impl="rbg")
     step(key, jnp.arange(3), jnp.float32(0.25))
@@ -131,13 +131,36 @@ def test_template_errors_are_raised_at_trace_time(tmp_path):
     with pytest.raises(ValueError, match=r"names \['step'\] but the fields given are \[\]"):
         jax.jit(lambda s: pc.save_in_jit(s, "ckpt/{step}"))(state)
     with pytest.raises(ValueError, match="cannot be filled"):
-        jax.jit(lambda s: pc.save_in_jit(s, "ckpt/{step:q}", step=s["step"]))(state)
+        jax.jit(lambda s: pc.save_in_jit(s, "ckpt/{step:q}", {"step": s["step"]}))(state)
     with pytest.raises(ValueError, match="names"):
         jax.jit(lambda s: pc.save_in_jit(s, "ckpt/{}"))(state)
     with pytest.raises(TypeError, match="field 'step' has shape \\(2,\\); path fields must"):
-        jax.jit(lambda s: pc.save_in_jit(s, "ckpt/{step}", step=s["x"]))(state)
+        jax.jit(lambda s: pc.save_in_jit(s, "ckpt/{step}", {"step": s["x"]}))(state)
     with pytest.raises(TypeError, match="path must be a str template"):
         jax.jit(lambda s: pc.save_in_jit(s, tmp_path / "c"))(state)
+    with pytest.raises(TypeError, match="fields must be a mapping of str names"):
+        jax.jit(lambda s: pc.save_in_jit(s, "ckpt/{step}", [("step", s["step"])]))(state)
+
+
+def test_a_field_may_take_any_name_even_an_options(tmp_path):
+    """The fields are a mapping of their own: fields called overwrite, path and tree fill the
+    template and are never taken for save_in_jit's own arguments (nor the reverse)."""
+    pc.save({"old": 1}, tmp_path / "existing")
+
+    @jax.jit
+    def step(state):
+        pc.save_in_jit(state, str(tmp_path) + "/{overwrite}_{step}_{path}_{tree}",
+                       {"overwrite": "no", "step": state["step"], "path": "p", "tree": "t"})
+        pc.save_in_jit(state, str(tmp_path / "{name}"), {"name": "existing"}, overwrite=True)
+
+    step({"w": jnp.arange(2.0), "step": jnp.int32(1)})
+    jax.effects_barrier()
+    assert sorted(os.listdir(tmp_path)) == ["existing", "no_1_p_t"]
+    for name in ("no_1_p_t", "existing"):
+        tree, status = pc.restore(tmp_path / name)
+        assert status.matched == ("step", "w") and int(tree["step"]) == 1
+    with pytest.raises(TypeError, match="step"):
+        pc.save_in_jit({"w": 1}, "ckpt/{step}", step=1)  # fields are no longer keywords
 
 
 def test_refuses_to_run_in_a_multiprocess_job(monkeypatch):

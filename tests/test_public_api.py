@@ -12,6 +12,7 @@ DOCUMENTED = {
     "PartialRestoreError",
     "save_safetensors", "verify", "VerifyReport", "clean", "CleanReport",
     "read_blocks", "RegionError", "StorageError", "ConfigurationError", "configure",
+    "DistributedError", "OverwrittenError", "join_path", "split_path",
 }
 
 
@@ -41,6 +42,8 @@ def test_errors_also_derive_from_fitting_builtins():
     assert issubclass(pc.StorageError, OSError)
     assert not issubclass(pc.StorageError, FileNotFoundError | ValueError)
     assert issubclass(pc.ConfigurationError, ValueError)
+    assert issubclass(pc.DistributedError, pc.SaveError)
+    assert issubclass(pc.OverwrittenError, pc.CorruptCheckpointError)
     assert all(issubclass(getattr(pc, n), pc.CheckpointError)
                for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError")
 
@@ -68,3 +71,21 @@ def test_public_records_share_one_vocabulary():
     assert not every & {"version", "directory", "url", "location", "leaf_paths"}
     assert [r for r, names in fields.items() if "leaves" in names] == ["CheckpointMetadata"]
     assert list(inspect.signature(pc.clean).parameters) == ["path", "delete"]
+
+
+def test_the_errors_module_docstring_lists_exactly_the_exported_errors():
+    import re
+
+    from pytree_ckpt import _errors
+
+    listed = re.findall(r"(?:├──|└──)\s+(\w+Error)\b", _errors.__doc__)
+    exported = [n for n in pc.__all__ if n.endswith("Error") and n != "CheckpointError"]
+    assert sorted(listed) == sorted(exported)
+    defined = [n for n, v in vars(_errors).items()
+               if isinstance(v, type) and issubclass(v, pc.CheckpointError)]
+    assert sorted(defined) == sorted(exported + ["CheckpointError"])
+    for line in _errors.__doc__.splitlines():  # each under the parent it derives from
+        match = re.search(r"^ {4}│   (?:├──|└──) (\w+)", line)
+        if match:
+            assert getattr(pc, match[1]).__bases__[0].__name__ in {
+                "CorruptCheckpointError", "SaveError"}, line

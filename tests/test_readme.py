@@ -29,3 +29,36 @@ def test_the_architecture_table_names_every_module_and_only_those():
     section = README.read_text().split("## Architecture", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`(_[a-z_]+)[`/]", section)) - {"__init__"}
     assert named == modules, (sorted(modules - named), sorted(named - modules))
+
+
+def test_the_orbax_migration_table_names_what_both_libraries_have():
+    """Each name in the README's Orbax table exists: Orbax's in the installed orbax-checkpoint,
+    ours on pc.CheckpointManager."""
+    import dataclasses
+    import inspect
+
+    import orbax.checkpoint as ocp
+
+    import pytree_ckpt as pc
+
+    table = README.read_text().split("**Coming from Orbax.**", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 15
+
+    def names(cell: str) -> tuple[set[str], set[str]]:
+        code = " ".join(re.findall(r"`([^`]*)`", cell))
+        return set(re.findall(r"mgr\.(\w+)", code)), set(re.findall(r"\b(\w+)=", code))
+
+    orbax_options = ({f.name for f in dataclasses.fields(ocp.CheckpointManagerOptions)}
+                     | set(inspect.signature(ocp.CheckpointManager).parameters))
+    ours = set(inspect.signature(pc.CheckpointManager).parameters)
+    for orbax_cell, our_cell in ((r[0], r[1]) for r in rows):
+        methods, options = names(orbax_cell)
+        assert all(hasattr(ocp.CheckpointManager, m) for m in methods), orbax_cell
+        save_restore = set(inspect.signature(ocp.CheckpointManager.save).parameters)
+        assert options <= orbax_options | save_restore, orbax_cell
+        methods, options = names(our_cell)
+        assert all(hasattr(pc.CheckpointManager, m) for m in methods), our_cell
+        mine = (ours | set(inspect.signature(pc.CheckpointManager.save).parameters)
+                | set(inspect.signature(pc.CheckpointManager.restore).parameters))
+        assert options <= mine, our_cell

@@ -22,10 +22,12 @@ from ._errors import CheckpointExistsError as CheckpointExistsError
 from ._errors import CheckpointNotFoundError as CheckpointNotFoundError
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import CorruptCheckpointError as CorruptCheckpointError
+from ._errors import DistributedError as DistributedError
 from ._errors import FormatVersionError as FormatVersionError
 from ._errors import IncompleteCheckpointError as IncompleteCheckpointError
 from ._errors import LockedError as LockedError
 from ._errors import NotACheckpointError as NotACheckpointError
+from ._errors import OverwrittenError as OverwrittenError
 from ._errors import PartialRestoreError as PartialRestoreError
 from ._errors import PathCollisionError as PathCollisionError
 from ._errors import PathNotFoundError as PathNotFoundError
@@ -35,6 +37,8 @@ from ._errors import ShardingError as ShardingError
 from ._errors import StorageError as StorageError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._foreign.safetensors import save_safetensors as save_safetensors
+from ._graph import join_path as join_path
+from ._graph import split_path as split_path
 from ._jit import save_in_jit as save_in_jit
 from ._manager import CheckpointManager as CheckpointManager
 from ._metadata import CheckpointMetadata as CheckpointMetadata
@@ -61,12 +65,14 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigurationError",
     "CorruptCheckpointError",
+    "DistributedError",
     "FormatVersionError",
     "IncompleteCheckpointError",
     "LeafMetadata",
     "LockedError",
     "Mismatch",
     "NotACheckpointError",
+    "OverwrittenError",
     "PartialRestoreError",
     "PathCollisionError",
     "PathNotFoundError",
@@ -80,6 +86,7 @@ __all__ = [
     "VerifyReport",
     "clean",
     "configure",
+    "join_path",
     "latest",
     "metadata",
     "read_blocks",
@@ -87,6 +94,7 @@ __all__ = [
     "save",
     "save_async",
     "save_safetensors",
+    "split_path",
     "verify",
     "save_in_jit",
 ]

@@ -3,7 +3,7 @@ in one, leaves of another kind, shape or dtype, Python values that differ), and 
 arrays differ, read in bounded memory.
 
 The checkpoints are read through the public API, passed in as ``pc`` (``pc.restore``,
-``pc.read_blocks``), as the command line reads them.
+``pc.read_blocks``, ``pc.split_path``), as the command line reads them.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
-
-from ._graph import split_path  # the documented path encoding, undone
 
 _CHUNK_ELEMENTS = 1 << 20  # arrays are compared this many elements at a time
 
@@ -123,7 +121,7 @@ def _read(pc: Any, path: str, leaves: list) -> dict[str, Any]:
         if leaf.kind == "prngkey":
             [(_index, values[leaf.path])] = pc.read_blocks(path, leaf.path, block_bytes=None)
             continue
-        *parents, name = split_path(leaf.path)
+        *parents, name = pc.split_path(leaf.path)
         node = target
         for parent in parents:
             node = node.setdefault(parent, {})
@@ -132,7 +130,7 @@ def _read(pc: Any, path: str, leaves: list) -> dict[str, Any]:
     for leaf in leaves:
         if leaf.kind != "prngkey":
             node = tree
-            for name in split_path(leaf.path):
+            for name in pc.split_path(leaf.path):
                 node = node[name]
             values[leaf.path] = node
     return values

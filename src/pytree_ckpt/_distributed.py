@@ -56,7 +56,7 @@ from typing import Any
 
 import jax
 
-from ._errors import SaveError
+from ._errors import DistributedError
 
 __all__ = [
     "DistributedError",
@@ -77,10 +77,6 @@ _PREFIX = "pytree_ckpt/"
 # Report values published by `report_and_check`.
 _OK = "ok"
 _FAILED = "failed:"
-
-
-class DistributedError(SaveError):
-    """Processes could not agree: a barrier timed out, or a process failed or vanished."""
 
 
 def process_index() -> int:

@@ -9,7 +9,8 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── CheckpointExistsError        (FileExistsError)    a checkpoint is there and overwrite=False
     ├── NotACheckpointError          (FileExistsError)    the path holds something that is not ours
     ├── CorruptCheckpointError       (ValueError)         bad checksum or malformed commit file
-    │   └── FormatVersionError                            written by a format version we cannot read
+    │   ├── FormatVersionError                            written by a format version we cannot read
+    │   └── OverwrittenError                              overwritten or deleted while it was read
     ├── UnsupportedLeafError         (TypeError)          a leaf that cannot be saved exactly
     ├── PathCollisionError           (ValueError)         two leaves with one path, e.g. {1: a, "1": b}
     ├── PathNotFoundError            (KeyError)           ``at=`` names nothing in the checkpoint
@@ -19,6 +20,7 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── StorageError                 (OSError)            the store could not be read or written
     ├── ConfigurationError           (ValueError)         a bad option, or a bad PYTREE_CKPT_* variable
     ├── SaveError                    (RuntimeError)       a write failed, here or on another process
+    │   └── DistributedError                              the processes of a job could not agree
     └── LockedError                  (RuntimeError)       another CheckpointManager holds the directory
 """
 
@@ -106,6 +108,13 @@ class PartialRestoreError(CheckpointError, AssertionError):
         self.status = status
 
 
+class OverwrittenError(CorruptCheckpointError):
+    """The checkpoint was overwritten or deleted while it was read: an overwrite deletes the
+    generation its commit file named, so what was being read is gone. :func:`restore` starts
+    again from the new commit file (and raises this only if that keeps happening);
+    :func:`read_blocks` cannot, since the rest would be another save's."""
+
+
 class ShardingError(CheckpointError, ValueError):
     """A target leaf's sharding cannot be placed on devices: it is on an abstract mesh
     (``jax.eval_shape`` under ``jax.set_mesh``) and no matching concrete mesh is set."""
@@ -139,6 +148,12 @@ class ConfigurationError(CheckpointError, ValueError):
 
 class SaveError(CheckpointError, RuntimeError):
     """Writing a checkpoint failed; nothing was committed and earlier checkpoints are intact."""
+
+
+class DistributedError(SaveError):
+    """In a multi-process job, the processes could not agree on a save: a barrier timed out,
+    or another process failed or vanished. The message names the processes and what each
+    reported; nothing was committed."""
 
 
 class LockedError(CheckpointError, RuntimeError):

@@ -68,17 +68,59 @@ def escape(name: str) -> str:
     return name
 
 
-def join_path(prefix: str, name: str) -> str:
+def child_path(prefix: str, name: str) -> str:
     """Appends the (unescaped) edge ``name`` to the path ``prefix``."""
     name = escape(name)
     return f"{prefix}/{name}" if prefix else name
 
 
-def split_path(path: str) -> list[str]:
-    """Splits a path back into its edge names, undoing the escapes of :func:`join_path`.
+def join_path(*names: str | int) -> str:
+    """The checkpoint path of the leaf or node reached by the edge ``names`` from the root:
+    the names joined with ``/``, each escaped (``\\`` and ``/`` inside a name are written
+    ``\\\\`` and ``\\/``, an empty name ``\\_``). An ``int`` (a list index, an int dict key)
+    is its decimal digits. :func:`split_path` undoes it. These are the paths of
+    :class:`RestoreStatus`, :class:`CheckpointMetadata`, ``at=``, ``rename=`` and
+    :func:`read_blocks`.
 
-    >>> split_path(r"a/b\\/c/d\\\\")
-    ['a', 'b/c', 'd\\\\']
+    **Raises:** ``TypeError`` for a name that is neither a ``str`` nor an ``int``.
+
+    Example::
+
+        >>> pc.join_path("params", "dense", "kernel")
+        'params/dense/kernel'
+        >>> pc.join_path("opt_state", 0, "mu")
+        'opt_state/0/mu'
+        >>> print(pc.join_path("vocab", "a/b"))  # a "/" inside a name is escaped
+        vocab/a\\/b
+        >>> pc.join_path()  # the root (a tree that is a single leaf)
+        ''
+    """
+    return "/".join(escape(_edge(name)) for name in names)
+
+
+def _edge(name: Any) -> str:
+    if isinstance(name, str):
+        return name
+    if hasattr(name, "__index__") and not isinstance(name, bool):
+        return str(operator.index(name))
+    raise TypeError(f"join_path: a name is a str or an int, not {type(name).__name__} "
+                    f"({name!r:.80})")
+
+
+def split_path(path: str) -> list[str]:
+    """The edge names of a checkpoint path, from the root, undoing the escapes of
+    :func:`join_path` (a name that was an ``int`` comes back as its digits).
+
+    Example::
+
+        >>> pc.split_path("params/dense/kernel")
+        ['params', 'dense', 'kernel']
+        >>> pc.split_path(r"vocab/a\\/b")
+        ['vocab', 'a/b']
+        >>> pc.split_path(pc.join_path("", "x\\\\", 3))  # an empty name, a backslash
+        ['', 'x\\\\', '3']
+        >>> pc.split_path("")
+        []
     """
     if path == "":
         return []
@@ -237,7 +279,7 @@ def flatten(tree: Any, *, treedef: bool = True) -> Flat:
                     f"as {name!r}: keys {seen[name]!r} and {entry!r}; rename one of them"
                 )
             seen[name] = entry
-            walk(child, join_path(path, name))
+            walk(child, child_path(path, name))
 
     try:
         walk(tree, "")
@@ -263,7 +305,7 @@ def parent_and_name(path: str) -> tuple[str, str]:
         parent, _, name = path.rpartition("/")
         return parent, name
     names = split_path(path)
-    return "/".join(escape(n) for n in names[:-1]), names[-1]
+    return join_path(*names[:-1]), names[-1]
 
 
 def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:

@@ -15,6 +15,7 @@ process only. One name per behaviour keeps each signature honest.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -26,12 +27,13 @@ from ._errors import SaveError
 from ._save import save
 
 
-def save_in_jit(tree: Any, path: str, *, overwrite: bool = False, **fields: Any) -> None:
+def save_in_jit(tree: Any, path: str, fields: Mapping[str, Any] | None = None, *,
+                overwrite: bool = False) -> None:
     """Saves ``tree`` from inside ``jax.jit`` (also under ``lax.cond``, ``scan``, loops).
 
     The checkpoint is written when the compiled computation reaches this point, in program
     order with other ordered effects; ``path`` is a :meth:`str.format` template filled with
-    ``fields``, which may be traced scalars (e.g. ``step=state.step``).
+    ``fields``, which may be traced scalars (e.g. ``{"step": state.step}``).
 
     **Arguments:**
 
@@ -39,9 +41,9 @@ def save_in_jit(tree: Any, path: str, *, overwrite: bool = False, **fields: Any)
       keys as keys), other leaves as they are.
     - ``path``: a path template such as ``"/ckpt/step_{step:06d}"`` (any location
       :func:`save` accepts, as a string).
+    - ``fields``: the values for the template by name, traced scalars or Python values; a
+      mapping of its own, so any name may be a field (``overwrite`` and ``path`` included).
     - ``overwrite``: as for :func:`save`.
-    - ``**fields``: the values for the template, traced scalars or Python values (so no
-      field may be called ``overwrite``).
 
     **Returns:** None (the save is an effect of the compiled step).
 
@@ -57,11 +59,11 @@ def save_in_jit(tree: Any, path: str, *, overwrite: bool = False, **fields: Any)
     so a restore without a target places leaves on the default device. Block on the step's
     outputs, or call ``jax.effects_barrier()``, before reading a checkpoint it wrote.
 
-    **Raises:** at trace time, :class:`SaveError` in a multi-process run, ``TypeError`` for a
-    traced field that is not a scalar, ``ValueError`` for a template that ``fields``
-    cannot fill. At run time, what :func:`save` raises (an existing checkpoint
-    without ``overwrite``, a failed write) surfaces from the computation as a
-    ``JaxRuntimeError`` when its outputs are waited on.
+    **Raises:** at trace time, :class:`SaveError` in a multi-process run, ``TypeError`` for
+    ``fields`` that is not a mapping of str names, or a traced field that is not a scalar,
+    ``ValueError`` for a template that ``fields`` cannot fill. At run time, what
+    :func:`save` raises (an existing checkpoint without ``overwrite``, a failed write)
+    surfaces from the computation as a ``JaxRuntimeError`` when its outputs are waited on.
 
     Example::
 
@@ -70,7 +72,7 @@ def save_in_jit(tree: Any, path: str, *, overwrite: bool = False, **fields: Any)
         ... def step(state):
         ...     jax.lax.cond(state["step"] % 2 == 0,
         ...                  lambda: pc.save_in_jit(state, "memory://doc/jit/{step}",
-        ...                                         step=state["step"]),
+        ...                                         {"step": state["step"]}),
         ...                  lambda: None)
         ...     return {"w": state["w"] + 1, "step": state["step"] + 1}
         >>> state = {"w": jnp.zeros(2), "step": jnp.int32(0)}
@@ -87,6 +89,12 @@ def save_in_jit(tree: Any, path: str, *, overwrite: bool = False, **fields: Any)
             "on the step's outputs between steps instead")
     if not isinstance(path, str):
         raise TypeError(f"save_in_jit: path must be a str template, not {type(path).__name__}")
+    if fields is None:
+        fields = {}
+    if not isinstance(fields, Mapping) or not all(isinstance(k, str) for k in fields):
+        raise TypeError("save_in_jit: fields must be a mapping of str names to values, e.g. "
+                        f"{{'step': state.step}}, not {type(fields).__name__}")
+    fields = dict(fields)
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     traced, impls = [], {}
     for i, leaf in enumerate(leaves):
@@ -124,8 +132,8 @@ def _check_template(path: str, fields: dict[str, Any]) -> None:
     missing = sorted(n for n in names if n not in fields)
     if missing or "" in names:
         raise ValueError(f"save_in_jit: path template {path!r} names {missing or ['{}']} but "
-                       f"the fields given are {sorted(fields)}; pass them as keywords, e.g. "
-                       "step=state.step")
+                       f"the fields given are {sorted(fields)}; give them in fields, e.g. "
+                       "{'step': state.step}")
     sample = {k: (_sample(v) if isinstance(v, jax.Array) else v) for k, v in fields.items()}
     try:
         path.format(**sample)

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _foreign, _source, _storage
 from ._decode import decode, generation_of, tree_nodes
-from ._errors import CheckpointNotFoundError, CorruptCheckpointError, IncompleteCheckpointError
+from ._errors import CheckpointNotFoundError, IncompleteCheckpointError, OverwrittenError
 from ._format import COMMIT_FILE, Commit, is_ours
 from ._read import read_leaves
 
@@ -61,13 +61,6 @@ def open_source(loc: _storage.Location) -> _source.Source:
         nodes=commit.nodes, tree_nodes=lambda: tree_nodes(commit, commit_file(loc)),
         read=functools.partial(_read_checked, loc, kv, commit),
         writer=commit.writer)
-
-
-class OverwrittenError(CorruptCheckpointError):
-    """The checkpoint was overwritten or deleted while it was read: an overwrite deletes the
-    generation its commit file named, so what was being read is gone (restore starts again
-    from the new commit file; a reader of blocks cannot, since the rest would be another
-    save's)."""
 
 
 def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import jax
 
 from . import _gc_pause, _graph, _leaves, _match, _placement, _progress, _source, _storage
 from ._build import default_device
-from ._open import OverwrittenError, open_source
+from ._errors import OverwrittenError
+from ._open import open_source
 from ._status import Cast, RestoreStatus, check_complete
 
 # A restore that finds its checkpoint overwritten while it reads starts again this many times

@@ -181,7 +181,7 @@ def _grouped(paths: Sequence[str], items: Sequence[object]) -> list[str]:
         if len(members) == 1:
             lines.append(_line(f"    {first}"))
         else:
-            shown = "/".join(map(_graph.escape, prefix))
+            shown = _graph.join_path(*prefix)
             lines.append(_line(f"    {shown}/... ({len(members)} paths, e.g. {first})"))
     if len(groups) > _MAX_LINES:
         rest = sum(len(m) for m in list(groups.values())[_MAX_LINES:])

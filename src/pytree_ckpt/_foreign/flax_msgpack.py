@@ -146,7 +146,7 @@ def _walk(url: str, node: Any, path: str, recs: list[LeafRecord], kinds: dict[st
                 raise CorruptCheckpointError(
                     f"{url}: under {path or '<root>'!r:.200}: a key of type "
                     f"{type(key).__name__} (expected str)")
-            _walk(url, child, _graph.join_path(path, key), recs, kinds)
+            _walk(url, child, _graph.child_path(path, key), recs, kinds)
     elif isinstance(node, _Scalar):
         recs.append(_array(path, node.view(np.ndarray), _leaves.NPSCALAR))
     elif isinstance(node, np.ndarray):

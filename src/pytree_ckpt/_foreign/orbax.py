@@ -153,7 +153,7 @@ def _entries(url: str, meta: Any, prefix: str) -> tuple[list[_Entry], dict[str, 
         path = prefix
         for key, key_type in zip(keys, types, strict=True):
             kinds.setdefault(path, _graph.LIST if key_type == 1 else _graph.DICT)
-            path = _graph.join_path(path, key)
+            path = _graph.child_path(path, key)
         if value_type in _EMPTY_NODES:
             kinds[path] = _EMPTY_NODES[value_type]
         else:
@@ -349,7 +349,7 @@ def _json_item(loc: _storage.Location, kv: ts.KvStore, prefix: str
         if isinstance(value, dict | list):
             kinds[path] = _graph.DICT if isinstance(value, dict) else _graph.LIST
             items = value.items() if isinstance(value, dict) else enumerate(value)
-            stack += [(_graph.join_path(path, str(k)), v) for k, v in items]
+            stack += [(_graph.child_path(path, str(k)), v) for k, v in items]
         else:
             name = "none" if value is None else type(value).__name__
             recs.append(LeafRecord(path, _leaves.PY, name, (), None, Storage("v", value), None))

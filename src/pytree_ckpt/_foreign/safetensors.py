@@ -66,7 +66,7 @@ def path_of(name: str) -> str:
     """The checkpoint path of a tensor name: its dots separate names."""
     path = ""
     for part in name.split("."):
-        path = _graph.join_path(path, part)
+        path = _graph.child_path(path, part)
     return path
 
 
