@@ -101,7 +101,7 @@ def region_keys(rec: LeafRecord, want: Want, layouts: Layouts) -> list[tuple]:
 
 def read_into(source: Any, buf: np.ndarray) -> Any:
     """Starts reading the TensorStore ``source`` into ``buf``; returns the write's future."""
-    # Reading into a buffer we own is ~2x faster than read() returning a new array.
+    # Reading into a buffer we own is faster than read() returning a new array.
     return ts.array(buf, copy=False, write=True).write(source)
 
 
@@ -140,7 +140,7 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
     # that no restored leaf keeps the range alive (that held the small-leaf tree twice).
     if type(want.sharding) is _ONE_DEVICE:
         # One device, one piece: no layout to look up (each target leaf has a sharding
-        # object of its own, so Layouts' cache misses: ~2 µs a leaf).
+        # object of its own, so Layouts' cache misses).
         (host,) = regions.values()
         host = _as_logical(host, rec)
         if host.dtype != want.dtype:

@@ -1,5 +1,5 @@
-"""The ``pytree-ckpt`` command line (also ``python -m pytree_ckpt``): a thin layer over the
-public API, one command per question people ask of a checkpoint::
+"""The ``pytree-ckpt`` command line (also ``python -m pytree_ckpt``): one command per question
+people ask of a checkpoint::
 
     pytree-ckpt ls PATH [PATTERN]            the leaves: kind, dtype, shape, bytes, sharding, value
     pytree-ckpt diff A B [--values]          paths only in A / only in B / of another shape or dtype;
@@ -18,10 +18,11 @@ Every command takes ``--json`` (one JSON document on stdout instead of a table).
 never a traceback. Progress bars (``verify``, and ``convert``'s read and write) go to
 stderr, and only when it is a terminal and ``--json`` is not given.
 
-Each command goes through what ``import pytree_ckpt`` offers (``metadata``, ``restore``,
-``read_blocks``, ``verify``, ``save``, ``save_safetensors``, ``clean``, a read-only
-:class:`CheckpointManager`), so it reads every location and format they read. ``diff``
-compares what those read with the engine in _diff.py and prints with _cli_text.py; this module
+Each command reads and writes checkpoints only through what ``import pytree_ckpt`` offers
+(``metadata``, ``restore``, ``read_blocks``, ``verify``, ``save``, ``save_safetensors``,
+``clean``, ``latest``, ``split_path``, a read-only :class:`CheckpointManager`), so it reads
+every location and format they read. Two private modules are its own: _diff.py, the diff
+engine (which reads through the same ``pc``), and _cli_text.py, how it prints. This module
 parses the arguments and runs the commands.
 """
 

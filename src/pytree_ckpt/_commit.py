@@ -281,8 +281,8 @@ def _replaced_generations(kv: Any, names: set[str]) -> list[str]:
     commit file naming deleted data. Leftovers of crashed saves therefore stay (a
     CheckpointManager deletes its incomplete steps on start).
 
-    Read in the background, not while the caller waits (decoding a 10,000-leaf commit file
-    takes ~10-25 ms): reading it later is the same as a caller whose snapshot took longer.
+    Read in the background, not while the caller waits (decoding a large commit file is
+    per leaf): reading it later is the same as a caller whose snapshot took longer.
     ``names`` (listed before the snapshot) keeps a generation committed since then."""
     if COMMIT_FILE not in names:
         return []

@@ -71,7 +71,7 @@ once read a version-3 file as version 2. Version 4 is this layout without ``chun
 (its chunks are bound to nothing: restore and verify check each chunk against its own
 trailer only), without ``weak`` (no leaf weakly typed) and with sharding records of three
 entries (no axis types: Auto; no device ids); version 3 that without the body's version,
-version 2 that with zlib's CRC-32 for packed leaves (~5x slower to compute than CRC-32C);
+version 2 that with zlib's CRC-32 for packed leaves (slower to compute than CRC-32C);
 all are still read, and a
 body's version, where there is one, must match. Version 1 (one record per leaf)
 was written by pre-release versions only; it is refused with a FormatVersionError.
@@ -97,8 +97,8 @@ MAGIC = "pytree_ckpt"
 FORMAT_VERSION = 5
 READ_VERSIONS = (2, 3, 4, 5)
 # google_crc32c's C extension reads any C-contiguous array's bytes, whatever its dtype (so
-# restore checks a leaf in the array it returns, ~0.6 µs a leaf less than through a uint8
-# view); its pure-Python fallback iterates items, so it is given bytes.
+# restore checks a leaf in the array it returns, with no uint8 view made per leaf); its
+# pure-Python fallback iterates items, so it is given bytes.
 _CRC32C = (google_crc32c.value if google_crc32c.implementation == "c"
            else lambda data: google_crc32c.value(bytes(data)))
 # A packed leaf's checksum per format version, of a C-contiguous NumPy array of its bytes

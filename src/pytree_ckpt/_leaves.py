@@ -63,7 +63,7 @@ _NAMES: dict[Any, str] = {}
 
 
 def dtype_name(dtype: Any) -> str:
-    # np.dtype.name is computed in Python on every access (~15 µs); trees have few dtypes.
+    # np.dtype.name is computed in Python on every access; trees have few dtypes.
     name = _NAMES.get(dtype)
     if name is None:
         name = _NAMES[dtype] = np.dtype(dtype).name
@@ -74,9 +74,9 @@ def is_prng_key(x: Any) -> bool:
     return isinstance(x, jax.Array) and jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-# What follows runs once per leaf of every save (10,000 leaves: each microsecond is 10 ms the
-# caller waits), so the answers that depend only on a type or a dtype are remembered:
-# isinstance against jax.Array (an ABC) and issubdtype cost ~0.2 and ~1 µs a call.
+# What follows runs once per leaf of every save, while the caller waits, so the answers
+# that depend only on a type or a dtype are remembered: isinstance against jax.Array (an
+# ABC) and issubdtype are slow calls.
 ARRAY_KINDS: dict[type, str] = {}  # leaf type -> JAX, NUMPY or NPSCALAR
 JAX_DTYPES: dict[Any, str] = {}  # dtype of a jax.Array that is not a PRNG key -> its name
 

@@ -82,7 +82,7 @@ def fill(part: Any, packing: Packing, k: int) -> Any:
         end = offset + n
         # Both read the device buffer in place (on the CPU, a view of it), and neither
         # view outlives the copy: one held would make XLA silently skip donating the
-        # array. The buffer protocol is the faster (~1 µs a leaf); NumPy reads the
+        # array. The buffer protocol is the faster per leaf; NumPy reads the
         # rest (ml_dtypes, other devices, host values, any layout).
         if buffer:
             view[offset:end] = memoryview(value).cast("B")
@@ -106,13 +106,13 @@ _PADS = [bytes(n) for n in range(_ALIGN)]
 class PartPool:
     """Packing parts kept from one save for the next.
 
-    Copying an 87 MB snapshot into fresh memory can cost 100-200 ms of page faults on a
-    virtual machine that faults new pages in from its host, into memory touched before
-    ~8 ms; the snapshot is what the caller of :func:`save_async` waits for. A training
+    Copying a snapshot into fresh memory costs page faults (many times the copy's own time
+    on a virtual machine that faults new pages in from its host), into memory touched
+    before it does not; the snapshot is what the caller of :func:`save_async` waits for. A training
     loop saves the same tree again and again, so the last save's parts are what the next
     one needs, size for size. The price is host memory: up to :data:`POOL_BYTES` of parts
-    stay allocated between saves (the small leaves' bytes of the last save), where they
-    used to be freed once written.
+    stay allocated between saves (the small leaves' bytes of the last save) rather than
+    freed once written.
     """
 
     def __init__(self) -> None:

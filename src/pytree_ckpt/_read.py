@@ -73,7 +73,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                 host = _checked(url, data, start, rec, blob, crc)
                 if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
                         and host.dtype == want.dtype):
-                    # The common case, without build's dispatch: ~1.5 µs a leaf less.
+                    # The common case, without build's dispatch (per leaf).
                     out[path] = _transfer.to_device(host, want.sharding, copy=True,
                                                     weak_type=want.weak)
                 else:
@@ -91,9 +91,9 @@ class _ZarrReads:
     per leaf, in job order, once all its slabs are read.
 
     TensorStore reads each chunk into a buffer of its own before copying it into ours.
-    Issuing every read at once let the file threads run far ahead of the copying: those
-    chunk buffers piled up (0.5-0.7x of the tree at the peak, kept by malloc after). Now
-    they cost about the window: 64 MiB, whatever the tree's size.
+    Issued all at once, the reads would let the file threads run far ahead of the copying,
+    and those chunk buffers would pile up (a large part of the tree, kept by malloc after).
+    Through the window they cost about the window: 64 MiB, whatever the tree's size.
     """
 
     def __init__(self, url: str, kv: Any, commit: Commit, jobs: list[Job],
@@ -179,7 +179,7 @@ def _slabs(key: tuple, chunks: tuple[int, ...], itemsize: int
     """Splits a region into slabs of whole chunks, ~_SLAB_BYTES each, read concurrently.
 
     TensorStore copies one read's chunks into the target one after another; a region read
-    as several slabs decodes on every core (5x faster for a 100 MB single-device array).
+    as several slabs decodes on every core (one large single-device array included).
     A slab spans whole chunk rows where one row fits in ~_SLAB_BYTES (a contiguous block of
     the buffer); where it does not, as in (layers, d, d) or (1, n) arrays, the row is split
     along the next axis, so that the read window bounds what a read holds.
@@ -247,8 +247,7 @@ def _range_groups(jobs: list[Job], most: int) -> Iterator[tuple[list[Job], int, 
     sorted by (blob, offset), a group ending where the next leaf starts over
     _COALESCE_GAP past the previous one's end or would take the group past ``most`` bytes.
 
-    The breaks are found with NumPy, one Python step per group rather than per leaf (~2 ms
-    of a 10,000-leaf restore)."""
+    The breaks are found with NumPy, one Python step per group rather than per leaf."""
     if not jobs:
         return
     storages = [j[1].storage for j in jobs]
@@ -276,7 +275,7 @@ def _checked(url: str, data: memoryview, start: int, rec: LeafRecord, blob: int,
     """A packed leaf's host array (a view of ``data``, the range read from ``start`` of
     its blob), once its bytes match their checksum (``crc``: see _format.LEAF_CRC)."""
     s = rec.storage
-    try:  # one constructor, not slice + frombuffer + view + reshape: ~0.6 µs a leaf less
+    try:  # one constructor, not slice + frombuffer + view + reshape: per leaf
         host = np.ndarray(rec.shape, _leaves.DTYPES[rec.dtype], data, s.offset - start)
     except (TypeError, ValueError):  # "buffer is too small": the range came back short
         host = None

@@ -47,10 +47,10 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
     caller that waits for the write (:func:`save`): nothing is copied up front, and small
     leaves are packed a few parts at a time as they are written (peak memory: the tree and a
     few MiB, where the copy was a second tree)."""
-    # Runs once per leaf while the caller waits (10,000 leaves: each µs is 10 ms), hence
+    # Runs once per leaf while the caller waits, hence
     # the names bound once below, describe's common case inlined, what depends on a
     # sharding asked once per sharding object, and sizes from the shape (jax's .nbytes
-    # costs ~1 µs).
+    # is a Python property, per leaf).
     me = _distributed.process_index()
     records: list[tuple] = []
     arrays: list[ArrayWrite] = []
@@ -63,7 +63,7 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
     # id(sharding), or the device of a one-device sharding -> (sharding, *_placement(...)):
     # holding the sharding keeps its id from being reused (a PRNG key's data is a new
     # array, and may be dropped at once). Arrays made one by one each have a sharding
-    # object of their own: keyed by id alone, every leaf would miss (~0.5 µs each).
+    # object of their own: keyed by id alone, every leaf would miss.
     placement: dict[Any, tuple] = {}
     one_device, device_of = jax.sharding.SingleDeviceSharding, _transfer.device_of
     with _gc_pause.paused():
@@ -122,7 +122,7 @@ _ITEMSIZES = {name: dtype.itemsize for name, dtype in _leaves.DTYPES.items()}
 def _check_paths(flat: _graph.Flat) -> None:
     """Every path can be written to the commit file (msgpack writes UTF-8): checked here,
     while the caller waits, rather than when the commit file is written after the data.
-    One encode of all paths joined (~0.3 ms for 10,000); path by path only to name one."""
+    One encode of all paths joined, not one per path; path by path only to name one."""
     paths = [*flat.paths, *(n.path for n in flat.nodes)]
     try:
         "\n".join(paths).encode("utf-8")
@@ -190,8 +190,8 @@ def _copy_shards(arrays: list[ArrayWrite]) -> None:
     """Replaces every shard in ``arrays`` by a copy in host memory that shares nothing with it.
 
     On the CPU, device memory is host memory: the copies are XLA ops, dispatched
-    asynchronously and in one batch (the caller does not wait for 1 GiB to be copied; the
-    150 arrays of a training state take ~4 ms, one by one ~10 ms), and read in the
+    asynchronously and in one batch (the caller does not wait for the copies to be made;
+    one batch dispatches faster than one call per array), and read in the
     background as NumPy views of the copies' own buffers. ``np.asarray(x)`` itself would be
     a view of ``x``'s buffer: donating ``x`` would corrupt it (and holding it stops XLA
     from donating). From an accelerator, a device-to-host transfer; host values, a copy.
@@ -201,8 +201,8 @@ def _copy_shards(arrays: list[ArrayWrite]) -> None:
     on_cpu = [k for k, (*_, x) in enumerate(shards)
               if isinstance(x, jax.Array) and _is_cpu(x)]
     # device_put returns at once (a later computation that donates x waits for the copy);
-    # jnp.array(x, copy=True) ran the copy before returning (16 arrays of 64 MiB: ~0.5 s
-    # of the caller's time, mostly first touching memory).
+    # jnp.array(x, copy=True) runs the copy before returning, on the caller's time (mostly
+    # first touching memory).
     copies = dict(zip(on_cpu, jax.device_put([shards[k][3] for k in on_cpu], may_alias=False),
                       strict=True))
     for k, (owner, i, index, x) in enumerate(shards):

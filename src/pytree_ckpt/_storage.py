@@ -25,7 +25,7 @@ from ._errors import CheckpointError, NotACheckpointError
 from ._faults import faults, retry_settings
 
 # Chunks of at most this many bytes (and lined up with shard boundaries) read and write in
-# parallel; one 64 MiB chunk per array reads back about 2x slower than chunks of ~4 MiB.
+# parallel; one 64 MiB chunk per array reads back slower than chunks of ~4 MiB.
 CHUNK_BYTES = 4 << 20
 # A shard is never cut into chunks smaller than this (a shard of prime length along a sharded
 # axis would otherwise be cut into rows): every chunk costs a request and TensorStore's

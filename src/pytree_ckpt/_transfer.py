@@ -1,10 +1,10 @@
 """Host-to-device transfers: the one module that uses JAX's private batched transfer.
 
-``jax.device_put`` of a list costs ~25-80 µs per leaf on a CPU host, and
-``make_array_from_single_device_arrays`` more on top; ``batched_device_put`` builds the global
-array from its per-device host pieces in one call, ~6-9 µs per leaf. At 10,000 leaves that
-is most of a restore. It is private, so every use is here, with the public API as the
-fallback if it moves; so is :func:`device_of`, which reads a one-device sharding's private
+``jax.device_put`` of a list, and ``make_array_from_single_device_arrays`` on top, cost
+several times what ``batched_device_put`` does per leaf; it builds the global array from its
+per-device host pieces in one call. With many small leaves that is most of a restore. It
+is private, so every use is here, with the public API as the fallback if it moves; so is
+:func:`device_of`, which reads a one-device sharding's private
 ``_device`` (saves and restores ask it once per leaf). tests/test_transfer.py pins what
 both give against the public API.
 
@@ -48,7 +48,7 @@ def assemble(shape: tuple[int, ...], dtype: np.dtype, sharding: jax.sharding.Sha
     """The ``jax.Array`` of ``shape`` and (canonical) ``dtype`` on ``sharding``, weakly typed
     if ``weak_type``, whose shard on ``devices[i]`` is ``pieces[i]`` (every addressable
     device, in ``addressable_devices_indices_map`` order). Lists, handed to JAX as they are
-    (copying them cost ~0.3 µs of every small leaf).
+    (a copy would cost every small leaf).
 
     ``copy=False`` lets the CPU backend adopt aligned pieces as they are (buffers we own);
     ``copy=True`` for views into a larger buffer, which adopting would keep alive whole.
@@ -91,7 +91,7 @@ def _weakly_typed(x: jax.Array, weak_type: bool) -> jax.Array:
 
 def device_of(sharding: jax.sharding.SingleDeviceSharding) -> Any:
     """The one device of ``sharding``."""
-    device = getattr(sharding, "_device", None)  # private, and 10x faster than device_set
+    device = getattr(sharding, "_device", None)  # private, and faster than device_set
     if device is None:  # pragma: no cover - depends on the jax version
         (device,) = sharding.device_set
     return device

@@ -17,7 +17,7 @@ class _Budget:
 
     msgpack's ``max_*_len`` limits bound each container by the bytes there, but a one-byte
     empty array becomes a 56-byte list plus its slot in the parent: a file of empty arrays
-    cost 71x its size before validation could refuse it. Containers are the only such
+    would cost many times its size before validation could refuse it. Containers are the only such
     amplification (a string costs its bytes plus ~50, as a path does in any commit file)."""
 
     def __init__(self, limit: int):

@@ -287,7 +287,7 @@ def _shardings(loc: _storage.Location, kv: ts.KvStore) -> dict[str, list]:
     out = {}
     for encoded, text in (doc.items() if isinstance(doc, dict) else ()):
         if not (isinstance(text, str) and "NamedSharding" in text):
-            continue  # one device: nothing to show or reuse (and ~0.1 ms a leaf to decode)
+            continue  # one device: nothing to show or reuse (and a decode per leaf)
         try:
             name = base64.urlsafe_b64decode(encoded).decode("utf-8")
             s = json.loads(text)
@@ -383,8 +383,8 @@ def _region_reads(jobs: list[_build.Job], layouts: _build.Layouts, out: dict[str
     ``[job, regions, regions not yet read]``. Python leaves are built at once into ``out``.
 
     A large region is read into an aligned buffer the device adopts; a small one with
-    ``read()``, which returns an array of its own (for arrays of a few KiB ~2.5x faster
-    than writing into a given buffer)."""
+    ``read()``, which returns an array of its own (for arrays of a few KiB, faster than
+    writing into a given buffer)."""
     for path, rec, want in jobs:
         if rec.storage.kind == "v":
             out[path] = _build.py_to_want(rec.storage.value, want)
@@ -394,7 +394,7 @@ def _region_reads(jobs: list[_build.Job], layouts: _build.Layouts, out: dict[str
         leaf = [(path, rec, want), {}, len(keys)]
         for key in keys:
             shape = tuple(b - a for a, b in key)
-            # Indexing a TensorStore costs ~20 µs: not for a region that is all of it.
+            # Indexing a TensorStore is costly per call: not for a region that is all of it.
             source = store if shape == rec.shape else store[tuple(slice(a, b) for a, b in key)]
             nbytes = math.prod(shape) * dtype.itemsize
             if nbytes < _SMALL_BYTES:
@@ -416,7 +416,7 @@ def _finish(url: str, item: tuple, layouts: _build.Layouts, out: dict[str, Any])
     if buf is None and leaf[2] == 0 and type(want.sharding) is _ONE_DEVICE and \
             want.kind == _leaves.JAX and result.dtype == want.dtype:
         # The common small leaf: TensorStore's array is not aligned, so JAX copies it
-        # either way; asked to, it copies at once (~70 -> ~10 µs a leaf).
+        # either way; asked to, it copies at once, the cheaper way per leaf.
         out[path] = _transfer.to_device(result, want.sharding, copy=True)
         return nbytes
     regions[key] = result if buf is None else buf
