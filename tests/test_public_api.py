@@ -13,6 +13,7 @@ DOCUMENTED = {
     "save_safetensors", "verify", "VerifyReport", "clean", "CleanReport",
     "read_blocks", "RegionError", "StorageError", "ConfigurationError", "configure",
     "DistributedError", "OverwrittenError", "join_path", "split_path",
+    "TransformError",
 }
 
 
@@ -39,6 +40,7 @@ def test_errors_also_derive_from_fitting_builtins():
     assert issubclass(pc.PartialRestoreError, AssertionError)
     assert issubclass(pc.ShardingError, ValueError)
     assert issubclass(pc.RegionError, IndexError)
+    assert issubclass(pc.TransformError, ValueError)
     assert issubclass(pc.StorageError, OSError)
     assert not issubclass(pc.StorageError, FileNotFoundError | ValueError)
     assert issubclass(pc.ConfigurationError, ValueError)

@@ -35,6 +35,7 @@ from ._errors import RegionError as RegionError
 from ._errors import SaveError as SaveError
 from ._errors import ShardingError as ShardingError
 from ._errors import StorageError as StorageError
+from ._errors import TransformError as TransformError
 from ._errors import UnsupportedLeafError as UnsupportedLeafError
 from ._foreign.safetensors import save_safetensors as save_safetensors
 from ._graph import join_path as join_path
@@ -82,6 +83,7 @@ __all__ = [
     "SaveFuture",
     "ShardingError",
     "StorageError",
+    "TransformError",
     "UnsupportedLeafError",
     "VerifyReport",
     "clean",

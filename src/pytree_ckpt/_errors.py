@@ -16,6 +16,7 @@ catch either ``pc.CheckpointError`` or the usual ``FileNotFoundError`` / ``Value
     ├── PathNotFoundError            (KeyError)           ``at=`` names nothing in the checkpoint
     ├── RegionError                  (IndexError)         an index outside a leaf's shape
     ├── PartialRestoreError          (AssertionError)     a strict restore left target leaves unrestored
+    ├── TransformError               (ValueError)         a restore's transform raised or did not fit
     ├── ShardingError                (ValueError)         a target's sharding names no devices here
     ├── StorageError                 (OSError)            the store could not be read or written
     ├── ConfigurationError           (ValueError)         a bad option, or a bad PYTREE_CKPT_* variable
@@ -113,6 +114,12 @@ class OverwrittenError(CorruptCheckpointError):
     generation its commit file named, so what was being read is gone. :func:`restore` starts
     again from the new commit file (and raises this only if that keeps happening);
     :func:`read_blocks` cannot, since the rest would be another save's."""
+
+
+class TransformError(CheckpointError, ValueError):
+    """A function given to ``restore(transform=...)`` raised, or returned something that
+    does not fit its target leaf (another shape, a dtype restore would not convert to the
+    target's, not an array); the message names the leaf's path."""
 
 
 class ShardingError(CheckpointError, ValueError):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _async, _clean, _distributed, _lock, _retention, _shutdown, _steps, _storage
@@ -325,9 +325,10 @@ class CheckpointManager:
 
     def restore(self, step: int | None = None, target: Any = None, *, at: str | None = None,
                 rename: Mapping[str, str] | Callable[[str], str] | None = None,
+                transform: Sequence[tuple[Any, Callable]] | None = None,
                 strict: bool = True, progress: bool = False) -> tuple[Any, RestoreStatus]:
         """Restores committed step ``step`` (the latest if None); see :func:`restore` for
-        ``target``, ``at``, ``rename`` and ``progress``.
+        ``target``, ``at``, ``rename``, ``transform`` and ``progress``.
 
         Strict by default (``strict=True``, unlike :func:`restore`): a resume that would leave
         target leaves unmatched or mismatched (a layer renamed, a width changed, another run's
@@ -342,7 +343,8 @@ class CheckpointManager:
         step; what :func:`restore` raises.
         """
         path = self._path(self._resolve(step))
-        tree, status = _restore(path, target, at=at, rename=rename, progress=progress)
+        tree, status = _restore(path, target, at=at, rename=rename, transform=transform,
+                                progress=progress)
         if strict:
             check_complete(status, _storage.location(path).url, "pass strict=False")
         return tree, status

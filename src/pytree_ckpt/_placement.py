@@ -40,7 +40,7 @@ class Placement:
     format 5)."""
 
     def __init__(self, device: Any) -> None:
-        self._device = jax.sharding.SingleDeviceSharding(device)
+        self.default = self._device = jax.sharding.SingleDeviceSharding(device)
         self._meshes: dict[SavedSharding, jax.sharding.Mesh | None] = {}
         self._devices = jax.devices()
 

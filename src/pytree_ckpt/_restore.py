@@ -14,9 +14,10 @@ from typing import Any
 
 import jax
 
-from . import _gc_pause, _graph, _leaves, _match, _placement, _progress, _source, _storage
-from ._build import default_device
+from . import _build, _gc_pause, _graph, _leaves, _match, _placement, _progress, _source, _storage, _transform
+from ._build import Want, default_device
 from ._errors import OverwrittenError
+from ._format import LeafRecord
 from ._open import open_source
 from ._status import Cast, RestoreStatus, check_complete
 
@@ -26,8 +27,8 @@ _ATTEMPTS = 3
 
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
-            rename: _graph.Rename | None = None, strict: bool = False,
-            progress: bool = False) -> tuple[Any, RestoreStatus]:
+            rename: _graph.Rename | None = None, transform: _transform.Transform | None = None,
+            strict: bool = False, progress: bool = False) -> tuple[Any, RestoreStatus]:
     """Restores a checkpoint into a new tree shaped like ``target``; returns it and the status.
 
     **Arguments:**
@@ -47,6 +48,16 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
       regular-expression rules applied in order to each checkpoint path (e.g.
       ``[(r"^model/layers/(\\d+)/", r"layers/\\1/")]``), or a function mapping checkpoint
       paths to target paths, to follow renamed modules.
+    - ``transform``: a list of ``(pattern, fn)`` rules that change a saved array's layout
+      on its way into the target, e.g. ``[(r".*/kernel", np.transpose)]`` for PyTorch's
+      ``(out, in)`` Linear weights into Flax's ``(in, out)`` kernels. ``pattern`` is a regular
+      expression matched against whole target paths (``re.fullmatch``, after ``at`` and
+      ``rename``); the first rule that matches a path applies. ``fn`` gets the saved array as
+      NumPy, whole and as saved, and returns what the target leaf takes; the shape and dtype
+      check comes after it, so a rule applies to every matching leaf whatever its shape (a
+      square matrix too). A transformed leaf is read whole on the host, transformed, then
+      placed as the target asks (sharded by the target's sharding). The status lists these
+      paths in ``transformed``.
     - ``strict``: raise :class:`PartialRestoreError` unless every target leaf was restored
       (the check of ``status.assert_existing_matched()``; unused checkpoint entries are
       fine). Off by default: restore is pure and reports in the status; a
@@ -71,6 +82,8 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     :class:`UnsupportedLeafError` for a target leaf of an unknown type (or an entry of a
     dtype this library cannot hold), ``TypeError`` / ``ValueError`` for a malformed
     ``rename`` rule,
+    :class:`TransformError` naming the leaf whose ``transform`` raised or returned an array
+    that does not fit the target (another shape, a dtype not converted to the target's),
     :class:`PartialRestoreError` with ``strict=True`` if a target leaf was not restored,
     :class:`NotACheckpointError` for a FIFO, device or socket among a local checkpoint's
     files.
@@ -83,11 +96,17 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         ...                             at="params")
         >>> status.matched, status.unused
         (('w',), ())
+        >>> _ = pc.save({"w": jnp.arange(6.0).reshape(2, 3)}, "memory://doc/transform")
+        >>> tree, status = pc.restore("memory://doc/transform", {"w": jnp.zeros((3, 2))},
+        ...                           transform=[("w", lambda a: a.T)])
+        >>> tree["w"][:, 0].tolist(), status.transformed
+        ([0.0, 1.0, 2.0], ('w',))
     """
+    rules = _transform.Rules(transform) if transform is not None else None
     with _gc_pause.paused():  # per-leaf loops: see _gc_pause
         for attempt in range(_ATTEMPTS):
             try:
-                tree, status = _restore(path, target, at, rename, progress)
+                tree, status = _restore(path, target, at, rename, rules, progress)
                 break
             except OverwrittenError:
                 if attempt == _ATTEMPTS - 1:
@@ -99,18 +118,19 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     return tree, status
 
 
-def _restore(path: Any, target: Any, at: str | None, rename: Any, progress: bool = False
+def _restore(path: Any, target: Any, at: str | None, rename: Any,
+             rules: _transform.Rules | None, progress: bool = False
              ) -> tuple[Any, RestoreStatus]:
     loc = _storage.location(path)
     ckpt = open_source(loc)
     rename_fn = _graph.renamer(rename) if rename is not None else None
     entries = _match.select(ckpt, at, rename_fn, loc.url)
     if target is None:
-        return _restore_saved(ckpt, entries, at, rename_fn, progress)
+        return _restore_saved(ckpt, entries, at, rename_fn, rules, progress)
     flat = _graph.flatten(target)
     device = default_device()
     wants = [_match.want_for(p, leaf, device) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
-    matched, unmatched, mismatched, casts, jobs = [], [], [], [], []
+    matched, unmatched, mismatched, casts, jobs, transforms = [], [], [], [], [], []
     sources = list(map(entries.get, flat.paths))
     records = iter(ckpt.leaves.records([src for src in sources if src is not None]))
     narrow = _match.narrowing()
@@ -119,6 +139,12 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any, progress: bool
             unmatched.append(path)
             continue
         record = next(records)
+        fn = rules(path) if rules is not None else None
+        if fn is not None:  # read whole as saved; checked against the target once transformed
+            matched.append(path)
+            transforms.append((path, record, want, fn))
+            jobs.append((path, record, _transform.host_want(loc.url, path, record)))
+            continue
         verdict = _match.compare(record, want)
         if verdict is None:
             mismatched.append(_match.mismatch(path, record, want))
@@ -130,12 +156,29 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any, progress: bool
             casts.append(Cast(path, record.dtype, _match.want_dtype_str(want)))
         jobs.append((path, record, want))
     values = _read_all(ckpt, jobs, progress)
+    for path, record, want, fn in transforms:
+        values[path] = _transformed(loc.url, path, record, want, fn, values[path], casts)
     leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     status = RestoreStatus(
         matched=tuple(matched), unmatched=tuple(unmatched),
         unused=_match.unused(entries, matched, mismatched),
-        mismatched=tuple(mismatched), cast=tuple(casts))
+        mismatched=tuple(mismatched), cast=tuple(casts),
+        transformed=tuple(t[0] for t in transforms))
     return jax.tree_util.tree_unflatten(flat.treedef, leaves), status
+
+
+def _transformed(url: str, path: str, rec: LeafRecord, want: Want, fn: Callable, saved: Any,
+                 casts: list[Cast]) -> Any:
+    """The target leaf at ``path``: ``fn`` of the ``saved`` array, checked against ``want``
+    and built as it asks."""
+    host, result = _transform.apply(url, path, fn, saved, rec)
+    cast = _transform.check(url, path, result, rec, want)
+    narrow = _match.narrowing()
+    if narrow and want.kind is _leaves.JAX and want.dtype in narrow:
+        want = _match.narrowed(path, result, want, narrow, casts)
+    elif cast:
+        casts.append(Cast(path, result.dtype, _match.want_dtype_str(want)))
+    return _build.build(result, want, {(): host}, _build.Layouts(), whole=True)
 
 
 def _read_all(ckpt: _source.Source, jobs: list, progress: bool) -> dict[str, Any]:
@@ -147,23 +190,41 @@ def _read_all(ckpt: _source.Source, jobs: list, progress: bool) -> dict[str, Any
 
 
 def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None,
-                   rename_fn: Callable[[str], str] | None, progress: bool = False
-                   ) -> tuple[Any, RestoreStatus]:
+                   rename_fn: Callable[[str], str] | None, rules: _transform.Rules | None,
+                   progress: bool = False) -> tuple[Any, RestoreStatus]:
     saved_nodes = ckpt.tree_nodes()  # before reading any data
     records = ckpt.leaves.records(list(entries.values()))
     placement = _placement.Placement(default_device())
-    narrow, casts, jobs = _match.narrowing(), [], []
+    narrow, casts, jobs, transforms = _match.narrowing(), [], [], []
     for path, rec in zip(entries, records, strict=True):
+        fn = rules(path) if rules is not None else None
+        if fn is not None:
+            transforms.append((path, rec, fn))
+            jobs.append((path, rec, _transform.host_want(ckpt.url, path, rec)))
+            continue
         want = _placement.saved_want(rec, placement)
         if narrow and want.kind is _leaves.JAX and want.dtype in narrow:
             want = _match.narrowed(path, rec, want, narrow, casts)
         jobs.append((path, rec, want))
     values = _read_all(ckpt, jobs, progress)
+    for path, rec, fn in transforms:
+        # The kind it was saved as, in the shape and dtype fn gives, on the default device
+        # (a saved sharding was made for the saved shape).
+        host, result = _transform.apply(ckpt.url, path, fn, values[path], rec)
+        if rec.origin == _leaves.JAX:
+            want = Want(_leaves.JAX, host.dtype, host.shape, placement.default)
+            if narrow and host.dtype in narrow:
+                want = _match.narrowed(path, result, want, narrow, casts)
+        elif rec.origin == _leaves.NPSCALAR and host.shape == ():
+            want = Want(_leaves.NPSCALAR, host.dtype, (), pytype=host.dtype.type)
+        else:
+            want = Want(_leaves.NUMPY, host.dtype, host.shape)
+        values[path] = _build.build(result, want, {(): host}, _build.Layouts(), whole=True)
     # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
     nodes = []
     for node in saved_nodes:
         rel = _graph.relative_to(node.path, at) if at is not None else node.path
         if rel is not None:
             nodes.append(node._replace(path=rename_fn(rel) if rename_fn else rel))
-    return _graph.rebuild(nodes, values), RestoreStatus(matched=tuple(entries),
-                                                        cast=tuple(casts))
+    return _graph.rebuild(nodes, values), RestoreStatus(
+        matched=tuple(entries), cast=tuple(casts), transformed=tuple(t[0] for t in transforms))

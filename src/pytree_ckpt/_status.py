@@ -62,6 +62,8 @@ class RestoreStatus:
     - ``mismatched``: :class:`Mismatch` records, name found but shape or dtype incompatible;
       they keep the target's value.
     - ``cast``: :class:`Cast` records for matched paths converted to the target's dtype.
+    - ``transformed``: matched paths whose saved array went through a ``transform`` function
+      of :func:`restore`.
 
     Example::
 
@@ -75,6 +77,7 @@ class RestoreStatus:
     unused: tuple[str, ...] = ()
     mismatched: tuple[Mismatch, ...] = ()
     cast: tuple[Cast, ...] = ()
+    transformed: tuple[str, ...] = ()
 
     def assert_consumed(self) -> RestoreStatus:
         """Asserts every target path matched and every checkpoint entry was used.
@@ -120,9 +123,11 @@ class RestoreStatus:
     def __str__(self) -> str:
         lines = [f"RestoreStatus: {len(self.matched)} matched, {len(self.unmatched)} unmatched, "
                  f"{len(self.unused)} unused, {len(self.mismatched)} mismatched, "
-                 f"{len(self.cast)} cast"]
+                 f"{len(self.cast)} cast"
+                 + (f", {len(self.transformed)} transformed" if self.transformed else "")]
         lines += _listing("unmatched", self.unmatched) + _listing("unused", self.unused)
         lines += _listing("mismatched", self.mismatched) + _listing("cast", self.cast)
+        lines += _listing("transformed", self.transformed)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -131,8 +136,9 @@ class RestoreStatus:
         rows += [("unused", p, "in the checkpoint only") for p in self.unused]
         rows += [("mismatched", m.path, str(m).split(": ", 1)[1]) for m in self.mismatched]
         rows += [("cast", c.path, str(c).split(": ", 1)[1]) for c in self.cast]
+        rows += [("transformed", p, "by a transform function") for p in self.transformed]
         colors = {"matched": "#2e7d32", "unmatched": "#c62828", "unused": "#ef6c00",
-                  "mismatched": "#c62828", "cast": "#1565c0"}
+                  "mismatched": "#c62828", "cast": "#1565c0", "transformed": "#1565c0"}
         body = "".join(
             f"<tr><td style='color:{colors[k]}'>{k}</td><td><code>{html.escape(p)}</code></td>"
             f"<td>{html.escape(d)}</td></tr>" for k, p, d in rows)
