@@ -101,11 +101,18 @@ def test_ls_table_totals_pattern_and_json(run_dir, tmp_path):
 def test_diff_finds_exactly_the_changed_paths_of_two_manager_steps(run_dir):
     rc, out, err = cli("diff", f"{run_dir}/10", f"{run_dir}/20")
     assert rc == 1 and err == ""
+    # Without --values, the arrays by the checksums both commit files record, leaf by leaf.
     assert out.splitlines()[2:] == [
-        "values differ (1):",
-        "  step  A 10  B 20",
-        "A and B differ: 0 only in A, 0 only in B, 0 changed, 1 of 2 values differ; 5 arrays "
-        "not read (add --values)"]
+        "values differ (4):",
+        "  opt_state/count      stored bytes differ (their checksums do)",
+        "  opt_state/mu/kernel  stored bytes differ (their checksums do)",
+        "  params/dense/kernel  stored bytes differ (their checksums do)",
+        "  step                 A 10                                      B 20",
+        "same stored checksums (2):",
+        "  params/dense/bias",
+        "  params/embed",
+        "A and B differ: 0 only in A, 0 only in B, 0 changed, 4 of 7 values differ (5 arrays "
+        "by their stored checksums)"]
 
     rc, out, _ = cli("diff", f"{run_dir}/10", f"{run_dir}/20", "--values", "--json")
     assert rc == 1
@@ -636,3 +643,68 @@ def test_diff_values_draws_its_bar_on_a_terminal_only_and_never_with_json(tmp_pa
     rc, out, shown = cli_on_terminal(*args, "--json")
     assert (rc, shown) == (1, "") and json.loads(out)["values_differ"][0]["differing"] == 100_000
     assert cli(*args)[2] == ""  # piped: no bar
+
+
+def test_diff_never_says_the_same_of_values_it_did_not_compare(tmp_path):
+    # A safetensors file records no checksums to compare with ours: without --values its
+    # arrays are "not compared", and nothing is called the same; with --values they are read.
+    tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    pc.save(tree, tmp_path / "ours")
+    pc.save_safetensors({"w": tree["w"], "b": tree["b"] + 1}, tmp_path / "m.safetensors")
+    rc, out, _ = cli("diff", tmp_path / "ours", tmp_path / "m.safetensors")
+    assert rc == 0 and "the same" not in out
+    assert out.splitlines()[2:] == [
+        "values not compared (2):", "  b", "  w",
+        "No difference found: 0 only in A, 0 only in B, 0 changed, 0 of 0 values differ; "
+        "2 arrays' values not compared (add --values)"]
+    rc, out, _ = cli("diff", tmp_path / "ours", tmp_path / "m.safetensors", "--json")
+    doc = json.loads(out)
+    assert doc["values_not_compared"] == ["b", "w"] and doc["checksums"] == {}
+    assert doc["differ"] is False
+    rc, out, _ = cli("diff", tmp_path / "ours", tmp_path / "m.safetensors", "--values")
+    assert rc == 1 and out.splitlines()[-1].startswith("A and B differ: ")
+
+
+def test_diff_compares_zarr_leaves_by_their_chunks_checksums(tmp_path):
+    # Large leaves are zarr arrays; one element changed changes one chunk's checksum.
+    big = np.arange(300_000, dtype=np.float32)
+    pc.save({"big": big}, tmp_path / "a")
+    pc.save({"big": big}, tmp_path / "same")
+    changed = big.copy()
+    changed[-1] = -1
+    pc.save({"big": changed}, tmp_path / "b")
+    rc, out, _ = cli("diff", tmp_path / "a", tmp_path / "b", "--json")
+    doc = json.loads(out)
+    assert rc == 1 and doc["checksums"] == {"big": "differ"} and doc["differ"] is True
+    rc, out, _ = cli("diff", tmp_path / "a", tmp_path / "same")
+    assert rc == 0 and out.splitlines()[-1] == (
+        "A and B are the same: 0 only in A, 0 only in B, 0 changed, 0 of 1 values differ "
+        "(1 arrays by their stored checksums)")
+    # Another chunking (sharded over 8 devices): the checksums cover other bytes.
+    mesh = Mesh(np.array(jax.devices()[:8]), ("x",))
+    pc.save({"big": jax.device_put(big, NamedSharding(mesh, P("x")))}, tmp_path / "sharded")
+    pc.save({"big": jnp.asarray(big)}, tmp_path / "one")
+    rc, out, _ = cli("diff", tmp_path / "one", tmp_path / "sharded", "--json")
+    doc = json.loads(out)
+    assert rc == 0 and doc["checksums"] == {} and doc["values_not_compared"] == ["big"]
+
+
+def test_diff_at_a_compares_an_orbax_steps_item_with_our_root(tmp_path):
+    import orbax.checkpoint as ocp
+
+    tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    manager = ocp.CheckpointManager(str(tmp_path / "orbax"))
+    manager.save(5, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+    pc.save(tree, tmp_path / "ours")
+    step = tmp_path / "orbax" / "5"
+    rc, out, _ = cli("diff", step, tmp_path / "ours", "--at-a", "default", "--values")
+    assert rc == 0 and out.splitlines()[0] == f"A = {step} under default"
+    assert out.splitlines()[-1] == ("A and B are the same: 0 only in A, 0 only in B, "
+                                    "0 changed, 0 of 2 values differ")
+    pc.save({"w": tree["w"], "b": tree["b"] * 2}, tmp_path / "other")
+    rc, out, _ = cli("diff", step, tmp_path / "other", "--at-a", "default", "--values",
+                     "--json")
+    assert rc == 1 and [d["path"] for d in json.loads(out)["values_differ"]] == ["b"]
+    rc, out, err = cli("diff", step, tmp_path / "ours", "--at-a", "nothing")
+    assert rc == 2 and "no leaf under 'nothing'; its top-level names are ['default']" in err

@@ -39,7 +39,7 @@ from types import ModuleType
 from typing import Any
 
 from ._cli_text import emit, iso, jsonable, number, section, shape, short, show, size, table, written
-from ._diff import array_differences, compare
+from ._diff import array_differences, checksum_verdicts, compare, under
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
 # diff --values holds about two blocks of this size (--block-bytes): a larger leaf is read
@@ -107,10 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     diff = commands.add_parser(
         "diff", parents=[common], help="compare two checkpoints",
         description="Paths only in A, only in B, or of another kind, shape or dtype, and "
-                    "Python values that differ; with --values, which arrays differ and by "
-                    "how much. Exit status 1 if anything differs.")
+                    "Python values that differ; arrays by the checksums both commit files "
+                    "record where they can be compared (ours, of the same chunking), else "
+                    "'values not compared'; with --values, every array read, and by how much "
+                    "it differs. Exit status 1 if any difference is found.")
     diff.add_argument("a", metavar="A", help="a checkpoint")
     diff.add_argument("b", metavar="B", help="another checkpoint")
+    diff.add_argument("--at-a", metavar="PREFIX", default=None,
+                      help="compare only A's leaves under this path, relative to it (e.g. "
+                           "'default' for an Orbax CheckpointManager step)")
+    diff.add_argument("--at-b", metavar="PREFIX", default=None,
+                      help="the same for B")
     diff.add_argument("--values", action="store_true",
                       help="also read and compare the arrays (block by block, bounded memory)")
     diff.add_argument("--block-bytes", type=_byte_count, default=_BLOCK_BYTES, metavar="N",
@@ -232,37 +239,68 @@ def _detail(leaf: Any) -> str:
 
 def _diff(pc: ModuleType, args: argparse.Namespace) -> int:
     a, b = _metadata(pc, args.a), _metadata(pc, args.b)
-    only_a, only_b, changed, same_py, same_arrays, py_differ = compare(a, b)
+    leaves_a = under(a, args.at_a)
+    only_a, only_b, changed, same_py, same_arrays, py_differ = compare(
+        leaves_a, under(b, args.at_b))
     differ = [{"path": d["path"], "a": jsonable(d["a"]), "b": jsonable(d["b"])}
               for d in py_differ]
+    checksums: dict[str, bool] = {}
     if args.values:
         differ += array_differences(pc, a.path, b.path, same_arrays, args.atol, args.rtol,
-                                    args.block_bytes, bar=_bars(args))
-        order = {p: i for i, p in enumerate(a.leaves)}
-        differ.sort(key=lambda d: order[d["path"]])
-    compared = len(same_py) + (len(same_arrays) if args.values else 0)
+                                    args.block_bytes, bar=_bars(args), at_a=args.at_a,
+                                    at_b=args.at_b)
+    else:
+        checksums = checksum_verdicts(a.path, b.path, same_arrays, args.at_a, args.at_b)
+        differ += [{"path": p, "checksums": "differ"} for p, same in checksums.items()
+                   if not same]
+    order = {p: i for i, p in enumerate(leaves_a)}
+    differ.sort(key=lambda d: order[d["path"]])
+    unread = [] if args.values else [leaf.path for leaf in same_arrays
+                                     if leaf.path not in checksums]
+    compared = len(same_py) + len(same_arrays) - len(unread)
     found = bool(only_a or only_b or changed or differ)
     if args.json:
-        emit({"a": a.path, "b": b.path, "only_in_a": only_a, "only_in_b": only_b,
+        emit({"a": a.path, "b": b.path, "at_a": args.at_a, "at_b": args.at_b,
+              "only_in_a": only_a, "only_in_b": only_b,
               "changed": [{"path": la.path, "a": _spec_json(la), "b": _spec_json(lb)}
                           for la, lb in changed],
               "values_differ": differ, "values_compared": compared,
-              "arrays_compared": args.values, "differ": found})
+              "arrays_compared": args.values,
+              "checksums": {p: "equal" if same else "differ" for p, same in checksums.items()},
+              "values_not_compared": unread, "differ": found})
         return EXIT_FOUND if found else EXIT_OK
-    print(f"A = {a.path}\nB = {b.path}")
+    print(f"A = {a.path}{f' under {args.at_a}' if args.at_a else ''}\n"
+          f"B = {b.path}{f' under {args.at_b}' if args.at_b else ''}")
     section(f"only in A ({len(only_a)})", [(p,) for p in only_a])
     section(f"only in B ({len(only_b)})", [(p,) for p in only_b])
     section(f"kind, dtype or shape differ ({len(changed)})",
             [(la.path, f"A {_spec(la)}", f"B {_spec(lb)}") for la, lb in changed])
     section(f"values differ ({len(differ)})", [_difference_row(d) for d in differ])
-    unread = "" if args.values else f"; {len(same_arrays)} arrays not read (add --values)"
-    verdict = "differ" if found else "are the same"
-    print(f"A and B {verdict}: {len(only_a)} only in A, {len(only_b)} only in B, "
-          f"{len(changed)} changed, {len(differ)} of {compared} values differ{unread}")
+    equal = [p for p, same in checksums.items() if same]
+    section(f"same stored checksums ({len(equal)})", _capped(equal))
+    section(f"values not compared ({len(unread)})", _capped(unread))
+    counts = (f"{len(only_a)} only in A, {len(only_b)} only in B, {len(changed)} changed, "
+              f"{len(differ)} of {compared} values differ")
+    if found:
+        verdict = "A and B differ"
+    elif unread:
+        verdict = "No difference found"
+    else:
+        verdict = "A and B are the same"
+    by_crc = f" ({len(checksums)} arrays by their stored checksums)" if checksums else ""
+    rest = f"; {len(unread)} arrays' values not compared (add --values)" if unread else ""
+    print(f"{verdict}: {counts}{by_crc}{rest}")
     return EXIT_FOUND if found else EXIT_OK
 
 
+def _capped(paths: list[str], most: int = 20) -> list[tuple[str, ...]]:
+    rows = [(p,) for p in paths[:most]]
+    return rows + [(f"... and {len(paths) - most} more",)] if len(paths) > most else rows
+
+
 def _difference_row(d: dict) -> tuple[str, ...]:
+    if "checksums" in d:
+        return (d["path"], "stored bytes differ (their checksums do)")
     if "elements" not in d:
         return (d["path"], f"A {short(repr(d['a']), 30)}", f"B {short(repr(d['b']), 30)}")
     return (d["path"], f"{d['differing']:,} of {d['elements']:,} elements",
