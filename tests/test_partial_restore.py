@@ -153,3 +153,39 @@ def test_status_assertions_raise_partial_restore_error_with_the_status(check, ex
     with pytest.raises(pc.PartialRestoreError, match="nothing was restored") as err:
         nothing.assert_nontrivial_match()
     assert err.value.status is nothing
+
+
+def test_a_missing_at_prefix_gets_a_hint_everywhere_the_status_is_told(tmp_path):
+    # An Orbax CheckpointManager step restored without at="default": nothing matches, and
+    # every message says which at= to pass.
+    import orbax.checkpoint as ocp
+
+    tree = {"params": {"w": np.ones(2, np.float32)}, "b": np.ones(3, np.float32)}
+    manager = ocp.CheckpointManager(str(tmp_path / "orbax"))
+    manager.save(1, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+    step = str(tmp_path / "orbax" / "1")
+    target = {"params": {"w": np.zeros(2, np.float32)}, "b": np.zeros(3, np.float32)}
+    _, status = pc.restore(step, target)
+    hint = "hint: the checkpoint's paths are the target's under 'default': pass at='default'"
+    assert hint in str(status) and hint in status._repr_html_().replace("&#x27;", "'")
+    for check in (status.assert_existing_matched, status.assert_consumed,
+                  status.assert_nontrivial_match):
+        with pytest.raises(AssertionError, match=re.escape(hint)):
+            check()
+    with pytest.raises(pc.PartialRestoreError, match=re.escape(hint)):
+        pc.restore(step, target, strict=True)
+    restored, status = pc.restore(step, target, at="default")
+    assert status.unmatched == () and "hint" not in str(status)
+
+
+def test_the_reverse_hint_names_the_targets_subtree(tmp_path):
+    pc.save({"w": np.ones(2), "b": np.ones(3)}, tmp_path / "c")
+    _, status = pc.restore(tmp_path / "c", {"model": {"w": np.zeros(2), "b": np.zeros(3)}})
+    assert ("hint: the target's paths are the checkpoint's under 'model': restore into the "
+            "target's subtree at 'model' instead") in str(status)
+    # Something matched, or no prefix explains it: no hint.
+    _, status = pc.restore(tmp_path / "c", {"w": np.zeros(2), "x": np.zeros(3)})
+    assert "hint" not in str(status)
+    _, status = pc.restore(tmp_path / "c", {"v": np.zeros(2)})
+    assert "hint" not in str(status)

@@ -46,6 +46,42 @@ class Cast(NamedTuple):
         return f"{self.path}: {self.saved_dtype} -> {self.target_dtype}"
 
 
+def _common_prefix(paths: Sequence[str], rest: set[str]) -> str | None:
+    """The deepest prefix (whole names) that every one of ``paths`` lies under and whose
+    removal turns one of them into a path in ``rest``; None if there is none."""
+    names = [_graph.split_path(p) for p in paths]
+    found = None
+    for depth in range(1, min(map(len, names))):
+        head = names[0][:depth]
+        if any(n[:depth] != head for n in names):
+            break
+        if any("/".join(map(_graph.escape, n[depth:])) in rest for n in names):
+            found = "/".join(map(_graph.escape, head))
+    return found
+
+
+def at_hint(status: RestoreStatus) -> str | None:
+    """When nothing matched and a prefix explains it, what to do: the ``at=`` to pass (every
+    unused checkpoint path lies under one prefix, below which they are the target's paths),
+    or the target's subtree to restore into (the reverse)."""
+    if status.matched or not status.unmatched or not status.unused:
+        return None
+    prefix = _common_prefix(status.unused, set(status.unmatched))
+    if prefix is not None:
+        return (f"hint: the checkpoint's paths are the target's under {prefix!r}: pass "
+                f"at={prefix!r}")
+    prefix = _common_prefix(status.unmatched, set(status.unused))
+    if prefix is not None:
+        return (f"hint: the target's paths are the checkpoint's under {prefix!r}: restore "
+                f"into the target's subtree at {prefix!r} instead")
+    return None
+
+
+def _hint_lines(status: RestoreStatus) -> list[str]:
+    hint = at_hint(status)
+    return [f"  {hint}"] if hint else []
+
+
 def _listing(title: str, items: tuple) -> list[str]:
     if not items:
         return []
@@ -90,7 +126,7 @@ class RestoreStatus:
                     + _listing("mismatched", self.mismatched))
         if problems:
             raise PartialRestoreError("restore did not consume the checkpoint exactly:\n"
-                                      + "\n".join(problems), self)
+                                      + "\n".join(_hint_lines(self) + problems), self)
         return self
 
     def assert_existing_matched(self) -> RestoreStatus:
@@ -103,7 +139,7 @@ class RestoreStatus:
                     + _listing("mismatched", self.mismatched))
         if problems:
             raise PartialRestoreError("some target paths were not restored:\n"
-                                      + "\n".join(problems), self)
+                                      + "\n".join(_hint_lines(self) + problems), self)
         return self
 
     def assert_nontrivial_match(self) -> RestoreStatus:
@@ -115,7 +151,7 @@ class RestoreStatus:
         if not self.matched:
             raise PartialRestoreError(
                 "nothing was restored from the checkpoint (wrong path, at= or rename?):\n"
-                + "\n".join(_listing("unmatched", self.unmatched)
+                + "\n".join(_hint_lines(self) + _listing("unmatched", self.unmatched)
                             + _listing("mismatched", self.mismatched)
                             + _listing("unused", self.unused)), self)
         return self
@@ -125,6 +161,7 @@ class RestoreStatus:
                  f"{len(self.unused)} unused, {len(self.mismatched)} mismatched, "
                  f"{len(self.cast)} cast"
                  + (f", {len(self.transformed)} transformed" if self.transformed else "")]
+        lines += _hint_lines(self)
         lines += _listing("unmatched", self.unmatched) + _listing("unused", self.unused)
         lines += _listing("mismatched", self.mismatched) + _listing("cast", self.cast)
         lines += _listing("transformed", self.transformed)
@@ -143,7 +180,9 @@ class RestoreStatus:
             f"<tr><td style='color:{colors[k]}'>{k}</td><td><code>{html.escape(p)}</code></td>"
             f"<td>{html.escape(d)}</td></tr>" for k, p, d in rows)
         summary = html.escape(str(self).splitlines()[0])
-        return (f"<details open><summary><b>{summary}</b></summary><table>"
+        hint = at_hint(self)
+        hint = f"<p>{html.escape(hint)}</p>" if hint else ""
+        return (f"<details open><summary><b>{summary}</b></summary>{hint}<table>"
                 f"<tr><th>status</th><th>path</th><th>detail</th></tr>{body}</table></details>")
 
 
@@ -164,6 +203,7 @@ def check_complete(status: RestoreStatus, where: str, accept: str) -> RestoreSta
         lines.append(f"  mismatched, found with another shape or an unsafe dtype "
                      f"({len(status.mismatched)}):")
         lines += _grouped([m.path for m in status.mismatched], status.mismatched)
+    lines += _hint_lines(status)
     lines.append(f"To accept a partial restore, {accept}, and read the returned status.")
     raise PartialRestoreError("\n".join(lines), status)
 
