@@ -22,7 +22,8 @@ Each command reads and writes checkpoints only through what ``import pytree_ckpt
 (``metadata``, ``restore``, ``read_blocks``, ``verify``, ``save``, ``save_safetensors``,
 ``clean``, ``latest``, ``split_path``, a read-only :class:`CheckpointManager`), so it reads
 every location and format they read. Two private modules are its own: _diff.py, the diff
-engine (which reads through the same ``pc``), and _cli_text.py, how it prints. This module
+engine (which reads arrays through the same ``pc``, and the checksums two of our commit
+files record), and _cli_text.py, how it prints. This module
 parses the arguments and runs the commands.
 """
 
@@ -38,6 +39,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+from . import _cli_text
 from ._cli_text import emit, iso, jsonable, number, section, shape, short, show, size, table, written
 from ._diff import array_differences, checksum_verdicts, compare, under
 
@@ -277,25 +279,12 @@ def _diff(pc: ModuleType, args: argparse.Namespace) -> int:
             [(la.path, f"A {_spec(la)}", f"B {_spec(lb)}") for la, lb in changed])
     section(f"values differ ({len(differ)})", [_difference_row(d) for d in differ])
     equal = [p for p, same in checksums.items() if same]
-    section(f"same stored checksums ({len(equal)})", _capped(equal))
-    section(f"values not compared ({len(unread)})", _capped(unread))
-    counts = (f"{len(only_a)} only in A, {len(only_b)} only in B, {len(changed)} changed, "
-              f"{len(differ)} of {compared} values differ")
-    if found:
-        verdict = "A and B differ"
-    elif unread:
-        verdict = "No difference found"
-    else:
-        verdict = "A and B are the same"
-    by_crc = f" ({len(checksums)} arrays by their stored checksums)" if checksums else ""
-    rest = f"; {len(unread)} arrays' values not compared (add --values)" if unread else ""
-    print(f"{verdict}: {counts}{by_crc}{rest}")
+    section(f"same stored checksums ({len(equal)})", _cli_text.capped(equal))
+    section(f"values not compared ({len(unread)})", _cli_text.capped(unread))
+    print(_cli_text.diff_verdict(found, len(unread), len(checksums),
+                       f"{len(only_a)} only in A, {len(only_b)} only in B, {len(changed)} "
+                       f"changed, {len(differ)} of {compared} values differ"))
     return EXIT_FOUND if found else EXIT_OK
-
-
-def _capped(paths: list[str], most: int = 20) -> list[tuple[str, ...]]:
-    rows = [(p,) for p in paths[:most]]
-    return rows + [(f"... and {len(paths) - most} more",)] if len(paths) > most else rows
 
 
 def _difference_row(d: dict) -> tuple[str, ...]:

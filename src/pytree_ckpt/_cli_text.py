@@ -102,3 +102,23 @@ def written(writer: Any) -> str:
     by = f", written by {writer['library']}" if writer.get("library") else ""
     when = iso(writer.get("time"))
     return by + (f" at {when}" if when else "")
+
+
+def capped(paths: list[str], most: int = 20) -> list[tuple[str, ...]]:
+    """Rows for :func:`section`: the first ``most`` paths, then how many more there are."""
+    rows = [(p,) for p in paths[:most]]
+    return rows + [(f"... and {len(paths) - most} more",)] if len(paths) > most else rows
+
+
+def diff_verdict(found: bool, unread: int, by_checksum: int, counts: str) -> str:
+    """diff's last line: "the same" only when every value was compared (read, or by the
+    checksums both sides record)."""
+    if found:
+        verdict = "A and B differ"
+    elif unread:
+        verdict = "No difference found"
+    else:
+        verdict = "A and B are the same"
+    by_crc = f" ({by_checksum} arrays by their stored checksums)" if by_checksum else ""
+    rest = f"; {unread} arrays' values not compared (add --values)" if unread else ""
+    return f"{verdict}: {counts}{by_crc}{rest}"
