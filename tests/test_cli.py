@@ -1,8 +1,14 @@
-"""The pytree-ckpt command line, run as a user runs it (a subprocess) against real checkpoints,
-local and on the loopback S3 server: its tables, its --json, its exit status, its one-line
-errors."""
+"""The pytree-ckpt command line against real checkpoints, local and on the loopback S3 server:
+its tables, its --json, its exit status, its one-line errors.
 
+Most commands run in this process through ``_cli.main`` (what ``python -m pytree_ckpt`` and the
+``pytree-ckpt`` script call), with stdout and stderr captured. A few run as a user runs them,
+in a fresh process: the installed script, a closed pipe, a terminal, an environment variable
+read at import, the sharding column of a process with one device, and peak memory."""
+
+import contextlib
 import fcntl
+import io
 import json
 import os
 import pathlib
@@ -10,6 +16,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +31,23 @@ from pytree_ckpt import _cli, _diff
 SRC = pathlib.Path(pc.__file__).parents[1]
 
 
-def cli(*args, env=None, script=False):
-    """Runs the command line in a fresh process; returns (exit status, stdout, stderr)."""
+def cli(*args):
+    """Runs the command line in this process; returns (exit status, stdout, stderr).
+
+    An exception that escapes ``main`` fails the test, as a traceback on a subprocess's
+    stderr would."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = _cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def cli_process(*args, env=None, script=False):
+    """Runs the command line in a fresh process (one CPU device); returns (exit status,
+    stdout, stderr)."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
                     PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
                     **(env or {}))
@@ -63,7 +85,7 @@ def test_ls_table_totals_pattern_and_json(run_dir, tmp_path):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
     sharded = jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P("x", "y")))
     pc.save({"w": sharded, "b": np.zeros(3, np.int8), "note": "hi"}, tmp_path / "c")
-    rc, out, err = cli("ls", tmp_path / "c")
+    rc, out, err = cli_process("ls", tmp_path / "c")
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0].startswith(f"{tmp_path}/c: pytree_ckpt checkpoint, format ")
@@ -82,7 +104,7 @@ def test_ls_table_totals_pattern_and_json(run_dir, tmp_path):
         "opt_state/mu/kernel", "params/dense/kernel"]
     assert out.splitlines()[-1] == "2 leaves, 96 B (of 7 leaves, 136 B)"
 
-    rc, out, _ = cli("ls", f"{run_dir}/20", "params", "--json", script=True)
+    rc, out, _ = cli_process("ls", f"{run_dir}/20", "params", "--json", script=True)
     assert rc == 0
     doc = json.loads(out)
     assert doc["path"] == f"{run_dir}/20" and doc["format"] == "pytree_ckpt"
@@ -210,6 +232,7 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
     old = {"PYTREE_CKPT_CLEAN_AFTER_S": "0"}  # every leftover counts as old, not a live save
 
     # Recent: step 3 and the orphan may be a save still writing; clean --yes keeps them.
+    # PYTREE_CKPT_CLEAN_AFTER_S is read at import: the commands given it run in a process.
     rc, out, err = cli("steps", directory)
     assert (rc, err) == (0, "")
     lines = out.splitlines()
@@ -222,12 +245,12 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
                                "deleted": True}
     assert orphan.is_dir() and (directory / "3").is_dir() and metrics.is_file()
 
-    rc, out, _ = cli("steps", directory, "--json", env=old)
+    rc, out, _ = cli_process("steps", directory, "--json", env=old)
     doc = json.loads(out)
     assert [(r["step"], r["state"]) for r in doc["steps"]] == [
         (1, "committed"), (2, "committed"), (3, "incomplete")]
     assert doc["latest"] == 2 and doc["orphaned"] == [str(orphan)]
-    rc, out, err = cli("clean", directory, env=old)
+    rc, out, err = cli_process("clean", directory, env=old)
     assert (rc, err) == (0, "")
     assert out.splitlines() == ["leftovers of interrupted saves:",
                                 f"  incomplete  {directory}/3",
@@ -235,7 +258,7 @@ def test_steps_lists_a_crashed_save_and_clean_removes_only_what_is_safe(tmp_path
                                 f"  orphaned    {orphan}",
                                 f"{directory}: 3 can be deleted: run again with --yes"]
     assert (directory / "3").is_dir() and orphan.is_dir()  # listed, not deleted
-    rc, out, _ = cli("clean", directory, "--yes", env=old)
+    rc, out, _ = cli_process("clean", directory, "--yes", env=old)
     assert rc == 0 and out.splitlines()[-1] == f"{directory}: deleted 3"
     assert not orphan.exists() and not metrics.exists()
     assert sorted(p.name for p in directory.glob("*.metrics.msgpack")) == [
@@ -288,38 +311,41 @@ def test_bad_input_is_one_line_and_exit_2_corruption_exit_1(run_dir, tmp_path, c
     assert json.loads(out)["exit_status"] == 1
 
 
-def test_commands_read_the_loopback_s3_server(s3_server):
-    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_REGION": s3_server.region,
-           **s3_server.env()}
+def test_commands_read_the_loopback_s3_server(s3_server, monkeypatch):
+    env = {"AWS_ENDPOINT_URL": s3_server.endpoint, "AWS_REGION": s3_server.region}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     directory = f"{s3_server.url}/cli/run"
     with pc.CheckpointManager(s3_server.spec("cli/run/"), async_save=False) as mgr:
         mgr.save(1, state(1), metrics={"loss": 2.0})
         mgr.save(2, state(2), metrics={"loss": 1.0})
-    rc, out, err = cli("ls", f"{directory}/2", "params/dense", env=env)
+    # The first in a fresh process, as a user runs it (given the variables on the command line).
+    rc, out, err = cli_process("ls", f"{directory}/2", "params/dense",
+                               env={**env, **s3_server.env()})
     assert rc == 0, err
     assert out.splitlines()[0].startswith(f"{directory}/2: pytree_ckpt checkpoint")
     assert [ln.split()[0] for ln in out.splitlines()[2:]] == [
         "params/dense/bias", "params/dense/kernel", "2"]
-    rc, out, err = cli("diff", f"{directory}/1", f"{directory}/2", "--values", "--json", env=env)
+    rc, out, err = cli("diff", f"{directory}/1", f"{directory}/2", "--values", "--json")
     assert rc == 1, err
     assert [d["path"] for d in json.loads(out)["values_differ"]] == sorted(CHANGED_ARRAYS) + ["step"]
     rc, out_blocks, err = cli("diff", f"{directory}/1", f"{directory}/2", "--values", "--json",
-                              "--block-bytes", "16", env=env)  # arrays of 3 or more floats
+                              "--block-bytes", "16")  # arrays of 3 or more floats
     assert (rc, out_blocks) == (1, out), err  # read block by block: the same numbers
-    rc, out, err = cli("verify", f"{directory}/2", "--json", env=env)
+    rc, out, err = cli("verify", f"{directory}/2", "--json")
     assert rc == 0, err
     assert json.loads(out)["ok"] is True and json.loads(out)["leaf_count"] == 7
-    rc, out, err = cli("clean", directory, env=env)
+    rc, out, err = cli("clean", directory)
     assert (rc, out, err) == (0, f"{directory}: nothing to clean\n", "")
-    rc, out, err = cli("steps", directory, "--best", "loss", "--min", "--json", env=env)
+    rc, out, err = cli("steps", directory, "--best", "loss", "--min", "--json")
     assert rc == 0, err
     doc = json.loads(out)
     assert [s["step"] for s in doc["steps"]] == [1, 2] and doc["best"] == 2
     rc, out, err = cli("convert", f"{directory}/2", f"{directory}/params.safetensors", "--at",
-                       "params", env=env)
+                       "params")
     assert rc == 0, err
     assert out.endswith(f"-> {directory}/params.safetensors (safetensors)\n")
-    rc, out, err = cli("ls", f"{directory}/params.safetensors", "--json", env=env)
+    rc, out, err = cli("ls", f"{directory}/params.safetensors", "--json")
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["format"] == "safetensors" and doc["total"]["nbytes"] == 84
@@ -587,34 +613,49 @@ def test_json_goes_before_or_after_the_command_and_a_closed_pipe_is_quiet(tmp_pa
     assert out.stdout.splitlines()[1] == "status 0" and out.stderr == ""
 
 
-def cli_on_terminal(*args):
-    """Runs the command line with its stderr on a pseudo-terminal and its stdout piped;
-    returns (exit status, stdout, what the terminal received)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-               PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+def cli_on_terminal(*args, process=False):
+    """Runs the command line with its stderr on a pseudo-terminal and its stdout piped, in
+    this process or (``process``) in a fresh one; returns (exit status, stdout, what the
+    terminal received)."""
     terminal, child_end = os.openpty()
     # 24 rows of 100 columns (a new pseudo-terminal has 0, and tqdm draws nothing in 0).
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-m", "pytree_ckpt", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=child_end, env=env)
-    os.close(child_end)
-    shown = b""
+    shown = []
+
+    def drain():  # until EIO: every copy of the other end is closed
+        try:
+            while data := os.read(terminal, 1 << 16):
+                shown.append(data)
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=drain)
+    reader.start()
     try:
-        while data := os.read(terminal, 1 << 16):
-            shown += data
-    except OSError:  # EIO: the child's end is closed (it exited)
-        pass
+        if process:
+            env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+                       PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+            proc = subprocess.Popen([sys.executable, "-m", "pytree_ckpt", *map(str, args)],
+                                    stdout=subprocess.PIPE, stderr=child_end, env=env)
+            os.close(child_end)
+            out = proc.stdout.read().decode()
+            proc.stdout.close()
+            rc = proc.wait(timeout=120)
+        else:
+            with open(child_end, "w") as stderr:  # closes child_end
+                stdout = io.StringIO()
+                with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                    rc = _cli.main([str(a) for a in args])
+            out = stdout.getvalue()
     finally:
+        reader.join(timeout=120)
         os.close(terminal)
-    out = proc.stdout.read().decode()
-    proc.stdout.close()
-    assert proc.wait(timeout=120) is not None
-    return proc.returncode, out, shown.decode()
+    return rc, out, b"".join(shown).decode()
 
 
 def test_bars_are_drawn_on_a_terminal_only_and_never_with_json(tmp_path):
     pc.save({"w": np.arange(100_000, dtype=np.float32), "b": np.ones(3)}, tmp_path / "c")
-    rc, out, shown = cli_on_terminal("verify", tmp_path / "c")
+    rc, out, shown = cli_on_terminal("verify", tmp_path / "c", process=True)
     assert rc == 0 and out.startswith(f"{tmp_path}/c: ok: 2 leaves, ")
     assert shown.startswith("\rverify:   0%|") and "/391k [" in shown, shown  # its chunks and blob
     assert cli("verify", tmp_path / "c")[2] == ""  # piped: no bar
