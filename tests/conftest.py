@@ -11,6 +11,15 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Hypothesis draws its examples from a fixed seed (derandomize) and keeps no database between
+# runs: every run tries the same examples, so a failure replays. Set
+# PYTREE_CKPT_HYPOTHESIS=random to explore (a failure then prints the seed to replay it with
+# --hypothesis-seed).
+settings.register_profile("fixed", derandomize=True, database=None)
+settings.register_profile("random", database=None)
+settings.load_profile(os.environ.get("PYTREE_CKPT_HYPOTHESIS", "fixed"))
 
 # ---- Object-storage servers on loopback (helpers and TensorStore notes: tests/_servers.py) ----
 # Session-scoped: TensorStore reads GOOGLE_AUTH_TOKEN_FOR_TESTING once per process, at the first

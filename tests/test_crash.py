@@ -15,7 +15,9 @@ to an fsynced log. The test SIGKILLs it after a random delay and then checks:
   bit-exactly; the next cycle's fresh process (and finally this one) saves successfully.
 
 The default is 32 kills in all (8 per mode); set ``PYTREE_CKPT_CRASH_KILLS`` for a longer
-campaign, e.g. ``PYTREE_CKPT_CRASH_KILLS=2000 pytest tests/test_crash.py``.
+campaign, e.g. ``PYTREE_CKPT_CRASH_KILLS=2000 pytest tests/test_crash.py``. The delays come
+from a fixed seed, ``PYTREE_CKPT_CRASH_SEED`` (default 0): a failing run is run again with the
+same delays, and another seed tries other instants.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _crash_child import tree  # noqa: E402
 
 KILLS = int(os.environ.get("PYTREE_CKPT_CRASH_KILLS", "32"))
+SEED = os.environ.get("PYTREE_CKPT_CRASH_SEED", "0")
 MODES = ("sync", "async", "overwrite", "manager")
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -95,7 +98,7 @@ def restored_step(path) -> int | None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sigkill_at_random_instants(zygote, tmp_path, mode):
-    rng = random.Random(f"{mode}-{os.getpid()}-{time.time()}")
+    rng = random.Random(f"{mode}-{SEED}")
     log = tmp_path / "acks.log"
     shared = tmp_path / ("ow" if mode == "overwrite" else "mgr")
     kills = max(KILLS // len(MODES), 1)
