@@ -42,8 +42,8 @@ import json, sys, time
 from pytree_ckpt import _distributed
 from pytree_ckpt._distributed import DistributedError
 
-def result(**values):
-    print("RESULT " + json.dumps(values), flush=True)
+def result(part, **values):
+    print("RESULT " + json.dumps({"part": part, **values}), flush=True)
 """
 
 
@@ -57,14 +57,19 @@ def _run(code: str, num_processes: int, devices: int, **kwargs) -> list[ProcessR
     )
 
 
-def _results(runs: list[ProcessResult], processes: range | list[int] | None = None) -> list[dict]:
-    """Each process's RESULT record (in `processes`, default all), failing with all output."""
+def _results(runs: list[ProcessResult], part: str,
+             processes: range | list[int] | None = None) -> list[dict]:
+    """Each process's RESULT record of ``part`` (in `processes`, default all), failing with
+    all output."""
     records = []
     for i in processes if processes is not None else range(len(runs)):
-        lines = [ln for ln in runs[i].stdout.splitlines() if ln.startswith("RESULT ")]
-        if len(lines) != 1:
-            pytest.fail(f"process {i} printed {len(lines)} RESULT lines\n" + format_results(runs))
-        records.append(json.loads(lines[0].removeprefix("RESULT ")))
+        lines = [json.loads(ln.removeprefix("RESULT ")) for ln in runs[i].stdout.splitlines()
+                 if ln.startswith("RESULT ")]
+        mine = [r for r in lines if r.pop("part") == part]
+        if len(mine) != 1:
+            pytest.fail(f"process {i} printed {len(mine)} RESULT lines of {part!r}\n"
+                        + format_results(runs))
+        records.append(mine[0])
     return records
 
 
@@ -90,108 +95,153 @@ def test_broadcast_requires_value_on_primary():
 
 
 # --- several processes ------------------------------------------------------------------
+# Parts that leave every process alive share one job per layout: each part meets the others
+# under names of its own and reports its own RESULT record; the tests below each check one
+# part. A part that kills a process ends its job.
+
+_BACKGROUND = """
+# save_async will meet the other processes from a background thread. Each call below is made
+# to wait ~2 s (a late process, a late primary); meanwhile the main thread must keep running,
+# i.e. the client releases the GIL while it blocks.
+import threading
+_distributed.report_and_check("bg/start", None, timeout_s=20)  # the processes start together
+waited = {}
+def meet():
+    t = time.monotonic()
+    if process_id == 0:
+        time.sleep(2.0)
+    value = _distributed.broadcast_str("bg", "v" if process_id == 0 else None, 20)
+    waited["broadcast"] = time.monotonic() - t
+    t = time.monotonic()
+    if process_id == 0:
+        time.sleep(2.0)
+    _distributed.report_and_check("bg", None, timeout_s=20)
+    waited["report"] = time.monotonic() - t
+    waited["value"] = value
+thread = threading.Thread(target=meet)
+thread.start()
+longest_stall = 0.0
+last = time.monotonic()
+while thread.is_alive():
+    now = time.monotonic()
+    longest_stall = max(longest_stall, now - last)
+    last = now
+thread.join()
+result("background", longest_stall=longest_stall, **waited)
+"""
+
+_BROADCAST = """
+mine = "from process 0: ünïcode\\nand a second line" if process_id == 0 else None
+if process_id == 2:
+    mine = "ignored: not the primary"
+result("broadcast", value=_distributed.broadcast_str("bc", mine, timeout_s=20))
+"""
+
+_ALL_SUCCEED = """
+for step in range(3):  # a name per save, as the save counter will give
+    _distributed.report_and_check(f"save/{step}/written", None, timeout_s=20)
+result("all_succeed", ok=True)
+"""
+
+_ERROR_REACHES_EVERYONE = """
+error = "OSError: [Errno 28] No space left on device" if process_id == 1 else None
+try:
+    _distributed.report_and_check("error/written", error, timeout_s=20)
+    result("error", error=None)
+except DistributedError as e:
+    result("error", error=str(e))
+"""
+
+# Sanity for the checkpoint tests: an array over every device of every process, of which
+# each process holds (and can read) only its own shards.
+_GLOBALLY_SHARDED = """
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+mesh = Mesh(np.array(jax.devices()), ("d",))
+sharding = NamedSharding(mesh, P("d"))
+full = np.arange(len(jax.devices()) * 4 * 3, dtype=np.float32).reshape(-1, 3)
+x = jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
+shards = x.addressable_shards
+local = set(jax.local_devices())
+total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
+result(
+    "sharded",
+    shape=list(x.shape),
+    global_devices=len(jax.devices()),
+    fully_addressable=x.is_fully_addressable,
+    shard_devices_local=all(s.device in local for s in shards),
+    rows=[[s.index[0].start, s.index[0].stop] for s in shards],
+    data_ok=all(np.array_equal(np.asarray(s.data), full[s.index]) for s in shards),
+    total=float(total),
+    expected_total=float(full.sum()),
+)
+"""
 
 
-@pytest.mark.parametrize(("num_processes", "devices"), LAYOUTS)
-def test_background_thread_waits_without_holding_the_gil(num_processes, devices):
-    # save_async will meet the other processes from a background thread. Each call
-    # below is made to wait ~1 s (a late process, a late primary); meanwhile the main
-    # thread must keep running, i.e. the client releases the GIL while it blocks.
-    runs = _run(
-        """
-        import threading
-        waited = {}
-        def meet():
-            t = time.monotonic()
-            if process_id == 0:
-                time.sleep(1.0)
-            value = _distributed.broadcast_str("bg", "v" if process_id == 0 else None, 20)
-            waited["broadcast"] = time.monotonic() - t
-            t = time.monotonic()
-            if process_id == 0:
-                time.sleep(1.0)
-            _distributed.report_and_check("bg", None, timeout_s=20)
-            waited["report"] = time.monotonic() - t
-            waited["value"] = value
-        thread = threading.Thread(target=meet)
-        thread.start()
-        longest_stall = 0.0
-        last = time.monotonic()
-        while thread.is_alive():
-            now = time.monotonic()
-            longest_stall = max(longest_stall, now - last)
-            last = now
-        thread.join()
-        result(longest_stall=longest_stall, **waited)
-        """,
-        num_processes,
-        devices,
-    )
+@pytest.fixture(scope="module", params=[pytest.param(p.values, id=p.id) for p in LAYOUTS])
+def shared_job(request) -> tuple[int, int, list[ProcessResult]]:
+    """(processes, devices per process, the runs) of one job running every part above."""
+    num_processes, devices = request.param
+    code = "".join((_BACKGROUND, _BROADCAST, _ALL_SUCCEED, _ERROR_REACHES_EVERYONE,
+                    _GLOBALLY_SHARDED))
+    return num_processes, devices, _run(code, num_processes, devices)
+
+
+def test_background_thread_waits_without_holding_the_gil(shared_job):
+    _, _, runs = shared_job
     assert_all_ok(runs)
-    records = _results(runs)
+    records = _results(runs, "background")
     for i, r in enumerate(records):
         assert r["value"] == "v"
-        if i != 0:
-            assert r["broadcast"] > 0.5, records
-            assert r["report"] > 0.5, records
-        # The interpreter switches threads every 5 ms; a call holding the GIL through
-        # its wait would stall the main thread for ~1 s. (0.6 s, not less: on a loaded
-        # 2-core machine the OS alone has descheduled a process for ~0.3 s.)
-        assert r["longest_stall"] < 0.6, records
+        if i != 0:  # they did wait for process 0
+            assert r["broadcast"] > 1.0, records
+            assert r["report"] > 1.0, records
+        # The interpreter switches threads every 5 ms; a call holding the GIL through its
+        # wait would stall the main thread for ~2 s. Half of that: a loaded machine
+        # deschedules a process for tenths of a second, not for a second.
+        assert r["longest_stall"] < 1.0, records
 
 
-@pytest.mark.parametrize(("num_processes", "devices"), LAYOUTS)
-def test_broadcast_str_gives_everyone_the_primary_value(num_processes, devices):
-    runs = _run(
-        """
-        mine = "from process 0: ünïcode\\nand a second line" if process_id == 0 else None
-        if process_id == 2:
-            mine = "ignored: not the primary"
-        result(value=_distributed.broadcast_str("bc", mine, timeout_s=20))
-        """,
-        num_processes,
-        devices,
-    )
+def test_broadcast_str_gives_everyone_the_primary_value(shared_job):
+    num_processes, _, runs = shared_job
     assert_all_ok(runs)
-    assert [r["value"] for r in _results(runs)] == [
+    assert [r["value"] for r in _results(runs, "broadcast")] == [
         "from process 0: ünïcode\nand a second line"
     ] * num_processes
 
 
-@pytest.mark.parametrize(("num_processes", "devices"), LAYOUTS)
-def test_report_and_check_all_succeed(num_processes, devices):
-    runs = _run(
-        """
-        for step in range(3):  # a name per save, as the save counter will give
-            _distributed.report_and_check(f"save/{step}/written", None, timeout_s=20)
-        result(ok=True)
-        """,
-        num_processes,
-        devices,
-    )
+def test_report_and_check_all_succeed(shared_job):
+    _, _, runs = shared_job
     assert_all_ok(runs)
-    assert all(r["ok"] for r in _results(runs))
+    assert all(r["ok"] for r in _results(runs, "all_succeed"))
 
 
-@pytest.mark.parametrize(("num_processes", "devices"), LAYOUTS)
-def test_report_and_check_error_reaches_every_process(num_processes, devices):
-    runs = _run(
-        """
-        error = "OSError: [Errno 28] No space left on device" if process_id == 1 else None
-        try:
-            _distributed.report_and_check("save/0/written", error, timeout_s=20)
-            result(error=None)
-        except DistributedError as e:
-            result(error=str(e))
-        """,
-        num_processes,
-        devices,
-    )
+def test_report_and_check_error_reaches_every_process(shared_job):
+    _, _, runs = shared_job
     assert_all_ok(runs)
-    for i, r in enumerate(_results(runs)):
+    for i, r in enumerate(_results(runs, "error")):
         assert r["error"] is not None, f"process {i} did not raise"
         assert "failed on process(es) 1 " in r["error"]
         assert "process 1 failed: OSError: [Errno 28] No space left on device" in r["error"]
+
+
+def test_globally_sharded_array(shared_job):
+    num_processes, devices, runs = shared_job
+    assert_all_ok(runs)
+    records = _results(runs, "sharded")
+    n_dev = num_processes * devices
+    for r in records:
+        assert r["shape"] == [n_dev * 4, 3]
+        assert r["global_devices"] == n_dev
+        assert r["fully_addressable"] is False
+        assert r["shard_devices_local"] is True
+        assert len(r["rows"]) == devices
+        assert r["data_ok"] is True
+        assert r["total"] == r["expected_total"]  # a cross-process reduction over gloo
+    # Between them the processes hold every row exactly once.
+    rows = sorted(tuple(row) for r in records for row in r["rows"])
+    assert rows == [(4 * k, 4 * k + 4) for k in range(n_dev)]
 
 
 @pytest.mark.parametrize(("num_processes", "devices"), LAYOUTS)
@@ -205,9 +255,9 @@ def test_report_and_check_names_a_dead_process(num_processes, devices):
         t = time.monotonic()
         try:
             _distributed.report_and_check("save/0/written", None, timeout_s=2)
-            result(error=None)
+            result("dead", error=None)
         except DistributedError as e:
-            result(error=str(e), elapsed=time.monotonic() - t)
+            result("dead", error=str(e), elapsed=time.monotonic() - t)
         """,
         num_processes,
         devices,
@@ -215,120 +265,72 @@ def test_report_and_check_names_a_dead_process(num_processes, devices):
     assert runs[1].returncode == -9, format_results(runs)
     survivors = [i for i in range(num_processes) if i != 1]
     assert [runs[i].returncode for i in survivors] == [0] * len(survivors), format_results(runs)
-    for r in _results(runs, survivors):
+    for r in _results(runs, "dead", survivors):
         assert r["error"] is not None
         assert "process(es) 1 did not report within 2 s" in r["error"]
-        assert r["elapsed"] < 5
+        # It waited out its timeout, and returned long before JAX's 10 s heartbeat would
+        # have aborted the survivors (their exit status 0 above says so too).
+        assert 2 <= r["elapsed"] < 10
 
 
-def test_report_and_check_late_process_sees_that_others_gave_up():
-    # Process 1 is slow, not dead: process 0 gives up after 1 s. When process 1 reports
-    # at 3 s it must not read process 0's earlier "ok" and carry on alone (e.g. commit).
-    runs = _run(
+@pytest.fixture(scope="module")
+def late_job() -> list[ProcessResult]:
+    """One job of 2 processes x 1 device: a late process, a broadcast without its primary,
+    then process 1 SIGKILLed by the parent when it prints a marker."""
+    return _run(
         """
+        # Process 1 is slow, not dead: process 0 gives up after 1 s. When process 1 reports
+        # at 3 s it must not read process 0's earlier "ok" and carry on alone (e.g. commit).
         if process_id == 1:
             time.sleep(3)
         try:
             timeout_s = 1 if process_id == 0 else 20
             _distributed.report_and_check("save/0/written", None, timeout_s=timeout_s)
-            result(error=None)
+            result("late", error=None)
         except DistributedError as e:
-            result(error=str(e))
-        """,
-        2,
-        1,
-    )
-    assert_all_ok(runs)
-    first, late = _results(runs)
-    assert "process(es) 1 did not report within 1 s" in first["error"]
-    assert "process 0 failed: gave up waiting for process(es) 1 after 1 s" in late["error"]
+            result("late", error=str(e))
 
-
-def test_broadcast_times_out_without_primary():
-    runs = _run(
-        """
         if process_id == 1:
             try:
                 _distributed.broadcast_str("never-sent", None, timeout_s=1)
-                result(error=None)
+                result("no_primary", error=None)
             except DistributedError as e:
-                result(error=str(e))
+                result("no_primary", error=str(e))
         _distributed.report_and_check("after", None, timeout_s=20)
-        """,
-        2,
-        1,
-    )
-    assert_all_ok(runs)
-    (record,) = _results(runs, [1])
-    assert "process 0 did not publish a value within 1 s" in record["error"]
 
-
-def test_report_and_check_dead_process_killed_by_marker():
-    # The other way to kill: the parent SIGKILLs process 1 when it prints a marker.
-    runs = _run(
-        """
+        # The other way to kill: the parent SIGKILLs process 1 when it prints a marker.
         if process_id == 1:
             print("ABOUT-TO-REPORT", flush=True)
             time.sleep(60)  # killed here
         try:
-            _distributed.report_and_check("save/0/written", None, timeout_s=2)
-            result(error=None)
+            _distributed.report_and_check("marker/written", None, timeout_s=2)
+            result("marker", error=None)
         except DistributedError as e:
-            result(error=str(e))
+            result("marker", error=str(e))
         """,
         2,
         1,
         kill_on={1: "ABOUT-TO-REPORT"},
     )
-    assert [r.returncode for r in runs] == [0, -9], format_results(runs)
-    (record,) = _results(runs, [0])
+
+
+def test_report_and_check_late_process_sees_that_others_gave_up(late_job):
+    assert [r.returncode for r in late_job] == [0, -9], format_results(late_job)
+    first, late = _results(late_job, "late")
+    assert "process(es) 1 did not report within 1 s" in first["error"]
+    assert "process 0 failed: gave up waiting for process(es) 1 after 1 s" in late["error"]
+
+
+def test_broadcast_times_out_without_primary(late_job):
+    assert [r.returncode for r in late_job] == [0, -9], format_results(late_job)
+    (record,) = _results(late_job, "no_primary", [1])
+    assert "process 0 did not publish a value within 1 s" in record["error"]
+
+
+def test_report_and_check_dead_process_killed_by_marker(late_job):
+    assert [r.returncode for r in late_job] == [0, -9], format_results(late_job)
+    (record,) = _results(late_job, "marker", [0])
     assert "process(es) 1 did not report within 2 s" in record["error"]
-
-
-@pytest.mark.parametrize(("num_processes", "devices"), LAYOUTS)
-def test_globally_sharded_array(num_processes, devices):
-    # Sanity for the checkpoint tests: an array over every device of every process,
-    # of which each process holds (and can read) only its own shards.
-    runs = _run(
-        """
-        import jax, numpy as np
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-        mesh = Mesh(np.array(jax.devices()), ("d",))
-        sharding = NamedSharding(mesh, P("d"))
-        full = np.arange(len(jax.devices()) * 4 * 3, dtype=np.float32).reshape(-1, 3)
-        x = jax.make_array_from_callback(full.shape, sharding, lambda index: full[index])
-        shards = x.addressable_shards
-        local = set(jax.local_devices())
-        total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))(x)
-        result(
-            shape=list(x.shape),
-            global_devices=len(jax.devices()),
-            fully_addressable=x.is_fully_addressable,
-            shard_devices_local=all(s.device in local for s in shards),
-            rows=[[s.index[0].start, s.index[0].stop] for s in shards],
-            data_ok=all(np.array_equal(np.asarray(s.data), full[s.index]) for s in shards),
-            total=float(total),
-            expected_total=float(full.sum()),
-        )
-        """,
-        num_processes,
-        devices,
-    )
-    assert_all_ok(runs)
-    records = _results(runs)
-    n_dev = num_processes * devices
-    for r in records:
-        assert r["shape"] == [n_dev * 4, 3]
-        assert r["global_devices"] == n_dev
-        assert r["fully_addressable"] is False
-        assert r["shard_devices_local"] is True
-        assert len(r["rows"]) == devices
-        assert r["data_ok"] is True
-        assert r["total"] == r["expected_total"]  # a cross-process reduction over gloo
-    # Between them the processes hold every row exactly once.
-    rows = sorted(tuple(row) for r in records for row in r["rows"])
-    assert rows == [(4 * k, 4 * k + 4) for k in range(n_dev)]
 
 
 # --- the harness itself ------------------------------------------------------------------
@@ -350,12 +352,13 @@ def test_harness_retries_when_the_port_is_taken(monkeypatch):
             return held
 
         monkeypatch.setattr(_multiprocess, "_reserve_port", reserve)
-        t = time.monotonic()
-        runs = run_multiprocess("print('hello', process_id)", num_processes=2, timeout_s=30)
+        # An initialization timeout far beyond the run's limit: a harness that waited for it
+        # rather than starting over at once would fail the run (MultiprocessError).
+        runs = run_multiprocess("print('hello', process_id)", num_processes=2,
+                                timeout_s=RUN_TIMEOUT_S, init_timeout_s=600)
     assert_all_ok(runs)
     assert len(handed_out) == 2 and handed_out[0] == taken_port, handed_out
     assert runs[1].stdout == "hello 1\n"
-    assert time.monotonic() - t < 15  # not a wait for the 20 s initialization timeout
 
 
 class _HeldElsewhere:
@@ -436,7 +439,8 @@ def test_harness_timeout_kills_every_process():
             num_processes=2,
             timeout_s=10,
         )
-    assert time.monotonic() - t < 20  # killed at the limit, not after the 60 s sleep
+    # Killed at the limit, not after the 60 s sleep (the bound leaves the load 35 s).
+    assert time.monotonic() - t < 45
     pids = [int(line.split()[1]) for line in str(info.value).splitlines() if line.startswith("PID")]
     assert len(pids) == 2, str(info.value)
     for pid in pids:  # reaped: the pid no longer names a process of ours
