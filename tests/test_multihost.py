@@ -5,6 +5,9 @@ values, and a step) is saved by 2 processes x 2 devices and by 4 processes x 1 d
 synchronously and asynchronously; restored in the same job onto another mesh, in one process
 with 4 devices, and in this (8-device) test process; and a process killed in the middle of a
 save leaves no commit, an error naming it on the survivors, and the earlier checkpoint intact.
+
+The jobs are shared, four in all: 2x2 saves A; 4x1 saves B and restores A onto its mesh; 2x2
+restores B and then loses a process in the middle of a save; 1x4 restores A and B.
 """
 
 import jax
@@ -77,7 +80,7 @@ for ckpt in (args["sync"], args["async"]):
             np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index], err_msg=path)
     assert pc.restore(ckpt, 0, at="step")[0] == 7
     np.testing.assert_array_equal(np.asarray(tree["extra/local"]), np.arange(5.0) * 1.5)
-print("RESTORED", process_id, len(expected))
+print("RESTORED", args["name"], process_id, len(expected))
 """
 
 LEAVES = ["opt_state/0/count", "opt_state/0/mu/dense/bias", "opt_state/0/mu/dense/kernel",
@@ -85,9 +88,10 @@ LEAVES = ["opt_state/0/count", "opt_state/0/mu/dense/bias", "opt_state/0/mu/dens
           "opt_state/0/nu/embed", "params/dense/bias", "params/dense/kernel", "params/embed"]
 
 
-def paths(tmp_path):
-    return {"sync": str(tmp_path / "sync"), "async": str(tmp_path / "async"),
-            "expected": str(tmp_path / "expected.npz"), "paths": LEAVES}
+def paths(tmp_path, name):
+    return {"name": name, "sync": str(tmp_path / name / "sync"),
+            "async": str(tmp_path / name / "async"),
+            "expected": str(tmp_path / f"expected-{name}.npz"), "paths": LEAVES}
 
 
 def _commit(ckpt):
@@ -118,31 +122,6 @@ def check_here(args):
             "default device)")
 
 
-@pytest.mark.timeout(170)
-@pytest.mark.parametrize("processes,devices", [(2, 2), (4, 1)])
-def test_multihost_save_and_restore_on_other_topologies(tmp_path, processes, devices):
-    args = paths(tmp_path)
-    results = run_multiprocess(SAVE, num_processes=processes, devices_per_process=devices,
-                               timeout_s=60, args=args)
-    assert_all_ok(results)
-    assert all(f"SAVED {i}" in r.stdout for i, r in enumerate(results)), format_results(results)
-    assert pc.metadata(args["sync"]).writer["processes"] == processes
-    loc = _storage.location(args["sync"])
-    commit = _open.load_commit(loc, _storage.open_kvstore(loc))
-    assert {proc for proc, _, _ in commit.blobs} == {0, processes - 1}  # "local" packed there
-    # The same checkpoints restored by a job of another shape, onto another mesh.
-    other = (4, 1) if (processes, devices) == (2, 2) else (2, 2)
-    results = run_multiprocess(RESTORE, num_processes=other[0], devices_per_process=other[1],
-                               timeout_s=60, args=args)
-    assert_all_ok(results)
-    assert all(f"RESTORED {i} 10" in r.stdout for i, r in enumerate(results))
-    # One process with 4 devices, and this process with 8.
-    results = run_multiprocess(RESTORE, num_processes=1, devices_per_process=4,
-                               timeout_s=60, args=args)
-    assert_all_ok(results)
-    check_here(args)
-
-
 KILLED = STATE + r"""
 from pytree_ckpt import _write
 pc.save(state, args["before"])
@@ -157,11 +136,65 @@ except pc.SaveError as e:
 """
 
 
-@pytest.mark.timeout(120)
-def test_a_process_killed_mid_save_means_no_commit(tmp_path):
-    args = {"before": str(tmp_path / "before"), "after": str(tmp_path / "after")}
-    results = run_multiprocess(KILLED, num_processes=2, devices_per_process=2, timeout_s=60,
-                               args=args, env={"PYTREE_CKPT_LIVENESS_TIMEOUT_S": "3"})
+def job(*snippets: tuple[str, str]) -> str:
+    """One job running ``snippets`` in turn, each (code, key): ``args[key]`` is its ``args``."""
+    return "".join(f"args = ARGS[{key!r}]\n{code}\n" for code, key in snippets)
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory) -> dict:
+    """The four jobs' results, and the arguments of checkpoints A (saved by 2x2) and B (by
+    4x1) and of the killed save."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    (tmp / "A").mkdir()
+    (tmp / "B").mkdir()
+    args = {"A": paths(tmp, "A"), "B": paths(tmp, "B"),
+            "killed": {"before": str(tmp / "before"), "after": str(tmp / "after")}}
+
+    def run(code, processes, devices, **kw):
+        return run_multiprocess("ARGS = args\n" + code, num_processes=processes,
+                                devices_per_process=devices, timeout_s=90, args=args, **kw)
+
+    return {
+        "args": args,
+        "2x2 saves A": run(job((SAVE, "A")), 2, 2),
+        "4x1 saves B, restores A": run(job((SAVE, "B"), (RESTORE, "A")), 4, 1),
+        # Liveness of 3 s: the killed save's survivor gives up quickly.
+        "2x2 restores B, killed": run(job((RESTORE, "B"), (KILLED, "killed")), 2, 2,
+                                      env={"PYTREE_CKPT_LIVENESS_TIMEOUT_S": "3"}),
+        "1x4 restores A and B": run(job((RESTORE, "A"), (RESTORE, "B")), 1, 4),
+    }
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name,processes,saved_by,restored_by", [
+    ("A", 2, "2x2 saves A", "4x1 saves B, restores A"),
+    ("B", 4, "4x1 saves B, restores A", "2x2 restores B, killed")], ids=["2x2", "4x1"])
+def test_multihost_save_and_restore_on_other_topologies(jobs, name, processes, saved_by,
+                                                        restored_by):
+    args = jobs["args"][name]
+    results = jobs[saved_by]
+    assert_all_ok(results)
+    assert all(f"SAVED {i}" in r.stdout for i, r in enumerate(results)), format_results(results)
+    assert pc.metadata(args["sync"]).writer["processes"] == processes
+    commit = _commit(args["sync"])
+    assert {proc for proc, _, _ in commit.blobs} == {0, processes - 1}  # "local" packed there
+    # The same checkpoints restored by a job of another shape, onto another mesh.
+    # (The 2x2 job goes on to lose a process: its exit statuses are checked by the last test.)
+    results = jobs[restored_by]
+    assert all(f"RESTORED {name} {i} 10" in r.stdout for i, r in enumerate(results)), (
+        format_results(results))
+    # One process with 4 devices, and this process with 8.
+    results = jobs["1x4 restores A and B"]
+    assert_all_ok(results)
+    assert f"RESTORED {name} 0 10" in results[0].stdout, format_results(results)
+    check_here(args)
+
+
+@pytest.mark.timeout(400)
+def test_a_process_killed_mid_save_means_no_commit(jobs):
+    args = jobs["args"]["killed"]
+    results = jobs["2x2 restores B, killed"]
     assert results[1].returncode != 0  # killed
     assert results[0].returncode == 0, format_results(results)
     assert "SAVE FAILED:" in results[0].stdout and "nothing was committed" in results[0].stdout
