@@ -17,6 +17,10 @@ LATEST := .venv-latest
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
+# The suite in 2 worker processes (pytest-xdist), each given whole files: a module's shared
+# fixtures (a multi-process job, a warm child) are then made once.
+PYTEST := -m pytest -q -n 2 --dist loadfile
+
 .PHONY: setup demo test bench lint lock test-latest clean
 
 $(UV):
@@ -34,7 +38,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) $(PYTEST)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
@@ -55,7 +59,7 @@ test-latest: $(UV)
 	$(UV) venv --quiet --python $(PYTHON) $(LATEST)
 	$(UV) pip install --quiet --python $(LATEST)/bin/python --upgrade -e '.[dev,bench]'
 	$(UV) pip list --python $(LATEST)/bin/python | grep -iE '^(jax|jaxlib|tensorstore|numpy|ml.dtypes|msgpack|flax|optax|orbax-checkpoint) '
-	$(LATEST)/bin/python -m pytest -q
+	$(LATEST)/bin/python $(PYTEST)
 
 clean:
 	rm -rf $(VENV) $(LATEST) $(TOOLS) build src/*.egg-info
