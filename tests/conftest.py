@@ -76,6 +76,16 @@ def proxied(request, monkeypatch) -> Iterator[tuple[FaultProxy, str]]:
 # ---- End of object-storage servers ----
 
 
+@pytest.fixture(scope="session")
+def zygote():
+    """A warm process that forks a fresh child per ``zygote.run(code, argv)`` (tests/_zygote.py):
+    a process of its own without the start-up of an interpreter and JAX each time."""
+    from _zygote import Zygote
+
+    with Zygote() as warm:
+        yield warm
+
+
 @pytest.fixture(params=["gcs", "s3"])
 def bucket(request, monkeypatch) -> str:
     """A fresh folder URL per test on fake-gcs-server and on moto's S3, as a user types it."""
