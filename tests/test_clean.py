@@ -2,16 +2,12 @@
 generations no commit file names), never what a save may still be writing."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import pytree_ckpt as pc
 from pytree_ckpt import _clean
-
-SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 
 # Writes its data, then is SIGKILLed just before writing the commit file: what a crashed
 # overwrite leaves is a generation folder that no commit file names.
@@ -31,9 +27,8 @@ pc.save({"w": np.full(100_000, 9.0)}, sys.argv[1], overwrite=True)
 """
 
 
-def _crash_an_overwrite(path):
-    child = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_COMMIT, str(path)],
-                           env=dict(os.environ, PYTHONPATH=SRC), capture_output=True)
+def _crash_an_overwrite(zygote, path):
+    child = zygote.run(_KILLED_BEFORE_COMMIT, [path])  # a fresh process, forked warm
     assert child.returncode == -9, child.stderr[-2000:]
 
 
@@ -41,13 +36,13 @@ def _generations(path):
     return sorted(p.name for p in path.iterdir() if p.name.startswith("d-"))
 
 
-def test_crashed_overwrites_leave_generations_that_clean_reclaims_once_old(tmp_path,
+def test_crashed_overwrites_leave_generations_that_clean_reclaims_once_old(zygote, tmp_path,
                                                                            monkeypatch):
     path = tmp_path / "c"
     pc.save({"w": np.arange(3)}, path)
     (committed,) = _generations(path)
     for _ in range(2):
-        _crash_an_overwrite(path)
+        _crash_an_overwrite(zygote, path)
     orphans = [g for g in _generations(path) if g != committed]
     assert len(orphans) == 2
     # Minutes old: as far as anyone can tell, saves still writing. Nothing is deleted.
@@ -69,13 +64,13 @@ def test_crashed_overwrites_leave_generations_that_clean_reclaims_once_old(tmp_p
     assert pc.CleanReport._fields == ("path", "incomplete", "orphaned", "kept", "deleted")
 
 
-def test_a_manager_start_reclaims_orphaned_generations_and_incomplete_steps(tmp_path):
+def test_a_manager_start_reclaims_orphaned_generations_and_incomplete_steps(zygote, tmp_path):
     run = tmp_path / "run"
     with pc.CheckpointManager(run, async_save=False) as mgr:
         mgr.save(1, {"w": np.arange(3)})
     (committed,) = _generations(run / "1")
-    _crash_an_overwrite(run / "1")  # an orphan inside a committed step
-    _crash_an_overwrite(run / "2")  # an incomplete step
+    _crash_an_overwrite(zygote, run / "1")  # an orphan inside a committed step
+    _crash_an_overwrite(zygote, run / "2")  # an incomplete step
     assert len(_generations(run / "1")) == 2 and len(_generations(run / "2")) == 1
     (orphan,) = [g for g in _generations(run / "1") if g != committed]
     assert pc.clean(run).kept == (str(run / "1" / orphan), str(run / "2"))  # minutes old
@@ -86,10 +81,10 @@ def test_a_manager_start_reclaims_orphaned_generations_and_incomplete_steps(tmp_
     np.testing.assert_array_equal(tree["w"], np.arange(3))
 
 
-def test_clean_reports_an_incomplete_checkpoint_and_deletes_only_leftovers(tmp_path,
+def test_clean_reports_an_incomplete_checkpoint_and_deletes_only_leftovers(zygote, tmp_path,
                                                                           monkeypatch):
     path = tmp_path / "c"
-    _crash_an_overwrite(path)
+    _crash_an_overwrite(zygote, path)
     monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)
     assert pc.clean(path).incomplete == (str(path),)
     pc.clean(path, delete=True)
@@ -107,13 +102,12 @@ mgr.save(2, {"w": np.full(1000, 9.0)}, metrics={"loss": 0.25})
 """
 
 
-def test_clean_reclaims_the_metrics_files_of_steps_that_never_committed(tmp_path,
+def test_clean_reclaims_the_metrics_files_of_steps_that_never_committed(zygote, tmp_path,
                                                                         monkeypatch):
     run = tmp_path / "run"
     with pc.CheckpointManager(run, async_save=False) as mgr:
         mgr.save(1, {"w": np.arange(3)}, metrics={"loss": 0.5})
-    child = subprocess.run([sys.executable, "-c", _MANAGER_KILLED_BEFORE_COMMIT, str(run)],
-                           env=dict(os.environ, PYTHONPATH=SRC), capture_output=True)
+    child = zygote.run(_MANAGER_KILLED_BEFORE_COMMIT, [run])
     assert child.returncode == -9, child.stderr[-2000:]
     # A metrics file whose save died before it made its step folder, and TensorStore's
     # temporary file of a metrics write that never finished.

@@ -20,8 +20,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -31,7 +29,6 @@ import pytree_ckpt as pc
 from pytree_ckpt import _format
 
 ROUNDS = int(os.environ.get("PYTREE_CKPT_RACE_ROUNDS", 10))
-_SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
 def _generations(path) -> list[str]:
@@ -67,14 +64,12 @@ pc.save({"w": np.zeros(3), "long": "x" * 4_000_000}, path, overwrite=True)
 """
 
 
-def test_killed_during_the_commit_write_then_a_shorter_save(tmp_path):
+def test_killed_during_the_commit_write_then_a_shorter_save(zygote, tmp_path):
     path = tmp_path / "c"
     pc.save({"w": np.ones(3)}, path)
     temp = path / (_format.COMMIT_FILE + ".__lock")
-    env = dict(os.environ, PYTHONPATH=_SRC)
     for seed in range(10):
-        child = subprocess.run([sys.executable, "-c", _KILLED_MID_COMMIT, str(path), str(seed)],
-                               env=env, capture_output=True)
+        child = zygote.run(_KILLED_MID_COMMIT, [path, seed])  # a fresh process, forked warm
         assert child.returncode == -9, child.stderr[-2000:]
         tree, _ = pc.restore(path)  # the old tree or the new one, whole
         assert "long" not in tree or len(tree["long"]) == 4_000_000
