@@ -2,11 +2,14 @@
 ``jax.distributed`` jobs: a save whose processes differ (the path, the tree) or fail (a
 snapshot error on one) fails on every process, names what differed, and the next save of the
 same job commits and restores; a process that is slow to write but alive is waited for.
+
+The cases share one job, in turn (the snapshot error first: its message names the job's first
+save); each prints its lines prefixed with its name.
 """
 
 import numpy as np
 import pytest
-from _multiprocess import assert_all_ok, format_results, run_multiprocess
+from _multiprocess import assert_all_ok, run_multiprocess
 
 import pytree_ckpt as pc
 
@@ -21,45 +24,63 @@ full = np.arange(16, dtype=np.float32)
 w = jax.make_array_from_callback((16,), NamedSharding(mesh, P("x")), lambda i: full[i])
 good = {"w": w, "step": 3}
 real = _write.write_data
-case, bad_tree, bad_path = args["case"], good, args["bad"]
-if case == "paths":  # e.g. a hostname or a timestamp in the path
-    bad_path = args["bad"] + ("-host1" if process_id == 1 else "")
-elif case == "snapshot" and process_id == 1:
-    bad_tree = dict(good, odd=object())  # unsupported: raises during the snapshot
-elif case == "trees":
-    bad_tree = dict(good, extra=np.zeros(3 if process_id == 0 else 4))
-elif case == "weak":  # a Python float is weakly typed, a NumPy float32 is not
-    lr = jax.device_put(0.5 if process_id == 0 else np.float32(0.5), NamedSharding(mesh, P()))
-    assert lr.weak_type == (process_id == 0)
-    bad_tree = dict(good, lr=lr)
-elif case == "slow" and process_id == 1:
-    def slow(*a):
-        time.sleep(5)  # longer than the arrival timeout, alive all along
-        return real(*a)
-    _write.write_data = slow
-try:
-    pc.save(bad_tree, bad_path)
-    print("FIRST SAVED", flush=True)
-except Exception as e:
-    print("FIRST FAILED", type(e).__name__, str(e).replace("\n", " "), flush=True)
-_write.write_data = real
-pc.save(good, args["good"])
-print("SECOND SAVED", flush=True)
+for case, paths in args.items():
+    bad_tree, bad_path = good, paths["bad"]
+    if case == "paths":  # e.g. a hostname or a timestamp in the path
+        bad_path = paths["bad"] + ("-host1" if process_id == 1 else "")
+    elif case == "snapshot" and process_id == 1:
+        bad_tree = dict(good, odd=object())  # unsupported: raises during the snapshot
+    elif case == "trees":
+        bad_tree = dict(good, extra=np.zeros(3 if process_id == 0 else 4))
+    elif case == "weak":  # a Python float is weakly typed, a NumPy float32 is not
+        lr = jax.device_put(0.5 if process_id == 0 else np.float32(0.5), NamedSharding(mesh, P()))
+        assert lr.weak_type == (process_id == 0)
+        bad_tree = dict(good, lr=lr)
+    elif case == "slow" and process_id == 1:
+        def slow(*a):
+            time.sleep(5)  # longer than the arrival timeout, alive all along
+            return real(*a)
+        _write.write_data = slow
+    try:
+        pc.save(bad_tree, bad_path)
+        print(case, "FIRST SAVED", flush=True)
+    except Exception as e:
+        print(case, "FIRST FAILED", type(e).__name__, str(e).replace("\n", " "), flush=True)
+    _write.write_data = real
+    pc.save(good, paths["good"])
+    print(case, "SECOND SAVED", flush=True)
 """
 
+CASES = ["snapshot", "paths", "trees", "weak", "slow"]
 
-def _job(tmp_path, case):
-    args = {"case": case, "bad": str(tmp_path / "first"), "good": str(tmp_path / "second")}
-    results = run_multiprocess(JOB, num_processes=2, devices_per_process=1, timeout_s=90,
+
+@pytest.fixture(scope="module")
+def outs(tmp_path_factory) -> dict:
+    """Each case's folder and its two processes' lines (without the case's name)."""
+    tmp = tmp_path_factory.mktemp("agreement")
+    args = {}
+    for case in CASES:
+        (tmp / case).mkdir()
+        args[case] = {"bad": str(tmp / case / "first"), "good": str(tmp / case / "second")}
+    results = run_multiprocess(JOB, num_processes=2, devices_per_process=1, timeout_s=150,
                                args=args, env={"PYTREE_CKPT_BARRIER_TIMEOUT_S": "2",
                                                "PYTREE_CKPT_LIVENESS_TIMEOUT_S": "2"})
     assert_all_ok(results)
-    assert all("SECOND SAVED" in r.stdout for r in results), format_results(results)
+    return {case: (tmp / case, ["\n".join(line.removeprefix(case + " ")
+                                         for line in r.stdout.splitlines()
+                                         if line.startswith(case + " "))
+                               for r in results])
+            for case in CASES}
+
+
+def _job(outs, case):
+    tmp_path, lines = outs[case]
+    assert all("SECOND SAVED" in out for out in lines), lines
     tree, status = pc.restore(tmp_path / "second")  # the next save committed, whole
     status.assert_consumed()
     np.testing.assert_array_equal(np.asarray(tree["w"]), np.arange(16, dtype=np.float32))
     assert tree["step"] == 3
-    return [r.stdout for r in results]
+    return tmp_path, lines
 
 
 def _first(out):
@@ -73,10 +94,10 @@ def _nothing_committed(*paths):
             pc.restore(path)
 
 
-@pytest.mark.timeout(150)
-def test_processes_saving_to_different_paths_commit_nothing(tmp_path):
-    outs = _job(tmp_path, "paths")
-    for out, own in zip(outs, ["first", "first-host1"], strict=True):
+@pytest.mark.timeout(250)
+def test_processes_saving_to_different_paths_commit_nothing(outs):
+    tmp_path, lines = _job(outs, "paths")
+    for out, own in zip(lines, ["first", "first-host1"], strict=True):
         assert _first(out).startswith(
             f"FIRST FAILED DistributedError {tmp_path / own}: save refused on every "
             f"process: process(es) 1 saved another checkpoint path than process 0 (process 0: "
@@ -84,9 +105,9 @@ def test_processes_saving_to_different_paths_commit_nothing(tmp_path):
     _nothing_committed(tmp_path / "first", tmp_path / "first-host1")
 
 
-@pytest.mark.timeout(150)
-def test_a_snapshot_error_on_one_process_fails_the_save_on_every_process(tmp_path):
-    out0, out1 = _job(tmp_path, "snapshot")
+@pytest.mark.timeout(250)
+def test_a_snapshot_error_on_one_process_fails_the_save_on_every_process(outs):
+    tmp_path, (out0, out1) = _job(outs, "snapshot")
     assert _first(out1).startswith("FIRST FAILED UnsupportedLeafError"), out1
     assert "'odd'" in _first(out1)
     assert _first(out0).startswith(
@@ -96,13 +117,13 @@ def test_a_snapshot_error_on_one_process_fails_the_save_on_every_process(tmp_pat
     _nothing_committed(tmp_path / "first")
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(250)
 @pytest.mark.parametrize("case", ["trees", "weak"])
-def test_processes_saving_different_trees_commit_nothing(tmp_path, case):
+def test_processes_saving_different_trees_commit_nothing(outs, case):
     # "weak": the same tree, one leaf weakly typed on process 1 only. Restore gives back the
     # weak type it finds, so the hosts must agree on it too.
-    outs = _job(tmp_path, case)
-    for out in outs:
+    tmp_path, lines = _job(outs, case)
+    for out in lines:
         assert _first(out).startswith(
             f"FIRST FAILED DistributedError {tmp_path / 'first'}: save refused on every "
             "process: process(es) 1 saved another tree (its structure, or a leaf's path, "
@@ -111,11 +132,11 @@ def test_processes_saving_different_trees_commit_nothing(tmp_path, case):
     _nothing_committed(tmp_path / "first")
 
 
-@pytest.mark.timeout(150)
-def test_a_slow_but_live_process_is_waited_for(tmp_path):
+@pytest.mark.timeout(250)
+def test_a_slow_but_live_process_is_waited_for(outs):
     # Process 1 writes for 5 s; the arrival timeout and the liveness timeout are 2 s: it
     # is alive all along (its heartbeat), so the save commits instead of failing at 2 s.
-    outs = _job(tmp_path, "slow")
-    assert all(_first(out) == "FIRST SAVED" for out in outs), outs
+    tmp_path, lines = _job(outs, "slow")
+    assert all(_first(out) == "FIRST SAVED" for out in lines), lines
     tree, _ = pc.restore(tmp_path / "first")
     np.testing.assert_array_equal(np.asarray(tree["w"]), np.arange(16, dtype=np.float32))
