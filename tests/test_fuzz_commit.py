@@ -2,8 +2,8 @@
 
 Every case must end in a ``pc.CheckpointError`` (any other exception escaping
 ``_decode.decode``, ``pc.restore`` or ``pc.metadata`` is a bug), or decode and restore
-without returning wrong data, within a bounded time (hypothesis' per-example deadline,
-pytest-timeout as the backstop).
+without returning wrong data, within a bounded time (each example's CPU time, which the load of
+other processes does not stretch; pytest-timeout as the backstop).
 
 - random bytes and random msgpack values;
 - truncations and bit flips of a real commit file (arrays, packed leaves, Python leaves,
@@ -22,11 +22,12 @@ test, e.g. ``PYTREE_CKPT_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz_commit.py``.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import shutil
+import time
 import zlib
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import jax
@@ -42,11 +43,31 @@ import pytree_ckpt as pc
 from pytree_ckpt import _decode, _format, _graph
 
 EXAMPLES = int(os.environ.get("PYTREE_CKPT_FUZZ_EXAMPLES", "150"))
-FAST = settings(max_examples=EXAMPLES, deadline=timedelta(seconds=5), database=None,
+# No wall-clock deadline: each example is bounded by its CPU time instead (cpu_bounded).
+FAST = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-SLOW = settings(max_examples=max(EXAMPLES // 3, 10), deadline=timedelta(seconds=20),
+SLOW = settings(max_examples=max(EXAMPLES // 3, 10), deadline=None,
                 database=None, suppress_health_check=[HealthCheck.too_slow,
                                                       HealthCheck.data_too_large])
+
+
+def cpu_bounded(seconds: float):
+    """Fails an example that takes more than ``seconds`` of this process's CPU time (every
+    thread's: TensorStore's work counts, other processes' does not)."""
+
+    def wrap(test):
+        @functools.wraps(test)
+        def bounded(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return test(*args, **kwargs)
+            finally:
+                used = time.process_time() - start
+                assert used < seconds, f"{used:.1f} s of CPU time, more than {seconds} s"
+
+        return bounded
+
+    return wrap
 
 
 class Pair(NamedTuple):
@@ -119,12 +140,14 @@ msgpack_values = st.recursive(
 
 @FAST
 @given(st.binary(max_size=4096))
+@cpu_bounded(5)
 def test_random_bytes(data):
     assert decode_or_error(data) is None
 
 
 @FAST
 @given(msgpack_values, st.booleans())
+@cpu_bounded(5)
 def test_random_msgpack_as_file_and_as_body(value, as_body):
     packed = msgpack.packb(value, use_bin_type=True)
     assert decode_or_error(repack(None, packed) if as_body else packed) is None
@@ -150,6 +173,7 @@ def test_every_single_bit_flip_is_refused(real):
 
 @FAST
 @given(st.data())
+@cpu_bounded(5)
 def test_bit_flips_are_refused(real, data):
     raw = bytearray(real.raw)
     bits = data.draw(st.lists(st.integers(0, 8 * len(raw) - 1), min_size=1, max_size=8,
@@ -285,6 +309,7 @@ def mutate(real: Real, data: st.DataObject) -> bytes:
 
 @FAST
 @given(st.data())
+@cpu_bounded(5)
 def test_structured_mutations_decode_or_raise(real, data):
     decode_or_error(mutate(real, data))
 
@@ -346,6 +371,7 @@ def restore_checked(real: Real, scratch, raw: bytes) -> None:
 
 @SLOW
 @given(st.data())
+@cpu_bounded(20)
 def test_structured_mutations_restore_end_to_end(real, scratch, data):
     raw = mutate(real, data)
     if decode_or_error(raw) is not None:
@@ -354,6 +380,7 @@ def test_structured_mutations_restore_end_to_end(real, scratch, data):
 
 @SLOW
 @given(st.data())
+@cpu_bounded(20)
 def test_packed_leaf_location_mutations_never_return_wrong_data(real, scratch, data):
     rows = to_rows(real.body)
     path = data.draw(st.sampled_from(packed_paths(rows)))
