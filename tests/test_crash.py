@@ -103,12 +103,20 @@ def test_sigkill_at_random_instants(zygote, tmp_path, mode):
     shared = tmp_path / ("ow" if mode == "overwrite" else "mgr")
     kills = max(KILLS // len(MODES), 1)
     next_step, last_acked = 0, -1
-    for cycle in range(kills):
+    cycle = 0
+    # Up to 3 more cycles while no save has completed (a loaded machine): those kill only
+    # after the child's first acknowledgement, at a random instant of its next save.
+    while cycle < kills or (last_acked < 0 and cycle < kills + 3):
         root = shared if mode in ("overwrite", "manager") else tmp_path / f"c{cycle}"
         before = len(acked(log))
         pid = spawn(zygote, mode, root, next_step, log)
+        if cycle >= kills:
+            deadline = time.monotonic() + 120
+            while len(acked(log)) == before and time.monotonic() < deadline:
+                time.sleep(0.05)
         # The first save of a fresh child includes starting JAX's CPU backend: ~0.3-1 s.
         time.sleep(rng.uniform(0.15, 1.3))
+        cycle += 1
         os.kill(pid, signal.SIGKILL)
         _wait_gone(zygote, pid)
         acks = acked(log)
