@@ -96,3 +96,9 @@ def bucket(request, monkeypatch) -> str:
     monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
     monkeypatch.setenv("AWS_REGION", server.region)
     return f"{server.url}/{name}"
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked slow (the benchmark scripts' smoke runs, minutes each) run first: in 2
+    workers given whole files, a long file left to the end would run alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable otherwise
