@@ -464,7 +464,7 @@ for i in range(args["saves"]):
     pc.save({"w": jnp.arange(4.0) + i, "i": i}, args["path"], overwrite=True)
     if process_id == 0 and i in (4, args["saves"] - 1):
         counts.append(len(client.key_value_dir_get("pytree_ckpt/save/")))
-result(counts=counts, last=int(pc.restore(args["path"])[0]["i"]))
+result("keys", counts=counts, last=int(pc.restore(args["path"])[0]["i"]))
 """
 
 
@@ -477,7 +477,7 @@ def test_a_long_job_keeps_no_keys_of_finished_saves(tmp_path):
                             devices_per_process=1, timeout_s=150,
                             args={"path": str(tmp_path / "ckpt"), "saves": saves})
     assert_all_ok(runs)
-    first, second = _results(runs)
+    first, second = _results(runs, "keys")
     assert second["last"] == first["last"] == saves - 1
     early, late = first["counts"]
     assert 0 < late <= early <= 16, first  # at most the keys of the last two saves
