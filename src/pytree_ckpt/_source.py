@@ -12,6 +12,7 @@ every format.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -114,11 +115,20 @@ def checked_nodes(where: str, nodes: tuple[_graph.Node, ...], leaves: Mapping[st
 
 
 class File(NamedTuple):
-    """One file in a kvstore: the store of its folder and its key there."""
+    """One file in a kvstore: the store of its folder and its key there, and its path on
+    a local disk (None elsewhere)."""
 
     url: str
     kv: ts.KvStore
     key: str
+    local: str | None = None
+
+
+def check_file(f: File) -> None:
+    """Refuses a local ``f`` that is a FIFO, device or socket (:class:`NotACheckpointError`):
+    TensorStore's read of one would block until a writer came, maybe forever."""
+    if f.local is not None:
+        _storage.check_regular(f.local)
 
 
 def file_at(loc: _storage.Location) -> File | None:
@@ -132,18 +142,21 @@ def file_at(loc: _storage.Location) -> File | None:
     if loc.spec.get("driver") == "file" and not parent:
         spec["path"] = "/"
     kv = ts.KvStore.open(spec, context=_storage.context()).result()
-    return File(loc.url.rstrip("/"), kv, name)
+    local = loc.local.rstrip("/") if loc.local is not None else None
+    return File(loc.url.rstrip("/"), kv, name, local)
 
 
 def sibling(f: File, name: str) -> File:
     """The file ``name`` in ``f``'s folder (a shard named by an index file)."""
     parent = f.url.rstrip("/").rpartition("/")[0]
-    return File(f"{parent}/{name}", f.kv, name)
+    local = os.path.join(os.path.dirname(f.local), name) if f.local is not None else None
+    return File(f"{parent}/{name}", f.kv, name, local)
 
 
 def read_range(f: File, start: int, stop: int, what: str) -> bytes:
     """Bytes ``[start, stop)`` of ``f``, all of them, or :class:`CorruptCheckpointError`
-    naming ``what`` (a range past the end of the file)."""
+    naming ``what`` (a range past the end of the file); :func:`check_file` first."""
+    check_file(f)
     try:
         result = f.kv.read(f.key, byte_range=slice(start, stop)).result()
     except Exception as e:

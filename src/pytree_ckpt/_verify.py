@@ -100,17 +100,14 @@ def verify(path: str | os.PathLike | dict, *, strict: bool = False,
     with _gc_pause.paused(), _faults.faults(loc.url):  # a storage fault is no damage found
         commit = _load_ours(loc, kv)
         problems: dict[str, str] = {}
-        read = _Checker(loc.url, kv, commit, problems)
+        read = _Checker(loc, kv, commit, problems)
         read.add(_commit_bytes(kv, loc))
+        for path in sorted(read.irregular)[:1]:
+            problems[""] = read.refused(os.path.relpath(path, loc.local)) or path
         try:
             _decode.tree_nodes(commit, commit_file(loc))
         except CorruptCheckpointError as e:
             problems[""] = str(e)
-        if loc.local is not None:
-            try:
-                _storage.check_regular_tree(os.path.join(loc.local, commit.data))
-            except NotACheckpointError as e:
-                problems.setdefault("", str(e))
         records = read.records()
         packed = [r for r in records if r.storage.kind == "p"]
         zarr = [r for r in records if r.storage.kind == "z"]
@@ -159,10 +156,26 @@ class _Checker:
     """Reads and checks leaves, counting the bytes read and recording the first problem of
     each leaf in ``problems``."""
 
-    def __init__(self, url: str, kv: Any, commit: Commit, problems: dict[str, str]):
-        self.url, self.kv, self.commit, self.problems = url, kv, commit, problems
+    def __init__(self, loc: _storage.Location, kv: Any, commit: Commit,
+                 problems: dict[str, str]):
+        self.url, self.kv, self.commit, self.problems = loc.url, kv, commit, problems
         self.bytes = 0
         self.advance: _progress.Advance = lambda n: None  # a progress bar's, by data bytes
+        # Locally, the files that are FIFOs, devices or sockets: never read (a read of one
+        # blocks until a writer comes), each a problem of the leaf it holds.
+        self.local = loc.local
+        self.irregular = set(_storage.irregular_files(os.path.join(loc.local, commit.data))
+                             if loc.local is not None else ())
+
+    def refused(self, key: str) -> str | None:
+        """Why ``key`` is not read, or None: it is a FIFO, device or socket."""
+        if self.local is None or os.path.join(self.local, key) not in self.irregular:
+            return None
+        try:
+            _storage.check_regular(os.path.join(self.local, key))
+        except NotACheckpointError as e:
+            return str(e)
+        return None
 
     def add(self, n: int) -> None:
         self.bytes += n
@@ -194,6 +207,11 @@ class _Checker:
         for blob, recs in sorted(by_blob.items()):
             key = self.commit.blob_key(blob)
             declared = self.commit.blobs[blob][2]
+            refused = self.refused(key)
+            if refused is not None:
+                for rec in recs:
+                    self.fail(rec.path, refused)
+                continue
             result = self.kv.read(key).result()
             self.advance(declared)
             data = bytes(result.value) if result.state == "value" else None
@@ -220,8 +238,11 @@ class _Checker:
         n = _binding.chunk_bytes(rec)
         for flat, (index, result) in enumerate(self._chunks(rec)):
             key = _binding.chunk_key(self.commit.data, rec, index)
-            value = bytes(result.value) if result.state == "value" else None
             self.advance(n + _binding.TRAILER)
+            if isinstance(result, str):
+                self.fail(rec.path, result)
+                continue
+            value = bytes(result.value) if result.state == "value" else None
             if value is None:
                 self.fail(rec.path, f"chunk {index} ({key}) is missing")
                 continue
@@ -240,20 +261,25 @@ class _Checker:
                           "checkpoint)")
 
     def _chunks(self, rec: LeafRecord) -> Iterator[tuple[tuple[int, ...], Any]]:
-        """Every chunk of ``rec`` read whole, in C order, ``_IN_FLIGHT`` at a time."""
+        """Every chunk of ``rec`` read whole, in C order, ``_IN_FLIGHT`` at a time; a chunk
+        not read (:meth:`refused`) comes as the reason, a string."""
         in_flight: collections.deque = collections.deque()
         for index in _binding.all_chunks(rec):
             key = _binding.chunk_key(self.commit.data, rec, index)
-            in_flight.append((index, self.kv.read(key)))
+            in_flight.append((index, self.refused(key) or self.kv.read(key)))
             if len(in_flight) >= _IN_FLIGHT:
                 index, future = in_flight.popleft()
-                yield index, future.result()
+                yield index, future if isinstance(future, str) else future.result()
         while in_flight:
             index, future = in_flight.popleft()
-            yield index, future.result()
+            yield index, future if isinstance(future, str) else future.result()
 
     def _zarr_json(self, rec: LeafRecord) -> None:
         key = f"{self.commit.data}/a/{rec.storage.index}/zarr.json"
+        refused = self.refused(key)
+        if refused is not None:
+            self.fail(rec.path, refused)
+            return
         result = self.kv.read(key).result()
         if result.state != "value":
             self.fail(rec.path, f"{key} is missing")

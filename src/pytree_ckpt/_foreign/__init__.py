@@ -10,11 +10,13 @@ Tried in order where no commit file of ours is found at a path:
   starts a msgpack map is a Flax msgpack file.
 
 Nothing is imported or executed from what a file says: the bytes choose a reader, and the
-reader treats them as untrusted.
+reader treats them as untrusted. Locally, no file that is a FIFO, device or socket is read
+(:class:`NotACheckpointError`): TensorStore's read of one blocks until a writer comes.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .. import _source, _storage
@@ -25,17 +27,19 @@ _HEAD_BYTES = 16
 
 def detect(loc: _storage.Location, kv: Any) -> _source.Source | None:
     """The checkpoint at ``loc`` read by the reader its files call for, or None."""
-    if _exists(kv, orbax.ITEM_METADATA):
+    if _exists(loc, kv, orbax.ITEM_METADATA):
         return orbax.open_item(loc, kv)
-    if _exists(kv, orbax.STEP_METADATA):
+    if _exists(loc, kv, orbax.STEP_METADATA):
         return orbax.open_step(loc, kv)
-    if _exists(kv, safetensors.INDEX_FILE):
+    if _exists(loc, kv, safetensors.INDEX_FILE):
+        local = os.path.join(loc.local, safetensors.INDEX_FILE) if loc.local else None
         f = _source.File(f"{loc.url.rstrip('/')}/{safetensors.INDEX_FILE}", kv,
-                         safetensors.INDEX_FILE)
+                         safetensors.INDEX_FILE, local)
         return safetensors.open_index(f)
     f = _file(loc)
     if f is None:
         return None
+    _source.check_file(f)
     head = _head(f)
     if head is None:
         return None
@@ -66,7 +70,9 @@ def _head(f: _source.File) -> bytes | None:
     return bytes(result.value) if result.state == "value" else None
 
 
-def _exists(kv: Any, key: str) -> bool:
+def _exists(loc: _storage.Location, kv: Any, key: str) -> bool:
+    if loc.local is not None:
+        _storage.check_regular(os.path.join(loc.local, key))
     try:
         return kv.read(key, byte_range=slice(0, 0)).result().state == "value"
     except Exception:  # the location is a file, not a folder

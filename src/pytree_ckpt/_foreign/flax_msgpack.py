@@ -110,6 +110,7 @@ def _ext(where: str) -> Any:
 
 def open_file(f: _source.File) -> _source.Source:
     """The Flax msgpack file ``f`` as a :class:`_source.Source`."""
+    _source.check_file(f)
     result = f.kv.read(f.key).result()
     data = bytes(result.value) if result.state == "value" else b""
     try:

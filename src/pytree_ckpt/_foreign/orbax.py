@@ -71,6 +71,7 @@ def check_not_temporary(loc: _storage.Location) -> None:
 def open_item(loc: _storage.Location, kv: ts.KvStore) -> _source.Source:
     """The Orbax item folder at ``loc`` as a :class:`_source.Source`."""
     check_not_temporary(loc)
+    _check_files(loc)
     recs, kinds = _item(loc, kv, "", _context())
     return _make_source(loc, recs, kinds, {"library": "orbax"})
 
@@ -78,6 +79,7 @@ def open_item(loc: _storage.Location, kv: ts.KvStore) -> _source.Source:
 def open_step(loc: _storage.Location, kv: ts.KvStore) -> _source.Source:
     """The CheckpointManager step folder at ``loc``: its items are the top-level names."""
     check_not_temporary(loc)
+    _check_files(loc)
     meta = _json(loc.url, STEP_METADATA, _storage.read_key(kv, STEP_METADATA))
     context = _context()
     recs: list[LeafRecord] = []
@@ -100,6 +102,13 @@ def open_step(loc: _storage.Location, kv: ts.KvStore) -> _source.Source:
     metrics = meta.get("metrics") if isinstance(meta, dict) else None
     writer = {"library": "orbax", "metrics": metrics if isinstance(metrics, dict) else {}}
     return _make_source(loc, recs, kinds, writer)
+
+
+def _check_files(loc: _storage.Location) -> None:
+    """Locally, refuses a FIFO, device or socket anywhere in the folder (one ``stat`` per
+    file): TensorStore (the zarr and OCDBT drivers included) would block reading one."""
+    if loc.local is not None:
+        _storage.check_regular_tree(loc.local)
 
 
 def _make_source(loc: _storage.Location, recs: list[LeafRecord], kinds: dict[str, str],

@@ -114,6 +114,7 @@ def _make_source(url: str, files: list[_source.File], entries: list[tuple[str, L
 
 
 def _index(f: _source.File) -> tuple[dict[str, str], dict[str, Any]]:
+    _source.check_file(f)
     result = f.kv.read(f.key).result()
     if result.state != "value":
         raise CorruptCheckpointError(f"{f.url}: cannot read the index file")

@@ -1,0 +1,171 @@
+"""Hostile inputs of other tools' formats (Orbax, Flax msgpack, safetensors): a FIFO in any
+file a reader opens is a typed error naming the file, within a second; nothing read ever
+blocks (a read that does is released after a few seconds and the test fails)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import serialization
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from safetensors.numpy import save_file
+
+import pytree_ckpt as pc
+from pytree_ckpt import _cli
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.timeout(120)]
+
+def _orbax_tree():
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(2), ("x",))
+    return {"w": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, PartitionSpec("x"))),
+            "note": "text", "step": 3}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """One checkpoint of each kind a reader opens, to be copied and damaged."""
+    root = tmp_path_factory.mktemp("foreign")
+    ocdbt = root / "ocdbt"
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler()).save(str(ocdbt), _orbax_tree())
+    plain = root / "plain"
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(
+        str(plain), {"w": jnp.arange(4.0)})
+    steps = root / "steps"
+    with ocp.CheckpointManager(str(steps)) as mgr:
+        mgr.save(1, args=ocp.args.StandardSave({"w": jnp.arange(4.0)}))
+        mgr.wait_until_finished()
+    flax = root / "model.msgpack"
+    flax.write_bytes(serialization.to_bytes({"w": np.arange(4.0), "b": np.ones(2)}))
+    single = root / "model.safetensors"
+    save_file({"w": np.arange(4.0), "b": np.ones(2)}, str(single))
+    sharded = root / "sharded"
+    sharded.mkdir()
+    save_file({"w": np.arange(4.0)}, str(sharded / "a.safetensors"))
+    save_file({"b": np.ones(2)}, str(sharded / "b.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"w": "a.safetensors", "b": "b.safetensors"}}')
+    return root
+
+
+def _one(root, pattern: str) -> str:
+    """The one file below ``root`` whose path relative to it matches ``pattern``."""
+    import fnmatch
+
+    found = [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+             for f in files]
+    matches = [p for p in found if fnmatch.fnmatch(p, pattern)]
+    assert matches, (pattern, found)
+    return sorted(matches, key=len)[0]
+
+
+# (checkpoint in ``inputs``, the path to open below it, the file to replace: a pattern)
+PLACEMENTS = {
+    "Orbax _METADATA": ("ocdbt", "", "_METADATA"),
+    "Orbax _sharding": ("ocdbt", "", "_sharding"),
+    "Orbax _strings.json": ("ocdbt", "", "_strings.json"),
+    "Orbax array_metadatas": ("ocdbt", "", "array_metadatas/process_0"),
+    "Orbax OCDBT manifest": ("ocdbt", "", "manifest.ocdbt"),
+    "Orbax OCDBT data file": ("ocdbt", "", "*/d/*"),
+    "Orbax .zarray": ("plain", "", "w/.zarray"),
+    "Orbax chunk": ("plain", "", "w/0"),
+    "Orbax _CHECKPOINT_METADATA": ("steps", "1", "1/_CHECKPOINT_METADATA"),
+    "Orbax item _METADATA in a step": ("steps", "1", "1/default/_METADATA"),
+    "Flax msgpack file": ("model.msgpack", "", ""),
+    "safetensors file": ("model.safetensors", "", ""),
+    "safetensors index": ("sharded", "", "model.safetensors.index.json"),
+    "safetensors shard": ("sharded", "", "b.safetensors"),
+    "safetensors index opened as a file": ("sharded", "model.safetensors.index.json",
+                                           "b.safetensors"),
+}
+
+
+def _released_or_raises(call, fifo):
+    """``(call()'s exception or None, seconds)``; if still blocked after 10 s the FIFO is
+    opened for writing and closed (the blocked read then ends) and the test fails."""
+    outcome: list = []
+
+    def run():
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as e:  # handed to the test
+            outcome.append(e)
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(10)
+    seconds = time.perf_counter() - start
+    if thread.is_alive():
+        for _ in range(3):
+            fd = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+            os.close(fd)
+            thread.join(1)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    return outcome[0], seconds
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_a_fifo_in_another_tools_checkpoint_is_refused_within_a_second(inputs, tmp_path,
+                                                                       placement, capsys):
+    import shutil
+
+    name, inner, pattern = PLACEMENTS[placement]
+    src = inputs / name
+    if src.is_dir():
+        shutil.copytree(src, tmp_path / name, symlinks=True)
+    else:
+        shutil.copy(src, tmp_path / name)
+    top = tmp_path / name
+    fifo = top / _one(top, pattern) if pattern else top
+    os.unlink(fifo)
+    os.mkfifo(fifo)
+    path = str(top / inner) if inner else str(top)
+    calls = {"restore": lambda: pc.restore(path), "metadata": lambda: pc.metadata(path),
+             "read_blocks": lambda: next(pc.read_blocks(path, "w")),
+             "pytree-ckpt ls": lambda: _exit(_cli.main(["ls", path]))}
+    for what, call in calls.items():
+        error, seconds = _released_or_raises(call, fifo)
+        if what == "pytree-ckpt ls":
+            assert isinstance(error, SystemExit) and error.code == 2, (what, error)
+            assert f"{fifo}: not a regular file" in capsys.readouterr().err
+        else:
+            assert isinstance(error, pc.NotACheckpointError), (what, error)
+            assert f"{fifo}: not a regular file" in str(error), (what, error)
+        assert seconds < 1, (what, seconds)
+
+
+def _exit(status: int) -> None:
+    raise SystemExit(status)
+
+
+def test_verify_refuses_a_fifo_chunk_of_a_pytree_ckpt_checkpoint(tmp_path):
+    ckpt = tmp_path / "c"
+    pc.save({"w": np.arange(1 << 20, dtype=np.float32), "b": np.ones(3)}, ckpt)
+    chunks = [os.path.join(d, f) for d, _, files in os.walk(ckpt) for f in files
+              if "/a/" in d + "/" and f != "zarr.json"]
+    fifo = sorted(chunks)[0]
+    os.unlink(fifo)
+    os.mkfifo(fifo)
+    report, seconds = None, 0.0
+
+    def call():
+        nonlocal report
+        report = pc.verify(ckpt)
+
+    error, seconds = _released_or_raises(call, fifo)
+    assert error is None, error
+    assert not report.ok and f"{fifo}: not a regular file" in report.problems["w"], report
+    assert seconds < 1, seconds
+    error, _ = _released_or_raises(lambda: pc.verify(ckpt, raise_on_error=True), fifo)
+    assert isinstance(error, pc.CorruptCheckpointError), error
+    assert f"{fifo}: not a regular file" in str(error)
+
