@@ -1,6 +1,8 @@
-"""Hostile inputs of other tools' formats (Orbax, Flax msgpack, safetensors): a FIFO in any
-file a reader opens is a typed error naming the file, within a second; nothing read ever
-blocks (a read that does is released after a few seconds and the test fails)."""
+"""Hostile inputs of other tools' formats (Orbax, Flax msgpack, safetensors) and of
+save_safetensors' output: a FIFO in any file a reader opens, a link or a stale temporary
+file where save_safetensors writes. Each is a typed error naming the file, within a second;
+nothing is written through a link, and nothing read ever blocks (a read that does is
+released after a few seconds and the test fails)."""
 
 from __future__ import annotations
 
@@ -15,13 +17,16 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import serialization
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import pytree_ckpt as pc
 from pytree_ckpt import _cli
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
               pytest.mark.timeout(120)]
+
+VICTIM_BYTES = b"precious data that is not a checkpoint\n"
+
 
 def _orbax_tree():
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(2), ("x",))
@@ -169,3 +174,76 @@ def test_verify_refuses_a_fifo_chunk_of_a_pytree_ckpt_checkpoint(tmp_path):
     assert isinstance(error, pc.CorruptCheckpointError), error
     assert f"{fifo}: not a regular file" in str(error)
 
+
+# -- save_safetensors' temporary file ----------------------------------------------------------
+
+
+@pytest.fixture
+def victim(tmp_path):
+    path = tmp_path / "victim.txt"
+    path.write_bytes(VICTIM_BYTES)
+    return path
+
+
+def test_save_safetensors_refuses_a_link_at_its_temporary_file(tmp_path, victim):
+    out = tmp_path / "out.safetensors"
+    link = tmp_path / "out.safetensors.__lock"
+    link.symlink_to(victim)
+    with pytest.raises(pc.NotACheckpointError,
+                       match=r"out.safetensors.__lock: a symbolic link"):
+        pc.save_safetensors({"w": np.arange(4.0)}, out)
+    assert victim.read_bytes() == VICTIM_BYTES and link.is_symlink() and not out.exists()
+
+
+def test_convert_refuses_a_link_at_the_safetensors_temporary_file(tmp_path, victim, capsys):
+    pc.save({"w": np.arange(4.0)}, tmp_path / "c")
+    (tmp_path / "out.safetensors.__lock").symlink_to(victim)
+    status = _cli.main(["convert", str(tmp_path / "c"), str(tmp_path / "out.safetensors")])
+    assert status == 2
+    assert "out.safetensors.__lock: a symbolic link" in capsys.readouterr().err
+    assert victim.read_bytes() == VICTIM_BYTES and not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_stale_temporary_file_does_not_spoil_the_next_save(tmp_path):
+    """A killed save_safetensors leaves ``out.safetensors.__lock``; the next save's file is
+    exactly what the safetensors package reads (the stale tail was kept before)."""
+    out = tmp_path / "out.safetensors"
+    (tmp_path / "out.safetensors.__lock").write_bytes(b"\xff" * (1 << 20))
+    tree = {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(2, np.float32)}
+    pc.save_safetensors(tree, out)
+    loaded = load_file(str(out))
+    assert sorted(loaded) == ["b", "w"]
+    np.testing.assert_array_equal(loaded["w"], tree["w"])
+    assert not (tmp_path / "out.safetensors.__lock").exists()
+    pc.save_safetensors({"w": np.zeros(1)}, out, overwrite=True)  # shorter: no tail kept
+    assert list(load_file(str(out))) == ["w"] and out.stat().st_size < 200
+
+
+_SAVE_CHILD = r"""
+import json, resource, sys
+import numpy as np
+import pytree_ckpt as pc
+tree = {str(i): np.full(8 << 20, i, np.float32) for i in range(8)}  # 8 x 32 MiB
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pc.save_safetensors(tree, sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_growth_mb": (after - before) / 1024}))
+"""
+
+
+def test_save_safetensors_streams_the_file(tmp_path):
+    """A 256 MiB tree is written leaf by leaf: the peak grows by far less than the file
+    (the whole file was built in memory first: +256 MiB and more)."""
+    import json
+    import subprocess
+    import sys
+
+    src = os.path.dirname(os.path.dirname(pc.__file__))
+    out = tmp_path / "big.safetensors"
+    proc = subprocess.run([sys.executable, "-c", _SAVE_CHILD, str(out)], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=src))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])["peak_growth_mb"]
+    assert growth < 64, growth
+    assert out.stat().st_size > 256 << 20
+    assert float(load_file(str(out))["7"][-1]) == 7.0

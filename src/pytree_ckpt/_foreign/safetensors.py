@@ -21,9 +21,11 @@ each region is read as the bytes from its first element to its last, not the who
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import math
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -328,7 +330,8 @@ def save_safetensors(tree: Any, path: str | os.PathLike | dict, *,
     - ``tree``: a pytree of arrays (``jax.Array`` whose shards this process holds in full,
       NumPy arrays and scalars), e.g. a checkpoint's ``params`` restored with ``at=``.
     - ``path``: the file to write (a local path, ``file://``, ``memory://``, ``gs://``,
-      ``s3://``), replaced in one step.
+      ``s3://``), replaced in one step. A local file is streamed, one leaf's bytes at a
+      time, into ``path.__lock`` and renamed; an object store takes the file as one value.
     - ``metadata``: strings to store in the header's ``__metadata__``.
     - ``overwrite``: replace an existing file.
 
@@ -338,7 +341,9 @@ def save_safetensors(tree: Any, path: str | os.PathLike | dict, *,
     a dtype safetensors has no name for (int4, ...) or a ``jax.Array`` not held in full here;
     :class:`PathCollisionError` when two paths give one name (``{"a.b": x, "a": {"b": y}}``)
     or the tree is a single array (a tensor needs a name); :class:`CheckpointExistsError` if
-    the file exists and ``overwrite`` is False; ``TypeError`` for metadata that is not strings.
+    the file exists and ``overwrite`` is False; :class:`NotACheckpointError` for a symbolic
+    link, FIFO or folder at ``path.__lock`` (nothing is written through it); ``TypeError``
+    for metadata that is not strings.
 
     Example::
 
@@ -358,7 +363,7 @@ def save_safetensors(tree: Any, path: str | os.PathLike | dict, *,
         raise ValueError(f"{loc.url}: a safetensors file needs a file name")
     flat = _graph.flatten(tree, treedef=False)
     header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    arrays, offset = [], 0
+    offset = 0
     for leaf_path, leaf in zip(flat.paths, flat.leaves, strict=True):
         name = ".".join(_graph.split_path(leaf_path))
         if not leaf_path:
@@ -368,23 +373,116 @@ def save_safetensors(tree: Any, path: str | os.PathLike | dict, *,
             raise PathCollisionError(
                 f"two leaves both give the tensor name {name!r} (the second is "
                 f"{leaf_path!r}); rename one of them")
-        arr = _host_array(leaf_path, leaf)
-        header[name] = {"dtype": _NAMES[arr.dtype.name], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        arrays.append(arr)
-        offset += arr.nbytes
+        dtype, shape = _tensor(leaf_path, leaf)
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the package writes
+    head = len(text).to_bytes(8, "little") + text
+    # Each leaf's bytes as a host array when written, one at a time.
+    data = (_host_array(p, leaf).reshape(-1).view(np.uint8)
+            for p, leaf in zip(flat.paths, flat.leaves, strict=True))
+    if f.local is not None:
+        _write_local(f.local, head, data, overwrite)
+        return loc.url
     if not overwrite and f.kv.read(f.key, byte_range=slice(0, 0)).result().state == "value":
         raise CheckpointExistsError(f"{f.url}: the file exists (pass overwrite=True to replace "
                                     "it)")
-    data = b"".join([len(text).to_bytes(8, "little"), text, *arrays])
-    f.kv.write(f.key, data).result()
+    whole = bytearray(len(head) + offset)  # a store takes one value: filled leaf by leaf
+    view = memoryview(whole)
+    view[:len(head)] = head
+    at = len(head)
+    for piece in data:
+        view[at:at + len(piece)] = memoryview(piece)
+        at += len(piece)
+    view.release()
+    f.kv.write(f.key, whole).result()
     return loc.url
+
+
+def _write_local(path: str, head: bytes, data: Iterator[np.ndarray], overwrite: bool) -> None:
+    """Writes ``head`` and then each of ``data`` to the local file ``path``, streamed, in one
+    atomic step: into ``path.__lock`` and renamed over ``path``, as TensorStore's file
+    driver writes (and with its lock: a concurrent writer of either kind waits).
+
+    A symbolic link, FIFO or anything but a file at ``path.__lock`` is refused
+    (:class:`NotACheckpointError` naming it), never written through; a stale one a killed
+    writer left is truncated first (a shorter new file would otherwise keep its tail)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if not overwrite and os.path.exists(path):
+        raise CheckpointExistsError(f"{path}: the file exists (pass overwrite=True to replace "
+                                    "it)")
+    temp = path + ".__lock"
+    fd = _open_temp(temp)
+    try:
+        os.ftruncate(fd, 0)
+        with os.fdopen(os.dup(fd), "wb", buffering=0) as out:
+            out.write(head)
+            for piece in data:
+                view = memoryview(piece)
+                while view:
+                    view = view[out.write(view):]
+        os.fsync(fd)
+        os.rename(temp, path)
+    except BaseException:
+        if os.path.exists(temp) and os.stat(temp).st_ino == os.fstat(fd).st_ino:
+            os.unlink(temp)
+        raise
+    finally:
+        os.close(fd)  # releases the lock
+    _storage.fsync_dir(os.path.dirname(path) or ".")
+
+
+def _open_temp(temp: str) -> int:
+    """The temporary file ``temp`` opened for writing and locked (fcntl, as TensorStore
+    locks it), once it is still the temporary file: a live writer renames it away before
+    it unlocks."""
+    for _ in range(100):
+        try:  # O_NONBLOCK: a FIFO planted there must not block the open
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o644)
+        except OSError as e:  # ELOOP: a link; ENXIO: a FIFO nobody reads; EISDIR
+            raise _storage.link_error(temp, e) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _storage.link_error(temp)
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(temp).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # renamed away by the writer that held the lock: open the new one
+    raise OSError(f"{temp}: kept being replaced by other writers")
+
+
+def _tensor(path: str, leaf: Any) -> tuple[np.dtype, tuple[int, ...]]:
+    """The dtype and shape ``leaf`` is written with (no copy of its data), or
+    UnsupportedLeafError: as :func:`_host_array` checks."""
+    if isinstance(leaf, jax.Array | np.ndarray | np.generic):
+        _check_leaf(path, leaf)
+        dtype = np.dtype(leaf.dtype)
+        if dtype.name not in _NAMES:
+            raise UnsupportedLeafError(
+                f"leaf {path!r} has dtype {dtype.name}, which safetensors cannot name")
+        return dtype, tuple(int(d) for d in np.shape(leaf))
+    arr = _host_array(path, leaf)
+    return arr.dtype, arr.shape
 
 
 def _host_array(path: str, leaf: Any) -> np.ndarray:
     """``leaf`` as a C-contiguous little-endian NumPy array, or UnsupportedLeafError."""
+    _check_leaf(path, leaf)
+    arr = np.asarray(leaf, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
+    if arr.dtype.name not in _NAMES:
+        raise UnsupportedLeafError(
+            f"leaf {path!r} has dtype {arr.dtype.name}, which safetensors cannot name")
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+
+
+def _check_leaf(path: str, leaf: Any) -> None:
     if isinstance(leaf, jax.Array):
         if _leaves.is_prng_key(leaf):
             raise UnsupportedLeafError(
@@ -398,8 +496,3 @@ def _host_array(path: str, leaf: Any) -> np.ndarray:
         raise UnsupportedLeafError(
             f"leaf {path!r} has type {type(leaf).__module__}.{type(leaf).__qualname__}; "
             "safetensors holds arrays only")
-    arr = np.asarray(leaf, order="C")  # (np.ascontiguousarray makes a 0-d array 1-d)
-    if arr.dtype.name not in _NAMES:
-        raise UnsupportedLeafError(
-            f"leaf {path!r} has dtype {arr.dtype.name}, which safetensors cannot name")
-    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
