@@ -1,17 +1,20 @@
 """Hostile inputs of other tools' formats (Orbax, Flax msgpack, safetensors) and of
 save_safetensors' output: a FIFO in any file a reader opens, a link or a stale temporary
-file where save_safetensors writes. Each is a typed error naming the file, within a second;
-nothing is written through a link, and nothing read ever blocks (a read that does is
-released after a few seconds and the test fails)."""
+file where save_safetensors writes, absurd shapes and deep nesting. Each is a typed error
+naming the file (and the entry), within a second; nothing is written through a link, and
+nothing read ever blocks (a read that does is released after a few seconds and the test
+fails)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -247,3 +250,87 @@ def test_save_safetensors_streams_the_file(tmp_path):
     assert growth < 64, growth
     assert out.stat().st_size > 256 << 20
     assert float(load_file(str(out))["7"][-1]) == 7.0
+
+
+# -- absurd shapes and deep nesting -------------------------------------------------------
+
+
+def _ext(arr):
+    return msgpack.ExtType(1, msgpack.packb([list(arr.shape), arr.dtype.name, arr.tobytes()]))
+
+
+def _safetensors(path, header: dict, data: bytes = b"") -> None:
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+HUGE = [2**61, 2**61, 0]  # no bytes, and still more than NumPy can describe
+
+
+def _absurd_safetensors(tmp_path, inputs):
+    path = tmp_path / "x.safetensors"
+    _safetensors(path, {"w": {"dtype": "F32", "shape": HUGE, "data_offsets": [0, 0]},
+                        "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4)
+    return path, "w", "bad shape [2305843009213693952, 2305843009213693952, 0]: too large"
+
+
+def _absurd_chunked_msgpack(tmp_path, inputs):
+    path = tmp_path / "x.msgpack"
+    path.write_bytes(msgpack.packb({"p": {"w": {
+        "__msgpack_chunked_array__": True, "shape": {str(i): d for i, d in enumerate(HUGE)},
+        "chunks": {"0": _ext(np.zeros(0, np.float32))}}}}))
+    return path, "p/w", "bad shape [2305843009213693952, 2305843009213693952, 0]: too large"
+
+
+def _absurd_msgpack_array(tmp_path, inputs):
+    path = tmp_path / "x.msgpack"
+    path.write_bytes(msgpack.packb({"w": msgpack.ExtType(1, msgpack.packb(
+        [HUGE, "float32", b""]))}))
+    return path, "w", "bad shape [2305843009213693952, 2305843009213693952, 0]: too large"
+
+
+def _absurd_zarray(tmp_path, inputs):
+    import shutil
+
+    path = tmp_path / "plain"
+    shutil.copytree(inputs / "plain", path)
+    meta = json.loads((path / "w" / ".zarray").read_text())
+    meta["shape"] = meta["chunks"] = [2**50]  # 4 PiB
+    (path / "w" / ".zarray").write_text(json.dumps(meta))
+    return path, "w", "cannot be allocated"
+
+
+def _deep_sharding(tmp_path, inputs):
+    import base64
+    import shutil
+
+    path = tmp_path / "ocdbt"
+    shutil.copytree(inputs / "ocdbt", path)
+    table = json.loads((path / "_sharding").read_text())
+    key = base64.urlsafe_b64encode(b"w").decode()
+    assert key in table
+    table[key] = "[" * 100_000 + "]" * 100_000 + " NamedSharding"
+    (path / "_sharding").write_text(json.dumps(table))
+    return path, "w", "_sharding: entry 'w': nested too deep"
+
+
+ABSURD = {"safetensors dims of 2**61": _absurd_safetensors,
+          "msgpack chunked array of 2**61 x 2**61 x 0": _absurd_chunked_msgpack,
+          "msgpack array of 2**61 x 2**61 x 0": _absurd_msgpack_array,
+          "Orbax .zarray of shape 2**50": _absurd_zarray,
+          "Orbax _sharding nested 100,000 deep": _deep_sharding}
+
+
+@pytest.mark.parametrize("case", list(ABSURD))
+def test_absurd_shapes_and_deep_nesting_are_corrupt_checkpoints(inputs, tmp_path, case,
+                                                                capsys):
+    """CorruptCheckpointError naming the file and the entry (numpy's MemoryError,
+    ValueError 'array is too big' and RecursionError before), and the CLI's exit 1."""
+    path, entry, message = ABSURD[case](tmp_path, inputs)
+    with pytest.raises(pc.CorruptCheckpointError) as caught:
+        pc.restore(str(path))
+    assert str(caught.value).startswith(str(path)), caught.value
+    assert f"entry {entry!r}" in str(caught.value) and message in str(caught.value)
+    assert _cli.main(["convert", str(path), str(tmp_path / "out")]) == 1
+    assert message in capsys.readouterr().err

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import tensorstore as ts
 
-from . import _decode, _graph, _leaves, _storage
+from . import _build, _decode, _graph, _leaves, _storage
 from ._columns import Columns
 from ._errors import CorruptCheckpointError
 from ._format import LeafRecord
@@ -122,6 +122,41 @@ class File(NamedTuple):
     kv: ts.KvStore
     key: str
     local: str | None = None
+
+
+MAX_RANK = 64
+_MAX_LOG2_BYTES = 61.9  # as our own commit file's leaves: NumPy can describe the array
+
+
+def check_shape(where: str, entry: str, shape: Any, itemsize: int) -> tuple[int, ...]:
+    """``shape`` as a tuple, once it is a list or tuple of at most :data:`MAX_RANK` integers
+    >= 0 whose array (its empty axes counted as 1) has fewer than ~2**62 bytes: what NumPy
+    can describe. Otherwise :class:`CorruptCheckpointError` naming ``where`` and ``entry``
+    (``[2**61, 2**61, 0]`` holds no bytes, and NumPy still refuses it as too big)."""
+    ok = (isinstance(shape, list | tuple) and len(shape) <= MAX_RANK
+          and all(type(d) is int and d >= 0 for d in shape))
+    if ok and sum(math.log2(max(d, 1)) for d in shape) + math.log2(max(itemsize, 1)) \
+            > _MAX_LOG2_BYTES:
+        raise CorruptCheckpointError(
+            f"{where}: entry {entry!r:.200}: bad shape {str(shape):.100}: too large")
+    if not ok:
+        raise CorruptCheckpointError(f"{where}: entry {entry!r:.200}: bad shape "
+                                     f"{str(shape):.100}")
+    return tuple(shape)
+
+
+def host_buffer(where: str, rec: LeafRecord, shape: tuple[int, ...]) -> Any:
+    """``_build.aligned_empty`` for a region of ``rec``; a size the host cannot allocate is
+    a :class:`CorruptCheckpointError` naming the entry (another tool's files declare their
+    arrays' shapes, and a damaged one can declare petabytes)."""
+    dtype = _leaves.DTYPES[rec.dtype]
+    try:
+        return _build.aligned_empty(shape, dtype)
+    except MemoryError:
+        raise CorruptCheckpointError(
+            f"{where}: entry {rec.path!r:.200}: {math.prod(shape) * dtype.itemsize} bytes "
+            f"for a region of its declared shape {list(rec.shape)} cannot be allocated (a "
+            "damaged shape, or a leaf larger than this host's memory)") from None
 
 
 def check_file(f: File) -> None:

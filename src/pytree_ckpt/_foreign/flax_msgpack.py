@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -51,8 +51,13 @@ def is_msgpack_map(head: bytes) -> bool:
     return bool(head) and head[0] in MAP_MARKERS
 
 
-class _Scalar(np.ndarray):
-    """A decoded ext 3 (a 0-d array that was a NumPy scalar)."""
+class _Array(NamedTuple):
+    """A decoded ext 1 or 3, made an array where its entry's path is known (errors name it)."""
+
+    shape: list
+    dtype: str
+    data: bytes
+    scalar: bool  # ext 3: a NumPy scalar
 
 
 def _unpack(data: bytes, where: str, ext_hook: Any = None) -> Any:
@@ -91,19 +96,9 @@ def _ext(where: str) -> Any:
             name = name.decode("ascii", "replace")
         if name not in _leaves.DTYPES:
             raise ValueError(f"unknown dtype {name!r:.40}")
-        if not (isinstance(shape, list) and len(shape) <= 64
-                and all(type(d) is int and 0 <= d < 1 << 62 for d in shape)):
-            raise ValueError(f"bad shape {shape!r:.100}")
-        dtype = _leaves.DTYPES[name]
-        if not isinstance(buf, bytes) or len(buf) != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{len(buf) if isinstance(buf, bytes) else '?'} bytes for shape "
-                             f"{shape} of {name}")
-        arr = np.frombuffer(buf, dtype).reshape(shape)
-        if code == Ext.NPSCALAR:
-            if shape:
-                raise ValueError(f"a NumPy scalar of shape {shape}")
-            return arr.view(_Scalar)
-        return arr
+        if not (isinstance(shape, list) and isinstance(buf, bytes)):
+            raise ValueError("an array record is not [shape, dtype, bytes]")
+        return _Array(shape, name, buf, code == Ext.NPSCALAR)
 
     return hook
 
@@ -148,10 +143,9 @@ def _walk(url: str, node: Any, path: str, recs: list[LeafRecord], kinds: dict[st
                     f"{url}: under {path or '<root>'!r:.200}: a key of type "
                     f"{type(key).__name__} (expected str)")
             _walk(url, child, _graph.child_path(path, key), recs, kinds)
-    elif isinstance(node, _Scalar):
-        recs.append(_array(path, node.view(np.ndarray), _leaves.NPSCALAR))
-    elif isinstance(node, np.ndarray):
-        recs.append(_array(path, node, _leaves.NUMPY))
+    elif isinstance(node, _Array):
+        recs.append(_array(path, _numpy(url, path, node),
+                           _leaves.NPSCALAR if node.scalar else _leaves.NUMPY))
     else:  # None, bool, int, float, complex, str, bytes: msgpack gives nothing else
         recs.append(LeafRecord(path, _leaves.PY, _PY_NAMES[type(node)], (), None,
                                Storage("v", node), None))
@@ -159,6 +153,17 @@ def _walk(url: str, node: Any, path: str, recs: list[LeafRecord], kinds: dict[st
 
 def _array(path: str, arr: np.ndarray, origin: str) -> LeafRecord:
     return LeafRecord(path, origin, arr.dtype.name, arr.shape, None, Storage("m", arr), None)
+
+
+def _numpy(url: str, path: str, a: _Array) -> np.ndarray:
+    """The array of an ext 1 or 3, checked: a shape NumPy can describe, bytes that fit it."""
+    dtype = _leaves.DTYPES[a.dtype]
+    shape = _source.check_shape(url, path, a.shape, dtype.itemsize)
+    if len(a.data) != math.prod(shape) * dtype.itemsize or (a.scalar and shape):
+        raise CorruptCheckpointError(
+            f"{url}: entry {path!r:.200}: {len(a.data)} bytes for "
+            f"{'a NumPy scalar of ' if a.scalar else ''}shape {list(shape)} of {a.dtype}")
+    return np.frombuffer(a.data, dtype).reshape(shape)
 
 
 def _unchunk(url: str, path: str, node: dict) -> np.ndarray:
@@ -173,16 +178,18 @@ def _unchunk(url: str, path: str, node: dict) -> np.ndarray:
 
     dims, parts = in_order(shape), in_order(chunks)
     ok = (dims is not None and parts is not None and parts
-          and all(type(d) is int and 0 <= d < 1 << 62 for d in dims)
-          and all(isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype == parts[0].dtype
-                  for p in parts)
-          and sum(p.size for p in parts) == math.prod(dims))
+          and all(isinstance(p, _Array) and not p.scalar and len(p.shape) == 1
+                  and p.dtype == parts[0].dtype for p in parts))
+    if ok:
+        arrays = [_numpy(url, path, p) for p in parts]
+        dims = _source.check_shape(url, path, dims, arrays[0].dtype.itemsize)
+        ok = sum(p.size for p in arrays) == math.prod(dims)
     if not ok:
         raise CorruptCheckpointError(
             f"{url}: entry {path!r:.200}: malformed chunked array (chunks must be 1-D "
             "arrays of one dtype adding up to its shape)")
-    assert dims is not None and parts is not None  # checked in ok
-    return np.concatenate(parts).reshape(dims)
+    assert dims is not None  # checked in ok
+    return np.concatenate(arrays).reshape(dims)
 
 
 def read(jobs: list[_build.Job]) -> dict[str, Any]:

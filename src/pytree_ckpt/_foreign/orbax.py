@@ -228,7 +228,8 @@ def _item(loc: _storage.Location, kv: ts.KvStore, prefix: str, context: ts.Conte
 def _array_record(url: str, e: _Entry, store: ts.TensorStore, impl: str | None,
                   sharding: Any) -> LeafRecord:
     dtype = _dtype_name(url, e, store)
-    shape = tuple(int(d) for d in store.shape)
+    shape = _source.check_shape(url, e.path, [int(d) for d in store.shape],
+                                _leaves.DTYPES[dtype].itemsize)
     origin = _ARRAY_TYPES[e.value_type]
     if impl is not None:
         key_shape = _leaves.prng_key_shape(impl) if isinstance(impl, str) else None
@@ -302,6 +303,9 @@ def _shardings(loc: _storage.Location, kv: ts.KvStore) -> dict[str, list]:
             s = json.loads(text)
         except (ValueError, TypeError):
             continue  # display only
+        except RecursionError:  # a value of its own, unlike a malformed one
+            raise CorruptCheckpointError(
+                f"{loc.url}/_sharding: entry {name!r:.200}: nested too deep") from None
         if isinstance(s, dict) and s.get("sharding_type") == "NamedSharding":
             out[name] = [s.get("shape"), s.get("axis_names"), s.get("partition_spec")]
     return out
@@ -376,7 +380,7 @@ def read(url: str, jobs: list[_build.Job]) -> dict[str, Any]:
     in_flight: collections.deque = collections.deque()
     waiting = 0
     with _gc_pause.paused():
-        for item in _region_reads(jobs, layouts, out):
+        for item in _region_reads(url, jobs, layouts, out):
             in_flight.append(item)
             waiting += item[4]
             while waiting > _BYTES_IN_FLIGHT:
@@ -386,8 +390,8 @@ def read(url: str, jobs: list[_build.Job]) -> dict[str, Any]:
     return out
 
 
-def _region_reads(jobs: list[_build.Job], layouts: _build.Layouts, out: dict[str, Any]
-                  ) -> Iterator[tuple[list, tuple, Any, Any, int]]:
+def _region_reads(url: str, jobs: list[_build.Job], layouts: _build.Layouts,
+                  out: dict[str, Any]) -> Iterator[tuple[list, tuple, Any, Any, int]]:
     """``(leaf, region key, buffer or None, read future, bytes)`` per region; ``leaf`` is
     ``[job, regions, regions not yet read]``. Python leaves are built at once into ``out``.
 
@@ -409,7 +413,7 @@ def _region_reads(jobs: list[_build.Job], layouts: _build.Layouts, out: dict[str
             if nbytes < _SMALL_BYTES:
                 yield leaf, key, None, source.read(), nbytes
             else:
-                buf = _build.aligned_empty(shape, dtype)
+                buf = _source.host_buffer(url, rec, shape)
                 yield leaf, key, buf, _build.read_into(source, buf), nbytes
 
 

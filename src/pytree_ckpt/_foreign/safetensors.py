@@ -43,7 +43,6 @@ from .._format import LeafRecord, Storage
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's bound
-_MAX_RANK = 64
 _PIECE_BYTES = 8 << 20  # a tensor's bytes are read as ranges of about this size, concurrently
 _BYTES_IN_FLIGHT = 256 << 20  # ranges issued and not yet copied out
 
@@ -192,9 +191,9 @@ def _record(url: str, name: str, spec: Any, base: int, number: int) -> LeafRecor
     if dtype not in DTYPES:
         raise bad(f"unknown or unsupported dtype {str(dtype)!r:.40} (read: "
                   f"{', '.join(DTYPES)})")
-    if not (isinstance(shape, list) and len(shape) <= _MAX_RANK and all(
-            type(d) is int and 0 <= d < 1 << 62 for d in shape)):
+    if not isinstance(shape, list):
         raise bad(f"bad shape {str(shape):.100}")
+    _source.check_shape(url, name, shape, _leaves.DTYPES[DTYPES[dtype]].itemsize)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(
             type(x) is int and 0 <= x < 1 << 62 for x in offsets) and offsets[0] <= offsets[1]):
         raise bad(f"bad data_offsets {str(offsets):.100}")
@@ -240,7 +239,7 @@ def _pieces(files: list[_source.File], jobs: list[_build.Job], layouts: _build.L
         todo = []
         for key in _build.region_keys(rec, want, layouts):
             first, stop = _span(key, rec.shape)
-            regions[key] = span = _build.aligned_empty((stop - first,), dtype)
+            regions[key] = span = _source.host_buffer(f.url, rec, (stop - first,))
             flat = span.view(np.uint8)
             start = offset + first * dtype.itemsize
             for lo in range(0, len(flat), _PIECE_BYTES):
