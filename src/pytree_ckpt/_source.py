@@ -159,6 +159,33 @@ def host_buffer(where: str, rec: LeafRecord, shape: tuple[int, ...]) -> Any:
             "damaged shape, or a leaf larger than this host's memory)") from None
 
 
+# What parsing a JSON file of another tool may cost, in bytes of Python objects as
+# estimated by json_cost: ~11-15x a safetensors header or an Orbax _METADATA (a 90 MB
+# header took 2.5 GB). Headers of ~8 MB (~145,000 tensors) and _METADATA files of ~11 MB
+# (~70,000 leaves) are read, each then restored in under 10 s; no file makes the parser
+# take more than this.
+JSON_BUDGET = 128 << 20
+
+
+def json_cost(data: bytes) -> int:
+    """An upper estimate of the memory ``json.loads(data)`` takes, from byte counts (no
+    parsing): a container ~100 bytes, a string ~50 (two quotes), a value or entry's slot
+    ~40 (a comma or colon; a number is one of those values), plus the text itself."""
+    return (len(data) + 100 * (data.count(b"{") + data.count(b"["))
+            + 25 * data.count(b'"') + 40 * (data.count(b",") + data.count(b":")))
+
+
+def check_json_cost(where: str, data: bytes) -> None:
+    """:class:`CorruptCheckpointError` for JSON whose parsing :func:`json_cost` puts above
+    :data:`JSON_BUDGET`: refused before any object is made for it."""
+    cost = json_cost(data)
+    if cost > JSON_BUDGET:
+        raise CorruptCheckpointError(
+            f"{where}: {len(data)} bytes of JSON would take ~{cost >> 20} MiB to parse, more "
+            f"than the {JSON_BUDGET >> 20} MiB a reader allows (no real header or metadata "
+            "file holds that many values)")
+
+
 def check_file(f: File) -> None:
     """Refuses a local ``f`` that is a FIFO, device or socket (:class:`NotACheckpointError`):
     TensorStore's read of one would block until a writer came, maybe forever."""

@@ -32,6 +32,7 @@ import numpy as np
 from .. import _build, _gc_pause, _graph, _leaves, _source
 from .._errors import CorruptCheckpointError
 from .._format import LeafRecord, Storage
+from .._unpack import count_values
 
 MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map 16, map 32
 CHUNKED = "__msgpack_chunked_array__"
@@ -60,11 +61,18 @@ class _Array(NamedTuple):
     scalar: bool  # ext 3: a NumPy scalar
 
 
-def _unpack(data: bytes, where: str, ext_hook: Any = None) -> Any:
-    limit = len(data)
+# The most values (leaves, containers, map keys) a file may hold: counted before anything is
+# unpacked (_unpack.count_values), so that a file of one-byte values (2 MB of nils took
+# 19.5 s and 1.5 GB, ~750 bytes a leaf) is refused at little cost. A model's state dict
+# holds thousands; this admits ~250,000 leaves in maps, at ~200 MB and a few seconds.
+MAX_VALUES = 500_000
+
+
+def _unpack(data: bytes, where: str, ext_hook: Any = None, most: int = MAX_VALUES) -> Any:
+    count_values(data, most)
     return msgpack.unpackb(
-        data, raw=False, strict_map_key=False, use_list=True, max_str_len=limit,
-        max_bin_len=limit, max_array_len=limit, max_map_len=limit, max_ext_len=limit,
+        data, raw=False, strict_map_key=False, use_list=True, max_str_len=len(data),
+        max_bin_len=len(data), max_array_len=most, max_map_len=most, max_ext_len=len(data),
         object_pairs_hook=_map, **({"ext_hook": ext_hook} if ext_hook else {}))
 
 
@@ -81,14 +89,14 @@ def _map(pairs: list[tuple[Any, Any]]) -> dict:
 def _ext(where: str) -> Any:
     def hook(code: int, data: bytes) -> Any:
         if code == Ext.COMPLEX:
-            pair = _unpack(data, where)
+            pair = _unpack(data, where, most=3)
             if not (isinstance(pair, list) and len(pair) == 2
                     and all(type(x) in (int, float) for x in pair)):
                 raise ValueError(f"bad complex number {pair!r:.60}")
             return complex(*pair)
         if code not in (Ext.NDARRAY, Ext.NPSCALAR):
             raise ValueError(f"unknown extension type {code}")
-        parts = _unpack(data, where)
+        parts = _unpack(data, where, most=4 + _source.MAX_RANK)
         if not (isinstance(parts, list) and len(parts) == 3):
             raise ValueError("an array record is not [shape, dtype, bytes]")
         shape, name, buf = parts

@@ -134,6 +134,7 @@ def _json(url: str, name: str, data: bytes | None) -> Any:
         raise CorruptCheckpointError(f"{url}/{name}: missing")
     if len(data) > MAX_JSON_BYTES:
         raise CorruptCheckpointError(f"{url}/{name}: {len(data)} bytes is too large")
+    _source.check_json_cost(f"{url}/{name}", data)
     try:
         return json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:

@@ -145,6 +145,7 @@ def _json(url: str, text: bytes) -> Any:
             raise CorruptCheckpointError(f"{url}: entry {twice!r:.200} appears twice")
         return out
 
+    _source.check_json_cost(url, text)
     try:
         return json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicates)
     except CorruptCheckpointError:
