@@ -15,7 +15,8 @@ in numeric key order.
 
 Without a target a list cannot be told from a map with keys ``"0"``, ``"1"``: both come
 back as dicts (a target's list matches either way, by path). The whole file is read and
-decoded at once (the format has no index), with msgpack's sizes bounded by the file's own;
+decoded at once (the format has no index), once its values are counted (at most
+``MAX_VALUES``) and with msgpack's sizes bounded by the file's own;
 bytes are taken as little-endian, as every JAX host writes them. Dtype names come from a
 closed list (``_leaves.DTYPES``); nothing else in the file is interpreted.
 """
