@@ -173,7 +173,7 @@ def test_verify_refuses_a_fifo_chunk_of_a_pytree_ckpt_checkpoint(tmp_path):
     assert error is None, error
     assert not report.ok and f"{fifo}: not a regular file" in report.problems["w"], report
     assert seconds < 1, seconds
-    error, _ = _released_or_raises(lambda: pc.verify(ckpt, raise_on_error=True), fifo)
+    error, _ = _released_or_raises(lambda: pc.verify(ckpt, strict=True), fifo)
     assert isinstance(error, pc.CorruptCheckpointError), error
     assert f"{fifo}: not a regular file" in str(error)
 

@@ -335,21 +335,9 @@ def check_regular(path: str) -> None:
 
 def check_regular_tree(directory: str) -> None:
     """:func:`check_regular` for everything below ``directory`` (one ``stat`` per file)."""
-    for path in irregular_files(directory)[:1]:
-        check_regular(path)
-
-
-def irregular_files(directory: str) -> list[str]:
-    """The paths below ``directory`` that :func:`check_regular` refuses (one ``stat`` per
-    file)."""
-    out = []
     for root, dirs, files in os.walk(directory):
         for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
-            try:
-                check_regular(os.path.join(root, name))
-            except NotACheckpointError:
-                out.append(os.path.join(root, name))
-    return out
+            check_regular(os.path.join(root, name))
 
 
 def write_key(loc: Location, kv: ts.KvStore, key: str, value: bytes, **options: Any) -> Any:

@@ -152,6 +152,18 @@ def _commit_bytes(kv: Any, loc: _storage.Location) -> int:
     return len(raw) if raw is not None else 0
 
 
+def _irregular_files(directory: str) -> set[str]:
+    """The paths below ``directory`` that :func:`_storage.check_regular` refuses."""
+    out = set()
+    for root, dirs, files in os.walk(directory):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            try:
+                _storage.check_regular(os.path.join(root, name))
+            except NotACheckpointError:
+                out.add(os.path.join(root, name))
+    return out
+
+
 class _Checker:
     """Reads and checks leaves, counting the bytes read and recording the first problem of
     each leaf in ``problems``."""
@@ -164,8 +176,8 @@ class _Checker:
         # Locally, the files that are FIFOs, devices or sockets: never read (a read of one
         # blocks until a writer comes), each a problem of the leaf it holds.
         self.local = loc.local
-        self.irregular = set(_storage.irregular_files(os.path.join(loc.local, commit.data))
-                             if loc.local is not None else ())
+        self.irregular = (_irregular_files(os.path.join(loc.local, commit.data))
+                          if loc.local is not None else set())
 
     def refused(self, key: str) -> str | None:
         """Why ``key`` is not read, or None: it is a FIFO, device or socket."""
