@@ -235,14 +235,14 @@ FOREIGN = {"Flax msgpack of 2 million nils": (_nils, "nils.msgpack", "more than 
 
 
 @pytest.mark.parametrize("name", list(FOREIGN))
-def test_another_tools_file_is_refused_at_little_cost(tmp_path, name):
+def test_another_tools_file_is_refused_at_little_cost(zygote, tmp_path, name):
     """Inputs a fifth of the sizes found by hand: each took over the ceiling (300 MB) before;
     now refused in a fraction of it (the 100 MB versions: see the README's Reliability)."""
     make, file, message = FOREIGN[name]
     make(tmp_path)
     size = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
     assert size >= 2_000_000
-    result = run_child(tmp_path / file)
+    result = run_child(zygote, tmp_path / file)
     for call in ("restore", "metadata"):
         assert result.get(call, "").startswith("CorruptCheckpointError"), result
         assert message in result[call] and str(tmp_path / file) in result[call], result

@@ -189,7 +189,8 @@ def _unchunk(url: str, path: str, node: dict) -> np.ndarray:
     ok = (dims is not None and parts is not None and parts
           and all(isinstance(p, _Array) and not p.scalar and len(p.shape) == 1
                   and p.dtype == parts[0].dtype for p in parts))
-    if ok:
+    arrays: list[np.ndarray] = []
+    if ok and parts is not None:
         arrays = [_numpy(url, path, p) for p in parts]
         dims = _source.check_shape(url, path, dims, arrays[0].dtype.itemsize)
         ok = sum(p.size for p in arrays) == math.prod(dims)

@@ -301,6 +301,9 @@ def _shardings(loc: _storage.Location, kv: ts.KvStore) -> dict[str, list]:
             continue  # one device: nothing to show or reuse (and a decode per leaf)
         try:
             name = base64.urlsafe_b64decode(encoded).decode("utf-8")
+        except (ValueError, TypeError):
+            continue  # display only
+        try:
             s = json.loads(text)
         except (ValueError, TypeError):
             continue  # display only

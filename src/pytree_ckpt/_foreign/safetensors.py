@@ -395,10 +395,10 @@ def save_safetensors(tree: Any, path: str | os.PathLike | dict, *,
     view[:len(head)] = head
     at = len(head)
     for piece in data:
-        view[at:at + len(piece)] = memoryview(piece)
+        view[at:at + len(piece)] = piece.data  # 1-D uint8: one byte per element
         at += len(piece)
     view.release()
-    f.kv.write(f.key, whole).result()
+    f.kv.write(f.key, whole).result()  # pyright: ignore[reportArgumentType]  # takes a bytearray
     return loc.url
 
 
@@ -421,7 +421,7 @@ def _write_local(path: str, head: bytes, data: Iterator[np.ndarray], overwrite: 
         with os.fdopen(os.dup(fd), "wb", buffering=0) as out:
             out.write(head)
             for piece in data:
-                view = memoryview(piece)
+                view = piece.data  # 1-D uint8: a write's count of bytes is a count of elements
                 while view:
                     view = view[out.write(view):]
         os.fsync(fd)
