@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _leaves
 from ._errors import CorruptCheckpointError
+from ._faults import read_failed
 from ._format import Commit, LeafRecord
 
 TRAILER = 4  # bytes of the crc32c codec's checksum at the end of each chunk
@@ -123,7 +124,12 @@ class Trailers:
         """Raises CorruptCheckpointError naming the leaf and the first chunk whose trailer
         is not the one the commit recorded for that place."""
         for index, flat, future in self._reads:
-            found = _trailer(future.result())
+            try:
+                result = future.result()
+            except Exception as e:
+                raise read_failed(url, e, f"{url}: leaf {self._rec.path!r:.200}: cannot "
+                                  f"read chunk {index}'s checksum ({e})") from e
+            found = _trailer(result)
             if found is None:
                 raise CorruptCheckpointError(f"{url}: {_missing(self._data, self._rec, index)}")
             assert self._recorded is not None  # chunks are read only where recorded

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from . import _options
-from ._errors import StorageError
+from ._errors import CheckpointError, CorruptCheckpointError, StorageError
 
 # TensorStore retries a request that failed transiently (HTTP 429 and 5xx, a dropped
 # connection) after min(initial_delay * 2**n + jitter, max_delay), n = 0, 1, ..., with a
@@ -70,6 +70,16 @@ def storage_error(url: str, err: BaseException) -> StorageError:
         "the checkpoint: check credentials and permissions, or retry later (transient "
         "faults were retried for up to storage_deadline_s="
         f"{_options.get('storage_deadline_s'):g} s, see pytree_ckpt.configure)")
+
+
+def read_failed(url: str, err: BaseException, damaged: str) -> CheckpointError:
+    """What a read that raised ``err`` is (raise it ``from err``): a storage fault is
+    :func:`storage_error`'s :class:`StorageError` naming ``url``; anything else (a missing
+    chunk, a range past the end, bytes TensorStore found bad) is a
+    :class:`CorruptCheckpointError` saying ``damaged``."""
+    if is_storage_fault(err):
+        return storage_error(url, err)
+    return CorruptCheckpointError(damaged)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,12 @@ from typing import Any
 
 from . import _foreign, _source, _storage
 from ._decode import decode, generation_of, tree_nodes
-from ._errors import CheckpointNotFoundError, IncompleteCheckpointError, OverwrittenError
+from ._errors import (
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    OverwrittenError,
+    StorageError,
+)
 from ._format import COMMIT_FILE, Commit, is_ours
 from ._read import read_leaves
 
@@ -25,12 +30,18 @@ def commit_file(loc: _storage.Location) -> str:
 
 
 def load_commit(loc: _storage.Location, kv: Any) -> Commit:
-    """Reads and validates the commit file, or says precisely why there is none."""
+    """Reads and validates the commit file, or says precisely why there is none.
+
+    A store that refuses the read or keeps failing (a 403, a 503 after retries) is a
+    :class:`StorageError`, never "not found": nothing is known about the checkpoint then,
+    and a caller that starts fresh on ``FileNotFoundError`` must not."""
     if loc.local is not None:  # a FIFO there would block the read forever
         _storage.check_regular(os.path.join(loc.local, COMMIT_FILE))
     try:
-        data = _storage.read_key(kv, COMMIT_FILE)
-    except Exception as e:
+        data = _storage.read_key(kv, COMMIT_FILE)  # a storage fault: StorageError
+    except StorageError:
+        raise
+    except Exception as e:  # e.g. the path is a file (another tool's checkpoint, maybe)
         raise CheckpointNotFoundError(f"{loc.url}: cannot read the commit file ({e})") from e
     if data is None:
         names = _storage.top_level_names(loc, kv)
@@ -72,6 +83,8 @@ def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -
             _storage.check_regular_tree(os.path.join(loc.local, commit.data))
         return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
     except Exception as e:
+        if isinstance(e, StorageError):
+            raise  # the store failed: whether it was overwritten meanwhile is not known
         try:
             raw = _storage.read_key(kv, COMMIT_FILE)
         except Exception:

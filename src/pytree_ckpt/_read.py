@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from . import _binding, _build, _format, _gc_pause, _leaves, _storage, _transfer
+from . import _binding, _build, _faults, _format, _gc_pause, _leaves, _storage, _transfer
 from ._build import Job, Layouts, Want
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
@@ -153,7 +153,8 @@ class _ZarrReads:
                 try:
                     future.result()
                 except Exception as e:
-                    raise CorruptCheckpointError(
+                    raise _faults.read_failed(
+                        self._url, e,
                         f"{self._url}: leaf {rec.path!r}: cannot read its array data ({e})"
                     ) from e
             self._bytes -= nbytes
@@ -236,7 +237,8 @@ def _range_read(url: str, group: list[Job], future: Any, start: int, blob: int
     try:
         result = future.result()
     except Exception as e:  # e.g. a (forged) range past the blob's end: OUT_OF_RANGE
-        raise CorruptCheckpointError(
+        raise _faults.read_failed(
+            url, e,
             f"{url}: leaf {group[0][1].path!r}: cannot read its bytes from packed blob {blob} "
             f"({e})") from e
     return group, memoryview(result.value if result.state == "value" else b""), start, blob

@@ -21,6 +21,7 @@ import tensorstore as ts
 from . import _build, _decode, _graph, _leaves, _storage
 from ._columns import Columns
 from ._errors import CorruptCheckpointError
+from ._faults import read_failed
 from ._format import LeafRecord
 
 # CheckpointMetadata.format values.
@@ -225,8 +226,8 @@ def read_range(f: File, start: int, stop: int, what: str) -> bytes:
         if "OUT_OF_RANGE" in str(e):  # TensorStore's answer to a range past the end
             raise CorruptCheckpointError(
                 f"{f.url}: {what}: bytes {start}-{stop} lie past the end of the file") from None
-        raise CorruptCheckpointError(
-            f"{f.url}: {what}: cannot read bytes {start}-{stop} ({e})") from None
+        raise read_failed(f.url, e, f"{f.url}: {what}: cannot read bytes {start}-{stop} ({e})"
+                          ) from e
     data = result.value if result.state == "value" else b""
     if len(data) != stop - start:
         raise CorruptCheckpointError(

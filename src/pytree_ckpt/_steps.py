@@ -52,6 +52,7 @@ import numpy as np
 
 from . import _storage
 from ._errors import CorruptCheckpointError, NotACheckpointError
+from ._faults import faults
 from ._format import COMMIT_FILE
 
 Metrics = Mapping[str, Any]
@@ -95,7 +96,8 @@ def committed_among(kv: Any, steps: list[int]) -> list[int]:
     """Those of ``steps`` that are committed (have a commit file), ascending; one listing of
     one key each, all in flight at once."""
     found = [(step, _storage.list_key(kv, f"{step}/{COMMIT_FILE}")) for step in steps]
-    return sorted(step for step, keys in found if keys.result())
+    with faults(_storage.kv_url(kv)):
+        return sorted(step for step, keys in found if keys.result())
 
 
 def latest_marked(kv: Any, steps: list[int]) -> int | None:

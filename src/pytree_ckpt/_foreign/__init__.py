@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from .. import _source, _storage
+from .._faults import faults, is_storage_fault, storage_error
 from . import flax_msgpack, orbax, safetensors
 
 _HEAD_BYTES = 16
@@ -64,9 +65,12 @@ def _head(f: _source.File) -> bytes | None:
     try:
         result = f.kv.read(f.key, byte_range=slice(0, _HEAD_BYTES)).result()
     except Exception as e:
+        if is_storage_fault(e):  # refused or failing: not "no file there"
+            raise storage_error(f.url, e) from e
         if "OUT_OF_RANGE" not in str(e):  # a folder, or a name the store cannot read
             return None
-        result = f.kv.read(f.key).result()  # shorter than _HEAD_BYTES
+        with faults(f.url):
+            result = f.kv.read(f.key).result()  # shorter than _HEAD_BYTES
     return bytes(result.value) if result.state == "value" else None
 
 
@@ -75,5 +79,7 @@ def _exists(loc: _storage.Location, kv: Any, key: str) -> bool:
         _storage.check_regular(os.path.join(loc.local, key))
     try:
         return kv.read(key, byte_range=slice(0, 0)).result().state == "value"
-    except Exception:  # the location is a file, not a folder
-        return False
+    except Exception as e:
+        if is_storage_fault(e):
+            raise storage_error(_storage.kv_url(kv, key), e) from e
+        return False  # the location is a file, not a folder

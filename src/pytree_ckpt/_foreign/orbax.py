@@ -44,6 +44,7 @@ import tensorstore as ts
 
 from .. import _build, _decode, _gc_pause, _graph, _leaves, _source, _storage, _transfer
 from .._errors import CorruptCheckpointError, IncompleteCheckpointError
+from .._faults import faults, read_failed
 from .._format import LeafRecord, Storage
 
 ITEM_METADATA = "_METADATA"
@@ -274,7 +275,8 @@ def _strings(loc: _storage.Location, kv: ts.KvStore, entries: list[_Entry]) -> d
 def _key_impls(loc: _storage.Location, kv: ts.KvStore) -> dict[str, Any]:
     """PRNG implementation names by storage name, from every ``array_metadatas`` file."""
     out: dict[str, Any] = {}
-    keys = kv.list(ts.KvStore.KeyRange("array_metadatas/", "array_metadatas0")).result()
+    with faults(f"{loc.url}/array_metadatas"):
+        keys = kv.list(ts.KvStore.KeyRange("array_metadatas/", "array_metadatas0")).result()
     for key in sorted(keys):
         name = key.decode("utf-8", "replace")
         doc = _json(loc.url, name, _storage.read_key(kv, name))
@@ -331,9 +333,10 @@ def _open_arrays(loc: _storage.Location, kv: ts.KvStore, entries: list[_Entry], 
         try:
             out[e.path] = future.result()
         except Exception as err:
-            raise CorruptCheckpointError(
+            raise read_failed(
+                f"{loc.url}/{e.name}", err,
                 f"{loc.url}: entry {e.path!r:.200}: cannot open its array {e.name!r:.100} "
-                f"({err})") from None
+                f"({err})") from err
     return out
 
 
@@ -349,8 +352,8 @@ def _read_scalars(url: str, stores: dict[str, ts.TensorStore]) -> dict[str, Any]
         try:
             out[path] = reads[path].result().item()
         except Exception as e:
-            raise CorruptCheckpointError(
-                f"{url}: entry {path!r:.200}: cannot read its value ({e})") from None
+            raise read_failed(url, e, f"{url}: entry {path!r:.200}: cannot read its value ({e})"
+                              ) from e
     return out
 
 
@@ -427,8 +430,8 @@ def _finish(url: str, item: tuple, layouts: _build.Layouts, out: dict[str, Any])
     try:
         result = future.result()
     except Exception as e:  # a missing chunk (fill_missing_data_reads off), bad bytes
-        raise CorruptCheckpointError(
-            f"{url}: entry {rec.path!r:.200}: cannot read its array data ({e})") from None
+        raise read_failed(url, e, f"{url}: entry {rec.path!r:.200}: cannot read its array "
+                          f"data ({e})") from e
     leaf[2] -= 1
     if buf is None and leaf[2] == 0 and type(want.sharding) is _ONE_DEVICE and \
             want.kind == _leaves.JAX and result.dtype == want.dtype:

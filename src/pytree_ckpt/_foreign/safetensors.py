@@ -39,6 +39,7 @@ from .._errors import (
     PathCollisionError,
     UnsupportedLeafError,
 )
+from .._faults import faults, read_failed
 from .._format import LeafRecord, Storage
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -116,7 +117,8 @@ def _make_source(url: str, files: list[_source.File], entries: list[tuple[str, L
 
 def _index(f: _source.File) -> tuple[dict[str, str], dict[str, Any]]:
     _source.check_file(f)
-    result = f.kv.read(f.key).result()
+    with faults(f.url):
+        result = f.kv.read(f.key).result()
     if result.state != "value":
         raise CorruptCheckpointError(f"{f.url}: cannot read the index file")
     if len(result.value) > MAX_HEADER_BYTES:
@@ -262,9 +264,9 @@ def _finish(files: list[_source.File], item: tuple, layouts: _build.Layouts,
             result = future.result()
             data = result.value if result.state == "value" else b""
         except Exception as e:
-            raise CorruptCheckpointError(
-                f"{files[rec.storage.index].url}: entry {rec.path!r:.200}: cannot read bytes "
-                f"{lo}-{hi} ({e})") from None
+            url = files[rec.storage.index].url
+            raise read_failed(url, e, f"{url}: entry {rec.path!r:.200}: cannot read bytes "
+                              f"{lo}-{hi} ({e})") from e
         if len(data) != hi - lo:
             raise CorruptCheckpointError(
                 f"{files[rec.storage.index].url}: entry {rec.path!r:.200}: bytes {lo}-{hi} lie "
