@@ -9,9 +9,11 @@ are retried and survived; a persistent one ends within the storage deadline.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -178,3 +180,34 @@ def test_bad_environment_values_never_break_import():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "environment variable PYTREE_CKPT_STORAGE_DEADLINE_S: '-1'" in done.stdout
+
+
+# ---- after the commit: warnings, never errors ----
+
+def test_a_failing_retention_delete_warns_and_never_raises_later(proxied, deadline):
+    proxy, url = proxied
+    deadline(1.0)
+    proxy.fail(kind="delete", status=403)  # the credentials may write but not delete
+    mgr = pc.CheckpointManager(f"{url}/run", keep=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (1, 2, 3):
+            assert mgr.save(step, {"w": jnp.full(3, float(step))}, metrics={"loss": 1.0})
+        mgr.wait()
+        mgr.close()  # nothing raised by save, wait or close
+    said = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert any(re.search(r"retention could not delete step 1 .*PERMISSION_DENIED", m)
+               for m in said), said
+    assert any("the lock stays" in m for m in said), said
+    # Every step is committed and listed (none could go); the newest is the latest.
+    assert pc.CheckpointManager(f"{url}/run", read_only=True).steps() == [1, 2, 3]
+    proxy.clear()
+    pc.configure(lock_stale_s=0.5)  # the lock left behind: taken over once stale
+    try:
+        time.sleep(0.6)
+        with pc.CheckpointManager(f"{url}/run", keep=1, async_save=False) as mgr:
+            mgr.save(4, {"w": jnp.full(3, 4.0)})  # the store allows deletes again: caught up
+            assert mgr.steps() == [4]
+    finally:
+        pc.configure(lock_stale_s=None)
+    np.testing.assert_array_equal(pc.restore(f"{url}/run/4")[0]["w"], np.full(3, 4.0))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -100,7 +101,7 @@ class CheckpointManager:
                  async_save: bool = True, best_fn: Callable[[Metrics], float] | None = None,
                  best_mode: str = "max", handle_preemption: bool = False,
                  read_only: bool = False):
-        _check_options(keep, keep_every_n_steps, save_interval_steps, best_mode,
+        _retention.check_options(keep, keep_every_n_steps, save_interval_steps, best_mode,
                        handle_preemption, read_only)
         self._keep, self._keep_every, self._interval = keep, keep_every_n_steps, save_interval_steps
         self._async, self._best_fn, self._best_mode = async_save, best_fn, best_mode
@@ -288,8 +289,8 @@ class CheckpointManager:
     def wait(self) -> None:
         """Waits for the save in flight to commit, then applies retention.
 
-        **Raises:** :class:`SaveError` if that save failed.
-        """
+        **Raises:** :class:`SaveError` if that save failed. What fails after the commit
+        (retention's deletes, releasing the lock at close) is a ``RuntimeWarning``."""
         self._check_open()
         self._finish_pending()
 
@@ -308,8 +309,11 @@ class CheckpointManager:
         finally:
             if self._preemption is not None:
                 self._preemption.restore()
-            if self._lock is not None:
-                self._lock.release()
+            try:
+                if self._lock is not None:
+                    self._lock.release()
+            except Exception as e:  # it goes stale after lock_stale_s: the next start takes it
+                _after_commit(f"{self._loc.url}: the lock stays: {e!r}")
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -427,9 +431,21 @@ class CheckpointManager:
         self._apply_retention()
 
     def _apply_retention(self) -> None:
-        for step in _retention.expired(self._steps, self._keep, self._keep_every, self._best()):
-            if self._primary:
-                _steps.delete_step(self._loc, self._kv, step)
+        """Deletes the steps retention no longer keeps. A save has committed: a failure here
+        (a delete refused, an unreadable metrics file, ``best_fn`` raising) is a warning,
+        never raised by a later call; an undeleted step stays, for the next retention."""
+        try:
+            best = self._best()
+        except Exception as e:
+            return _after_commit(f"{self._loc.url}: retention deleted nothing: {e!r}")
+        for step in _retention.expired(self._steps, self._keep, self._keep_every, best):
+            try:
+                if self._primary:
+                    _steps.delete_step(self._loc, self._kv, step)
+            except Exception as e:
+                _after_commit(f"{self._loc.url}: retention could not delete step {step} "
+                              f"(tried again after the next save): {e!r}")
+                continue
             self._steps.remove(step)
             self._metrics.pop(step, None)
 
@@ -438,13 +454,20 @@ class CheckpointManager:
                                     self._best_fn, self._best_mode)
 
     def _drop_metrics(self, step: int) -> None:
-        if self._primary:
-            _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
+        try:  # the failed save's error is the one raised; a metrics file left is an orphan
+            if self._primary:
+                _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
+        except Exception as e:
+            _after_commit(f"{self._loc.url}: step {step}'s metrics file stays: {e!r}")
 
     def _load_metrics(self, step: int) -> Metrics | None:
         if step not in self._metrics:
             self._metrics[step] = _steps.read_metrics(self._loc, self._kv, step)
         return self._metrics[step]
+
+
+def _after_commit(message: str) -> None:  # bookkeeping no save depends on failed
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _scan(loc: _storage.Location, kv: Any, primary: bool) -> list[int]:
@@ -477,17 +500,3 @@ def _scan_marked(loc: _storage.Location, kv: Any, primary: bool, marked: list[in
             _clean.reclaim_step(loc, kv, step)
     return steps
 
-
-def _check_options(keep: int | None, keep_every_n_steps: int | None, save_interval_steps: int,
-                   best_mode: str, handle_preemption: bool, read_only: bool) -> None:
-    for name, value, allow_none in (("keep", keep, True),
-                                    ("keep_every_n_steps", keep_every_n_steps, True),
-                                    ("save_interval_steps", save_interval_steps, False)):
-        if not ((value is None and allow_none) or
-                (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
-            raise ValueError(f"{name} must be a positive int{' or None' * allow_none}, "
-                             f"not {value!r}")
-    if best_mode not in ("max", "min"):
-        raise ValueError(f"best_mode must be 'max' or 'min', not {best_mode!r}")
-    if read_only and handle_preemption:
-        raise ValueError("handle_preemption=True needs a manager that saves, not read_only")

@@ -57,3 +57,19 @@ def check_newest(where: str, step: int, steps: list[int], pending: int | None) -
             "retention keeps the newest steps, so after a rollback it would delete the "
             f"new ones and keep {newer}. Delete the newer steps first: "
             f"mgr.delete(s) for s in {newer}")
+
+
+def check_options(keep: int | None, keep_every_n_steps: int | None, save_interval_steps: int,
+                  best_mode: str, handle_preemption: bool, read_only: bool) -> None:
+    """Refuses (``ValueError``) a :class:`CheckpointManager`'s options that make no policy."""
+    for name, value, allow_none in (("keep", keep, True),
+                                    ("keep_every_n_steps", keep_every_n_steps, True),
+                                    ("save_interval_steps", save_interval_steps, False)):
+        if not ((value is None and allow_none) or
+                (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+            raise ValueError(f"{name} must be a positive int{' or None' * allow_none}, "
+                             f"not {value!r}")
+    if best_mode not in ("max", "min"):
+        raise ValueError(f"best_mode must be 'max' or 'min', not {best_mode!r}")
+    if read_only and handle_preemption:
+        raise ValueError("handle_preemption=True needs a manager that saves, not read_only")
