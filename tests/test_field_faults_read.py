@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import pytree_ckpt as pc
+from pytree_ckpt import _cli
 
 # A zarr leaf of 12 chunks, a packed leaf, a Python leaf.
 TREE = {"w": jnp.arange(3 * 1024 * 1024, dtype=jnp.float32).reshape(12, -1),
@@ -205,3 +206,22 @@ def test_a_refused_safetensors_file_is_a_storage_error(proxied):
     proxy.fail(kind="get", key="model.safetensors$", status=503, count=2)
     np.testing.assert_array_equal(pc.restore(f"{url}/model.safetensors")[0]["w"], np.arange(6.0))
 
+
+# ---- the command line: exit 3 ----
+
+def test_the_cli_exits_3_on_a_storage_fault(saved, capsys):
+    proxy, url = saved
+    proxy.fail(kind="get", key=COMMIT, status=403)
+    for argv in (["ls", url], ["verify", url], ["steps", url]):
+        assert _cli.main(argv) == _cli.EXIT_STORAGE == 3, argv
+        err = capsys.readouterr().err
+        assert err.startswith("pytree-ckpt: error: ") and "could not be read" in err, err
+    proxy.clear()
+    proxy.fail(kind="get", key=DATA, status=403)
+    assert _cli.main(["verify", url]) == 3
+    proxy.clear()
+    proxy.fail(kind="get", key=DATA, status=404)  # missing data: damage, exit 1
+    assert _cli.main(["verify", url]) == 1
+    proxy.clear()
+    assert _cli.main(["verify", url]) == 0
+    capsys.readouterr()

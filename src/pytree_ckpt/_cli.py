@@ -14,7 +14,10 @@ people ask of a checkpoint::
 
 Every command takes ``--json`` (one JSON document on stdout instead of a table). Exit status:
 0 fine; 1 differences (``diff``) or a corrupt checkpoint found; 2 bad usage, or nothing there
-(no checkpoint, an incomplete save, an empty directory). An error is one line on stderr,
+(no checkpoint, an incomplete save, an empty directory); 3 the storage could not be read or
+written (:class:`StorageError`: permission denied, a server error after retries, an
+unreachable endpoint; nothing is known about the checkpoint, retry later or fix
+credentials). An error is one line on stderr,
 never a traceback. Progress bars (``verify``, and ``convert``'s read and write) go to
 stderr, and only when it is a terminal and ``--json`` is not given.
 
@@ -43,7 +46,7 @@ from . import _cli_text
 from ._cli_text import emit, iso, jsonable, number, section, shape, short, show, size, table, written
 from ._diff import array_differences, checksum_verdicts, compare, under
 
-EXIT_OK, EXIT_FOUND, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
 # diff --values holds about two blocks of this size (--block-bytes): a larger leaf is read
 # block by block from each side, smaller ones in batches of about a block a side.
 _BLOCK_BYTES = 64 << 20
@@ -74,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(error: Exception, args: argparse.Namespace) -> int:
     import pytree_ckpt as pc
 
-    status = EXIT_FOUND if isinstance(error, pc.CorruptCheckpointError) else EXIT_USAGE
+    status = (EXIT_FOUND if isinstance(error, pc.CorruptCheckpointError) else
+              EXIT_STORAGE if isinstance(error, pc.StorageError) else EXIT_USAGE)
     text = " ".join(str(error).split()) or type(error).__name__
     if not isinstance(error, pc.CheckpointError | _Nothing | OSError | ValueError | KeyError):
         text = f"{type(error).__name__}: {text}"  # not an error of the input: say what it is
@@ -94,7 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pytree-ckpt", description="Inspect, compare and list pytree_ckpt checkpoints.",
         epilog="exit status: 0 fine; 1 differences or corruption found; 2 bad usage or "
-               "nothing there. Paths may be local, file://, gs:// or s3:// (as for save).")
+               "nothing there; 3 the storage could not be read or written. Paths may be local, "
+               "file://, gs:// or s3:// (as for save).")
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
@@ -405,6 +410,8 @@ def _step_of(path: str, directory: str) -> int | None:
 def _no_steps(pc: ModuleType, given: str, url: str) -> str:
     try:
         pc.metadata(given)
+    except pc.StorageError:
+        raise  # nothing is known: not "no steps"
     except pc.CheckpointError:
         return f"{url}: no committed steps there"
     return f"{url}: a checkpoint, not a CheckpointManager's directory (try: pytree-ckpt ls)"
@@ -473,6 +480,8 @@ def _anything_there(pc: ModuleType, path: str) -> bool:
     try:
         pc.metadata(path)
         return True
+    except pc.StorageError:
+        raise
     except pc.CheckpointError:
         return pc.latest(path) is not None
 
