@@ -1,6 +1,8 @@
 import collections
+import typing
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
@@ -119,3 +121,123 @@ def test_public_join_path_names_what_flatten_names():
         pc.join_path("a", 1.5)
     with pytest.raises(TypeError, match="not bool"):
         pc.join_path(True)
+
+
+# ---- flatten's order is JAX's: what restore rebuilds with ----
+
+class _Point(typing.NamedTuple):
+    x: object
+    y: object
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class _Keyed:
+    """A custom node with keys (GetAttrKey-named children, in a non-alphabetical order)."""
+
+    def __init__(self, b, a):
+        self.b, self.a = b, a
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("b"), self.b), (jax.tree_util.GetAttrKey("a"), self.a)), None
+
+    def tree_flatten(self):
+        return (self.b, self.a), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+class _Plain:
+    """A custom node registered without keys: JAX names its children by index."""
+
+    def __init__(self, *children):
+        self.children = children
+
+
+jax.tree_util.register_pytree_node(_Plain, lambda p: (p.children, None),
+                                   lambda aux, children: _Plain(*children))
+
+
+def _every_node_kind():
+    import flax.struct
+    import optax
+
+    @flax.struct.dataclass
+    class TrainState:
+        step: object
+        params: object
+        opt_state: object
+        name: str = flax.struct.field(pytree_node=False, default="run")
+
+    params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+              "embed": jnp.ones((4, 2), jnp.bfloat16)}
+    return {
+        "state": TrainState(step=jnp.int32(3), params=params,
+                            opt_state=optax.chain(optax.clip(1.0), optax.adam(1e-3)).init(params)),
+        "ints": {10: np.arange(2), 2: 2.5, 1: None},  # JAX sorts 1, 2, 10 (not as text)
+        "names": {"a/b": 1, "": 2, "x\\y": 3, "B": 4, "a": [5, (6, None)]},
+        "point": _Point(x=jnp.ones(1), y=[7, _Point(8, 9)]),
+        "keyed": _Keyed(b=np.float32(1), a=np.float32(2)),
+        "plain": _Plain(10, {"z": 11}),
+        "empty": [{}, (), []],
+        "none": None,
+        "scalars": (True, 0, 1.5, "text", b"bytes", 2 + 3j),
+    }
+
+
+def _jax_path(keys) -> str:
+    path = ""
+    for key in keys:
+        if isinstance(key, jax.tree_util.DictKey):
+            name = str(key.key)
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            name = key.name
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            name = str(key.idx)
+        else:
+            name = str(key.key)  # FlattenedIndexKey
+        path = _graph.join_path(path, name)
+    return path
+
+
+def test_flatten_is_jax_flatten_with_path_over_every_node_kind():
+    tree = _every_node_kind()
+    flat = _graph.flatten(tree)
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    assert flat.treedef == treedef
+    assert len(flat.leaves) == len(with_path) == treedef.num_leaves > 30
+    for ours, path, (keys, leaf) in zip(flat.leaves, flat.paths, with_path, strict=True):
+        assert ours is leaf, path
+        assert path == _jax_path(keys)
+    assert [p for p in flat.paths if p.startswith("ints/")] == ["ints/1", "ints/2", "ints/10"]
+    assert [p for p in flat.paths if p.startswith("keyed/")] == ["keyed/b", "keyed/a"]
+    assert [p for p in flat.paths if p.startswith("plain/")] == ["plain/0", "plain/1/z"]
+    # And restore rebuilds that tree with every leaf in its place.
+    rebuilt = jax.tree_util.tree_unflatten(flat.treedef, flat.leaves)
+    assert jax.tree_util.tree_structure(rebuilt) == jax.tree_util.tree_structure(tree)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class _Disagreeing:
+    """A node whose keyed flatten gives its children in another order than its flatten."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def tree_flatten_with_keys(self):
+        return ((jax.tree_util.GetAttrKey("b"), self.b), (jax.tree_util.GetAttrKey("a"), self.a)), None
+
+    def tree_flatten(self):
+        return (self.a, self.b), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+def test_restore_refuses_a_target_whose_leaves_do_not_line_up():
+    pc.save({"n": {"a": jnp.zeros(2), "b": jnp.ones(2)}}, "memory://graph/lined_up")
+    target = {"n": _Disagreeing(jnp.zeros(2), jnp.zeros(2))}
+    with pytest.raises(pc.UnsupportedLeafError, match="do not line up with JAX's flatten.*'n/b'"):
+        pc.restore("memory://graph/lined_up", target)
