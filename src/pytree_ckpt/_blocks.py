@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _gc_pause, _leaves, _source, _storage
+from . import _leaves, _source, _storage
 from ._build import Want
 from ._errors import PathNotFoundError, RegionError, UnsupportedLeafError
 from ._format import LeafRecord
@@ -86,9 +86,8 @@ def read_blocks(path: str | os.PathLike | dict, leaf: str, *, index: Any = None,
     if block_bytes is not None and operator.index(block_bytes) < 1:
         raise ValueError(f"block_bytes must be at least 1, not {block_bytes}")
     loc = _storage.location(path)
-    with _gc_pause.paused():
-        ckpt = open_source(loc)
-        rec = _record(ckpt, leaf, loc.url)
+    ckpt = open_source(loc)  # decoding pauses the collector itself, not the read
+    rec = _record(ckpt, leaf, loc.url)
     region = _region(index, rec, loc.url)
     itemsize = _leaves.DTYPES[rec.dtype].itemsize
     return _reads(ckpt, rec, blocks(region, itemsize, block_bytes))

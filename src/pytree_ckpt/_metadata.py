@@ -175,22 +175,22 @@ def metadata(path: str | os.PathLike | dict) -> CheckpointMetadata:
         >>> info.leaves["w"].shape, info.leaves["step"].value
         ((3,), 7)
     """
-    with _gc_pause.paused():  # per-leaf loops: see _gc_pause
-        return _metadata(_storage.location(path))
+    return _metadata(_storage.location(path))
 
 
 def _metadata(loc: _storage.Location) -> CheckpointMetadata:
-    ckpt = open_source(loc)
-    nodes = ckpt.tree_nodes()
-    devices = tuple(jax.devices())
-    text = functools.lru_cache(maxsize=None)(  # a tree has few layouts
-        lambda s: _sharding_text(s, devices))
-    paths, origins, shapes, dtypes, nbytes, shardings, values = ckpt.leaves.summaries()
-    rows = zip(paths, origins, shapes, dtypes, nbytes, map(text, shardings), values,
-               strict=True)
-    leaves = dict(zip(paths, map(_LEAF, rows), strict=True))
-    return CheckpointMetadata(
-        path=loc.url, format_version=ckpt.version, format=ckpt.format,
-        tree=_graph.rebuild(nodes, leaves),
-        leaves=leaves, node_types={n.path: n.type_name for n in nodes},
-        nbytes=sum(nbytes), writer=dict(ckpt.writer))
+    ckpt = open_source(loc)  # the reads: the collector stays on (see _gc_pause)
+    with _gc_pause.paused():  # the per-leaf loops
+        nodes = ckpt.tree_nodes()
+        devices = tuple(jax.devices())
+        text = functools.lru_cache(maxsize=None)(  # a tree has few layouts
+            lambda s: _sharding_text(s, devices))
+        paths, origins, shapes, dtypes, nbytes, shardings, values = ckpt.leaves.summaries()
+        rows = zip(paths, origins, shapes, dtypes, nbytes, map(text, shardings), values,
+                   strict=True)
+        leaves = dict(zip(paths, map(_LEAF, rows), strict=True))
+        return CheckpointMetadata(
+            path=loc.url, format_version=ckpt.version, format=ckpt.format,
+            tree=_graph.rebuild(nodes, leaves),
+            leaves=leaves, node_types={n.path: n.type_name for n in nodes},
+            nbytes=sum(nbytes), writer=dict(ckpt.writer))

@@ -61,14 +61,16 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs
     for job in jobs:
         by_kind[job[1].storage.kind].append(job)
+    # The per-leaf loops run with the collector paused; the waits for reads between them
+    # (in _packed_ranges and the zarr iterator) never do: see _gc_pause.
     with _gc_pause.paused():
         zarr = _ZarrReads(url, kv, commit, by_kind["z"], layouts)
         zarr.fill()  # the first arrays' reads run while the packed leaves are read
-        policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
-        groups = _range_groups(by_kind["p"], policy.most)
-        crc = _format.LEAF_CRC[commit.version]
-        for group, data, start, blob in _packed_ranges(url, kv, commit, groups,
-                                                       policy.in_flight):
+    policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
+    groups = _range_groups(by_kind["p"], policy.most)
+    crc = _format.LEAF_CRC[commit.version]
+    for group, data, start, blob in _packed_ranges(url, kv, commit, groups, policy.in_flight):
+        with _gc_pause.paused():
             for path, rec, want in group:
                 host = _checked(url, data, start, rec, blob, crc)
                 if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
@@ -78,8 +80,9 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                                                     weak_type=want.weak)
                 else:
                     out[path] = _build.build(rec, want, {(): host}, layouts, whole=True)
-        for path, rec, want, regions in zarr:
-            out[path] = _build.build(rec, want, regions, layouts, whole=False)
+    for path, rec, want, regions in zarr:
+        out[path] = _build.build(rec, want, regions, layouts, whole=False)
+    with _gc_pause.paused():
         for path, rec, want in by_kind["v"]:
             out[path] = _build.py_to_want(rec.storage.value, want)
     return out

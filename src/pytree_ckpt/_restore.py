@@ -8,6 +8,7 @@ target's value; a leaf is never filled with data of another shape.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -103,16 +104,15 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         ([0.0, 1.0, 2.0], ('w',))
     """
     rules = _transform.Rules(transform) if transform is not None else None
-    with _gc_pause.paused():  # per-leaf loops: see _gc_pause
-        for attempt in range(_ATTEMPTS):
-            try:
-                tree, status = _restore(path, target, at, rename, rules, progress)
-                break
-            except OverwrittenError:
-                if attempt == _ATTEMPTS - 1:
-                    raise
-        else:
-            raise AssertionError("unreachable: the last attempt returns or raises")
+    for attempt in range(_ATTEMPTS):
+        try:
+            tree, status = _restore(path, target, at, rename, rules, progress)
+            break
+        except OverwrittenError:
+            if attempt == _ATTEMPTS - 1:
+                raise
+    else:
+        raise AssertionError("unreachable: the last attempt returns or raises")
     if strict:
         check_complete(status, _storage.location(path).url, "call restore without strict=True")
     return tree, status
@@ -124,9 +124,28 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any,
     loc = _storage.location(path)
     ckpt = open_source(loc)
     rename_fn = _graph.renamer(rename) if rename is not None else None
-    entries = _match.select(ckpt, at, rename_fn, loc.url)
+    with _gc_pause.paused():
+        entries = _match.select(ckpt, at, rename_fn, loc.url)
     if target is None:
         return _restore_saved(ckpt, entries, at, rename_fn, rules, progress)
+    with _gc_pause.paused():  # the per-leaf loops, never the reads: see _gc_pause
+        flat, jobs, transforms, status = _match_target(ckpt, entries, target, rules)
+    values = _read_all(ckpt, jobs, progress)
+    if transforms:  # the user's functions, outside the pause
+        casts: list[Cast] = []
+        for path, record, want, fn in transforms:
+            values[path] = _transformed(ckpt.url, path, record, want, fn, values[path], casts)
+        status = dataclasses.replace(status, cast=status.cast + tuple(casts),
+                                     transformed=tuple(t[0] for t in transforms))
+    with _gc_pause.paused():
+        leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
+        return jax.tree_util.tree_unflatten(flat.treedef, leaves), status
+
+
+def _match_target(ckpt: _source.Source, entries: dict[str, str], target: Any,
+                  rules: _transform.Rules | None) -> tuple[_graph.Flat, list, list, RestoreStatus]:
+    """The target flattened, the reads its matched leaves need, the transforms to apply once
+    read, and the restore's status (its ``transformed`` and their casts added after them)."""
     flat = _graph.flatten(target)
     device = default_device()
     wants = [_match.want_for(p, leaf, device) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
@@ -143,7 +162,7 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any,
         if fn is not None:  # read whole as saved; checked against the target once transformed
             matched.append(path)
             transforms.append((path, record, want, fn))
-            jobs.append((path, record, _transform.host_want(loc.url, path, record)))
+            jobs.append((path, record, _transform.host_want(ckpt.url, path, record)))
             continue
         verdict = _match.compare(record, want)
         if verdict is None:
@@ -155,16 +174,11 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any,
         elif verdict:
             casts.append(Cast(path, record.dtype, _match.want_dtype_str(want)))
         jobs.append((path, record, want))
-    values = _read_all(ckpt, jobs, progress)
-    for path, record, want, fn in transforms:
-        values[path] = _transformed(loc.url, path, record, want, fn, values[path], casts)
-    leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
     status = RestoreStatus(
         matched=tuple(matched), unmatched=tuple(unmatched),
         unused=_match.unused(entries, matched, mismatched),
-        mismatched=tuple(mismatched), cast=tuple(casts),
-        transformed=tuple(t[0] for t in transforms))
-    return jax.tree_util.tree_unflatten(flat.treedef, leaves), status
+        mismatched=tuple(mismatched), cast=tuple(casts))
+    return flat, jobs, transforms, status
 
 
 def _transformed(url: str, path: str, rec: LeafRecord, want: Want, fn: Callable, saved: Any,
@@ -192,22 +206,23 @@ def _read_all(ckpt: _source.Source, jobs: list, progress: bool) -> dict[str, Any
 def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None,
                    rename_fn: Callable[[str], str] | None, rules: _transform.Rules | None,
                    progress: bool = False) -> tuple[Any, RestoreStatus]:
-    saved_nodes = ckpt.tree_nodes()  # before reading any data
-    records = ckpt.leaves.records(list(entries.values()))
-    placement = _placement.Placement(default_device())
-    narrow, casts, jobs, transforms = _match.narrowing(), [], [], []
-    for path, rec in zip(entries, records, strict=True):
-        fn = rules(path) if rules is not None else None
-        if fn is not None:
-            transforms.append((path, rec, fn))
-            jobs.append((path, rec, _transform.host_want(ckpt.url, path, rec)))
-            continue
-        want = _placement.saved_want(rec, placement)
-        if narrow and want.kind is _leaves.JAX and want.dtype in narrow:
-            want = _match.narrowed(path, rec, want, narrow, casts)
-        jobs.append((path, rec, want))
+    with _gc_pause.paused():  # the per-leaf loops, never the reads: see _gc_pause
+        saved_nodes = ckpt.tree_nodes()  # before reading any data
+        records = ckpt.leaves.records(list(entries.values()))
+        placement = _placement.Placement(default_device())
+        narrow, casts, jobs, transforms = _match.narrowing(), [], [], []
+        for path, rec in zip(entries, records, strict=True):
+            fn = rules(path) if rules is not None else None
+            if fn is not None:
+                transforms.append((path, rec, fn))
+                jobs.append((path, rec, _transform.host_want(ckpt.url, path, rec)))
+                continue
+            want = _placement.saved_want(rec, placement)
+            if narrow and want.kind is _leaves.JAX and want.dtype in narrow:
+                want = _match.narrowed(path, rec, want, narrow, casts)
+            jobs.append((path, rec, want))
     values = _read_all(ckpt, jobs, progress)
-    for path, rec, fn in transforms:
+    for path, rec, fn in transforms:  # the user's functions, outside the pause
         # The kind it was saved as, in the shape and dtype fn gives, on the default device
         # (a saved sharding was made for the saved shape).
         host, result = _transform.apply(ckpt.url, path, fn, values[path], rec)
@@ -220,11 +235,13 @@ def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None
         else:
             want = Want(_leaves.NUMPY, host.dtype, host.shape)
         values[path] = _build.build(result, want, {(): host}, _build.Layouts(), whole=True)
-    # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
-    nodes = []
-    for node in saved_nodes:
-        rel = _graph.relative_to(node.path, at) if at is not None else node.path
-        if rel is not None:
-            nodes.append(node._replace(path=rename_fn(rel) if rename_fn else rel))
-    return _graph.rebuild(nodes, values), RestoreStatus(
-        matched=tuple(entries), cast=tuple(casts), transformed=tuple(t[0] for t in transforms))
+    with _gc_pause.paused():
+        # Inner nodes follow their leaves: re-rooted at ``at`` and renamed the same way.
+        nodes = []
+        for node in saved_nodes:
+            rel = _graph.relative_to(node.path, at) if at is not None else node.path
+            if rel is not None:
+                nodes.append(node._replace(path=rename_fn(rel) if rename_fn else rel))
+        return _graph.rebuild(nodes, values), RestoreStatus(
+            matched=tuple(entries), cast=tuple(casts),
+            transformed=tuple(t[0] for t in transforms))

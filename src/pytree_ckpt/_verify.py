@@ -97,7 +97,7 @@ def verify(path: str | os.PathLike | dict, *, strict: bool = False,
     """
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
-    with _gc_pause.paused(), _faults.faults(loc.url):  # a storage fault is no damage found
+    with _faults.faults(loc.url):  # a storage fault is no damage found
         commit = _load_ours(loc, kv)
         problems: dict[str, str] = {}
         read = _Checker(loc, kv, commit, problems)
@@ -105,10 +105,12 @@ def verify(path: str | os.PathLike | dict, *, strict: bool = False,
         for path in sorted(read.irregular)[:1]:
             problems[""] = read.refused(os.path.relpath(path, loc.local)) or path
         try:
-            _decode.tree_nodes(commit, commit_file(loc))
+            with _gc_pause.paused():  # a per-leaf loop, not a read: see _gc_pause
+                _decode.tree_nodes(commit, commit_file(loc))
         except CorruptCheckpointError as e:
             problems[""] = str(e)
-        records = read.records()
+        with _gc_pause.paused():
+            records = read.records()
         packed = [r for r in records if r.storage.kind == "p"]
         zarr = [r for r in records if r.storage.kind == "z"]
         with _progress.bar(_data_bytes(commit, packed, zarr), "verify", progress) as advance:

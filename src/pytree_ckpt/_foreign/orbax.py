@@ -386,14 +386,13 @@ def read(url: str, jobs: list[_build.Job]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     in_flight: collections.deque = collections.deque()
     waiting = 0
-    with _gc_pause.paused():
-        for item in _region_reads(url, jobs, layouts, out):
-            in_flight.append(item)
-            waiting += item[4]
-            while waiting > _BYTES_IN_FLIGHT:
-                waiting -= _finish(url, in_flight.popleft(), layouts, out)
-        while in_flight:
-            _finish(url, in_flight.popleft(), layouts, out)
+    for item in _region_reads(url, jobs, layouts, out):
+        in_flight.append(item)
+        waiting += item[4]
+        while waiting > _BYTES_IN_FLIGHT:
+            waiting -= _finish(url, in_flight.popleft(), layouts, out)
+    while in_flight:
+        _finish(url, in_flight.popleft(), layouts, out)
     return out
 
 
@@ -433,13 +432,14 @@ def _finish(url: str, item: tuple, layouts: _build.Layouts, out: dict[str, Any])
         raise read_failed(url, e, f"{url}: entry {rec.path!r:.200}: cannot read its array "
                           f"data ({e})") from e
     leaf[2] -= 1
-    if buf is None and leaf[2] == 0 and type(want.sharding) is _ONE_DEVICE and \
-            want.kind == _leaves.JAX and result.dtype == want.dtype:
-        # The common small leaf: TensorStore's array is not aligned, so JAX copies it
-        # either way; asked to, it copies at once, the cheaper way per leaf.
-        out[path] = _transfer.to_device(result, want.sharding, copy=True)
-        return nbytes
-    regions[key] = result if buf is None else buf
-    if leaf[2] == 0:
-        out[path] = _build.build(rec, want, regions, layouts, whole=False)
+    with _gc_pause.paused():  # building, not the wait above: see _gc_pause
+        if buf is None and leaf[2] == 0 and type(want.sharding) is _ONE_DEVICE and \
+                want.kind == _leaves.JAX and result.dtype == want.dtype:
+            # The common small leaf: TensorStore's array is not aligned, so JAX copies it
+            # either way; asked to, it copies at once, the cheaper way per leaf.
+            out[path] = _transfer.to_device(result, want.sharding, copy=True)
+            return nbytes
+        regions[key] = result if buf is None else buf
+        if leaf[2] == 0:
+            out[path] = _build.build(rec, want, regions, layouts, whole=False)
     return nbytes

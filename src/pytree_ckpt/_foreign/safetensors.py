@@ -219,14 +219,13 @@ def read(files: list[_source.File], jobs: list[_build.Job]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     in_flight: collections.deque = collections.deque()
     waiting = 0
-    with _gc_pause.paused():
-        for leaf, buf, piece, future in _pieces(files, jobs, layouts):
-            in_flight.append((leaf, buf, piece, future))
-            waiting += len(buf)
-            while waiting > _BYTES_IN_FLIGHT or (in_flight and in_flight[0][3] is None):
-                waiting -= _finish(files, in_flight.popleft(), layouts, out)
-        while in_flight:
-            _finish(files, in_flight.popleft(), layouts, out)
+    for leaf, buf, piece, future in _pieces(files, jobs, layouts):
+        in_flight.append((leaf, buf, piece, future))
+        waiting += len(buf)
+        while waiting > _BYTES_IN_FLIGHT or (in_flight and in_flight[0][3] is None):
+            waiting -= _finish(files, in_flight.popleft(), layouts, out)
+    while in_flight:
+        _finish(files, in_flight.popleft(), layouts, out)
     return out
 
 
@@ -274,7 +273,8 @@ def _finish(files: list[_source.File], item: tuple, layouts: _build.Layouts,
         buf[:] = np.frombuffer(data, np.uint8)
     leaf[2] -= 1
     if leaf[2] <= 0:
-        out[path] = _build.build(rec, want, _regions(rec, regions), layouts, whole=False)
+        with _gc_pause.paused():  # building, not the wait above: see _gc_pause
+            out[path] = _build.build(rec, want, _regions(rec, regions), layouts, whole=False)
     return len(buf)
 
 
