@@ -211,3 +211,37 @@ def test_a_failing_retention_delete_warns_and_never_raises_later(proxied, deadli
     finally:
         pc.configure(lock_stale_s=None)
     np.testing.assert_array_equal(pc.restore(f"{url}/run/4")[0]["w"], np.full(3, 4.0))
+
+
+# ---- big hosts: the read window is bytes, not cores ----
+
+def test_the_read_window_is_bytes_whatever_the_cpu_count(monkeypatch, tmp_path):
+    code = ("import os\nos.cpu_count = lambda: 208\nos.sched_getaffinity = lambda pid: "
+            "set(range(208))\nfrom pytree_ckpt import _read\nprint(_read.window_bytes())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 256 << 20  # 4 slabs a core would be 6.5 GiB
+    from pytree_ckpt import _read
+
+    seen = []
+    real = _read._ZarrReads.fill
+
+    def fill(self):
+        seen.append(self._window)
+        return real(self)
+
+    monkeypatch.setattr(_read._ZarrReads, "fill", fill)
+    pc.save({"w": jnp.arange(1024.0)}, tmp_path / "c")
+    try:
+        assert pc.configure(read_window_bytes=8 << 20).read_window_bytes == 8 << 20
+        np.testing.assert_array_equal(pc.restore(tmp_path / "c")[0]["w"], np.arange(1024.0))
+        assert set(seen) == {8 << 20}
+    finally:
+        pc.configure(read_window_bytes=None)
+    for bad in (1024, 2**20 + 0.5, "lots", True):  # under 1 MiB, not whole, not a number
+        with pytest.raises(pc.ConfigurationError, match="read_window_bytes.*number of bytes"):
+            pc.configure(read_window_bytes=bad)
+    monkeypatch.setenv("PYTREE_CKPT_READ_WINDOW_BYTES", "64MiB")
+    with pytest.raises(pc.ConfigurationError, match="PYTREE_CKPT_READ_WINDOW_BYTES"):
+        pc.restore(tmp_path / "c")

@@ -326,7 +326,7 @@ def test_restore_reads_a_window_of_slabs_at_a_time(tmp_path, mesh, monkeypatch):
     tree = {f"w{i}": _put(_values(BIG, seed=i), mesh, P("x", "y")) for i in range(3)}
     ckpt = pc.save(tree, tmp_path / "c")
     shard = math.prod(BIG) * 4 // 8
-    monkeypatch.setattr(_read, "_BYTES_IN_FLIGHT", 3 * shard)
+    monkeypatch.setattr(_read, "window_bytes", lambda: 3 * shard)
     outstanding, most = [0], [0]
     real = _build.read_into
 

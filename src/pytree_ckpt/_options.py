@@ -26,15 +26,18 @@ class Options:
     liveness_timeout_s: float
     clean_after_s: float
     lock_stale_s: float
+    read_window_bytes: int
 
 
-# name: (environment variable, default, smallest value allowed)
+# name: (environment variable, default, smallest value allowed); a name ending in _bytes
+# is a whole number of bytes, every other one a number of seconds.
 _SPEC: dict[str, tuple[str, float, float]] = {
     "storage_deadline_s": ("PYTREE_CKPT_STORAGE_DEADLINE_S", 120.0, 0.0),
     "barrier_timeout_s": ("PYTREE_CKPT_BARRIER_TIMEOUT_S", 600.0, 0.0),
     "liveness_timeout_s": ("PYTREE_CKPT_LIVENESS_TIMEOUT_S", 30.0, 0.0),
     "clean_after_s": ("PYTREE_CKPT_CLEAN_AFTER_S", 6 * 3600.0, 0.0),
     "lock_stale_s": ("PYTREE_CKPT_LOCK_STALE_S", 300.0, 0.0),
+    "read_window_bytes": ("PYTREE_CKPT_READ_WINDOW_BYTES", 256 << 20, 1 << 20),
 }
 _set: dict[str, float] = {}
 _lock = threading.Lock()
@@ -46,6 +49,12 @@ def _valid(name: str, value: Any, where: str) -> float:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
+    if name.endswith("_bytes"):
+        if isinstance(value, bool) or not math.isfinite(number) or number < low or \
+                number != int(number):
+            raise ConfigurationError(
+                f"{where}: {value!r} is not a number of bytes (a whole number >= {low:g})")
+        return int(number)
     if isinstance(value, bool) or not math.isfinite(number) or number < low:
         raise ConfigurationError(
             f"{where}: {value!r} is not a number of seconds (a finite number >= {low:g})")
@@ -71,7 +80,8 @@ def options() -> Options:
 def configure(**changes: float | None) -> Options:
     """Sets process-wide options and returns every option's value now.
 
-    **Options** (seconds; ``None`` goes back to the environment variable, else the default):
+    **Options** (seconds, or bytes for ``read_window_bytes``; ``None`` goes back to the
+    environment variable, else the default):
 
     - ``storage_deadline_s`` (``PYTREE_CKPT_STORAGE_DEADLINE_S``, 120): how long one
       storage request keeps retrying transient faults (HTTP 429 and 5xx, dropped
@@ -86,9 +96,15 @@ def configure(**changes: float | None) -> Options:
       generation must be before :func:`clean` takes it for a dead save's leftovers.
     - ``lock_stale_s`` (``PYTREE_CKPT_LOCK_STALE_S``, 300): how long a
       :class:`CheckpointManager`'s lock may go without a heartbeat before it is taken over.
+    - ``read_window_bytes`` (``PYTREE_CKPT_READ_WINDOW_BYTES``, 268435456 = 256 MiB, at
+      least 1 MiB): how many bytes of array reads :func:`restore` and :func:`read_blocks`
+      keep issued and not yet copied into place, whatever the host's CPU count (each holds
+      a buffer of its size meanwhile). More can read faster from fast storage on a host
+      with many cores; less holds less memory.
 
     **Raises:** :class:`ConfigurationError` naming the option for an unknown name or a value
-    that is not a finite number of seconds (nothing is changed then).
+    that is not a finite number of seconds, or a whole number of bytes (nothing is changed
+    then).
 
     Example::
 

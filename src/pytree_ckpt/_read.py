@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import collections
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from . import _binding, _build, _faults, _format, _gc_pause, _leaves, _storage, _transfer
+from . import (
+    _binding,
+    _build,
+    _faults,
+    _format,
+    _gc_pause,
+    _leaves,
+    _options,
+    _storage,
+    _transfer,
+)
 from ._build import Job, Layouts, Want
 from ._errors import CheckpointError, CorruptCheckpointError
 from ._format import Commit, LeafRecord
@@ -43,9 +52,9 @@ class _Ranges(NamedTuple):
 _LOCAL_RANGES = _Ranges(most=256 << 10, in_flight=8)
 _REMOTE_RANGES = _Ranges(most=1 << 20, in_flight=16)
 _SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, concurrently
-# Of zarr slabs issued and not yet waited for (see _ZarrReads): a few slabs per core keep
-# every copy thread busy; on two cores 64 MiB read as fast as 128 MiB or no limit at all.
-_BYTES_IN_FLIGHT = max(64 << 20, 4 * _SLAB_BYTES * (os.cpu_count() or 1))
+# Zarr slabs issued and not yet waited for (see _ZarrReads) are bounded in bytes by the
+# option read_window_bytes (pytree_ckpt.configure; 256 MiB by default), never by the CPU
+# count: 4 slabs a core would hold 6.5 GiB on a 208-core host.
 # What a chunk in flight costs at least, counted in the window: TensorStore's state for each
 # chunk it reads (a slab of 65,536 chunks of a few bytes is otherwise "a few bytes").
 _CHUNK_COST = 4 << 10
@@ -89,14 +98,14 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
 
 
 class _ZarrReads:
-    """Reads zarr leaves region by region, slab by slab, with at most ~_BYTES_IN_FLIGHT of
-    slabs issued and not yet waited for; iterating yields ``(path, rec, want, regions)``
-    per leaf, in job order, once all its slabs are read.
+    """Reads zarr leaves region by region, slab by slab, with at most ~``read_window_bytes``
+    (see :func:`window_bytes`) of slabs issued and not yet waited for; iterating yields
+    ``(path, rec, want, regions)`` per leaf, in job order, once all its slabs are read.
 
     TensorStore reads each chunk into a buffer of its own before copying it into ours.
     Issued all at once, the reads would let the file threads run far ahead of the copying,
     and those chunk buffers would pile up (a large part of the tree, kept by malloc after).
-    Through the window they cost about the window: 64 MiB, whatever the tree's size.
+    Through the window they cost about the window, whatever the tree's size.
     """
 
     def __init__(self, url: str, kv: Any, commit: Commit, jobs: list[Job],
@@ -112,6 +121,7 @@ class _ZarrReads:
         self._slabs: Iterator[tuple] = self._all_slabs()
         self._in_flight: collections.deque = collections.deque()
         self._bytes = 0
+        self._window = window_bytes()
 
     def _all_slabs(self) -> Iterator[tuple]:
         """``(leaf, source, buffer, chunks)`` for every slab, where ``leaf`` is
@@ -134,7 +144,7 @@ class _ZarrReads:
                 yield leaf, source, buf, chunks
 
     def fill(self) -> None:
-        while self._bytes < _BYTES_IN_FLIGHT:
+        while self._bytes < self._window:
             slab = next(self._slabs, None)
             if slab is None:
                 return
@@ -165,6 +175,11 @@ class _ZarrReads:
             if leaf[2] <= 0:
                 trailers.check(self._url)
                 yield path, rec, want, regions
+
+
+def window_bytes() -> int:
+    """The read window in force: the option ``read_window_bytes``, read when a read starts."""
+    return int(_options.get("read_window_bytes"))
 
 
 def _allocate(key: tuple, dtype: np.dtype, rec: LeafRecord, url: str) -> np.ndarray:
