@@ -50,7 +50,7 @@ def test_crashed_overwrites_leave_generations_that_clean_reclaims_once_old(zygot
     assert report == pc.CleanReport(str(path), (), (), tuple(str(path / g) for g in orphans),
                                     True)
     assert _generations(path) == sorted([committed, *orphans])
-    monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)  # as if hours had passed
+    monkeypatch.setattr(_clean, "live_save_s", lambda: 0.0)  # as if hours had passed
     report = pc.clean(path)
     assert report.orphaned == tuple(str(path / g) for g in orphans) and not report.deleted
     assert _generations(path) == sorted([committed, *orphans])  # only listed
@@ -85,7 +85,7 @@ def test_clean_reports_an_incomplete_checkpoint_and_deletes_only_leftovers(zygot
                                                                           monkeypatch):
     path = tmp_path / "c"
     _crash_an_overwrite(zygote, path)
-    monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)
+    monkeypatch.setattr(_clean, "live_save_s", lambda: 0.0)
     assert pc.clean(path).incomplete == (str(path),)
     pc.clean(path, delete=True)
     assert os.listdir(path) == []
@@ -118,7 +118,7 @@ def test_clean_reclaims_the_metrics_files_of_steps_that_never_committed(zygote, 
     # Minutes old: a save may still be writing them.
     assert pc.clean(run, delete=True) == pc.CleanReport(str(run), (), (), leftovers, True)
     assert (run / "2.metrics.msgpack").exists() and (run / "3.metrics.msgpack").exists()
-    monkeypatch.setattr(_clean, "LIVE_SAVE_S", 0.0)
+    monkeypatch.setattr(_clean, "live_save_s", lambda: 0.0)
     assert pc.clean(run) == pc.CleanReport(str(run), leftovers, (), (), False)
     assert "4 incomplete saves" in str(pc.clean(run, delete=True))
     assert sorted(os.listdir(run)) == [".steps", "1", "1.metrics.msgpack", "manager.lock"]

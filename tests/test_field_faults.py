@@ -173,13 +173,18 @@ def test_configure_validates_and_names_the_option(monkeypatch):
 
 def test_bad_environment_values_never_break_import():
     env = dict(os.environ, PYTREE_CKPT_BARRIER_TIMEOUT_S="ten", PYTREE_CKPT_LIVENESS_TIMEOUT_S="",
-               PYTREE_CKPT_LOCK_STALE_S="5m", PYTREE_CKPT_STORAGE_DEADLINE_S="-1")
+               PYTREE_CKPT_LOCK_STALE_S="5m", PYTREE_CKPT_STORAGE_DEADLINE_S="-1",
+               PYTREE_CKPT_CLEAN_AFTER_S="6h", PYTREE_CKPT_READ_WINDOW_BYTES="1 GiB")
     code = ("import pytree_ckpt as pc\n"
-            "try:\n    pc.configure()\nexcept pc.ConfigurationError as e:\n    print(e)\n")
+            "try:\n    pc.configure()\nexcept pc.ConfigurationError as e:\n    print(e)\n"
+            "import os\nos.environ['PYTREE_CKPT_STORAGE_DEADLINE_S'] = '1'\n"
+            "try:\n    pc.clean('memory://nothing')\nexcept pc.ConfigurationError as e:\n"
+            "    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "environment variable PYTREE_CKPT_STORAGE_DEADLINE_S: '-1'" in done.stdout
+    assert "environment variable PYTREE_CKPT_CLEAN_AFTER_S: '6h'" in done.stdout
 
 
 # ---- after the commit: warnings, never errors ----

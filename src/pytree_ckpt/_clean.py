@@ -13,7 +13,7 @@ Two kinds of leftovers, in a checkpoint or in each step of a manager's directory
   generation it replaced failed).
 
 A save in progress looks exactly like either, so a leftover is reclaimed only once it is
-older than :data:`LIVE_SAVE_S`: a save's generation is named by its start time (see
+older than :func:`live_save_s`: a save's generation is named by its start time (see
 :func:`new_save_id`), and a generation named otherwise (by an older version of the
 library) by its newest file's time on a local disk, and is kept on an object store. A
 metrics file goes with its step's folder where that is an incomplete save, and otherwise by
@@ -30,12 +30,10 @@ import time
 import uuid
 from typing import Any, NamedTuple
 
-from . import _decode, _steps, _storage
+from . import _decode, _options, _steps, _storage
 from ._format import COMMIT_FILE, is_generation, is_ours
 from ._steps import METRICS_FILE, is_step
 
-# A leftover younger than this may belong to a save still writing (in another process).
-LIVE_SAVE_S = float(os.environ.get("PYTREE_CKPT_CLEAN_AFTER_S", 6 * 3600))
 _TIMED = "c"  # the 13th hex digit of a save id that starts with its time (uuid4's is "4")
 
 
@@ -73,6 +71,12 @@ class CleanReport(NamedTuple):
         return "\n".join(lines)
 
 
+def live_save_s() -> float:
+    """How young a leftover may be and still belong to a save writing in another process:
+    the option ``clean_after_s`` (:func:`pytree_ckpt.configure`), read when used."""
+    return _options.get("clean_after_s")
+
+
 def clean(path: str | os.PathLike | dict, *, delete: bool = False) -> CleanReport:
     """Lists (and with ``delete``, deletes) what interrupted saves left in a checkpoint or a
     :class:`CheckpointManager`'s directory: incomplete saves, and generations of committed
@@ -80,8 +84,9 @@ def clean(path: str | os.PathLike | dict, *, delete: bool = False) -> CleanRepor
     manager's steps that never committed.
 
     Never what a save may still be writing, in this process or another: a leftover is
-    reclaimed once it is older than 6 hours (``PYTREE_CKPT_CLEAN_AFTER_S``), and younger
-    ones are reported as kept. Committed checkpoints, their metrics files and anything that is
+    reclaimed once it is older than 6 hours (``pc.configure(clean_after_s=...)`` or
+    ``PYTREE_CKPT_CLEAN_AFTER_S``, read when ``clean`` runs), and younger ones are reported
+    as kept. Committed checkpoints, their metrics files and anything that is
     not a leftover of a save are never deleted.
 
     **Arguments:**
@@ -105,7 +110,7 @@ def clean(path: str | os.PathLike | dict, *, delete: bool = False) -> CleanRepor
     """
     loc = _storage.location(path)
     kv = _storage.open_kvstore(loc)
-    found = leftovers(loc, kv, _storage.child_names(loc, kv), LIVE_SAVE_S)
+    found = leftovers(loc, kv, _storage.child_names(loc, kv), live_save_s())
     if delete:
         remove(loc, kv, found)
     return found._replace(deleted=delete)
