@@ -250,3 +250,36 @@ def test_the_read_window_is_bytes_whatever_the_cpu_count(monkeypatch, tmp_path):
     monkeypatch.setenv("PYTREE_CKPT_READ_WINDOW_BYTES", "64MiB")
     with pytest.raises(pc.ConfigurationError, match="PYTREE_CKPT_READ_WINDOW_BYTES"):
         pc.restore(tmp_path / "c")
+
+
+# ---- save: a store that refuses or keeps failing a write ----
+
+@pytest.mark.parametrize("key", ["/a/", "/p/", "checkpoint.msgpack$"],
+                         ids=["chunks", "packed", "commit-file"])
+def test_a_refused_write_is_a_save_error_caused_by_a_storage_error(proxied, deadline, key):
+    proxy, url = proxied
+    deadline(1.0)
+    proxy.fail(kind="put", key=key, status=403)
+    for save in (pc.save, lambda tree, path: pc.save_async(tree, path).result()):
+        with pytest.raises(pc.SaveError, match="StorageError: .*PERMISSION_DENIED") as e:
+            save(TREE, f"{url}/c")
+        cause = e.value.__cause__
+        assert isinstance(cause, pc.StorageError), type(cause)
+        assert str(cause).startswith(f"{url}/c"), str(cause)
+        assert "PERMISSION_DENIED" in str(cause.__cause__)
+    proxy.clear()
+    with pytest.raises(pc.CheckpointNotFoundError):  # nothing was committed
+        pc.metadata(f"{url}/c")
+    proxy.fail(kind="put", status=503, count=2)  # transient: survived
+    pc.save(TREE, f"{url}/c")
+    check(pc.restore(f"{url}/c")[0])
+
+
+def test_the_cli_exits_3_when_convert_cannot_write(proxied, tmp_path, capsys):
+    from pytree_ckpt import _cli
+
+    proxy, url = proxied
+    pc.save({"w": jnp.arange(4.0)}, tmp_path / "src")
+    proxy.fail(kind="put", status=403)
+    assert _cli.main(["convert", str(tmp_path / "src"), f"{url}/dst"]) == 3
+    assert "PERMISSION_DENIED" in capsys.readouterr().err

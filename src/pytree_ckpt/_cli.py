@@ -77,8 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _fail(error: Exception, args: argparse.Namespace) -> int:
     import pytree_ckpt as pc
 
+    storage = isinstance(error, pc.StorageError) or (  # convert's write refused
+        isinstance(error, pc.SaveError) and isinstance(error.__cause__, pc.StorageError))
     status = (EXIT_FOUND if isinstance(error, pc.CorruptCheckpointError) else
-              EXIT_STORAGE if isinstance(error, pc.StorageError) else EXIT_USAGE)
+              EXIT_STORAGE if storage else EXIT_USAGE)
     text = " ".join(str(error).split()) or type(error).__name__
     if not isinstance(error, pc.CheckpointError | _Nothing | OSError | ValueError | KeyError):
         text = f"{type(error).__name__}: {text}"  # not an error of the input: say what it is

@@ -126,7 +126,7 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
     primary = me == 0
     old = _replaced_generations(kv, names) if primary else []
     data, name = _format.generation_folder(save_id), f"save/{save_id}"
-    error, entries = None, []
+    error, cause, entries = None, None, []
     try:
         entries = _write.write_data(kv, data, snap, me, primary, progress and primary)
         if loc.local is not None:
@@ -135,16 +135,21 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
             os.makedirs(os.path.join(loc.local, data), exist_ok=True)
             _storage.fsync_tree(os.path.join(loc.local, data))
     except Exception as e:
-        error = f"{type(e).__name__}: {e}"
+        cause = e
+        if _faults.is_storage_fault(e):  # a write refused, or failing after retries
+            cause = _faults.storage_error(f"{loc.url}/{data}", e)
+            cause.__cause__ = e
+        error = f"{type(cause).__name__}: {cause}"
     # Every process reports; any failure (or silence) anywhere means no commit anywhere.
     try:
-        _check(f"{name}/written", error, f"{loc.url}: save failed, nothing was committed")
+        _check(f"{name}/written", error, f"{loc.url}: save failed, nothing was committed",
+               cause)
     except SaveError:
         if primary:
             _discard(loc, kv, data)
         raise
     entries, sizes = _gather_packed(name, entries, snap, me)
-    error, refused = None, None
+    error, refused, cause = None, None, None
     if primary:
         try:
             _write_commit(loc, kv, snap, data, entries, sizes, old, seen)
@@ -152,9 +157,9 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
             _discard(loc, kv, data)
             error, refused = str(e), e if isinstance(e, UnsupportedLeafError) else None
         except Exception as e:
-            error = _commit_failure(loc, kv, data, e)
+            error, cause = _commit_failure(loc, kv, data, e), e
     try:
-        _check(f"{name}/committed", error, f"{loc.url}: writing the commit file failed")
+        _check(f"{name}/committed", error, f"{loc.url}: writing the commit file failed", cause)
     except SaveError as e:
         if refused is not None:
             raise refused from e
@@ -178,12 +183,17 @@ def _commit_failure(loc: _storage.Location, kv: Any, data: str, e: Exception) ->
     return f"{type(e).__name__}: {e}"
 
 
-def _check(name: str, error: str | None, what: str) -> None:
+def _check(name: str, error: str | None, what: str, cause: Exception | None = None) -> None:
+    """Reports this process's ``error`` (None: fine) at meeting ``name`` and raises
+    :class:`SaveError` if any process reported one. Errors cross processes as text; this
+    process's own exception (``cause``), if it had one, is the SaveError's ``__cause__``,
+    so that its class is kept where it happened (a :class:`StorageError` for a store that
+    refused or kept failing a write)."""
     try:
         _distributed.report_and_check(name, error, _options.get("barrier_timeout_s"),
                                       _options.get("liveness_timeout_s"))
     except Exception as e:
-        raise SaveError(f"{what}: {e}") from e
+        raise SaveError(f"{what}: {e}") from (cause if cause is not None else e)
 
 
 class _LostRace(Exception):
