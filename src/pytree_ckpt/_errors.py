@@ -154,7 +154,9 @@ class ConfigurationError(CheckpointError, ValueError):
 
 
 class SaveError(CheckpointError, RuntimeError):
-    """Writing a checkpoint failed; nothing was committed and earlier checkpoints are intact."""
+    """Writing a checkpoint failed; nothing was committed and earlier checkpoints are intact.
+    Where the store refused or kept failing a write (on this process: errors of other
+    processes arrive as text), ``__cause__`` is the :class:`StorageError`."""
 
 
 class DistributedError(SaveError):
