@@ -187,7 +187,7 @@ def _every_node_kind():
 
 
 def _jax_path(keys) -> str:
-    path = ""
+    names = []
     for key in keys:
         if isinstance(key, jax.tree_util.DictKey):
             name = str(key.key)
@@ -197,8 +197,8 @@ def _jax_path(keys) -> str:
             name = str(key.idx)
         else:
             name = str(key.key)  # FlattenedIndexKey
-        path = _graph.join_path(path, name)
-    return path
+        names.append(name)
+    return pc.join_path(*names)
 
 
 def test_flatten_is_jax_flatten_with_path_over_every_node_kind():
