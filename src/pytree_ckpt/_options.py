@@ -74,7 +74,7 @@ def get(name: str) -> float:
 
 def options() -> Options:
     """Every option's value now."""
-    return Options(**{name: get(name) for name in _SPEC})
+    return Options(**{name: get(name) for name in _SPEC})  # pyright: ignore[reportArgumentType]  # bytes options are validated as ints
 
 
 def configure(**changes: float | None) -> Options:
