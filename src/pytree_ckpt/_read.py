@@ -11,6 +11,7 @@ into leaves before its bytes are dropped, so a restore holds little beyond the t
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -26,6 +27,7 @@ from . import (
     _gc_pause,
     _leaves,
     _options,
+    _share,
     _storage,
     _transfer,
 )
@@ -70,27 +72,32 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs
     for job in jobs:
         by_kind[job[1].storage.kind].append(job)
-    # The per-leaf loops run with the collector paused; the waits for reads between them
-    # (in _packed_ranges and the zarr iterator) never do: see _gc_pause.
-    with _gc_pause.paused():
-        zarr = _ZarrReads(url, kv, commit, by_kind["z"], layouts)
-        zarr.fill()  # the first arrays' reads run while the packed leaves are read
-    policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
-    groups = _range_groups(by_kind["p"], policy.most)
-    crc = _format.LEAF_CRC[commit.version]
-    for group, data, start, blob in _packed_ranges(url, kv, commit, groups, policy.in_flight):
+    # Regions held by several processes: read once, split among them (see _share).
+    sharing = _share.plan_reads(by_kind["z"])
+    with sharing.guard() if sharing else contextlib.nullcontext():
+        # The per-leaf loops run with the collector paused; the waits for reads between
+        # them (in _packed_ranges and the zarr iterator) never do: see _gc_pause.
         with _gc_pause.paused():
-            for path, rec, want in group:
-                host = _checked(url, data, start, rec, blob, crc)
-                if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
-                        and host.dtype == want.dtype):
-                    # The common case, without build's dispatch (per leaf).
-                    out[path] = _transfer.to_device(host, want.sharding, copy=True,
-                                                    weak_type=want.weak)
-                else:
-                    out[path] = _build.build(rec, want, {(): host}, layouts, whole=True)
-    for path, rec, want, regions in zarr:
-        out[path] = _build.build(rec, want, regions, layouts, whole=False)
+            zarr = _ZarrReads(url, kv, commit, by_kind["z"], layouts,
+                              sharing.parts if sharing else None)
+            zarr.fill()  # the first arrays' reads run while the packed leaves are read
+        policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
+        groups = _range_groups(by_kind["p"], policy.most)
+        crc = _format.LEAF_CRC[commit.version]
+        for group, data, start, blob in _packed_ranges(url, kv, commit, groups,
+                                                       policy.in_flight):
+            with _gc_pause.paused():
+                for path, rec, want in group:
+                    host = _checked(url, data, start, rec, blob, crc)
+                    if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
+                            and host.dtype == want.dtype):
+                        # The common case, without build's dispatch (per leaf).
+                        out[path] = _transfer.to_device(host, want.sharding, copy=True,
+                                                        weak_type=want.weak)
+                    else:
+                        out[path] = _build.build(rec, want, {(): host}, layouts, whole=True)
+        for path, rec, want, regions in sharing.complete(zarr) if sharing else zarr:
+            out[path] = _build.build(rec, want, regions, layouts, whole=False)
     with _gc_pause.paused():
         for path, rec, want in by_kind["v"]:
             out[path] = _build.py_to_want(rec.storage.value, want)
@@ -109,15 +116,19 @@ class _ZarrReads:
     """
 
     def __init__(self, url: str, kv: Any, commit: Commit, jobs: list[Job],
-                 layouts: Layouts) -> None:
+                 layouts: Layouts, parts: Callable[[int, tuple], list[tuple]] | None = None
+                 ) -> None:
         self._url, self._kv, self._commit = url, kv, commit
         self._layouts = layouts
+        # What to read of a job's region (its index, the region): its parts this process
+        # reads where several share it (_share), else all of it.
+        self._parts = parts or (lambda _job, key: [key])
         self._opening = collections.deque(
-            (path, rec, want, _storage.open_array(
+            (job, path, rec, want, _storage.open_array(
                 kv, f"{commit.data}/a/{rec.storage.index}",
                 _storage.array_spec(rec.shape, rec.storage.chunks, rec.storage.stored_dtype),
                 create=False))
-            for path, rec, want in jobs)
+            for job, (path, rec, want) in enumerate(jobs))
         self._slabs: Iterator[tuple] = self._all_slabs()
         self._in_flight: collections.deque = collections.deque()
         self._bytes = 0
@@ -128,17 +139,20 @@ class _ZarrReads:
         ``[job, regions, slabs not yet read, trailers]`` and ``chunks`` how many chunks the slab
         touches; ``source`` is None for a leaf with none."""
         while self._opening:
-            path, rec, want, opening = self._opening.popleft()
+            job, path, rec, want, opening = self._opening.popleft()
             store = opening.result()
             stored = _leaves.DTYPES[rec.storage.stored_dtype]
-            regions, slabs = {}, []
+            regions, slabs, parts = {}, [], []
             for key in _build.region_keys(rec, want, self._layouts):
                 buf = regions[key] = _allocate(key, stored, rec, self._url)
-                slabs += [(store[sub] if sub else store, buf[local] if local else buf,
-                           _chunks_in(sub, rec.storage.chunks))
-                          for local, sub in _slabs(key, rec.storage.chunks, stored.itemsize)]
+                for part in self._parts(job, key):
+                    parts.append(part)
+                    slabs += [(store[sub] if sub else store, buf[local] if local else buf,
+                               _chunks_in(sub, rec.storage.chunks))
+                              for local, sub in _slabs(key, rec.storage.chunks,
+                                                       stored.itemsize, part)]
             # The chunks' trailers, read alongside: what binds them to this commit.
-            trailers = _binding.Trailers(self._kv, self._commit, rec, regions)
+            trailers = _binding.Trailers(self._kv, self._commit, rec, parts)
             leaf = [(path, rec, want), regions, len(slabs), trailers]
             for source, buf, chunks in slabs or [(None, None, 0)]:
                 yield leaf, source, buf, chunks
@@ -193,7 +207,7 @@ def _allocate(key: tuple, dtype: np.dtype, rec: LeafRecord, url: str) -> np.ndar
             f"{rec.shape} ({rec.dtype}); too little memory, or a forged commit file") from None
 
 
-def _slabs(key: tuple, chunks: tuple[int, ...], itemsize: int
+def _slabs(key: tuple, chunks: tuple[int, ...], itemsize: int, part: tuple | None = None
            ) -> Iterator[tuple[tuple[slice, ...], tuple[slice, ...]]]:
     """Splits a region into slabs of whole chunks, ~_SLAB_BYTES each, read concurrently.
 
@@ -202,14 +216,15 @@ def _slabs(key: tuple, chunks: tuple[int, ...], itemsize: int
     A slab spans whole chunk rows where one row fits in ~_SLAB_BYTES (a contiguous block of
     the buffer); where it does not, as in (layers, d, d) or (1, n) arrays, the row is split
     along the next axis, so that the read window bounds what a read holds.
+    Only ``part`` of the region ``key`` is read, where given (reads shared by processes).
     Yields ``(index into the region's buffer, index into the stored array)``.
     """
     if not key:
         yield (), ()
         return
-    for local in _split(tuple((0, b - a) for a, b in key), chunks, itemsize, 0):
-        yield local, tuple(slice(a + s.start, a + s.stop)
-                           for (a, _b), s in zip(key, local, strict=True))
+    for sub in _split(key if part is None else part, chunks, itemsize, 0):
+        yield tuple(slice(s.start - a, s.stop - a)
+                    for (a, _b), s in zip(key, sub, strict=True)), sub
 
 
 def _split(box: tuple[tuple[int, int], ...], chunks: tuple[int, ...], itemsize: int,

@@ -15,7 +15,19 @@ from typing import Any
 
 import jax
 
-from . import _build, _gc_pause, _graph, _leaves, _match, _placement, _progress, _source, _storage, _transform
+from . import (
+    _build,
+    _gc_pause,
+    _graph,
+    _leaves,
+    _match,
+    _placement,
+    _progress,
+    _share,
+    _source,
+    _storage,
+    _transform,
+)
 from ._build import Want, default_device
 from ._errors import OverwrittenError
 from ._format import LeafRecord
@@ -29,7 +41,8 @@ _ATTEMPTS = 3
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
             rename: _graph.Rename | None = None, transform: _transform.Transform | None = None,
-            strict: bool = False, progress: bool = False) -> tuple[Any, RestoreStatus]:
+            strict: bool = False, progress: bool = False, share_reads: bool = True
+            ) -> tuple[Any, RestoreStatus]:
     """Restores a checkpoint into a new tree shaped like ``target``; returns it and the status.
 
     **Arguments:**
@@ -66,6 +79,15 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     - ``progress``: show a progress bar of the bytes read (tqdm: a widget in a notebook, on
       stderr elsewhere), over the restored leaves' whole sizes; in a multi-process job only
       process 0 shows it. Off by default: restore prints nothing.
+    - ``share_reads``: in a multi-process job, a region that devices of several processes
+      hold (a replicated leaf, or one replicated along a mesh axis) is read from storage
+      once: its chunks are split among those processes, each reads its share, and the rest
+      arrives over a JAX all-gather. Every process must then call restore with the same
+      target. A process whose share fails, or that dies, makes restore raise on every
+      process: its own error where it failed, elsewhere a :class:`SaveError` (the
+      coordination service's error) naming it, within the liveness timeout
+      (:func:`configure`). On by default;
+      ``False`` has every process read all it holds, as a single process does.
 
     Matching is by path. Leaves found with another shape, or a dtype that would lose
     information (int <-> float, narrowing ints), are ``mismatched`` and keep the target's
@@ -104,15 +126,19 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         ([0.0, 1.0, 2.0], ('w',))
     """
     rules = _transform.Rules(transform) if transform is not None else None
-    for attempt in range(_ATTEMPTS):
-        try:
-            tree, status = _restore(path, target, at, rename, rules, progress)
-            break
-        except OverwrittenError:
-            if attempt == _ATTEMPTS - 1:
-                raise
-    else:
-        raise AssertionError("unreachable: the last attempt returns or raises")
+    sharing = _share.enabled.set(share_reads)
+    try:
+        for attempt in range(_ATTEMPTS):
+            try:
+                tree, status = _restore(path, target, at, rename, rules, progress)
+                break
+            except OverwrittenError:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        else:
+            raise AssertionError("unreachable: the last attempt returns or raises")
+    finally:
+        _share.enabled.reset(sharing)
     if strict:
         check_complete(status, _storage.location(path).url, "call restore without strict=True")
     return tree, status

@@ -1,0 +1,245 @@
+"""Shared reads' plan (pure: here with invented processes) and, in real ``jax.distributed``
+jobs on loopback, restores that read each replicated byte from the store once."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pytree_ckpt import _share
+
+
+def _mesh(shape, names):
+    return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
+
+
+def _covered(plan, leaves):
+    """Every shared region's parts, per region, with their readers."""
+    parts = {}
+    for rnd in plan.rounds:
+        for piece, _offset in rnd:
+            parts.setdefault((piece.job, piece.key), []).append((piece.reader, piece.part))
+    return parts
+
+
+def _cells(part):
+    return set(itertools.product(*(range(a, b) for a, b in part)))
+
+
+def test_holders_see_every_process():
+    # 2 processes x 4 devices, mesh (replica=2 across processes, model=4 within): each
+    # model shard is held by both processes.
+    mesh = _mesh((2, 4), ("replica", "model"))
+    found = _share.holders(NamedSharding(mesh, P(None, "model")), (6, 8),
+                           process_of=lambda d: d.id // 4)
+    assert found == {((0, 6), (2 * i, 2 * i + 2)): (0, 1) for i in range(4)}
+    # Replica axis within processes, model across: each region on one process only.
+    mesh = _mesh((4, 2), ("replica", "model"))
+    found = _share.holders(NamedSharding(mesh, P(None, "model")), (6, 8),
+                           process_of=lambda d: d.id % 2)
+    assert found == {((0, 6), (0, 4)): (0,), ((0, 6), (4, 8)): (1,)}
+
+
+@pytest.mark.parametrize("procs", [2, 3, 4])
+def test_plan_splits_each_region_among_its_holders_exactly_once(procs):
+    mesh = _mesh((8,), ("x",))
+    leaves = [
+        # Replicated, 10 chunk rows of 3 (the last short): uneven among 3 and 4 holders.
+        _share.Leaf(_share.holders(NamedSharding(mesh, P()), (29, 5),
+                                   process_of=lambda d: d.id % procs), (3, 5), 4),
+        # 0-d, and empty: one holder reads the 0-d one; the empty one is nobody's.
+        _share.Leaf(_share.holders(NamedSharding(mesh, P()), (), lambda d: d.id % procs), (), 2),
+        _share.Leaf(_share.holders(NamedSharding(mesh, P()), (0, 4), lambda d: d.id % procs),
+                    (1, 4), 1),
+        # One chunk row along axis 0: split along axis 1.
+        _share.Leaf(_share.holders(NamedSharding(mesh, P()), (2, 64), lambda d: d.id % procs),
+                    (2, 8), 1),
+    ]
+    plans = [_share.plan(leaves, me, send_most=40) for me in range(procs)]
+    assert all(p.rounds == plans[0].rounds for p in plans)  # the same on every process
+    parts = _covered(plans[0], leaves)
+    assert set(parts) == {(0, ((0, 29), (0, 5))), (1, ()), (3, ((0, 2), (0, 64)))}
+    for (job, key), got in parts.items():
+        cells = [c for _r, part in got for c in _cells(part)]
+        assert sorted(cells) == sorted(_cells(key)), (job, key)  # each cell read once
+        for me in range(procs):  # what each process reads is its own pieces
+            assert sorted(c for p in plans[me].reads[(job, key)] for c in _cells(p)) == sorted(
+                c for r, part in got if r == me for c in _cells(part))
+    # Chunk rows (10, of 3 rows; the last of 2) go to holders as evenly as whole rows allow.
+    rows = [sum(len(_share._rows(a, b, 3)) - 1 for r, ((a, b), _) in
+                parts[(0, ((0, 29), (0, 5)))] if r == me) for me in range(procs)]
+    assert rows == [len(range(i * 10 // procs, (i + 1) * 10 // procs)) for i in range(procs)]
+    # No process sends more than send_most in a round, unless one piece (a chunk row) is
+    # larger: that piece then goes alone.
+    for rnd, width in zip(plans[0].rounds, plans[0].width, strict=True):
+        loads = {}
+        for piece, offset in rnd:
+            assert offset == loads.get(piece.reader, 0)
+            loads[piece.reader] = offset + piece.nbytes
+        assert max(loads.values()) == width
+        assert width <= 40 or [p.nbytes for p, _o in rnd if p.nbytes == width] == [width]
+
+
+def test_plan_leaves_singly_held_regions_alone():
+    mesh = _mesh((2, 4), ("replica", "model"))
+    sharding = NamedSharding(mesh, P("replica", "model"))  # every region on one device
+    leaf = _share.Leaf(_share.holders(sharding, (4, 8), lambda d: d.id // 4), (1, 1), 4)
+    plan = _share.plan([leaf], 0, send_most=1 << 20)
+    assert plan.rounds == [] and plan.reads == {}
+
+
+def test_local_places_a_part_in_its_region():
+    assert _share.local(((4, 6), (2, 3)), ((3, 9), (0, 5))) == (slice(1, 3), slice(2, 3))
+    assert _share.local((), ()) == ()
+
+
+# ---- real jobs: 2 processes x 2 devices, restoring from moto's S3 through a counting proxy ----
+
+# The saved tree, built the same way in the test (to save it) and in each process (to check).
+TREE = r"""
+import jax, jax.numpy as jnp, ml_dtypes, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+def tree(devices):
+    rng = np.random.default_rng(0)
+    over = lambda n: NamedSharding(Mesh(np.array(devices[:n]), ("x",)), P("x"))
+    put = lambda a, n=8: jax.device_put(a, over(n))
+    # Chunks of a (4, 2) mesh's shards: none straddles the restoring mesh's model split.
+    grid = NamedSharding(Mesh(np.array(devices[:8]).reshape(4, 2), ("x", "y")), P("x", "y"))
+    put2 = lambda a: jax.device_put(a, grid)
+    return {
+        "w": put2(rng.standard_normal((256, 1024), dtype=np.float32)),  # 1 MiB, 8 chunks
+        "bf16": put2(rng.standard_normal((16, 6)).astype(jnp.bfloat16)),
+        "bool": put2(rng.random((16, 6)) > 0.5),
+        "int4": put2(rng.integers(-8, 8, (16, 6)).astype(ml_dtypes.int4)),
+        "u8": put2(rng.integers(0, 256, (16, 6), dtype=np.uint8)),
+        "uneven": put(np.arange(20, dtype=np.int32).reshape(5, 4), 5),  # 5 chunk rows
+        "empty": jax.device_put(np.zeros((0, 8), np.float32),
+                                NamedSharding(Mesh(np.array(devices[:8]), ("x",)), P(None, "x"))),
+        "scalar": jnp.float32(3.5),
+        "key": jax.random.key(7),
+        "step": 7,
+    }
+"""
+
+JOB = TREE + r"""
+import time
+import pytree_ckpt as pc
+from pytree_ckpt import _build, _share
+
+_share.ROUND_BYTES, _share._MIN_SEND = 256 << 10, 1  # several rounds for "w"
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("replica", "model"))  # replica: processes
+spec = {"w": P(None, "model"), "bf16": P(None, "model"), "bool": P(None, "model"),
+        "int4": P(None, "model"), "u8": P(None, "model"), "uneven": P(), "empty": P(None, "model"),
+        "scalar": P()}
+with np.load(args["npz"]) as npz:
+    saved = dict(npz)
+saved["bf16"] = saved["bf16"].view(jnp.bfloat16)
+saved["int4"] = saved["int4"].astype(ml_dtypes.int4)
+target = {k: jax.ShapeDtypeStruct(saved[k].shape, saved[k].dtype,
+                                  sharding=NamedSharding(mesh, spec[k])) for k in spec}
+target["key"], target["step"] = jax.random.key(0), 0
+
+def check(got, what):
+    for k in spec:
+        assert got[k].dtype == saved[k].dtype, (what, k, got[k].dtype)
+        for shard in got[k].addressable_shards:
+            assert np.asarray(shard.data).tobytes() == saved[k][shard.index].tobytes(), (what, k)
+    assert (jax.random.key_data(got["key"]) == jax.random.key_data(jax.random.key(7))).all()
+    assert got["step"] == 7
+
+on, status = pc.restore(args["on"], target)
+assert len(status.matched) == len(target), status
+check(on, "shared")
+off, _ = pc.restore(args["off"], target, share_reads=False)
+check(off, "not shared")
+print("EQUAL", process_id)
+
+# A share that fails: process 1's reads raise; both processes raise, naming it.
+real = _build.read_into
+def failing(source, buf):
+    raise RuntimeError("injected read failure")
+if process_id == 1:
+    _build.read_into = failing
+t = time.monotonic()
+try:
+    pc.restore(args["fail"], target)
+except Exception as e:
+    print("FAILED", process_id, type(e).__name__, round(time.monotonic() - t, 1), str(e)[:400])
+_build.read_into = real
+
+# A process killed mid-read: process 0 raises within the liveness timeout, naming it.
+if process_id == 1:
+    _build.read_into = lambda source, buf: crash()
+t = time.monotonic()
+try:
+    pc.restore(args["fail"], target)
+except Exception as e:
+    print("KILLED", process_id, type(e).__name__, round(time.monotonic() - t, 1), str(e)[:400])
+"""
+
+
+def _chunk_gets(proxy, prefix):
+    """GETs of each chunk object under ``prefix`` (data and, where still read, trailers)."""
+    import collections
+    import re
+    return collections.Counter(k[k.index("/a/"):] for k in proxy.keys("get")
+                               if k.startswith(prefix) and re.search(r"/a/\d+/c/", k))
+
+
+def test_two_processes_read_each_chunk_once_and_fail_together(s3_server, monkeypatch, tmp_path):
+    from _multiprocess import format_results, run_multiprocess
+    from _proxy import FaultProxy
+
+    import pytree_ckpt as pc
+    from pytree_ckpt import _storage
+
+    namespace: dict = {}
+    exec(TREE, namespace)
+    tree = namespace["tree"](jax.devices())
+    saved = {k: np.asarray(v) for k, v in tree.items() if k not in ("key", "step")}
+    saved["bf16"], saved["int4"] = saved["bf16"].view(np.uint16), saved["int4"].astype(np.int8)
+    np.savez(tmp_path / "saved.npz", **saved)
+    with FaultProxy(s3_server.endpoint) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setenv("AWS_REGION", s3_server.region)
+        _storage.forget_contexts()
+        try:
+            url = f"{s3_server.url}/test_share"
+            pc.save(tree, f"{url}/on")
+            pc.save(tree, f"{url}/off")
+            pc.save(tree, f"{url}/fail")
+            objects = [k[k.index("/a/"):] for k in proxy.keys("put")
+                       if k.startswith("test_share/on/") and "/a/" in k and "/c/" in k]
+            proxy.clear()
+            results = run_multiprocess(
+                JOB, num_processes=2, devices_per_process=2, timeout_s=150,
+                heartbeat_timeout_s=60, env={"PYTREE_CKPT_LIVENESS_TIMEOUT_S": "4"},
+                args={"on": f"{url}/on", "off": f"{url}/off", "fail": f"{url}/fail",
+                      "npz": str(tmp_path / "saved.npz")})
+        finally:
+            _storage.forget_contexts()
+    out = format_results(results)
+    assert "EQUAL 0" in results[0].stdout and "EQUAL 1" in results[1].stdout, out
+    # Every chunk object is read by one process with sharing, by both without.
+    on, off = _chunk_gets(proxy, "test_share/on/"), _chunk_gets(proxy, "test_share/off/")
+    assert set(objects) == set(on) == set(off) and len(objects) > 8, (objects, on, off)
+    per_read = set(on.values())  # 2 GETs a chunk where its trailer is read apart, else 1
+    assert len(per_read) == 1 and set(off.values()) == {2 * min(per_read)}, (on, off)
+    print(f"chunk objects {len(objects)}: GETs shared {sum(on.values())}, "
+          f"not shared {sum(off.values())}")
+    failed = [line for r in results for line in r.stdout.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == 2, out
+    assert failed[1].startswith("FAILED 1 RuntimeError") and "injected read failure" in failed[1]
+    assert failed[0].startswith("FAILED 0 DistributedError") and "process 1 failed" in failed[0]
+    assert "injected read failure" in failed[0], failed
+    killed = [line for line in results[0].stdout.splitlines() if line.startswith("KILLED")]
+    assert results[1].returncode == -9 and len(killed) == 1, out
+    assert killed[0].startswith("KILLED 0 DistributedError") and "1" in killed[0], out
+    assert "showed no sign of life for 4 s" in killed[0], out
+    assert float(killed[0].split()[3]) < 15, killed
