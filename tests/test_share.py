@@ -243,3 +243,26 @@ def test_two_processes_read_each_chunk_once_and_fail_together(s3_server, monkeyp
     assert killed[0].startswith("KILLED 0 DistributedError") and "1" in killed[0], out
     assert "showed no sign of life for 4 s" in killed[0], out
     assert float(killed[0].split()[3]) < 15, killed
+
+
+def test_shared_by_default_from_object_stores_only(monkeypatch):
+    # As if 2 processes held devices alternately (the decision, not the reads).
+    from pytree_ckpt import _build, _distributed, _leaves
+    monkeypatch.setattr(_distributed, "is_multiprocess", lambda: True)
+    monkeypatch.setattr(_distributed, "process_count", lambda: 2)
+    monkeypatch.setattr(_distributed, "process_index", lambda: 0)
+    real = _share.holders
+    monkeypatch.setattr(_share, "holders", lambda s, shape: real(s, shape, lambda d: d.id % 2))
+    mesh = _mesh((8,), ("x",))
+    storage = type("S", (), {"chunks": (4, 4), "stored_dtype": "float32"})()
+    rec = type("R", (), {"shape": (16, 4), "storage": storage})()
+    want = _build.Want(_leaves.JAX, np.dtype(np.float32), (16, 4), NamedSharding(mesh, P()))
+    jobs = [("w", rec, want)]
+    assert _share.plan_reads(jobs, remote=True) is not None
+    assert _share.plan_reads(jobs, remote=False) is None
+    for flag, remote, shared in [(True, False, True), (False, True, False)]:
+        token = _share.enabled.set(flag)
+        try:
+            assert (_share.plan_reads(jobs, remote=remote) is not None) is shared
+        finally:
+            _share.enabled.reset(token)

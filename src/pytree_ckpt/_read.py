@@ -73,7 +73,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     for job in jobs:
         by_kind[job[1].storage.kind].append(job)
     # Regions held by several processes: read once, split among them (see _share).
-    sharing = _share.plan_reads(by_kind["z"])
+    sharing = _share.plan_reads(by_kind["z"], remote)
     with sharing.guard() if sharing else contextlib.nullcontext():
         # The per-leaf loops run with the collector paused; the waits for reads between
         # them (in _packed_ranges and the zarr iterator) never do: see _gc_pause.

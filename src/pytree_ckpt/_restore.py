@@ -41,7 +41,7 @@ _ATTEMPTS = 3
 
 def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | None = None,
             rename: _graph.Rename | None = None, transform: _transform.Transform | None = None,
-            strict: bool = False, progress: bool = False, share_reads: bool = True
+            strict: bool = False, progress: bool = False, share_reads: bool | None = None
             ) -> tuple[Any, RestoreStatus]:
     """Restores a checkpoint into a new tree shaped like ``target``; returns it and the status.
 
@@ -86,8 +86,8 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
       target. A process whose share fails, or that dies, makes restore raise on every
       process: its own error where it failed, elsewhere a :class:`SaveError` (the
       coordination service's error) naming it, within the liveness timeout
-      (:func:`configure`). On by default;
-      ``False`` has every process read all it holds, as a single process does.
+      (:func:`configure`). None (the default): shared when reading from an object store
+      (``gs://``, ``s3://``), not from a local path; True or False: always or never.
 
     Matching is by path. Leaves found with another shape, or a dtype that would lose
     information (int <-> float, narrowing ints), are ``mismatched`` and keep the target's

@@ -45,8 +45,9 @@ Key = tuple[tuple[int, int], ...]  # a region: (start, stop) per axis
 ROUND_BYTES = 64 << 20
 _MIN_SEND = 256 << 10
 
-# Whether restore shares reads (restore's ``share_reads``); read by read_leaves.
-enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("share_reads", default=True)
+# Restore's ``share_reads``: True, False, or None for "from an object store only" (from a
+# local disk the all-gather over gloo cost more than the reads it saved: see README).
+enabled: contextvars.ContextVar[bool | None] = contextvars.ContextVar("share_reads", default=None)
 _restores = itertools.count()  # names each sharing read's meetings; advances on every process
 
 
@@ -117,9 +118,7 @@ def plan(leaves: Sequence[Leaf], me: int, send_most: int) -> Plan:
     width: list[int] = []
     loads: dict[int, int] = {}
     for piece in pieces:
-        if rounds and rounds[-1] and loads.get(piece.reader, 0) + piece.nbytes <= send_most:
-            pass
-        else:
+        if not rounds or loads.get(piece.reader, 0) + piece.nbytes > send_most:
             rounds.append([])
             width.append(0)
             loads = {}
@@ -137,9 +136,9 @@ def _rows(a: int, b: int, c: int) -> list[int]:
 
 def _shares(key: Key, chunks: tuple[int, ...], procs: tuple[int, ...], salt: int
             ) -> list[tuple[int, Key]]:
-    """``key``'s chunk rows split among ``procs`` along its first axis of two rows or more
-    (the first ``len(rows) % len(procs)`` holders get nothing extra: the earlier ones get
-    one row fewer); a region of one chunk goes whole to one holder, chosen by ``salt``."""
+    """``key``'s chunk rows split among ``procs`` along its first axis of two rows or more,
+    in runs that differ by at most one row (the later holders get the longer ones); a
+    region of one chunk row goes whole to one holder, chosen by ``salt``."""
     for axis, ((a, b), c) in enumerate(zip(key, chunks, strict=True)):
         cuts = _rows(a, b, c)
         n = len(cuts) - 1
@@ -176,10 +175,12 @@ def local(part: Key, key: Key) -> tuple[slice, ...]:
     return tuple(slice(x - a, y - a) for (x, y), (a, _b) in zip(part, key, strict=True))
 
 
-def plan_reads(jobs: list[Job], send_most: int | None = None) -> Sharing | None:
-    """A :class:`Sharing` for the zarr leaves ``jobs``, or None when restore does not share
-    (turned off, one process, or no region held by two processes)."""
-    if not enabled.get() or not _distributed.is_multiprocess():
+def plan_reads(jobs: list[Job], remote: bool, send_most: int | None = None) -> Sharing | None:
+    """A :class:`Sharing` for the zarr leaves ``jobs`` (``remote``: from an object store),
+    or None when restore does not share (turned off, one process, or no region held by two
+    processes)."""
+    share = enabled.get()
+    if not (remote if share is None else share) or not _distributed.is_multiprocess():
         return None
     count = _distributed.process_count()
     if send_most is None:
