@@ -29,7 +29,7 @@ import functools
 import hashlib
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -243,7 +243,7 @@ class Sharing:
                 f"reads than process {self._me}: every process must restore the same target "
                 "(paths, shapes, shardings)")
 
-    def complete(self, leaves: Iterator[tuple]) -> Iterator[tuple]:
+    def complete(self, leaves: Iterable[tuple]) -> Iterator[tuple]:
         """``leaves`` (``(path, rec, want, regions)`` per job, in job order) with every shared
         region filled in, each yielded once its last round has run."""
         rounds = self._plan.rounds
