@@ -103,7 +103,7 @@ def test_other_format_versions_are_refused(tmp_path, version, advice):
     magic, _, crc, body = msgpack.unpackb(commit.read_bytes())
     commit.write_bytes(msgpack.packb([magic, version, crc, body]))
     with pytest.raises(pc.FormatVersionError, match=(
-            f"format version {version}; this pytree_ckpt reads versions 2 to 5 .*{advice}")):
+            f"format version {version}; this pytree_ckpt reads versions 2 to 6 .*{advice}")):
         pc.restore(path)
 
 

@@ -56,7 +56,7 @@ class Columns(Mapping):
                  nbytes: np.ndarray, zarr: tuple[np.ndarray, ...], chunk_crc: np.ndarray | None,
                  packed: tuple[np.ndarray, ...], shardings: list, weak: np.ndarray):
         """``zarr``: the zarr leaves' ``(array ids, stored dtypes, chunk shapes, chunk
-        counts)``; ``chunk_crc``: from format 5, each zarr leaf's chunks' CRC-32C, leaf after
+        counts, refs)``; ``chunk_crc``: from format 5, each zarr leaf's chunks' CRC-32C, leaf after
         leaf (see _binding); ``packed``: the packed leaves' ``(blobs, offsets, CRCs)``;
         ``shardings``: the sharding table, None first (code 0)."""
         self.index = index
@@ -64,7 +64,7 @@ class Columns(Mapping):
         subs = np.zeros(len(c.paths), np.int64)  # a leaf's place among those stored alike
         for m in masks:
             subs[m] = np.arange(int(m.sum()))
-        array, stored, chunks, counts = zarr
+        array, stored, chunks, counts, self._ref = zarr
         self._chunk_crc = chunk_crc
         self._crc_start, self._crc_count = segments(counts), counts
         self._weak = weak
@@ -94,14 +94,15 @@ class Columns(Mapping):
             for k, blob, offset, nbytes, crc in zip(
                     packed.tolist(), self._blob[j].tolist(), self._offset[j].tolist(),
                     self._nbytes[i[packed]].tolist(), self._crc[j].tolist(), strict=True):
-                storages[k] = _STORAGE(("p", None, blob, (), "", offset, nbytes, crc))
+                storages[k] = _STORAGE(("p", None, blob, (), "", offset, nbytes, crc, 0))
         zarr = np.flatnonzero(kind == ZARR)
         if len(zarr):
             j, rank = sub[zarr], c.rank[i[zarr]]
-            for k, array, stored, chunks in zip(
+            for k, array, stored, chunks, ref in zip(
                     zarr.tolist(), self._array[j].tolist(), self._stored_names[j].tolist(),
-                    _runs(self._chunks, self._chunk_start[j], rank), strict=True):
-                storages[k] = _STORAGE(("z", None, array, chunks, stored, 0, 0, 0))
+                    _runs(self._chunks, self._chunk_start[j], rank), self._ref[j].tolist(),
+                    strict=True):
+                storages[k] = _STORAGE(("z", None, array, chunks, stored, 0, 0, 0, ref))
         out = list(map(_RECORD, zip(
             paths, _ORIGINS[c.origin[i]].tolist(), self._dtype_names[c.dtype[i]].tolist(),
             _runs(c.dims, c.starts[i], c.rank[i]), self._impl_names[c.impl[i]].tolist(),
@@ -113,6 +114,14 @@ class Columns(Mapping):
             value = _leaves.decode_py(dtype, self._values[j], f"{self._where}: leaf {path!r:.200}")
             out[k] = LeafRecord(path, out[k].origin, dtype, (), None, Storage("v", value), None)
         return out
+
+    def carried(self) -> dict[str, int]:
+        """The carried leaves (format 6): path -> 1 + index into the commit's refs."""
+        zarr = np.flatnonzero(self._columns.kind == ZARR)
+        which = np.flatnonzero(self._ref)
+        paths = self._columns.paths
+        return dict(zip([paths[k] for k in zarr[which].tolist()], self._ref[which].tolist(),
+                        strict=True))
 
     def chunk_crcs(self, path: str) -> np.ndarray | None:
         """The recorded CRC-32C of each chunk of zarr leaf ``path``, in C order of its chunk

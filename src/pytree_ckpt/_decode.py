@@ -143,9 +143,27 @@ def _validate(f: Any, where: str, version: int) -> Commit:
     if not isinstance(nodes, list):
         raise _fail(where, "nodes must be a list")
     node_list = tuple(_validate_node(n, where) for n in nodes)
-    leaves = _leaf_view(f, where, [b[2] for b in blobs], arrays, version)
+    refs = _validate_refs(f["refs"], where) if version >= 6 else ()
+    leaves = _leaf_view(f, where, [b[2] for b in blobs], arrays, version, len(refs))
     return Commit(data, node_list, leaves, tuple(tuple(b) for b in blobs), arrays, writer,
-                  version)
+                  version, refs)
+
+
+# A referenced sibling checkpoint's folder: a manager's step name, so never ".." or a path.
+_STEP_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+
+
+def _validate_refs(refs: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """Sibling step folders and their generations, each a step name and a generation name
+    (so a reference never leaves the directory of the checkpoint's parent), none twice."""
+    if not (type(refs) is list and all(
+            type(r) is list and len(r) == 2 and type(r[0]) is str and _STEP_RE.fullmatch(r[0])
+            and type(r[1]) is str and GENERATION_RE.fullmatch(r[1]) for r in refs)):
+        raise _fail(where, f"bad 'refs' list {_show(refs)}")
+    out = tuple((r[0], r[1]) for r in refs)
+    if len(set(out)) != len(out):
+        raise _fail(where, "a reference appears twice in 'refs'")
+    return out
 
 
 def _strings(f: dict, key: str, where: str, limit: int | None = None) -> list[str]:
@@ -219,15 +237,18 @@ def _leaf_sizes(c: Leaves, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _zarr_columns(f: dict, c: Leaves, where: str, z: np.ndarray, arrays: int,
-                  itemsize: np.ndarray, nbytes: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(array ids, stored dtypes, chunk shapes, chunk counts)`` of the zarr leaves ``z``
-    (a mask)."""
+                  itemsize: np.ndarray, nbytes: np.ndarray, version: int, refs: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(array ids, stored dtypes, chunk shapes, chunk counts, refs)`` of the zarr leaves
+    ``z`` (a mask). A carried leaf's array id is its writer's (``arrays`` counts this
+    checkpoint's own)."""
     nz, zrank = int(z.sum()), c.rank[z]
     array, stored = _column(f, "array", "<u4", nz, where), _column(f, "stored", "u1", nz, where)
+    ref = _column(f, "ref", "<u4", nz, where) if version >= 6 else np.zeros(nz, np.uint32)
     chunks = _column(f, "chunks", "<i8", int(zrank.sum()), where)
     leaves = np.flatnonzero(z)
-    bad = (array >= arrays) | (stored >= len(c.dtypes))
+    bad = ((ref > refs) | ((ref == 0) & (array >= arrays)) | (array >= 1 << 31)
+           | (stored >= len(c.dtypes)))
     if bad.any():
         raise _bad(where, c.paths, leaves[bad], "bad array storage")
     room = np.maximum(c.dims[np.repeat(z, c.rank)], 1)
@@ -239,8 +260,9 @@ def _zarr_columns(f: dict, c: Leaves, where: str, z: np.ndarray, arrays: int,
     if bad.any():
         raise _bad(where, c.paths, leaves[bad], "bad stored dtype")
     counts = _check_chunk_counts(c, where, leaves, chunks, zrank, nbytes)
-    _check_distinct(c, where, leaves, array, "bad array storage: an array another leaf uses")
-    return array, stored, chunks, counts
+    _check_distinct(c, where, leaves, (ref.astype(np.int64) << 32) | array,
+                    "bad array storage: an array another leaf uses")
+    return array, stored, chunks, counts, ref
 
 
 def _check_chunk_counts(c: Leaves, where: str, leaves: np.ndarray, chunks: np.ndarray,
@@ -358,8 +380,8 @@ def _sharding_table(f: dict, c: Leaves, where: str, version: int
 
 
 
-def _leaf_view(f: dict, where: str, blob_sizes: list[int], arrays: int, version: int
-               ) -> Columns:
+def _leaf_view(f: dict, where: str, blob_sizes: list[int], arrays: int, version: int,
+               refs: int) -> Columns:
     """Leaf records by path, from the commit file's columns, validated with NumPy as a whole
     (not leaf by leaf: a Python step per leaf would dominate)."""
     c = _leaf_columns(f, where)
@@ -371,7 +393,7 @@ def _leaf_view(f: dict, where: str, blob_sizes: list[int], arrays: int, version:
     values = f["values"]
     if type(values) is not list or len(values) != int(masks[VALUE].sum()):
         raise _fail(where, "bad 'values' list")
-    zarr = _zarr_columns(f, c, where, masks[ZARR], arrays, itemsize, nbytes)
+    zarr = _zarr_columns(f, c, where, masks[ZARR], arrays, itemsize, nbytes, version, refs)
     # Format 5: each zarr leaf's chunks' CRC-32C, leaf after leaf (see _binding).
     chunk_crc = (_column(f, "chunk_crc", "<u4", int(zarr[3].sum()), where)
                  if version >= 5 else None)
@@ -490,3 +512,12 @@ def chunk_crcs(commit: Commit, path: str) -> np.ndarray | None:
     of its chunk grid; None before format 5, or for a commit not read from a file."""
     leaves = commit.leaves
     return leaves.chunk_crcs(path) if isinstance(leaves, Columns) else None
+
+
+def carried_from(commit: Commit) -> dict[str, str]:
+    """Each carried leaf's path -> the step folder, beside this checkpoint, holding its data
+    (format 6; see _carry)."""
+    leaves = commit.leaves
+    if not commit.refs or not isinstance(leaves, Columns):
+        return {}
+    return {path: commit.refs[ref - 1][0] for path, ref in leaves.carried().items()}

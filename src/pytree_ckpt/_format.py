@@ -56,6 +56,13 @@ With ``n`` leaves in save order::
                                                 leaf after leaf, each leaf's in C order of
                                                 its chunk grid: binds each chunk to this
                                                 commit, leaf and position (see _binding)
+    "refs":      [[step, "d-<hex>"], ...]       (from version 6) generations of sibling
+                                                checkpoints (folders named by a step number
+                                                beside this one) holding carried leaves
+    "ref":       u4[z]  per storage-1 leaf      (from version 6) 0: its array is in "data";
+                                                k: in refs[k-1] (a carried leaf, see _carry),
+                                                with the array id, chunks, stored dtype and
+                                                chunk CRC-32Cs its writer recorded
 
 A partition spec's entries are None, a name, or a list of names; the saved sharding is
 recorded for display and as the default layout on restore. ``axis_types`` names each mesh
@@ -65,7 +72,8 @@ gets the same layout (a mesh of ``jax.make_mesh`` orders its devices by topology
 ``stored`` dtype differs from ``dtype`` only where TensorStore lacks the dtype; the bytes
 are then stored as unsigned integers of the same width. Packed leaves carry CRC-32C, as the
 zarr3 chunks do (their crc32c codec); the commit file's own checksum is zlib's CRC-32. The
-reader treats every field as untrusted. The body repeats the version (from version 4): the
+reader treats every field as untrusted. Version 5 is version 6 without ``refs`` and ``ref``
+(every array in ``data``). The body repeats the version (from version 4): the
 outer one, which says how to read the rest, is outside the checksum, and a flipped bit there
 once read a version-3 file as version 2. Version 4 is this layout without ``chunk_crc``
 (its chunks are bound to nothing: restore and verify check each chunk against its own
@@ -94,8 +102,8 @@ if TYPE_CHECKING:  # _columns imports this module
     from ._columns import Columns
 
 MAGIC = "pytree_ckpt"
-FORMAT_VERSION = 5
-READ_VERSIONS = (2, 3, 4, 5)
+FORMAT_VERSION = 6
+READ_VERSIONS = (2, 3, 4, 5, 6)
 # google_crc32c's C extension reads any C-contiguous array's bytes, whatever its dtype (so
 # restore checks a leaf in the array it returns, with no uint8 view made per leaf); its
 # pure-Python fallback iterates items, so it is given bytes.
@@ -103,7 +111,7 @@ _CRC32C = (google_crc32c.value if google_crc32c.implementation == "c"
            else lambda data: google_crc32c.value(bytes(data)))
 # A packed leaf's checksum per format version, of a C-contiguous NumPy array of its bytes
 # (google_crc32c takes no memoryview).
-LEAF_CRC = {2: zlib.crc32, 3: _CRC32C, 4: _CRC32C, 5: _CRC32C}
+LEAF_CRC = {2: zlib.crc32, 3: _CRC32C, 4: _CRC32C, 5: _CRC32C, 6: _CRC32C}
 COMMIT_FILE = "checkpoint.msgpack"
 # ~50 bytes a leaf: room for millions of leaves, and decoding a forged file of this size
 # takes at most a few GB (see _decode's body limits).
@@ -140,6 +148,7 @@ class Storage(NamedTuple):
     offset: int = 0  # "p"
     nbytes: int = 0  # "p"
     crc: int = 0  # "p"
+    ref: int = 0  # "z": 0, or 1 + index into Commit.refs (data another checkpoint holds)
 
 
 AXIS_TYPES = ("Auto", "Explicit", "Manual")  # jax.sharding.AxisType names
@@ -178,6 +187,7 @@ class Commit(NamedTuple):
     arrays: int
     writer: dict[str, Any]
     version: int  # the format it is read as / written in
+    refs: tuple[tuple[str, str], ...] = ()  # (sibling step folder, generation): see "ref"
 
     def blob_key(self, blob: int) -> str:
         proc, part, _ = self.blobs[blob]
@@ -199,7 +209,7 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
     shardings: dict[SavedSharding, int] = {}
     paths, origin, dtype, rank, dims, kind, impl, sharding = [], [], [], [], [], [], [], []
     weak: list[bool] = []
-    values, array, chunks, stored, blob, offset, crc = [], [], [], [], [], [], []
+    values, array, chunks, stored, blob, offset, crc, ref = [], [], [], [], [], [], [], []
     for r in commit.leaves.values():
         s = r.storage
         paths.append(r.path)
@@ -216,6 +226,7 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
             values.append(_leaves.encode_py(s.value, commit.version))
         elif s.kind == "z":
             array.append(s.index)
+            ref.append(s.ref)
             chunks += s.chunks
             stored.append(dtypes.setdefault(s.stored_dtype, len(dtypes)))
         else:
@@ -246,6 +257,8 @@ def encode(commit: Commit, chunk_crc: Sequence[int] = ()) -> bytes:
             "arrays": commit.arrays,
             "writer": commit.writer,
             **({"chunk_crc": column(list(chunk_crc), "<u4")} if commit.version >= 5 else {}),
+            **({"refs": [list(r) for r in commit.refs], "ref": column(ref, "<u4")}
+               if commit.version >= 6 else {}),
         },
         use_bin_type=True,
     )
