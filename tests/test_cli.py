@@ -179,9 +179,10 @@ def test_steps_lists_time_size_metrics_and_the_best(run_dir):
     assert rc == 0 and err == ""
     lines = out.splitlines()
     assert lines[0] == f"{run_dir}: 3 committed steps, latest 30, best 20 (lowest loss)"
-    assert lines[1].split() == ["step", "state", "time", "(UTC)", "bytes", "leaves", "metrics"]
+    assert lines[1].split() == ["step", "state", "time", "(UTC)", "bytes", "written", "carried",
+                                "leaves", "metrics"]
     assert [ln.split()[:2] for ln in lines[2:]] == [[str(s), "committed"] for s in (10, 20, 30)]
-    assert lines[3].split()[3:] == ["136", "B", "7", "loss=0.25", "best"]
+    assert lines[3].split()[3:] == ["136", "B", "136", "B", "0", "B", "7", "loss=0.25", "best"]
     rc, out, _ = cli("steps", run_dir, "--json")
     doc = json.loads(out)
     assert [s["step"] for s in doc["steps"]] == [10, 20, 30] and doc["latest"] == 30

@@ -107,15 +107,17 @@ class Trailers:
     """The trailers of the chunks a restore reads of one leaf, read alongside its data and
     compared with the commit file's (format 5 on; older commits record none)."""
 
-    def __init__(self, kv: Any, commit: Commit, rec: LeafRecord,
+    def __init__(self, kv: Any, data: str, commit: Commit, rec: LeafRecord,
                  regions: Iterable[tuple[tuple[int, int], ...]]):
-        self._rec, self._data = rec, commit.data
+        """``kv`` and ``data``: the store and generation holding ``rec``'s array (another
+        checkpoint's, for a carried leaf)."""
+        self._rec, self._data = rec, data
         self._recorded = commit.leaves.chunk_crcs(rec.path)
         self._reads: list = []
         if self._recorded is not None:
             n, shape = chunk_bytes(rec), grid(rec)
             for index in chunks_touched(rec, regions):
-                future = kv.read(chunk_key(commit.data, rec, index),
+                future = kv.read(chunk_key(data, rec, index),
                                  byte_range=slice(n, n + TRAILER))
                 self._reads.append((index, int(np.ravel_multi_index(index, shape))
                                     if index else 0, future))

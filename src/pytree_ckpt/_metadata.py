@@ -54,6 +54,9 @@ class CheckpointMetadata:
       what their files say of it).
     - ``format``: what wrote the checkpoint: ``"pytree_ckpt"``, ``"orbax"``,
       ``"flax_msgpack"`` or ``"safetensors"`` (``format_version`` is 0 for the others).
+    - ``carried``: the leaves a manager's step carried over unchanged from an earlier step
+      instead of writing them (see :class:`CheckpointManager`), by path: the step folder,
+      beside this one, that holds their data.
     """
 
     path: str
@@ -64,6 +67,12 @@ class CheckpointMetadata:
     nbytes: int
     writer: Mapping[str, Any]
     format: str = "pytree_ckpt"
+    carried: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def carried_nbytes(self) -> int:
+        """The bytes of the carried leaves (the others' this checkpoint wrote itself)."""
+        return sum(self.leaves[p].nbytes for p in self.carried)
 
     def __hash__(self) -> int:
         return hash((self.path, tuple(self.leaves.items())))
@@ -193,4 +202,4 @@ def _metadata(loc: _storage.Location) -> CheckpointMetadata:
             path=loc.url, format_version=ckpt.version, format=ckpt.format,
             tree=_graph.rebuild(nodes, leaves),
             leaves=leaves, node_types={n.path: n.type_name for n in nodes},
-            nbytes=sum(nbytes), writer=dict(ckpt.writer))
+            nbytes=sum(nbytes), writer=dict(ckpt.writer), carried=dict(ckpt.carried))

@@ -12,7 +12,7 @@ import functools
 import os
 from typing import Any
 
-from . import _foreign, _source, _storage
+from . import _carry, _decode, _foreign, _source, _storage
 from ._decode import decode, generation_of, tree_nodes
 from ._errors import (
     CheckpointNotFoundError,
@@ -71,7 +71,7 @@ def open_source(loc: _storage.Location) -> _source.Source:
         format=_source.PYTREE_CKPT, url=loc.url, version=commit.version, leaves=commit.leaves,
         nodes=commit.nodes, tree_nodes=lambda: tree_nodes(commit, commit_file(loc)),
         read=functools.partial(_read_checked, loc, kv, commit),
-        writer=commit.writer)
+        writer=commit.writer, carried=_decode.carried_from(commit))
 
 
 def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:
@@ -81,7 +81,11 @@ def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -
     try:
         if loc.local is not None:
             _storage.check_regular_tree(os.path.join(loc.local, commit.data))
-        return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote)
+        stores = None
+        if commit.refs:  # carried leaves: read from the step folders that wrote them
+            stores = _carry.Stores(loc, kv, commit)
+            stores.check(rec for _path, rec, _want in jobs)
+        return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote, stores=stores)
     except Exception as e:
         if isinstance(e, StorageError):
             raise  # the store failed: whether it was overwritten meanwhile is not known

@@ -63,10 +63,12 @@ _CHUNK_COST = 4 << 10
 _ONE_DEVICE = jax.sharding.SingleDeviceSharding
 
 
-def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False
+def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False,
+                stores: Callable[[LeafRecord], tuple[Any, str]] | None = None
                 ) -> dict[str, Any]:
     """Reads every job's data and returns the restored leaves by target path (``remote``:
-    from an object store, see :data:`_REMOTE_RANGES`)."""
+    from an object store, see :data:`_REMOTE_RANGES`; ``stores``: the kvstore and generation
+    of each zarr leaf, see _carry.Stores; by default ``kv`` and the commit's own)."""
     out: dict[str, Any] = {}
     layouts = Layouts()
     by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs
@@ -78,7 +80,8 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
         # The per-leaf loops run with the collector paused; the waits for reads between
         # them (in _packed_ranges and the zarr iterator) never do: see _gc_pause.
         with _gc_pause.paused():
-            zarr = _ZarrReads(url, kv, commit, by_kind["z"], layouts,
+            zarr = _ZarrReads(url, commit, by_kind["z"], layouts,
+                              stores or (lambda rec: (kv, commit.data)),
                               sharing.parts if sharing else None)
             zarr.fill()  # the first arrays' reads run while the packed leaves are read
         policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
@@ -115,19 +118,16 @@ class _ZarrReads:
     Through the window they cost about the window, whatever the tree's size.
     """
 
-    def __init__(self, url: str, kv: Any, commit: Commit, jobs: list[Job],
-                 layouts: Layouts, parts: Callable[[int, tuple], list[tuple]] | None = None
-                 ) -> None:
-        self._url, self._kv, self._commit = url, kv, commit
+    def __init__(self, url: str, commit: Commit, jobs: list[Job], layouts: Layouts,
+                 stores: Callable[[LeafRecord], tuple[Any, str]],
+                 parts: Callable[[int, tuple], list[tuple]] | None = None) -> None:
+        self._url, self._commit, self._stores = url, commit, stores
         self._layouts = layouts
         # What to read of a job's region (its index, the region): its parts this process
         # reads where several share it (_share), else all of it.
         self._parts = parts or (lambda _job, key: [key])
         self._opening = collections.deque(
-            (job, path, rec, want, _storage.open_array(
-                kv, f"{commit.data}/a/{rec.storage.index}",
-                _storage.array_spec(rec.shape, rec.storage.chunks, rec.storage.stored_dtype),
-                create=False))
+            (job, path, rec, want, _open(stores, rec))
             for job, (path, rec, want) in enumerate(jobs))
         self._slabs: Iterator[tuple] = self._all_slabs()
         self._in_flight: collections.deque = collections.deque()
@@ -152,7 +152,7 @@ class _ZarrReads:
                               for local, sub in _slabs(key, rec.storage.chunks,
                                                        stored.itemsize, part)]
             # The chunks' trailers, read alongside: what binds them to this commit.
-            trailers = _binding.Trailers(self._kv, self._commit, rec, parts)
+            trailers = _binding.Trailers(*self._stores(rec), self._commit, rec, parts)
             leaf = [(path, rec, want), regions, len(slabs), trailers]
             for source, buf, chunks in slabs or [(None, None, 0)]:
                 yield leaf, source, buf, chunks
@@ -194,6 +194,14 @@ class _ZarrReads:
 def window_bytes() -> int:
     """The read window in force: the option ``read_window_bytes``, read when a read starts."""
     return int(_options.get("read_window_bytes"))
+
+
+def _open(stores: Callable[[LeafRecord], tuple[Any, str]], rec: LeafRecord) -> Any:
+    kv, data = stores(rec)
+    return _storage.open_array(
+        kv, f"{data}/a/{rec.storage.index}",
+        _storage.array_spec(rec.shape, rec.storage.chunks, rec.storage.stored_dtype),
+        create=False)
 
 
 def _allocate(key: tuple, dtype: np.dtype, rec: LeafRecord, url: str) -> np.ndarray:

@@ -39,6 +39,7 @@ class Source(NamedTuple):
     tree_nodes: Callable[[], tuple[_graph.Node, ...]]  # nodes, checked to form one tree
     read: Callable[[list], dict[str, Any]]  # jobs (_build.Job) -> restored leaves by path
     writer: Mapping[str, Any]
+    carried: Mapping[str, str] = {}  # carried leaf path -> step folder (ours, format 6)
 
 
 class Records(dict):

@@ -20,8 +20,24 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _binding, _decode, _faults, _foreign, _format, _gc_pause, _progress, _source, _storage
-from ._errors import CheckpointNotFoundError, CorruptCheckpointError, NotACheckpointError
+from . import (
+    _binding,
+    _carry,
+    _decode,
+    _faults,
+    _foreign,
+    _format,
+    _gc_pause,
+    _progress,
+    _source,
+    _storage,
+)
+from ._errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NotACheckpointError,
+)
 from ._format import COMMIT_FILE, Commit, LeafRecord
 from ._open import commit_file, load_commit
 
@@ -100,7 +116,7 @@ def verify(path: str | os.PathLike | dict, *, strict: bool = False,
     with _faults.faults(loc.url):  # a storage fault is no damage found
         commit = _load_ours(loc, kv)
         problems: dict[str, str] = {}
-        read = _Checker(loc, kv, commit, problems)
+        read = _Checker(loc, kv, commit, problems, _carry.Stores(loc, kv, commit))
         read.add(_commit_bytes(kv, loc))
         for path in sorted(read.irregular)[:1]:
             problems[""] = read.refused(os.path.relpath(path, loc.local)) or path
@@ -171,8 +187,9 @@ class _Checker:
     each leaf in ``problems``."""
 
     def __init__(self, loc: _storage.Location, kv: Any, commit: Commit,
-                 problems: dict[str, str]):
+                 problems: dict[str, str], stores: _carry.Stores):
         self.url, self.kv, self.commit, self.problems = loc.url, kv, commit, problems
+        self.stores = stores  # where each zarr leaf's array is (a carried one's elsewhere)
         self.bytes = 0
         self.advance: _progress.Advance = lambda n: None  # a progress bar's, by data bytes
         # Locally, the files that are FIFOs, devices or sockets: never read (a read of one
@@ -247,11 +264,18 @@ class _Checker:
     def zarr(self, rec: LeafRecord) -> None:
         """Checks a zarr leaf's ``zarr.json`` and every chunk: its length, its bytes against
         its trailer, and its trailer against the commit file's record (format 5 on)."""
-        self._zarr_json(rec)
+        try:
+            kv, data = self.stores(rec)
+            self.stores.check([rec])
+        except CheckpointError as e:
+            self.fail(rec.path, str(e))
+            return
+        shown = self.stores.label(rec)
+        self._zarr_json(rec, kv, data, shown)
         recorded = _decode.chunk_crcs(self.commit, rec.path)
         n = _binding.chunk_bytes(rec)
-        for flat, (index, result) in enumerate(self._chunks(rec)):
-            key = _binding.chunk_key(self.commit.data, rec, index)
+        for flat, (index, result) in enumerate(self._chunks(rec, kv, data)):
+            key = shown + _binding.chunk_key(data, rec, index)
             self.advance(n + _binding.TRAILER)
             if isinstance(result, str):
                 self.fail(rec.path, result)
@@ -274,13 +298,16 @@ class _Checker:
                           "wrote there (moved or copied from another leaf, position or "
                           "checkpoint)")
 
-    def _chunks(self, rec: LeafRecord) -> Iterator[tuple[tuple[int, ...], Any]]:
+    def _chunks(self, rec: LeafRecord, kv: Any, data: str
+                ) -> Iterator[tuple[tuple[int, ...], Any]]:
         """Every chunk of ``rec`` read whole, in C order, ``_IN_FLIGHT`` at a time; a chunk
-        not read (:meth:`refused`) comes as the reason, a string."""
+        not read (:meth:`refused`) comes as the reason, a string (a carried leaf's folder
+        was checked whole: see _carry.Stores.check)."""
         in_flight: collections.deque = collections.deque()
         for index in _binding.all_chunks(rec):
-            key = _binding.chunk_key(self.commit.data, rec, index)
-            in_flight.append((index, self.refused(key) or self.kv.read(key)))
+            key = _binding.chunk_key(data, rec, index)
+            refused = None if rec.storage.ref else self.refused(key)
+            in_flight.append((index, refused or kv.read(key)))
             if len(in_flight) >= _IN_FLIGHT:
                 index, future = in_flight.popleft()
                 yield index, future if isinstance(future, str) else future.result()
@@ -288,13 +315,14 @@ class _Checker:
             index, future = in_flight.popleft()
             yield index, future if isinstance(future, str) else future.result()
 
-    def _zarr_json(self, rec: LeafRecord) -> None:
-        key = f"{self.commit.data}/a/{rec.storage.index}/zarr.json"
-        refused = self.refused(key)
+    def _zarr_json(self, rec: LeafRecord, kv: Any, data: str, shown: str) -> None:
+        key = f"{data}/a/{rec.storage.index}/zarr.json"
+        refused = None if rec.storage.ref else self.refused(key)
         if refused is not None:
             self.fail(rec.path, refused)
             return
-        result = self.kv.read(key).result()
+        result = kv.read(key).result()
+        key = shown + key
         if result.state != "value":
             self.fail(rec.path, f"{key} is missing")
             return
