@@ -14,8 +14,13 @@ to an fsynced log. The test SIGKILLs it after a random delay and then checks:
 - a fresh CheckpointManager's ``latest_step()`` is >= the last acknowledged step and restores
   bit-exactly; the next cycle's fresh process (and finally this one) saves successfully.
 
-The default is 32 kills in all (8 per mode); set ``PYTREE_CKPT_CRASH_KILLS`` for a longer
-campaign, e.g. ``PYTREE_CKPT_CRASH_KILLS=2000 pytest tests/test_crash.py``. The delays come
+A fifth mode, ``incremental``, is ``manager`` with a frozen base (one jax.Array, the same at
+every step): later steps carry it from the step that wrote it, and retention retires that
+step; kills land in incremental saves and in retirements, and every check above holds.
+
+The default is 32 kills in all (8 per mode) and 4 for ``incremental``; set
+``PYTREE_CKPT_CRASH_KILLS`` for a longer campaign, e.g.
+``PYTREE_CKPT_CRASH_KILLS=2000 pytest tests/test_crash.py``. The delays come
 from a fixed seed, ``PYTREE_CKPT_CRASH_SEED`` (default 0): a failing run is run again with the
 same delays, and another seed tries other instants.
 """
@@ -38,11 +43,11 @@ import pytree_ckpt as pc
 from pytree_ckpt import _format
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _crash_child import tree  # noqa: E402
+from _crash_child import frozen, tree  # noqa: E402
 
 KILLS = int(os.environ.get("PYTREE_CKPT_CRASH_KILLS", "32"))
 SEED = os.environ.get("PYTREE_CKPT_CRASH_SEED", "0")
-MODES = ("sync", "async", "overwrite", "manager")
+MODES = ("sync", "async", "overwrite", "manager", "incremental")
 HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -74,6 +79,8 @@ def acked(log: pathlib.Path) -> list[tuple[int, str]]:
 
 def assert_exact(restored, step: int) -> None:
     expected = tree(step)
+    if "frozen" in restored:  # mode "incremental"
+        expected["frozen"] = frozen()
     got = jax.tree.leaves(restored)
     want = jax.tree.leaves(expected)
     assert jax.tree.structure(restored) == jax.tree.structure(expected)
@@ -101,13 +108,14 @@ def test_sigkill_at_random_instants(zygote, tmp_path, mode):
     rng = random.Random(f"{mode}-{SEED}")
     log = tmp_path / "acks.log"
     shared = tmp_path / ("ow" if mode == "overwrite" else "mgr")
-    kills = max(KILLS // len(MODES), 1)
+    managed = mode in ("manager", "incremental")
+    kills = max(KILLS // (8 if mode == "incremental" else 4), 1)
     next_step, last_acked = 0, -1
     cycle = 0
     # Up to 3 more cycles while no save has completed (a loaded machine): those kill only
     # after the child's first acknowledgement, at a random instant of its next save.
     while cycle < kills or (last_acked < 0 and cycle < kills + 3):
-        root = shared if mode in ("overwrite", "manager") else tmp_path / f"c{cycle}"
+        root = shared if mode == "overwrite" or managed else tmp_path / f"c{cycle}"
         before = len(acked(log))
         pid = spawn(zygote, mode, root, next_step, log)
         if cycle >= kills:
@@ -115,7 +123,8 @@ def test_sigkill_at_random_instants(zygote, tmp_path, mode):
             while len(acked(log)) == before and time.monotonic() < deadline:
                 time.sleep(0.05)
         # The first save of a fresh child includes starting JAX's CPU backend: ~0.3-1 s.
-        time.sleep(rng.uniform(0.15, 1.3))
+        # An incremental child needs a few steps: the first writes the base, later ones carry.
+        time.sleep(rng.uniform(0.15, 3.0 if mode == "incremental" else 1.3))
         cycle += 1
         os.kill(pid, signal.SIGKILL)
         _wait_gone(zygote, pid)
@@ -130,7 +139,7 @@ def test_sigkill_at_random_instants(zygote, tmp_path, mode):
                 assert got in (None, int(d.name)), (d, got)
         elif mode == "overwrite" and last_acked >= 0:
             assert restored_step(shared) >= last_acked
-        elif mode == "manager" and last_acked >= 0:
+        elif managed and last_acked >= 0:
             with pc.CheckpointManager(shared, keep=2) as mgr:
                 latest = mgr.latest_step()
                 assert latest is not None and latest >= last_acked, (latest, last_acked)
@@ -138,8 +147,8 @@ def test_sigkill_at_random_instants(zygote, tmp_path, mode):
         next_step = max([next_step] + [s + 1 for s, _ in acks]) + 1
     assert last_acked >= 0, "no save ever completed: the kill delays are too short"
     # The next save, here, succeeds where the killed ones left their leftovers.
-    target = shared if mode in ("overwrite", "manager") else tmp_path / "c0" / "next"
-    if mode == "manager":
+    target = shared if mode == "overwrite" or managed else tmp_path / "c0" / "next"
+    if managed:
         with pc.CheckpointManager(shared, keep=2) as mgr:
             mgr.save(next_step + 10, tree(next_step + 10))
         assert restored_step(shared / str(next_step + 10)) == next_step + 10

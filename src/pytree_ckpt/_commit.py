@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
+import math
 import os
 import time
 import warnings
@@ -52,11 +54,13 @@ _last_meetings: list[str] = []
 
 
 def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
-          error: BaseException | None) -> str:
+          error: BaseException | None) -> tuple[str, set[str]]:
     """Every process of a multi-process job agrees on a save before any data is written:
-    the same checkpoint, the same tree (structure and leaf specs), and the save's id, which
-    the primary chooses; returns that id (the name of the save's data generation and of
-    its later meetings, so they cannot drift from one save to the next).
+    the same checkpoint, the same tree (structure and leaf specs), the save's id, which
+    the primary chooses, and the leaves carried from the base step (those every process
+    found unchanged, see _carry); returns ``(id, carried leaf paths)`` (the id names the
+    save's data generation and its later meetings, so they cannot drift from one save to
+    the next).
 
     A process whose preparation failed (``error``) reports it here rather than raising
     before it, so that the others fail this save with it and every process goes on to the
@@ -67,10 +71,11 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
     if not _distributed.is_multiprocess():
         if error is not None:
             raise error
-        return _clean.new_save_id()
+        return _clean.new_save_id(), set(snap.candidates)
     primary = _distributed.process_index() == 0
     mine = "" if error is not None else json.dumps(
-        [url, _tree_digest(snap), _clean.new_save_id() if primary else None])  # pyright: ignore[reportArgumentType]  # snap unless error
+        [url, _tree_digest(snap), _clean.new_save_id() if primary else None,  # pyright: ignore[reportArgumentType]  # snap unless error
+         _candidates(snap)])  # pyright: ignore[reportArgumentType]
     try:
         values = _distributed.exchange(
             f"save/{meeting}/agree", mine,
@@ -94,7 +99,24 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
                 f"{url}: save refused on every process: process(es) "
                 f"{', '.join(map(str, differ))} saved another {what} than process 0 ({got}); "
                 "every process must save the same tree to the same path")
-    return agreed[0][2]
+    return agreed[0][2], _carried(snap, [a[3] for a in agreed])
+
+
+def _candidates(snap: _snapshot.Snapshot) -> list:
+    """What a process offers to carry: ``[base step and generation, leaf numbers]``."""
+    if not snap.candidates:
+        return [None, []]
+    number = {r[0]: k for k, r in enumerate(snap.records)}
+    return [list(snap.base), sorted(number[p] for p in snap.candidates)]
+
+
+def _carried(snap: _snapshot.Snapshot, offers: list) -> set[str]:
+    """The leaves every process offered to carry, from the same data: none unless every
+    process's base refers to the same step folders and generations."""
+    if any(o[0] != offers[0][0] or o[0] is None for o in offers):
+        return set()
+    common = set.intersection(*(set(o[1]) for o in offers))
+    return {snap.records[k][0] for k in common} & set(snap.candidates)
 
 
 def _tree_digest(snap: _snapshot.Snapshot) -> str:
@@ -237,11 +259,9 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
         blobs=tuple(sorted(sizes)),
         leaves=_finish_records(snap, entries, sorted(sizes)),  # pyright: ignore[reportArgumentType]
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
-        version=_format.FORMAT_VERSION,
+        version=_format.FORMAT_VERSION, refs=snap.refs,
     )
-    # Every process has written its chunks: their trailers bind them to this commit.
-    zarr = [r for r in commit.leaves.values() if r.storage.kind == "z"]
-    encoded = _format.encode(commit, _binding.read_trailers(kv, data, zarr))
+    encoded = _format.encode(commit, _chunk_crcs(kv, data, snap, commit))
     _check_restorable(loc, encoded, commit)
     written = _storage.write_key(loc, kv, COMMIT_FILE, encoded, if_equal=seen)
     if not written.generation:  # TensorStore's answer to a failed condition
@@ -261,6 +281,22 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
         warnings.warn(f"{loc.url}: the checkpoint was committed, but cleaning up after it "
                       f"failed ({type(e).__name__}: {e}); an overwritten generation may be "
                       "left behind (pc.clean reclaims it)", RuntimeWarning, stacklevel=2)
+
+
+def _chunk_crcs(kv: Any, data: str, snap: _snapshot.Snapshot, commit: _format.Commit
+                ) -> list[int]:
+    """Every zarr leaf's chunks' CRC-32C in commit order: read back from the trailers of the
+    chunks every process has written (they bind them to this commit), and for a carried
+    leaf, those its writer recorded."""
+    zarr = [r for r in commit.leaves.values() if r.storage.kind == "z"]
+    written = iter(_binding.read_trailers(kv, data, [r for r in zarr if not r.storage.ref]))
+    out: list[int] = []
+    for r in zarr:
+        if r.storage.ref:
+            out += snap.carried[r.path].tolist()
+        else:
+            out += itertools.islice(written, math.prod(_binding.grid(r)))
+    return out
 
 
 def _check_restorable(loc: _storage.Location, encoded: bytes, commit: _format.Commit) -> None:

@@ -24,13 +24,13 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import _async, _clean, _distributed, _lock, _retention, _shutdown, _steps, _storage
+from . import _async, _carry, _clean, _distributed, _lock, _retention, _shutdown, _steps, _storage
 from ._async import SaveFuture
 from ._errors import CheckpointExistsError, CheckpointNotFoundError
 from ._metadata import CheckpointMetadata
 from ._metadata import metadata as _metadata
 from ._restore import restore as _restore
-from ._save import save_async
+from ._save import start_step
 from ._status import RestoreStatus, check_complete
 from ._steps import Metrics, check_step
 
@@ -62,6 +62,13 @@ class CheckpointManager:
       take no lock, delete nothing (a crash's leftovers stay, see the module docstring),
       list the steps afresh at every query (so steps another manager commits or deletes
       show), and refuse :meth:`save`.
+    - ``incremental``: a step writes only the ``jax.Array`` leaves that are not the same
+      objects (with the same shape, dtype and sharding) as in the step this manager last
+      committed; the others it carries over, referring to the step folder that wrote them
+      (NumPy arrays are mutable and always written). Every kept step still restores by its
+      path alone; retention keeps the data kept steps refer to (a deleted step whose data
+      is still needed leaves a folder holding ``retired`` and that data). False writes
+      every step in full. See the README, "Incremental steps".
 
     Retention runs after each save commits (never before): steps outside the newest ``keep``,
     the multiples of ``keep_every_n_steps`` and the best are deleted. Steps only go up: a
@@ -100,7 +107,7 @@ class CheckpointManager:
                  keep_every_n_steps: int | None = None, save_interval_steps: int = 1,
                  async_save: bool = True, best_fn: Callable[[Metrics], float] | None = None,
                  best_mode: str = "max", handle_preemption: bool = False,
-                 read_only: bool = False):
+                 read_only: bool = False, incremental: bool = True):
         _retention.check_options(keep, keep_every_n_steps, save_interval_steps, best_mode,
                        handle_preemption, read_only)
         self._keep, self._keep_every, self._interval = keep, keep_every_n_steps, save_interval_steps
@@ -112,7 +119,9 @@ class CheckpointManager:
         # The primary writes: it cleans, writes metrics and deletes. A read-only manager never.
         self._primary = _distributed.process_index() == 0 and not read_only
         self._multiprocess = _distributed.is_multiprocess()
-        self._pending: tuple[int, SaveFuture, Metrics | None] | None = None
+        self._pending: tuple[int, SaveFuture, Metrics | None, dict] | None = None
+        # The step last committed, as the next may carry from it, and retired step folders.
+        self._carry = _carry.Ledger(self._loc, self._kv, incremental)
         self._metrics: dict[int, Metrics | None] = {}
         self._preempted = self._closed = False
         self._preemption: _shutdown.Preemption | None = None
@@ -120,7 +129,9 @@ class CheckpointManager:
         _shutdown.close_at_exit(self)
         try:
             _async.wait_all()  # an unclosed manager's save in flight is not a crash's leftover
-            self._steps = _scan(self._loc, self._kv, self._primary)
+            self._steps = _scan(self._loc, self._kv, self._primary, self._carry)
+            if self._primary:
+                self._carry.sweep(self._steps)
             if handle_preemption:
                 self._preemption = _shutdown.Preemption(self._multiprocess)
         except BaseException:
@@ -234,14 +245,15 @@ class CheckpointManager:
             _steps.mark(self._loc, self._kv, step)  # before any of the step's data
             _steps.write_metrics(self._loc, self._kv, step, encoded)
         try:
-            fut = save_async(tree, self._path(step), progress=progress)
+            fut, objects = start_step(tree, self._path(step), self._carry.base, progress)
         except BaseException:
             # The marker stays: the next start deletes what a failed save left (only
             # checkpoint data), then the marker.
             self._drop_metrics(step)
             raise
         self._pending = (step, fut,
-                         None if encoded is None else _steps.decode_metrics(encoded, ""))
+                         None if encoded is None else _steps.decode_metrics(encoded, ""),
+                         objects)
         if not self._async or preempt or self._sigterm():
             self._finish_pending()
             if preempt or self._sigterm():
@@ -282,9 +294,10 @@ class CheckpointManager:
         if self._lock is not None:
             self._lock.check()
         if self._primary:
-            _steps.delete_step(self._loc, self._kv, step)
+            self._delete_step(step, [s for s in self._steps if s != step])
         self._steps.remove(step)
         self._metrics.pop(step, None)
+        self._carry.dropped(step)
 
     def wait(self) -> None:
         """Waits for the save in flight to commit, then applies retention.
@@ -410,7 +423,7 @@ class CheckpointManager:
         """Takes in a background save that has committed; a failed one stays pending, for
         save(), wait() or close() to raise. A read-only manager lists the steps again."""
         if self._read_only:
-            self._steps = _scan(self._loc, self._kv, self._primary)
+            self._steps = _scan(self._loc, self._kv, self._primary, self._carry)
             return
         if (self._pending is not None and self._pending[1].done()
                 and self._pending[1].exception() is None):
@@ -419,7 +432,7 @@ class CheckpointManager:
     def _finish_pending(self) -> None:
         if self._pending is None:
             return
-        step, fut, metrics = self._pending
+        step, fut, metrics, objects = self._pending
         self._pending = None
         try:
             fut.result()
@@ -428,6 +441,7 @@ class CheckpointManager:
             raise
         bisect.insort(self._steps, step)
         self._metrics[step] = metrics
+        self._carry.committed(step, objects)
         self._apply_retention()
 
     def _apply_retention(self) -> None:
@@ -438,16 +452,29 @@ class CheckpointManager:
             best = self._best()
         except Exception as e:
             return _after_commit(f"{self._loc.url}: retention deleted nothing: {e!r}")
-        for step in _retention.expired(self._steps, self._keep, self._keep_every, best):
+        expired = _retention.expired(self._steps, self._keep, self._keep_every, best)
+        kept = [s for s in self._steps if s not in expired]
+        for step in expired:
             try:
                 if self._primary:
-                    _steps.delete_step(self._loc, self._kv, step)
+                    self._delete_step(step, kept)
             except Exception as e:
                 _after_commit(f"{self._loc.url}: retention could not delete step {step} "
                               f"(tried again after the next save): {e!r}")
                 continue
             self._steps.remove(step)
             self._metrics.pop(step, None)
+            self._carry.dropped(step)
+        if self._primary:
+            self._carry.sweep(kept)
+
+    def _delete_step(self, step: int, kept: list[int]) -> None:
+        """Deletes ``step``, or retires it where the ``kept`` steps need its data (see
+        _carry)."""
+        if self._carry.retire_if_needed(step, kept):
+            self._drop_metrics(step)
+        else:
+            _steps.delete_step(self._loc, self._kv, step)
 
     def _best(self) -> int | None:
         return _retention.best_step(((s, self._load_metrics(s)) for s in self._steps),
@@ -470,7 +497,7 @@ def _after_commit(message: str) -> None:  # bookkeeping no save depends on faile
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _scan(loc: _storage.Location, kv: Any, primary: bool) -> list[int]:
+def _scan(loc: _storage.Location, kv: Any, primary: bool, carry: _carry.Ledger) -> list[int]:
     """Committed steps; the primary also deletes what a crash left behind. On an object store
     with a complete index, only the marked steps are looked at; otherwise (and locally, where
     listing is cheap) the whole directory is listed, and the primary brings the index up to
@@ -478,11 +505,13 @@ def _scan(loc: _storage.Location, kv: Any, primary: bool) -> list[int]:
     if loc.local is None:
         marked = _steps.marked(loc, kv)
         if marked is not None:
-            return _scan_marked(loc, kv, primary, marked)
+            return _scan_marked(loc, kv, primary, marked, carry)
     children = _storage.child_names(loc, kv)
     steps = _steps.committed_in(children)
     if not primary:
         return steps
+    carry.retired = {int(n) for n, inside in children.items()
+                     if _steps.is_step(n) and _carry.is_retired(inside)}
     # Holding the lock, it is the only writer of its steps: every leftover is reclaimed
     # (incomplete saves, and the metrics files of steps that never committed).
     _clean.remove(loc, kv, _clean.leftovers(loc, kv, children, None))
@@ -490,13 +519,16 @@ def _scan(loc: _storage.Location, kv: Any, primary: bool) -> list[int]:
     return steps
 
 
-def _scan_marked(loc: _storage.Location, kv: Any, primary: bool, marked: list[int]
-                 ) -> list[int]:
+def _scan_marked(loc: _storage.Location, kv: Any, primary: bool, marked: list[int],
+                 carry: _carry.Ledger) -> list[int]:
     """The committed steps among the marked ones; the primary reclaims the others (saves that
-    did not finish, steps deleted by hand)."""
+    did not finish, steps deleted by hand) but retired ones (swept once the steps are known)."""
     steps = _steps.committed_among(kv, marked)
     if primary:
         for step in sorted(set(marked) - set(steps)):
-            _clean.reclaim_step(loc, kv, step)
+            if _carry.is_retired(_storage.folder_names(loc, kv, str(step))):
+                carry.retired.add(step)
+            else:
+                _clean.reclaim_step(loc, kv, step)
     return steps
 

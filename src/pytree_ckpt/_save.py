@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import _async, _commit, _snapshot, _storage
+from . import _async, _carry, _commit, _snapshot, _storage
 from ._errors import CheckpointExistsError, NotACheckpointError
 from ._format import COMMIT_FILE, is_ours
 
@@ -106,8 +106,18 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
     return _start(tree, path, overwrite, progress, copy=True)
 
 
+def start_step(tree: Any, path: str | os.PathLike | dict, base: _carry.Base | None,
+               progress: bool) -> tuple[_async.SaveFuture, dict[str, Any]]:
+    """:func:`save_async` of a manager's step, carrying what ``base`` holds unchanged (see
+    _carry); also returns weak references to the tree's zarr jax.Arrays by path, for the
+    next step's base."""
+    objects: dict[str, Any] = {}
+    return _start(tree, path, False, progress, copy=True, base=base, objects=objects), objects
+
+
 def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, progress: bool,
-           copy: bool) -> _async.SaveFuture:
+           copy: bool, base: _carry.Base | None = None,
+           objects: dict[str, Any] | None = None) -> _async.SaveFuture:
     global _save_counter
     _save_counter += 1  # every call takes part in its meeting, failed or not: no drift
     loc: _storage.Location | None = None
@@ -118,11 +128,14 @@ def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, progress:
         # Read before the check: a commit landing after it makes ours fail, not replace it.
         seen = None if overwrite else _commit.commit_stamp(kv)
         names = _check_destination(loc, kv, overwrite)
-        snap = _snapshot.snapshot(tree, copy=copy)
+        snap = _snapshot.snapshot(tree, copy=copy, base=base)
+        if objects is not None:
+            objects.update(snap.objects)
     except Exception as e:
         _commit.agree(str(_save_counter), None if loc is None else loc.url, None, e)
         raise  # agree raises e; kept for readers and type checkers
-    save_id = _commit.agree(str(_save_counter), loc.url, snap, None)
+    save_id, carry = _commit.agree(str(_save_counter), loc.url, snap, None)
+    snap = _snapshot.settle(snap, carry)
     return _async.submit(
         lambda: _commit.finish(loc, kv, snap, names, save_id, seen, progress), loc.url)
 

@@ -9,12 +9,14 @@ which the caller may donate, mutate or delete its arrays.
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Collection
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from . import _distributed, _gc_pause, _graph, _leaves, _packing, _storage, _transfer
+from . import _carry, _distributed, _gc_pause, _graph, _leaves, _packing, _storage, _transfer
 from ._format import SavedSharding, Storage
 
 # Leaves up to this size are packed into a few blobs per process instead of a zarr array each:
@@ -39,14 +41,25 @@ class Snapshot(NamedTuple):
     packing: _packing.Packing
     parts: list[bytearray | None]  # with a copy, the packed parts (None once written)
     copied: bool  # without a copy, each part is packed from the leaves as it is written
+    # Leaves the base step holds unchanged: path -> (their ArrayWrite's index, the leaf,
+    # where the base has it); their shards are neither taken nor copied until :func:`settle`.
+    candidates: dict[str, tuple[int, Any, _carry.Carried]]
+    objects: dict[str, weakref.ref]  # every jax.Array saved as a zarr array, by path
+    # After settle: the carried leaves' chunk CRC-32Cs, and the step folders they are in.
+    carried: dict[str, Any]
+    refs: tuple[tuple[str, str], ...]
+    base: tuple[str, str] | None  # the base step's folder and generation, if any
 
 
-def snapshot(tree: Any, copy: bool = True) -> Snapshot:
+def snapshot(tree: Any, copy: bool = True, base: _carry.Base | None = None) -> Snapshot:
     """What to write, taken from ``tree``: with ``copy``, host copies of what this process
     writes (the caller may donate its arrays at once); without, the leaves themselves, for a
     caller that waits for the write (:func:`save`): nothing is copied up front, and small
     leaves are packed a few parts at a time as they are written (peak memory: the tree and a
-    few MiB, where the copy was a second tree)."""
+    few MiB, where the copy was a second tree).
+
+    With a ``base``, a jax.Array that is the same live object as ``base`` saved, with the
+    same record, is a candidate to carry: see :func:`settle`."""
     # Runs once per leaf while the caller waits, hence
     # the names bound once below, describe's common case inlined, what depends on a
     # sharding asked once per sharding object, and sizes from the shape (jax's .nbytes
@@ -54,6 +67,8 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
     me = _distributed.process_index()
     records: list[tuple] = []
     arrays: list[ArrayWrite] = []
+    candidates: dict[str, tuple[int, Any, _carry.Carried]] = {}
+    objects: dict[str, weakref.ref] = {}
     packing = _packing.Packing()
     pack = packing.add
     describe, itemsizes, prod = _leaves.describe, _ITEMSIZES, math.prod
@@ -103,9 +118,18 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
                                                       shape))
                 stored = _stored_dtype(dtype)
                 index = len(arrays)
-                arrays.append(ArrayWrite(index, shape, chunks, stored,
-                                          _owned_shards(value, me)))
                 storage = Storage("z", index=index, chunks=chunks, stored_dtype=stored)
+                source = None
+                if origin is JAX:
+                    objects[path] = weakref.ref(leaf)
+                    source = _carry.carried(base, path, leaf)
+                if source is not None and _carry.same_record(source.record, (
+                        path, origin, dtype, shape, impl, storage, described, leaf.weak_type)):
+                    candidates[path] = (index, value, source)
+                    arrays.append(ArrayWrite(index, shape, chunks, stored, []))
+                else:
+                    arrays.append(ArrayWrite(index, shape, chunks, stored,
+                                             _owned_shards(value, me)))
             records.append((path, origin, dtype, shape, impl, storage, described,
                             origin is JAX and leaf.weak_type))
         parts: list[bytearray | None] = [None] * len(packing.part_sizes)
@@ -113,7 +137,50 @@ def snapshot(tree: Any, copy: bool = True) -> Snapshot:
             _copy_shards(arrays)
             parts[:] = _packing.pack(packing)
             packing.values.clear()  # copied: hold none of the caller's arrays
-    return Snapshot(tuple(flat.nodes), records, arrays, len(arrays), packing, parts, copy)
+    return Snapshot(tuple(flat.nodes), records, arrays, len(arrays), packing, parts, copy,
+                    candidates, objects, {}, (),
+                    None if base is None else (base.step, base.commit.data))
+
+
+def settle(snap: Snapshot, carry: Collection[str]) -> Snapshot:
+    """The snapshot once the processes agreed to carry the candidates ``carry``: those
+    refer to the base's data (their records name it, with their writer's array id); the
+    other candidates' shards are taken (and copied, for a snapshot that copies) now, and the
+    arrays written are numbered again from 0."""
+    if not snap.candidates:
+        return snap
+    me = _distributed.process_index()
+    sources = {path: snap.candidates[path][2] for path in carry}
+    refs = tuple(dict.fromkeys((c.step, c.generation) for c in sources.values()))
+    ref_of = {r: k + 1 for k, r in enumerate(refs)}
+    dropped = {snap.candidates[path][0] for path in sources}
+    late = {index: value for path, (index, value, _) in snap.candidates.items()
+            if path not in sources}
+    arrays, number, taken = [], {}, []
+    for w in snap.arrays:
+        if w.index in dropped:
+            continue
+        number[w.index] = len(arrays)
+        if w.index in late:
+            w = w._replace(shards=_owned_shards(late[w.index], me))
+            taken.append(w)
+        arrays.append(w._replace(index=len(arrays)))
+    if snap.copied:
+        _copy_shards(taken)
+    records = []
+    for r in snap.records:
+        s = r[5]
+        if s.kind == "z":
+            c = sources.get(r[0])
+            if c is not None:
+                s = c.record.storage._replace(ref=ref_of[c.step, c.generation])
+            else:
+                s = s._replace(index=number[s.index])
+            r = (*r[:5], s, *r[6:])
+        records.append(r)
+    return snap._replace(records=records, arrays=arrays, n_arrays=len(arrays),
+                         candidates={}, carried={p: c.chunk_crcs for p, c in sources.items()},
+                         refs=refs)
 
 
 _ITEMSIZES = {name: dtype.itemsize for name, dtype in _leaves.DTYPES.items()}
