@@ -104,6 +104,25 @@ def test_retention_keeps_what_kept_steps_carry(tmp_path, base):
     assert_state(pc.restore(tmp_path / "7")[0], base + 1, 7)
 
 
+def test_retention_keeps_everything_when_a_kept_step_cannot_be_read(tmp_path, base):
+    with pc.CheckpointManager(tmp_path, keep=2, async_save=False) as mgr:
+        for step in (1, 2):
+            mgr.save(step, state(base, step))
+    before = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*")
+                    if p.is_file() and p.name != _format.COMMIT_FILE)
+    commit = tmp_path / "2" / _format.COMMIT_FILE
+    raw = commit.read_bytes()
+    commit.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # step 2's references: unknown
+    with pc.CheckpointManager(tmp_path, keep=2, async_save=False) as mgr:
+        mgr.save(3, state(base + 1, 3))  # step 1 leaves the kept steps: retired, kept whole
+        assert mgr.steps() == [2, 3]
+    after = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*")
+                   if p.is_file() and p.name != "retired")
+    assert after == before and (tmp_path / "1" / "retired").exists()
+    commit.write_bytes(raw)
+    assert_state(pc.restore(tmp_path / "2")[0], base, 2)
+
+
 def _gen(directory, step):
     """The generation of the data ``step`` carries (the one its first reference names)."""
     raw = (directory / str(step) / _format.COMMIT_FILE).read_bytes()

@@ -226,7 +226,7 @@ class Ledger:
         self.dropped(step)
         if needed is not None and str(step) not in needed:
             return False
-        retire(self._loc, self._kv, step, set() if needed is None else needed[str(step)])
+        retire(self._loc, self._kv, step, None if needed is None else needed[str(step)])
         self.retired.add(step)
         return True
 
@@ -249,16 +249,18 @@ class Ledger:
             self.retired.discard(step)
 
 
-def retire(loc: _storage.Location, kv: Any, step: int, needed: set[str]) -> None:
+def retire(loc: _storage.Location, kv: Any, step: int, needed: set[str] | None) -> None:
     """Retires committed ``step``, whose ``needed`` keys kept steps read: ``retired`` written,
-    the commit file deleted, then every key outside ``needed``. A kill between any two
-    leaves a committed step or a retired folder holding at least what is needed."""
+    the commit file deleted, then every key outside ``needed`` (None: what is needed is not
+    known, and every key stays for a later sweep). A kill between any two leaves a committed
+    step or a retired folder holding at least what is needed."""
     name = str(step)
     _storage.write_key(loc, kv, f"{name}/{RETIRED}", b"")
     _storage.delete_file(loc, kv, f"{name}/{COMMIT_FILE}")
     if loc.local is not None:
         _storage.fsync_dir(os.path.join(loc.local, name))
-    prune(loc, kv, name, needed)
+    if needed is not None:
+        prune(loc, kv, name, needed)
 
 
 def prune(loc: _storage.Location, kv: Any, name: str, needed: set[str]) -> None:
