@@ -142,8 +142,8 @@ def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeyp
         pc.save(tree, old)
     pc.save(tree, new)
     versions = [msgpack.unpackb((p / _format.COMMIT_FILE).read_bytes())[1] for p in (old, new)]
-    assert versions == [2, 5]
-    assert pc.metadata(old).format_version == 2 and pc.metadata(new).format_version == 5
+    assert versions == [2, 6]
+    assert pc.metadata(old).format_version == 2 and pc.metadata(new).format_version == 6
     # The packed bytes are the same; their checksums are of two kinds.
     assert data_files(old, "p")[0].read_bytes() == data_files(new, "p")[0].read_bytes()
     crcs = [_commit_crcs(p) for p in (old, new)]
@@ -160,26 +160,26 @@ def test_format_2_checkpoints_restore_with_their_crc32_checked(tmp_path, monkeyp
     (gen,) = [p.name for p in old.iterdir() if p.name.startswith("d-")]
     pc.save(tree, old, overwrite=True)
     assert gen not in [p.name for p in old.iterdir()]
-    assert pc.metadata(old).format_version == 5
+    assert pc.metadata(old).format_version == 6
 
 
 def test_a_flipped_format_version_is_refused(tmp_path):
     """The outer version is outside the commit file's checksum; the body repeats it. A
-    format-5 file read as 2 or 3 would check its CRC-32C leaves as another kind (or none),
+    format-6 file read as 2 or 3 would check its CRC-32C leaves as another kind (or none),
     read as 4 it would not check its chunks' places, and would drop its weak types and
-    meshes."""
+    meshes, read as 5 it would read carried leaves from its own folder."""
     import msgpack
 
     path = tmp_path / "c"
     pc.save({"a": np.arange(8.0), "n": 7}, path)
     raw = (path / _format.COMMIT_FILE).read_bytes()
     magic, version, crc, body = msgpack.unpackb(raw)
-    assert version == 5 and msgpack.unpackb(body)["version"] == 5
-    for forged in (2, 3, 4):
+    assert version == 6 and msgpack.unpackb(body)["version"] == 6
+    for forged in (2, 3, 4, 5):
         (path / _format.COMMIT_FILE).write_bytes(msgpack.packb([magic, forged, crc, body]))
         for call in (pc.metadata, pc.restore):
             with pytest.raises(pc.CorruptCheckpointError,
-                               match=rf"format version {forged}, but 5 in the body"):
+                               match=rf"format version {forged}, but 6 in the body"):
                 call(path)
     (path / _format.COMMIT_FILE).write_bytes(raw)
     assert pc.restore(path)[0]["n"] == 7
