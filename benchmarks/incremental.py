@@ -17,7 +17,7 @@ step: at most 5% of a full save's bytes and 10% of its time; a carried step's re
 1.1x of a full one's).
 
     python benchmarks/incremental.py [--base-mib 256] [--trained-mib 16] [--steps 5]
-                                     [--workdir DIR] [--json]
+                                     [--workdir DIR] [--json] [--smoke]
 """
 
 from __future__ import annotations
@@ -60,10 +60,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5, help="steps saved after the first")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny tree, one restore each, no waiting for idle CPUs (a test)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.base_mib, args.trained_mib, args.steps = 8, 1, 1
     sys.path.insert(0, HERE)
     import jax
-    from _timing import settle
+    from _timing import settle as settle_for_timing
+
+    def settle(drop_cache: bool, recycle: int) -> None:
+        if not args.smoke:
+            settle_for_timing(drop_cache, recycle)
 
     import pytree_ckpt as pc
 
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                               if isinstance(x, jax.Array) else x, state)
         for name in sides:
             results[name]["restore"] = []
-        for k in range(5):
+        for k in range(1 if args.smoke else 5):
             for name in (list(sides) if k % 2 else list(reversed(sides))):
                 settle(False, 0)
                 start = time.perf_counter()

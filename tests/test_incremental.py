@@ -249,3 +249,19 @@ def test_a_format_5_checkpoint_still_restores(tmp_path, base, monkeypatch):
     assert pc.metadata(tmp_path / "v5").format_version == 5
     assert_state(pc.restore(tmp_path / "v5")[0], base, 3)
     assert pc.verify(tmp_path / "v5").ok
+
+
+def test_the_benchmark_runs(tmp_path):
+    """benchmarks/incremental.py, on a tiny tree: it keeps up with the library."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "incremental.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke", "--workdir", str(tmp_path),
+                          "--json"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    report = json.loads(out)
+    assert report["incremental"]["later_step_disk"] < report["full"]["later_step_disk"] / 2
+    assert set(report["ratios"]) == {"bytes (wchar)", "bytes (disk)", "time", "restore"}
