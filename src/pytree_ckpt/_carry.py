@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _decode, _leaves, _steps, _storage
+from ._columns import Columns
 from ._errors import CheckpointNotFoundError
 from ._format import COMMIT_FILE, Commit, LeafRecord
 
@@ -142,6 +143,14 @@ class Stores:
             self._checked.add(ref)
 
 
+def carried_from(commit: Commit) -> dict[str, str]:
+    """Each carried leaf's path -> the step folder, beside this checkpoint, holding its data."""
+    leaves = commit.leaves
+    if not commit.refs or not isinstance(leaves, Columns):
+        return {}
+    return {path: commit.refs[ref - 1][0] for path, ref in leaves.carried().items()}
+
+
 def missing(commit: Commit) -> str:
     return "steps " + ", ".join(sorted({s for s, _ in commit.refs}, key=int))
 
@@ -219,14 +228,34 @@ class Ledger:
                 out.setdefault(name, set()).update(keys)
         return out
 
-    def retire_if_needed(self, step: int, kept: Iterable[int]) -> bool:
-        """Retires ``step`` if the ``kept`` steps need its data (or that cannot be told);
-        returns whether it did (else the caller deletes the step as usual)."""
+    def delete(self, step: int, kept: Iterable[int], primary: bool) -> None:
+        """Deletes committed ``step`` (see _steps.delete_step), or retires it if the ``kept``
+        steps need its data (or that cannot be told), deleting its metrics file then. Only
+        the ``primary`` deletes; every process forgets the step."""
+        if not primary:
+            self.dropped(step)
+            return
         needed = self.needed(kept)
         self.dropped(step)
         if needed is not None and str(step) not in needed:
-            return False
+            _steps.delete_step(self._loc, self._kv, step)
+            return
         retire(self._loc, self._kv, step, None if needed is None else needed[str(step)])
+        _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
+        self.retired.add(step)
+
+    def find_retired(self, children: Mapping[str, set[str] | None], steps: list[int]) -> None:
+        """Takes the retired folders among a manager directory's ``children`` (see
+        _storage.child_names) and sweeps them (``steps``: the committed ones)."""
+        self.retired = {int(n) for n, inside in children.items()
+                        if _steps.is_step(n) and is_retired(inside)}
+        self.sweep(steps)
+
+    def keep_if_retired(self, step: int) -> bool:
+        """Whether the folder of ``step`` (marked, not committed) is retired: then it is
+        taken, for :meth:`sweep`, and not reclaimed as a save's leftover."""
+        if not is_retired(_storage.folder_names(self._loc, self._kv, str(step))):
+            return False
         self.retired.add(step)
         return True
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _gc_pause, _graph, _leaves, _storage
+from . import _format, _gc_pause, _graph, _leaves, _steps, _storage
 from ._columns import Columns, Leaves, segments
 from ._errors import CorruptCheckpointError, FormatVersionError
 from ._format import (
@@ -149,21 +149,14 @@ def _validate(f: Any, where: str, version: int) -> Commit:
                   version, refs)
 
 
-# A referenced sibling checkpoint's folder: a manager's step name, so never ".." or a path.
-_STEP_RE = re.compile(r"0|[1-9][0-9]{0,18}")
-
-
 def _validate_refs(refs: Any, where: str) -> tuple[tuple[str, str], ...]:
-    """Sibling step folders and their generations, each a step name and a generation name
-    (so a reference never leaves the directory of the checkpoint's parent), none twice."""
+    """Step folders beside this one and their generations, by name only (none twice)."""
     if not (type(refs) is list and all(
-            type(r) is list and len(r) == 2 and type(r[0]) is str and _STEP_RE.fullmatch(r[0])
-            and type(r[1]) is str and GENERATION_RE.fullmatch(r[1]) for r in refs)):
+            type(r) is list and len(r) == 2 and type(r[0]) is str and _steps.is_step(r[0])
+            and type(r[1]) is str and GENERATION_RE.fullmatch(r[1]) for r in refs)
+            and len({tuple(r) for r in refs}) == len(refs)):
         raise _fail(where, f"bad 'refs' list {_show(refs)}")
-    out = tuple((r[0], r[1]) for r in refs)
-    if len(set(out)) != len(out):
-        raise _fail(where, "a reference appears twice in 'refs'")
-    return out
+    return tuple((r[0], r[1]) for r in refs)
 
 
 def _strings(f: dict, key: str, where: str, limit: int | None = None) -> list[str]:
@@ -240,8 +233,7 @@ def _zarr_columns(f: dict, c: Leaves, where: str, z: np.ndarray, arrays: int,
                   itemsize: np.ndarray, nbytes: np.ndarray, version: int, refs: int
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(array ids, stored dtypes, chunk shapes, chunk counts, refs)`` of the zarr leaves
-    ``z`` (a mask). A carried leaf's array id is its writer's (``arrays`` counts this
-    checkpoint's own)."""
+    ``z`` (a mask); a carried leaf's array id is its writer's, not below ``arrays``."""
     nz, zrank = int(z.sum()), c.rank[z]
     array, stored = _column(f, "array", "<u4", nz, where), _column(f, "stored", "u1", nz, where)
     ref = _column(f, "ref", "<u4", nz, where) if version >= 6 else np.zeros(nz, np.uint32)
@@ -512,12 +504,3 @@ def chunk_crcs(commit: Commit, path: str) -> np.ndarray | None:
     of its chunk grid; None before format 5, or for a commit not read from a file."""
     leaves = commit.leaves
     return leaves.chunk_crcs(path) if isinstance(leaves, Columns) else None
-
-
-def carried_from(commit: Commit) -> dict[str, str]:
-    """Each carried leaf's path -> the step folder, beside this checkpoint, holding its data
-    (format 6; see _carry)."""
-    leaves = commit.leaves
-    if not commit.refs or not isinstance(leaves, Columns):
-        return {}
-    return {path: commit.refs[ref - 1][0] for path, ref in leaves.carried().items()}

@@ -62,13 +62,8 @@ class CheckpointManager:
       take no lock, delete nothing (a crash's leftovers stay, see the module docstring),
       list the steps afresh at every query (so steps another manager commits or deletes
       show), and refuse :meth:`save`.
-    - ``incremental``: a step writes only the ``jax.Array`` leaves that are not the same
-      objects (with the same shape, dtype and sharding) as in the step this manager last
-      committed; the others it carries over, referring to the step folder that wrote them
-      (NumPy arrays are mutable and always written). Every kept step still restores by its
-      path alone; retention keeps the data kept steps refer to (a deleted step whose data
-      is still needed leaves a folder holding ``retired`` and that data). False writes
-      every step in full. See the README, "Incremental steps".
+    - ``incremental``: write only the ``jax.Array`` leaves that are not the same objects as
+      in the step last committed, referring to the others (README, "Incremental steps").
 
     Retention runs after each save commits (never before): steps outside the newest ``keep``,
     the multiples of ``keep_every_n_steps`` and the best are deleted. Steps only go up: a
@@ -120,7 +115,6 @@ class CheckpointManager:
         self._primary = _distributed.process_index() == 0 and not read_only
         self._multiprocess = _distributed.is_multiprocess()
         self._pending: tuple[int, SaveFuture, Metrics | None, dict] | None = None
-        # The step last committed, as the next may carry from it, and retired step folders.
         self._carry = _carry.Ledger(self._loc, self._kv, incremental)
         self._metrics: dict[int, Metrics | None] = {}
         self._preempted = self._closed = False
@@ -130,8 +124,6 @@ class CheckpointManager:
         try:
             _async.wait_all()  # an unclosed manager's save in flight is not a crash's leftover
             self._steps = _scan(self._loc, self._kv, self._primary, self._carry)
-            if self._primary:
-                self._carry.sweep(self._steps)
             if handle_preemption:
                 self._preemption = _shutdown.Preemption(self._multiprocess)
         except BaseException:
@@ -252,8 +244,7 @@ class CheckpointManager:
             self._drop_metrics(step)
             raise
         self._pending = (step, fut,
-                         None if encoded is None else _steps.decode_metrics(encoded, ""),
-                         objects)
+                         None if encoded is None else _steps.decode_metrics(encoded, ""), objects)
         if not self._async or preempt or self._sigterm():
             self._finish_pending()
             if preempt or self._sigterm():
@@ -293,11 +284,9 @@ class CheckpointManager:
         step = self._resolve(step)
         if self._lock is not None:
             self._lock.check()
-        if self._primary:
-            self._delete_step(step, [s for s in self._steps if s != step])
+        self._carry.delete(step, [s for s in self._steps if s != step], self._primary)
         self._steps.remove(step)
         self._metrics.pop(step, None)
-        self._carry.dropped(step)
 
     def wait(self) -> None:
         """Waits for the save in flight to commit, then applies retention.
@@ -456,25 +445,16 @@ class CheckpointManager:
         kept = [s for s in self._steps if s not in expired]
         for step in expired:
             try:
-                if self._primary:
-                    self._delete_step(step, kept)
+                self._carry.delete(step, kept, self._primary)
             except Exception as e:
                 _after_commit(f"{self._loc.url}: retention could not delete step {step} "
                               f"(tried again after the next save): {e!r}")
                 continue
             self._steps.remove(step)
             self._metrics.pop(step, None)
-            self._carry.dropped(step)
         if self._primary:
             self._carry.sweep(kept)
 
-    def _delete_step(self, step: int, kept: list[int]) -> None:
-        """Deletes ``step``, or retires it where the ``kept`` steps need its data (see
-        _carry)."""
-        if self._carry.retire_if_needed(step, kept):
-            self._drop_metrics(step)
-        else:
-            _steps.delete_step(self._loc, self._kv, step)
 
     def _best(self) -> int | None:
         return _retention.best_step(((s, self._load_metrics(s)) for s in self._steps),
@@ -510,8 +490,7 @@ def _scan(loc: _storage.Location, kv: Any, primary: bool, carry: _carry.Ledger) 
     steps = _steps.committed_in(children)
     if not primary:
         return steps
-    carry.retired = {int(n) for n, inside in children.items()
-                     if _steps.is_step(n) and _carry.is_retired(inside)}
+    carry.find_retired(children, steps)
     # Holding the lock, it is the only writer of its steps: every leftover is reclaimed
     # (incomplete saves, and the metrics files of steps that never committed).
     _clean.remove(loc, kv, _clean.leftovers(loc, kv, children, None))
@@ -526,9 +505,8 @@ def _scan_marked(loc: _storage.Location, kv: Any, primary: bool, marked: list[in
     steps = _steps.committed_among(kv, marked)
     if primary:
         for step in sorted(set(marked) - set(steps)):
-            if _carry.is_retired(_storage.folder_names(loc, kv, str(step))):
-                carry.retired.add(step)
-            else:
+            if not carry.keep_if_retired(step):
                 _clean.reclaim_step(loc, kv, step)
+        carry.sweep(steps)
     return steps
 

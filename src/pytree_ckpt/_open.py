@@ -12,7 +12,7 @@ import functools
 import os
 from typing import Any
 
-from . import _carry, _decode, _foreign, _source, _storage
+from . import _carry, _foreign, _source, _storage
 from ._decode import decode, generation_of, tree_nodes
 from ._errors import (
     CheckpointNotFoundError,
@@ -71,7 +71,7 @@ def open_source(loc: _storage.Location) -> _source.Source:
         format=_source.PYTREE_CKPT, url=loc.url, version=commit.version, leaves=commit.leaves,
         nodes=commit.nodes, tree_nodes=lambda: tree_nodes(commit, commit_file(loc)),
         read=functools.partial(_read_checked, loc, kv, commit),
-        writer=commit.writer, carried=_decode.carried_from(commit))
+        writer=commit.writer, carried=_carry.carried_from(commit))
 
 
 def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:
