@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _decode, _leaves, _steps, _storage
+from . import _decode, _faults, _leaves, _steps, _storage
 from ._columns import Columns
 from ._errors import CheckpointNotFoundError
 from ._format import COMMIT_FILE, Commit, LeafRecord
@@ -127,10 +127,8 @@ class Stores:
             kv, generation = self(rec)
             step = self._commit.refs[ref - 1][0]
             folder = sibling(self._loc, step)
-            try:
+            with _faults.faults(folder.url):  # a store that fails is no missing folder
                 found = _storage.read_key(kv, f"{generation}/a/{rec.storage.index}/zarr.json")
-            except Exception:
-                found = None
             if found is None:
                 raise CheckpointNotFoundError(
                     f"{self._loc.url}: leaf {rec.path!r:.200} is carried from step {step} "

@@ -95,7 +95,9 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
 
     **Returns:** ``(tree, status)``, a new tree and a :class:`RestoreStatus`.
 
-    **Raises:** :class:`CheckpointNotFoundError`, :class:`IncompleteCheckpointError`,
+    **Raises:** :class:`CheckpointNotFoundError` (also naming a leaf a manager's step carries
+    and the step folder beside it that should hold it, for a step copied alone),
+    :class:`IncompleteCheckpointError`,
     :class:`CorruptCheckpointError` (naming the leaf whose bytes fail their checksum, or the
     file and entry of another tool's checkpoint that is malformed; also when the checkpoint
     was overwritten or deleted while it was read three times running: an overwrite deletes
