@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _gc_pause, _graph, _leaves, _steps, _storage
+from . import _format, _gc_pause, _graph, _leaves, _storage
 from ._columns import Columns, Leaves, segments
 from ._errors import CorruptCheckpointError, FormatVersionError
 from ._format import (
@@ -152,7 +152,7 @@ def _validate(f: Any, where: str, version: int) -> Commit:
 def _validate_refs(refs: Any, where: str) -> tuple[tuple[str, str], ...]:
     """Step folders beside this one and their generations, by name only (none twice)."""
     if not (type(refs) is list and all(
-            type(r) is list and len(r) == 2 and type(r[0]) is str and _steps.is_step(r[0])
+            type(r) is list and len(r) == 2 and type(r[0]) is str and _format.is_step_name(r[0])
             and type(r[1]) is str and GENERATION_RE.fullmatch(r[1]) for r in refs)
             and len({tuple(r) for r in refs}) == len(refs)):
         raise _fail(where, f"bad 'refs' list {_show(refs)}")

@@ -125,6 +125,12 @@ def generation_folder(save_id: str) -> str:
     return f"d-{save_id}"
 
 
+def is_step_name(name: str) -> bool:
+    """Whether ``name`` names a manager's step (a folder a format-6 reference may name): a
+    decimal number without leading zeros."""
+    return name == "0" or (name.isdigit() and name.isascii() and name[0] != "0")
+
+
 def is_generation(name: str) -> bool:
     """Whether directory entry ``name`` is named like a generation folder (``d-*``): the
     loose test for listings; a commit file's ``data`` must match GENERATION_RE in full."""

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import _async, _carry, _clean, _distributed, _lock, _retention, _shutdown, _steps, _storage
+from . import _async, _clean, _distributed, _lock, _retention, _retire, _shutdown, _steps, _storage
 from ._async import SaveFuture
 from ._errors import CheckpointExistsError, CheckpointNotFoundError
 from ._metadata import CheckpointMetadata
@@ -115,7 +115,7 @@ class CheckpointManager:
         self._primary = _distributed.process_index() == 0 and not read_only
         self._multiprocess = _distributed.is_multiprocess()
         self._pending: tuple[int, SaveFuture, Metrics | None, dict] | None = None
-        self._carry = _carry.Ledger(self._loc, self._kv, incremental)
+        self._carry = _retire.Ledger(self._loc, self._kv, incremental)
         self._metrics: dict[int, Metrics | None] = {}
         self._preempted = self._closed = False
         self._preemption: _shutdown.Preemption | None = None
@@ -477,7 +477,7 @@ def _after_commit(message: str) -> None:  # bookkeeping no save depends on faile
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _scan(loc: _storage.Location, kv: Any, primary: bool, carry: _carry.Ledger) -> list[int]:
+def _scan(loc: _storage.Location, kv: Any, primary: bool, carry: _retire.Ledger) -> list[int]:
     """Committed steps; the primary also deletes what a crash left behind. On an object store
     with a complete index, only the marked steps are looked at; otherwise (and locally, where
     listing is cheap) the whole directory is listed, and the primary brings the index up to
@@ -499,7 +499,7 @@ def _scan(loc: _storage.Location, kv: Any, primary: bool, carry: _carry.Ledger) 
 
 
 def _scan_marked(loc: _storage.Location, kv: Any, primary: bool, marked: list[int],
-                 carry: _carry.Ledger) -> list[int]:
+                 carry: _retire.Ledger) -> list[int]:
     """The committed steps among the marked ones; the primary reclaims the others (saves that
     did not finish, steps deleted by hand) but retired ones (swept once the steps are known)."""
     steps = _steps.committed_among(kv, marked)

@@ -12,7 +12,7 @@ import functools
 import os
 from typing import Any
 
-from . import _carry, _foreign, _source, _storage
+from . import _foreign, _refs, _source, _storage
 from ._decode import decode, generation_of, tree_nodes
 from ._errors import (
     CheckpointNotFoundError,
@@ -71,7 +71,7 @@ def open_source(loc: _storage.Location) -> _source.Source:
         format=_source.PYTREE_CKPT, url=loc.url, version=commit.version, leaves=commit.leaves,
         nodes=commit.nodes, tree_nodes=lambda: tree_nodes(commit, commit_file(loc)),
         read=functools.partial(_read_checked, loc, kv, commit),
-        writer=commit.writer, carried=_carry.carried_from(commit))
+        writer=commit.writer, carried=_refs.carried_from(commit))
 
 
 def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:
@@ -83,7 +83,7 @@ def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -
             _storage.check_regular_tree(os.path.join(loc.local, commit.data))
         stores = None
         if commit.refs:  # carried leaves: read from the step folders that wrote them
-            stores = _carry.Stores(loc, kv, commit)
+            stores = _refs.Stores(loc, kv, commit)
             stores.check(rec for _path, rec, _want in jobs)
         return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote, stores=stores)
     except Exception as e:

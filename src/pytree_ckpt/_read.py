@@ -68,7 +68,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                 ) -> dict[str, Any]:
     """Reads every job's data and returns the restored leaves by target path (``remote``:
     from an object store, see :data:`_REMOTE_RANGES`; ``stores``: the kvstore and generation
-    of each zarr leaf, see _carry.Stores; by default ``kv`` and the commit's own)."""
+    of each zarr leaf, see _refs.Stores; by default ``kv`` and the commit's own)."""
     out: dict[str, Any] = {}
     layouts = Layouts()
     by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs

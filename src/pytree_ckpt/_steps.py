@@ -50,7 +50,7 @@ import jax
 import msgpack
 import numpy as np
 
-from . import _storage
+from . import _format, _storage
 from ._errors import CorruptCheckpointError, NotACheckpointError
 from ._faults import faults
 from ._format import COMMIT_FILE
@@ -65,7 +65,7 @@ _MAX_METRICS_BYTES = 1 << 20
 
 def is_step(name: str) -> bool:
     """Whether ``name`` names a step: a decimal number without leading zeros."""
-    return name == "0" or (name.isdigit() and name.isascii() and name[0] != "0")
+    return _format.is_step_name(name)  # the format names steps too (references)
 
 
 def check_step(step: Any) -> int:

@@ -22,13 +22,13 @@ import numpy as np
 
 from . import (
     _binding,
-    _carry,
     _decode,
     _faults,
     _foreign,
     _format,
     _gc_pause,
     _progress,
+    _refs,
     _source,
     _storage,
 )
@@ -116,7 +116,7 @@ def verify(path: str | os.PathLike | dict, *, strict: bool = False,
     with _faults.faults(loc.url):  # a storage fault is no damage found
         commit = _load_ours(loc, kv)
         problems: dict[str, str] = {}
-        read = _Checker(loc, kv, commit, problems, _carry.Stores(loc, kv, commit))
+        read = _Checker(loc, kv, commit, problems, _refs.Stores(loc, kv, commit))
         read.add(_commit_bytes(kv, loc))
         for path in sorted(read.irregular)[:1]:
             problems[""] = read.refused(os.path.relpath(path, loc.local)) or path
@@ -187,7 +187,7 @@ class _Checker:
     each leaf in ``problems``."""
 
     def __init__(self, loc: _storage.Location, kv: Any, commit: Commit,
-                 problems: dict[str, str], stores: _carry.Stores):
+                 problems: dict[str, str], stores: _refs.Stores):
         self.url, self.kv, self.commit, self.problems = loc.url, kv, commit, problems
         self.stores = stores  # where each zarr leaf's array is (a carried one's elsewhere)
         self.bytes = 0
@@ -302,7 +302,7 @@ class _Checker:
                 ) -> Iterator[tuple[tuple[int, ...], Any]]:
         """Every chunk of ``rec`` read whole, in C order, ``_IN_FLIGHT`` at a time; a chunk
         not read (:meth:`refused`) comes as the reason, a string (a carried leaf's folder
-        was checked whole: see _carry.Stores.check)."""
+        was checked whole: see _refs.Stores.check)."""
         in_flight: collections.deque = collections.deque()
         for index in _binding.all_chunks(rec):
             key = _binding.chunk_key(data, rec, index)

@@ -1,0 +1,179 @@
+"""Retention that keeps what kept steps carry, and a manager's incremental bookkeeping.
+
+The data a committed step refers to (see ``_carry``) is *needed*. Deleting a step whose data a
+kept step needs *retires* it: ``<step>/retired`` is written, then the commit file deleted,
+then everything but the needed arrays. A folder holding ``retired`` and no commit file is no
+save's leftover (``_clean`` never deletes it); a manager's sweep deletes what no kept step
+needs any more.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import _carry, _decode, _steps, _storage
+from ._format import COMMIT_FILE, Commit
+
+RETIRED = "retired"
+
+
+def needs(commit: Commit) -> dict[str, set[str]]:
+    """What ``commit`` reads from other step folders: step -> keys below it
+    (``<generation>/a/<id>``)."""
+    out: dict[str, set[str]] = {}
+    for rec in commit.leaves.values():
+        s = rec.storage
+        if s.kind == "z" and s.ref:
+            step, generation = commit.refs[s.ref - 1]
+            out.setdefault(step, set()).add(f"{generation}/a/{s.index}")
+    return out
+
+
+class Ledger:
+    """A manager's incremental bookkeeping: its base (the step it last committed, as the
+    next step may carry from it), what its kept steps need of other step folders (from their
+    commit files, each read once: a manager never overwrites a step) and its retired
+    folders. Only a writing manager's primary retires and sweeps."""
+
+    def __init__(self, loc: _storage.Location, kv: Any, enabled: bool):
+        self._loc, self._kv, self._enabled = loc, kv, enabled
+        self._known: dict[int, dict[str, set[str]]] = {}
+        self.base: _carry.Base | None = None
+        self.retired: set[int] = set()
+
+    def committed(self, step: int, objects: Mapping[str, weakref.ref]) -> None:
+        """Reads back the commit file of ``step``, just committed: the next step's base
+        (every process reads the same file, so all offer the same data). Where it cannot be
+        read, the next step is written in full."""
+        self.base = None
+        if not (self._enabled and objects):
+            return
+        key = f"{step}/{COMMIT_FILE}"
+        try:
+            commit = _decode.decode(_storage.read_key(self._kv, key) or b"",
+                                    f"{self._loc.url}/{key}")
+        except Exception:
+            return
+        self._known[step] = needs(commit)
+        self.base = _carry.Base(str(step), commit, objects)
+
+    def dropped(self, step: int) -> None:
+        """``step`` is no longer a committed step of the manager's."""
+        self._known.pop(step, None)
+        if self.base is not None and self.base.step == str(step):
+            self.base = None
+
+    def needed(self, kept: Iterable[int]) -> dict[str, set[str]] | None:
+        """step -> the keys below it that ``kept`` steps need; None if a kept step's commit
+        file cannot be read (then nothing may be judged unneeded)."""
+        out: dict[str, set[str]] = {}
+        for step in kept:
+            if step not in self._known:
+                key = f"{step}/{COMMIT_FILE}"
+                try:
+                    commit = _decode.decode(_storage.read_key(self._kv, key) or b"",
+                                            f"{self._loc.url}/{key}")
+                except Exception:
+                    return None
+                self._known[step] = needs(commit)
+            for name, keys in self._known[step].items():
+                out.setdefault(name, set()).update(keys)
+        return out
+
+    def delete(self, step: int, kept: Iterable[int], primary: bool) -> None:
+        """Deletes committed ``step`` (see _steps.delete_step), or retires it if the ``kept``
+        steps need its data (or that cannot be told), deleting its metrics file then. Only
+        the ``primary`` deletes; every process forgets the step."""
+        if not primary:
+            self.dropped(step)
+            return
+        needed = self.needed(kept)
+        self.dropped(step)
+        if needed is not None and str(step) not in needed:
+            _steps.delete_step(self._loc, self._kv, step)
+            return
+        retire(self._loc, self._kv, step, None if needed is None else needed[str(step)])
+        _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
+        self.retired.add(step)
+
+    def find_retired(self, children: Mapping[str, set[str] | None], steps: list[int]) -> None:
+        """Takes the retired folders among a manager directory's ``children`` (see
+        _storage.child_names) and sweeps them (``steps``: the committed ones)."""
+        self.retired = {int(n) for n, inside in children.items()
+                        if _steps.is_step(n) and is_retired(inside)}
+        self.sweep(steps)
+
+    def keep_if_retired(self, step: int) -> bool:
+        """Whether the folder of ``step`` (marked, not committed) is retired: then it is
+        taken, for :meth:`sweep`, and not reclaimed as a save's leftover."""
+        if not is_retired(_storage.folder_names(self._loc, self._kv, str(step))):
+            return False
+        self.retired.add(step)
+        return True
+
+    def sweep(self, kept: Iterable[int]) -> None:
+        """Deletes what no ``kept`` step needs of the retired folders: all of a folder once
+        nothing of it is needed (``retired`` first, then the rest, then its index marker)."""
+        if not self.retired:
+            return
+        needed = self.needed(kept)
+        if needed is None:
+            return
+        for step in sorted(self.retired):
+            name = str(step)
+            if name in needed:
+                prune(self._loc, self._kv, name, needed[name])
+                continue
+            _storage.delete_file(self._loc, self._kv, f"{name}/{RETIRED}")
+            _storage.delete_prefix(self._loc, self._kv, name)
+            _steps.unmark(self._loc, self._kv, step)
+            self.retired.discard(step)
+
+
+def retire(loc: _storage.Location, kv: Any, step: int, needed: set[str] | None) -> None:
+    """Retires committed ``step``, whose ``needed`` keys kept steps read: ``retired`` written,
+    the commit file deleted, then every key outside ``needed`` (None: what is needed is not
+    known, and every key stays for a later sweep). A kill between any two leaves a committed
+    step or a retired folder holding at least what is needed."""
+    name = str(step)
+    _storage.write_key(loc, kv, f"{name}/{RETIRED}", b"")
+    _storage.delete_file(loc, kv, f"{name}/{COMMIT_FILE}")
+    if loc.local is not None:
+        _storage.fsync_dir(os.path.join(loc.local, name))
+    if needed is not None:
+        prune(loc, kv, name, needed)
+
+
+def prune(loc: _storage.Location, kv: Any, name: str, needed: set[str]) -> None:
+    """Deletes every key below step folder ``name`` but ``retired`` and the arrays in
+    ``needed`` (keys ``<generation>/a/<id>`` below it), each deletion of unneeded keys only."""
+    for top in sorted(_storage.folder_names(loc, kv, name) or ()):
+        if top == RETIRED:
+            continue
+        if not any(k.startswith(top + "/") for k in needed):
+            _delete(loc, kv, f"{name}/{top}")
+            continue
+        for inner in sorted(_storage.folder_names(loc, kv, f"{name}/{top}") or ()):
+            if inner != "a":
+                _delete(loc, kv, f"{name}/{top}/{inner}")
+        for array in sorted(_storage.folder_names(loc, kv, f"{name}/{top}/a") or ()):
+            if f"{top}/a/{array}" not in needed:
+                _delete(loc, kv, f"{name}/{top}/a/{array}")
+
+
+def _delete(loc: _storage.Location, kv: Any, key: str) -> None:
+    if loc.local is not None and not os.path.isdir(os.path.join(loc.local, key)):
+        _storage.delete_file(loc, kv, key)
+    elif loc.local is not None:
+        _storage.delete_prefix(loc, kv, key)
+    else:  # an object store: the key itself, and everything below it
+        kv.write(key, None).result()
+        _storage.delete_prefix(loc, kv, key)
+
+
+def is_retired(inside: set[str] | None) -> bool:
+    """Whether a step folder holding ``inside`` is retired."""
+    return inside is not None and RETIRED in inside and COMMIT_FILE not in inside
