@@ -138,9 +138,17 @@ def test_deleting_the_step_that_wrote_the_data_leaves_the_others_exact(tmp_path,
         with pytest.raises(pc.CheckpointNotFoundError):
             mgr.restore(1)
         mgr.save(4, state(base, 4))  # still carried from step 1's kept data
-    assert pc.metadata(tmp_path / "4").carried == {"base": "1"}
-    for step in (2, 3, 4):
-        assert_state(pc.restore(tmp_path / str(step))[0], base, step)
+        assert pc.metadata(tmp_path / "4").carried == {"base": "1"}
+        for step in (2, 3, 4):
+            assert_state(pc.restore(tmp_path / str(step))[0], base, step)
+        # Once no kept step carries its data, the retired folder goes at once, and step 1 can
+        # be saved again (a rollback).
+        for step in (4, 3, 2):
+            assert (tmp_path / "1").exists()
+            mgr.delete(step)
+        assert not (tmp_path / "1").exists()
+        mgr.save(1, state(base, 1))
+    assert_state(pc.restore(tmp_path / "1")[0], base, 1)
 
 
 def test_a_step_copied_alone_fails_naming_what_is_missing(tmp_path, base):

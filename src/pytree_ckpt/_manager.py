@@ -452,8 +452,6 @@ class CheckpointManager:
                 continue
             self._steps.remove(step)
             self._metrics.pop(step, None)
-        if self._primary:
-            self._carry.sweep(kept)
 
 
     def _best(self) -> int | None:

@@ -85,8 +85,8 @@ class Ledger:
 
     def delete(self, step: int, kept: Iterable[int], primary: bool) -> None:
         """Deletes committed ``step`` (see _steps.delete_step), or retires it if the ``kept``
-        steps need its data (or that cannot be told), deleting its metrics file then. Only
-        the ``primary`` deletes; every process forgets the step."""
+        steps need its data (or that cannot be told), deleting its metrics file then; then
+        sweeps. Only the ``primary`` deletes; every process forgets the step."""
         if not primary:
             self.dropped(step)
             return
@@ -94,10 +94,11 @@ class Ledger:
         self.dropped(step)
         if needed is not None and str(step) not in needed:
             _steps.delete_step(self._loc, self._kv, step)
-            return
-        retire(self._loc, self._kv, step, None if needed is None else needed[str(step)])
-        _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
-        self.retired.add(step)
+        else:
+            retire(self._loc, self._kv, step, None if needed is None else needed[str(step)])
+            _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
+            self.retired.add(step)
+        self.sweep(kept)
 
     def find_retired(self, children: Mapping[str, set[str] | None], steps: list[int]) -> None:
         """Takes the retired folders among a manager directory's ``children`` (see
