@@ -71,7 +71,7 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
     if not _distributed.is_multiprocess():
         if error is not None:
             raise error
-        return _clean.new_save_id(), set(snap.candidates)
+        return _clean.new_save_id(), set(snap.candidates)  # pyright: ignore[reportOptionalMemberAccess]  # snap unless error
     primary = _distributed.process_index() == 0
     mine = "" if error is not None else json.dumps(
         [url, _tree_digest(snap), _clean.new_save_id() if primary else None,  # pyright: ignore[reportArgumentType]  # snap unless error
@@ -99,12 +99,12 @@ def agree(meeting: str, url: str | None, snap: _snapshot.Snapshot | None,
                 f"{url}: save refused on every process: process(es) "
                 f"{', '.join(map(str, differ))} saved another {what} than process 0 ({got}); "
                 "every process must save the same tree to the same path")
-    return agreed[0][2], _carried(snap, [a[3] for a in agreed])
+    return agreed[0][2], _carried(snap, [a[3] for a in agreed])  # pyright: ignore[reportArgumentType]  # snap unless error
 
 
 def _candidates(snap: _snapshot.Snapshot) -> list:
     """What a process offers to carry: ``[base step and generation, leaf numbers]``."""
-    if not snap.candidates:
+    if not snap.candidates or snap.base is None:  # candidates come with a base
         return [None, []]
     number = {r[0]: k for k, r in enumerate(snap.records)}
     return [list(snap.base), sorted(number[p] for p in snap.candidates)]

@@ -143,20 +143,15 @@ def _validate(f: Any, where: str, version: int) -> Commit:
     if not isinstance(nodes, list):
         raise _fail(where, "nodes must be a list")
     node_list = tuple(_validate_node(n, where) for n in nodes)
-    refs = _validate_refs(f["refs"], where) if version >= 6 else ()
-    leaves = _leaf_view(f, where, [b[2] for b in blobs], arrays, version, len(refs))
-    return Commit(data, node_list, leaves, tuple(tuple(b) for b in blobs), arrays, writer,
-                  version, refs)
-
-
-def _validate_refs(refs: Any, where: str) -> tuple[tuple[str, str], ...]:
-    """Step folders beside this one and their generations, by name only (none twice)."""
+    refs = f["refs"] if version >= 6 else []  # step folders beside this one, by name only
     if not (type(refs) is list and all(
             type(r) is list and len(r) == 2 and type(r[0]) is str and _format.is_step_name(r[0])
             and type(r[1]) is str and GENERATION_RE.fullmatch(r[1]) for r in refs)
             and len({tuple(r) for r in refs}) == len(refs)):
         raise _fail(where, f"bad 'refs' list {_show(refs)}")
-    return tuple((r[0], r[1]) for r in refs)
+    leaves = _leaf_view(f, where, [b[2] for b in blobs], arrays, version, len(refs))
+    return Commit(data, node_list, leaves, tuple(tuple(b) for b in blobs), arrays, writer,
+                  version, tuple((r[0], r[1]) for r in refs))
 
 
 def _strings(f: dict, key: str, where: str, limit: int | None = None) -> list[str]:
@@ -239,8 +234,7 @@ def _zarr_columns(f: dict, c: Leaves, where: str, z: np.ndarray, arrays: int,
     ref = _column(f, "ref", "<u4", nz, where) if version >= 6 else np.zeros(nz, np.uint32)
     chunks = _column(f, "chunks", "<i8", int(zrank.sum()), where)
     leaves = np.flatnonzero(z)
-    bad = ((ref > refs) | ((ref == 0) & (array >= arrays)) | (array >= 1 << 31)
-           | (stored >= len(c.dtypes)))
+    bad = (ref > refs) | ((ref == 0) & (array >= arrays)) | (stored >= len(c.dtypes))
     if bad.any():
         raise _bad(where, c.paths, leaves[bad], "bad array storage")
     room = np.maximum(c.dims[np.repeat(z, c.rank)], 1)
