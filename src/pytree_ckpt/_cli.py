@@ -212,15 +212,10 @@ def _ls(pc: ModuleType, args: argparse.Namespace) -> int:
         emit({"path": info.path, "format": info.format, "format_version": info.format_version,
               "writer": jsonable(dict(info.writer)),
               "leaves": [_leaf_json(leaf) for leaf in leaves],
-              "total": {"leaf_count": len(leaves), "nbytes": total},
-              "carried": dict(info.carried)})
+              "total": {"leaf_count": len(leaves), "nbytes": total}, "carried": dict(info.carried)})
         return EXIT_OK
     print(f"{info.path}: {info.format} checkpoint, format {info.format_version}"
-          f"{written(info.writer)}")
-    if info.carried:
-        steps = sorted(set(info.carried.values()), key=int)
-        print(f"carries {size(info.carried_nbytes)} from step(s) {', '.join(steps)} "
-              f"({len(info.carried)} leaves)")
+          f"{written(info.writer)}{_cli_text.carried_note(info)}")
     rows = [(leaf.path, leaf.kind, leaf.dtype, shape(leaf.shape), size(leaf.nbytes),
              _detail(leaf)) for leaf in leaves]
     table(("path", "kind", "dtype", "shape", "bytes", "sharding / value"), rows, right={4})
@@ -361,9 +356,8 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
         for step in steps:
             info = mgr.metadata(step)
             rows.append({"step": step, "state": "committed",
-                         "time": iso(info.writer.get("time")), "nbytes": info.nbytes,
-                         "written_bytes": info.nbytes - info.carried_nbytes,
-                         "carried_bytes": info.carried_nbytes, "leaf_count": len(info.leaves),
+                         "time": iso(info.writer.get("time")), **_cli_text.byte_counts(info),
+                         "leaf_count": len(info.leaves),
                          "metrics": jsonable(dict(mgr.metrics(step) or {}))})
         best = mgr.best_step()
     # What clean would remove (incomplete saves, orphaned generations, metrics files of steps
@@ -375,8 +369,7 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
             step = _step_of(path, directory)
             if step is not None and step not in listed:
                 listed.add(step)
-                rows.append({"step": step, "state": state, "time": None, "nbytes": None,
-                             "written_bytes": None, "carried_bytes": None,
+                rows.append({"step": step, "state": state, "time": None, **_cli_text.byte_counts(None),
                              "leaf_count": None, "metrics": {}})
     if not rows:
         raise _Nothing(_no_steps(pc, args.directory, directory))
@@ -394,11 +387,9 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
           + (f", latest {latest}" if steps else "")
           + (f", best {best} ({'lowest' if args.min else 'highest'} {args.best})"
              if best is not None else ""))
-    table(("step", "state", "time (UTC)", "bytes", "written", "carried", "leaves", "metrics",
-           ""),
+    table(("step", "state", "time (UTC)", "bytes", "written", "carried", "leaves", "metrics", ""),
           [(str(r["step"]), r["state"], r["time"] or "",
-            *("" if r[k] is None else size(r[k])
-              for k in ("nbytes", "written_bytes", "carried_bytes")),
+            *("" if r[k] is None else size(r[k]) for k in ("nbytes", "written_bytes", "carried_bytes")),
             "" if r["leaf_count"] is None else str(r["leaf_count"]),
             short(", ".join(f"{k}={number(v)}" for k, v in r["metrics"].items())),
             "best" if r["best"] else "") for r in rows], right={0, 3, 4, 5, 6})

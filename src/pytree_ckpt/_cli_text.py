@@ -122,3 +122,20 @@ def diff_verdict(found: bool, unread: int, by_checksum: int, counts: str) -> str
     by_crc = f" ({by_checksum} arrays by their stored checksums)" if by_checksum else ""
     rest = f"; {unread} arrays' values not compared (add --values)" if unread else ""
     return f"{verdict}: {counts}{by_crc}{rest}"
+
+
+def carried_note(info: Any) -> str:
+    """What ``ls`` adds, on a line of its own, for a step that carries leaves (else "")."""
+    if not info.carried:
+        return ""
+    steps = sorted(set(info.carried.values()), key=int)
+    return (f"\ncarries {size(info.carried_nbytes)} from step(s) {', '.join(steps)} "
+            f"({len(info.carried)} leaves)")
+
+
+def byte_counts(info: Any) -> dict[str, int | None]:
+    """A step's bytes as ``steps`` lists them: all, written, carried (None: no metadata)."""
+    if info is None:
+        return {"nbytes": None, "written_bytes": None, "carried_bytes": None}
+    return {"nbytes": info.nbytes, "written_bytes": info.nbytes - info.carried_nbytes,
+            "carried_bytes": info.carried_nbytes}

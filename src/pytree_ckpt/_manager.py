@@ -453,7 +453,6 @@ class CheckpointManager:
             self._steps.remove(step)
             self._metrics.pop(step, None)
 
-
     def _best(self) -> int | None:
         return _retention.best_step(((s, self._load_metrics(s)) for s in self._steps),
                                     self._best_fn, self._best_mode)
