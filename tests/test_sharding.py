@@ -370,7 +370,8 @@ def test_a_process_reads_only_its_devices_regions(tmp_path, mesh):
     loc = _storage.location(ckpt)
     kv = _storage.open_kvstore(loc)
     want = _build.Want("jax", np.dtype(np.float32), BIG, half)
-    ((*_, regions),) = _read._ZarrReads("", kv, commit, [("", rec, want)], _build.Layouts())
+    ((*_, regions),) = _read._ZarrReads("", commit, [("", rec, want)], _build.Layouts(),
+                                        lambda _rec: (kv, commit.data))
     assert sorted(regions) == [((0, 64), (0, 512)), ((64, 128), (0, 512))]
     for (r0, r1), _ in regions:
         np.testing.assert_array_equal(regions[((r0, r1), (0, 512))], value[r0:r1])
@@ -394,9 +395,9 @@ def test_a_missing_chunk_is_an_error_never_zeros(tmp_path, mesh):
     mine = {d: i for d, i in rows.items() if i[0].start == 0}
     want = _build.Want("jax", np.dtype(np.float32), BIG,
                          types.SimpleNamespace(addressable_devices_indices_map=lambda s: mine))
-    ((*_, regions),) = _read._ZarrReads(
-        "", _storage.open_kvstore(loc), commit, [("w", commit.leaves["w"], want)],
-        _build.Layouts())
+    kv = _storage.open_kvstore(loc)
+    ((*_, regions),) = _read._ZarrReads("", commit, [("w", commit.leaves["w"], want)],
+                                        _build.Layouts(), lambda _rec: (kv, commit.data))
     assert len(regions) == 2
 
 
