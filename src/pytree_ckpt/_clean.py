@@ -31,6 +31,7 @@ import uuid
 from typing import Any, NamedTuple
 
 from . import _decode, _options, _steps, _storage
+from ._foreign import orbax_run
 from ._format import COMMIT_FILE, is_generation, is_ours
 from ._steps import METRICS_FILE, is_step
 
@@ -87,7 +88,8 @@ def clean(path: str | os.PathLike | dict, *, delete: bool = False) -> CleanRepor
     reclaimed once it is older than 6 hours (``pc.configure(clean_after_s=...)`` or
     ``PYTREE_CKPT_CLEAN_AFTER_S``, read when ``clean`` runs), and younger ones are reported
     as kept. Committed checkpoints, their metrics files and anything that is
-    not a leftover of a save are never deleted.
+    not a leftover of a save are never deleted; nor is anything in an Orbax
+    ``CheckpointManager``'s directory (its unfinished saves are Orbax's to remove).
 
     **Arguments:**
 
@@ -124,6 +126,8 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
     incomplete: list[str] = []
     orphaned: list[str] = []
     kept: list[str] = []
+    if orbax_run.is_run(children):  # Orbax's files, however they look, are not ours to judge
+        return CleanReport(loc.url, (), (), (), False)
     if COMMIT_FILE in children or any(map(is_generation, children)):
         checkpoints = {"": set(children)}  # a checkpoint itself
     else:

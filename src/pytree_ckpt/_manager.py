@@ -27,6 +27,7 @@ from typing import Any
 from . import _async, _clean, _distributed, _lock, _retention, _retire, _shutdown, _steps, _storage
 from ._async import SaveFuture
 from ._errors import CheckpointExistsError, CheckpointNotFoundError
+from ._foreign import orbax_run
 from ._metadata import CheckpointMetadata
 from ._metadata import metadata as _metadata
 from ._restore import restore as _restore
@@ -61,7 +62,7 @@ class CheckpointManager:
     - ``read_only``: only read the directory, as an evaluator or ``pytree-ckpt steps`` does:
       take no lock, delete nothing (a crash's leftovers stay, see the module docstring),
       list the steps afresh at every query (so steps another manager commits or deletes
-      show), and refuse :meth:`save`.
+      show), and refuse :meth:`save`. It reads an Orbax manager's directory too (see README).
     - ``incremental``: write only the ``jax.Array`` leaves that are not the same objects as
       in the step last committed, referring to the others (README, "Incremental steps").
 
@@ -77,7 +78,8 @@ class CheckpointManager:
 
     **Raises:** :class:`LockedError` if another manager holds the directory (never with
     ``read_only``); :class:`NotACheckpointError` if ``manager.lock`` is a symbolic link or
-    not a file; ``OSError`` if it cannot be created (read-only media: use ``read_only``);
+    not a file, or an Orbax manager's directory (unless ``read_only``; nothing written there);
+    ``OSError`` if it cannot be created (read-only media: use ``read_only``);
     ``ValueError`` for a bad option, or ``handle_preemption=True`` outside the main thread or
     with ``read_only``.
 
@@ -113,6 +115,8 @@ class CheckpointManager:
         self._read_only = read_only
         # The primary writes: it cleans, writes metrics and deletes. A read-only manager never.
         self._primary = _distributed.process_index() == 0 and not read_only
+        indexed = self._loc.local is None and _steps.marked(self._loc, self._kv) is not None
+        self._orbax = None if indexed else orbax_run.OrbaxRun.find(self._loc, self._kv, read_only)
         self._multiprocess = _distributed.is_multiprocess()
         self._pending: tuple[int, SaveFuture, Metrics | None, dict] | None = None
         self._carry = _retire.Ledger(self._loc, self._kv, incremental)
@@ -123,7 +127,7 @@ class CheckpointManager:
         _shutdown.close_at_exit(self)
         try:
             _async.wait_all()  # an unclosed manager's save in flight is not a crash's leftover
-            self._steps = _scan(self._loc, self._kv, self._primary, self._carry)
+            self._steps = self._list()
             if handle_preemption:
                 self._preemption = _shutdown.Preemption(self._multiprocess)
         except BaseException:
@@ -386,8 +390,13 @@ class CheckpointManager:
             raise ValueError(f"{self!r} is closed")
 
     def _path(self, step: int) -> str | dict:
-        child = self._loc.child(str(step))
+        child = self._loc.child(str(step) if self._orbax is None else self._orbax.folders[step])
         return child.spec if self._as_spec else child.url
+
+    def _list(self) -> list[int]:
+        if self._orbax is not None:
+            return self._orbax.steps()
+        return _scan(self._loc, self._kv, self._primary, self._carry)
 
     def _resolve(self, step: int | None) -> int:
         self._check_open()
@@ -412,7 +421,7 @@ class CheckpointManager:
         """Takes in a background save that has committed; a failed one stays pending, for
         save(), wait() or close() to raise. A read-only manager lists the steps again."""
         if self._read_only:
-            self._steps = _scan(self._loc, self._kv, self._primary, self._carry)
+            self._steps = self._list()
             return
         if (self._pending is not None and self._pending[1].done()
                 and self._pending[1].exception() is None):
@@ -466,7 +475,8 @@ class CheckpointManager:
 
     def _load_metrics(self, step: int) -> Metrics | None:
         if step not in self._metrics:
-            self._metrics[step] = _steps.read_metrics(self._loc, self._kv, step)
+            self._metrics[step] = (_steps.read_metrics(self._loc, self._kv, step)
+                                   if self._orbax is None else self._orbax.metrics(step))
         return self._metrics[step]
 
 

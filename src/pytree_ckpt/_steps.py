@@ -53,6 +53,7 @@ import numpy as np
 from . import _format, _storage
 from ._errors import CorruptCheckpointError, NotACheckpointError
 from ._faults import faults
+from ._foreign import orbax_run
 from ._format import COMMIT_FILE
 
 Metrics = Mapping[str, Any]
@@ -110,7 +111,8 @@ def latest_marked(kv: Any, steps: list[int]) -> int | None:
 
 def latest(directory: str | os.PathLike | dict) -> str | None:
     """The path of the newest committed checkpoint in a :class:`CheckpointManager`'s directory,
-    or None if it has none; for code that has no manager (an evaluator, a notebook).
+    or None if it has none; for code that has no manager (an evaluator, a notebook). In an
+    Orbax ``CheckpointManager``'s directory, the newest committed Orbax step's folder.
 
     It takes no lock and deletes nothing; the manager writing the directory may delete that
     checkpoint later under its retention rules, so restore it soon after asking. On an object
@@ -133,9 +135,13 @@ def latest(directory: str | os.PathLike | dict) -> str | None:
     found = marked(loc, kv) if loc.local is None else None
     if found is not None:  # an object store's step index: one listing per step tried
         step = latest_marked(kv, found)
-    else:
-        step = max(committed_in(_storage.child_names(loc, kv)), default=None)
-    return None if step is None else loc.child(str(step)).url
+        return None if step is None else loc.child(str(step)).url
+    children = _storage.child_names(loc, kv)
+    step = max(committed_in(children), default=None)
+    if step is None:  # an Orbax CheckpointManager's directory?
+        orbax = orbax_run.steps_in(loc.url, children)
+        return loc.child(orbax[max(orbax)]).url if orbax else None
+    return loc.child(str(step)).url
 
 
 # ---- the step index ----

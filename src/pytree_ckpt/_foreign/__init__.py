@@ -9,6 +9,9 @@ Tried in order where no commit file of ours is found at a path:
   that give a header length followed by ``{`` is a safetensors file; a first byte that
   starts a msgpack map is a Flax msgpack file.
 
+An Orbax ``CheckpointManager``'s directory of step folders is recognised by
+orbax_run.py, for the manager, :func:`latest` and :func:`clean`.
+
 Nothing is imported or executed from what a file says: the bytes choose a reader, and the
 reader treats them as untrusted. Locally, no file that is a FIFO, device or socket is read
 (:class:`NotACheckpointError`): TensorStore's read of one blocks until a writer comes.

@@ -102,6 +102,9 @@ def open_step(loc: _storage.Location, kv: ts.KvStore) -> _source.Source:
         kinds.update(more_kinds)
     metrics = meta.get("metrics") if isinstance(meta, dict) else None
     writer = {"library": "orbax", "metrics": metrics if isinstance(metrics, dict) else {}}
+    committed = meta.get("commit_timestamp_nsecs") if isinstance(meta, dict) else None
+    if isinstance(committed, int) and not isinstance(committed, bool):
+        writer["time"] = committed / 1e9  # seconds, as our own commit files say
     return _make_source(loc, recs, kinds, writer)
 
 
