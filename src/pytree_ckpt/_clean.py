@@ -187,6 +187,18 @@ def reclaim_step(loc: _storage.Location, kv: Any, step: int) -> None:
     _steps.unmark(loc, kv, step)
 
 
+def failed_save(loc: _storage.Location, kv: Any, step: int, whole: bool) -> None:
+    """Removes what a manager's failed save of ``step`` left: with ``whole`` (the save has
+    stopped and the manager's process was its only writer), its checkpoint data, metrics file
+    and marker at once (:func:`reclaim_step`); otherwise only its metrics file, and the
+    manager's next start reclaims the rest (in a multi-process job another process may still
+    be writing)."""
+    if whole:
+        reclaim_step(loc, kv, step)
+    else:
+        _storage.delete_file(loc, kv, _steps.metrics_name(step))
+
+
 def _orphan_metrics(children: dict[str, set[str] | None], committed: set[str]) -> list[str]:
     """A manager directory's metrics files of steps not committed, and temporary ones."""
     return [n for n, inside in sorted(children.items())

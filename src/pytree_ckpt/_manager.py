@@ -50,8 +50,9 @@ class CheckpointManager:
       (unless forced); the others return False at once.
     - ``async_save``: :meth:`save` returns once the tree is snapshotted and writes in the
       background (False: once it is committed).
-    - ``best_fn``, ``best_mode``: also keep the one step whose metrics have the highest
-      (``"max"``) or lowest (``"min"``) ``best_fn(metrics)``; ties go to the newer step, and
+    - ``best_fn``, ``best_mode``, ``keep_best``: also keep the ``keep_best`` steps (1 by
+      default) whose metrics have the highest (``"max"``) or lowest (``"min"``)
+      ``best_fn(metrics)``; ties go to the newer step, and
       a step saved without metrics, or scoring NaN, is never the best.
     - ``handle_preemption``: install a SIGTERM handler (main thread only; any previous handler
       is restored by :meth:`close`) that makes the next :meth:`save` a forced, committed one
@@ -104,11 +105,12 @@ class CheckpointManager:
                  keep_every_n_steps: int | None = None, save_interval_steps: int = 1,
                  async_save: bool = True, best_fn: Callable[[Metrics], float] | None = None,
                  best_mode: str = "max", handle_preemption: bool = False,
-                 read_only: bool = False, incremental: bool = True):
+                 read_only: bool = False, incremental: bool = True, keep_best: int = 1):
         _retention.check_options(keep, keep_every_n_steps, save_interval_steps, best_mode,
-                       handle_preemption, read_only)
+                                 handle_preemption, read_only, keep_best)
         self._keep, self._keep_every, self._interval = keep, keep_every_n_steps, save_interval_steps
-        self._async, self._best_fn, self._best_mode = async_save, best_fn, best_mode
+        self._async, self._best_fn, self._best_mode, self._keep_best = (
+            async_save, best_fn, best_mode, keep_best)
         self._as_spec = isinstance(directory, dict)
         self._loc = _storage.location(directory)
         self._kv = _storage.open_kvstore(self._loc)
@@ -173,7 +175,7 @@ class CheckpointManager:
         metrics file.
         """
         self._poll()
-        return self._best()
+        return next(iter(self._best(1)), None)
 
     # ---- saving ----
 
@@ -242,10 +244,8 @@ class CheckpointManager:
             _steps.write_metrics(self._loc, self._kv, step, encoded)
         try:
             fut, objects = start_step(tree, self._path(step), self._carry.base, progress)
-        except BaseException:
-            # The marker stays: the next start deletes what a failed save left (only
-            # checkpoint data), then the marker.
-            self._drop_metrics(step)
+        except BaseException as e:  # nothing was written in the background yet
+            self._drop_failed(step, e)
             raise
         self._pending = (step, fut,
                          None if encoded is None else _steps.decode_metrics(encoded, ""), objects)
@@ -434,8 +434,8 @@ class CheckpointManager:
         self._pending = None
         try:
             fut.result()
-        except BaseException:
-            self._drop_metrics(step)
+        except BaseException as e:  # an interrupted wait leaves the save running
+            self._drop_failed(step, e)
             raise
         bisect.insort(self._steps, step)
         self._metrics[step] = metrics
@@ -462,16 +462,17 @@ class CheckpointManager:
             self._steps.remove(step)
             self._metrics.pop(step, None)
 
-    def _best(self) -> int | None:
-        return _retention.best_step(((s, self._load_metrics(s)) for s in self._steps),
-                                    self._best_fn, self._best_mode)
+    def _best(self, k: int | None = None) -> list[int]:  # the keep_best best by default
+        return _retention.best_steps(((s, self._load_metrics(s)) for s in self._steps),
+                                     self._best_fn, self._best_mode, k or self._keep_best)
 
-    def _drop_metrics(self, step: int) -> None:
-        try:  # the failed save's error is the one raised; a metrics file left is an orphan
-            if self._primary:
-                _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
+    def _drop_failed(self, step: int, error: BaseException) -> None:
+        try:  # the failed save's error is the one raised; what stays, the next start reclaims
+            if self._primary:  # all of it where the save failed (not a wait), its only writer
+                _clean.failed_save(self._loc, self._kv, step,
+                                   isinstance(error, Exception) and not self._multiprocess)
         except Exception as e:
-            _after_commit(f"{self._loc.url}: step {step}'s metrics file stays: {e!r}")
+            _after_commit(f"{self._loc.url}: what failed step {step} left stays: {e!r}")
 
     def _load_metrics(self, step: int) -> Metrics | None:
         if step not in self._metrics:

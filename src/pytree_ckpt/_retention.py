@@ -3,8 +3,8 @@ step to refuse. Pure functions of the steps, their metrics and the manager's opt
 manager does the deleting.
 
 A step is kept if it is one of the newest ``keep``, a multiple of ``keep_every_n_steps``, or
-the best by ``best_fn``; the others are deleted. Because the newest steps are kept, steps
-only go up: a step older than the newest is refused (:func:`check_newest`).
+one of the ``keep_best`` best by ``best_fn``; the others are deleted. Because the newest steps
+are kept, steps only go up: a step older than the newest is refused (:func:`check_newest`).
 """
 
 from __future__ import annotations
@@ -16,32 +16,32 @@ from ._steps import Metrics
 
 
 def expired(steps: list[int], keep: int | None, keep_every_n_steps: int | None,
-            best: int | None) -> list[int]:
+            best: Iterable[int]) -> list[int]:
     """The steps to delete among the committed ``steps`` (ascending), in their order: those
     outside the newest ``keep`` (None: all kept), not a multiple of ``keep_every_n_steps`` and
-    not ``best``."""
+    not among the ``best``."""
     kept = set(steps if keep is None else steps[-keep:])
     if keep_every_n_steps is not None:
         kept.update(s for s in steps if s % keep_every_n_steps == 0)
-    if best is not None:
-        kept.add(best)
+    kept.update(best)
     return [s for s in steps if s not in kept]
 
 
-def best_step(metrics: Iterable[tuple[int, Metrics | None]],
-              best_fn: Callable[[Metrics], float] | None, best_mode: str) -> int | None:
-    """The step with the highest (``best_mode="max"``) or lowest (``"min"``) ``best_fn`` of its
-    metrics, among ``(step, metrics)`` pairs; ties go to the newer step, and a step without
-    metrics, or scoring NaN, is never the best. None without ``best_fn`` or a scored step."""
+def best_steps(metrics: Iterable[tuple[int, Metrics | None]],
+               best_fn: Callable[[Metrics], float] | None, best_mode: str, k: int) -> list[int]:
+    """The ``k`` steps with the highest (``best_mode="max"``) or lowest (``"min"``)
+    ``best_fn`` of their metrics, among ``(step, metrics)`` pairs, best first; ties go to the
+    newer step, and a step without metrics, or scoring NaN, is never among the best. Empty
+    without ``best_fn`` or a scored step."""
     if best_fn is None:
-        return None
+        return []
     scored = []
     for step, found in metrics:
         if found is not None:
             score = float(best_fn(found))
             if score == score:  # a NaN (a diverged run) is never the best
                 scored.append((score if best_mode == "max" else -score, step))
-    return max(scored)[1] if scored else None
+    return [step for _, step in sorted(scored, reverse=True)[:k]]
 
 
 def check_newest(where: str, step: int, steps: list[int], pending: int | None) -> None:
@@ -60,9 +60,10 @@ def check_newest(where: str, step: int, steps: list[int], pending: int | None) -
 
 
 def check_options(keep: int | None, keep_every_n_steps: int | None, save_interval_steps: int,
-                  best_mode: str, handle_preemption: bool, read_only: bool) -> None:
+                  best_mode: str, handle_preemption: bool, read_only: bool,
+                  keep_best: int = 1) -> None:
     """Refuses (``ValueError``) a :class:`CheckpointManager`'s options that make no policy."""
-    for name, value, allow_none in (("keep", keep, True),
+    for name, value, allow_none in (("keep", keep, True), ("keep_best", keep_best, False),
                                     ("keep_every_n_steps", keep_every_n_steps, True),
                                     ("save_interval_steps", save_interval_steps, False)):
         if not ((value is None and allow_none) or
