@@ -574,7 +574,7 @@ def test_convert_round_trips_foreign_to_ours_and_ours_to_safetensors(tmp_path):
         assert json.loads(out) == {
             "source": f"{tmp_path}/{source}", "source_format": name, "at": None,
             "destination": f"{tmp_path}/from_{name}", "format": "pytree_ckpt", "leaf_count": 3,
-            "nbytes": 56}
+            "nbytes": 56, "left_out": [], "metadata_dropped": {}}
         restored, _ = pc.restore(tmp_path / f"from_{name}")
         np.testing.assert_array_equal(restored["params"]["w"], kernel)
         assert int(restored["step"]) == 7
@@ -582,8 +582,9 @@ def test_convert_round_trips_foreign_to_ours_and_ours_to_safetensors(tmp_path):
     # Ours to safetensors: arrays only, so a training state needs --at; then the real reader.
     rc, _, err = cli("convert", tmp_path / "from_flax_msgpack", tmp_path / "out.safetensors")
     assert rc == 2
-    assert err.endswith("(safetensors holds arrays only: convert a subtree of arrays, e.g. "
-                        "--at params)\n") and "'step'" in err
+    assert err.endswith("(safetensors holds arrays only: leave such leaves out with --exclude "
+                        "REGEX, or convert a subtree of arrays, e.g. --at params)\n")
+    assert "'step'" in err
     assert not (tmp_path / "out.safetensors").exists()
     rc, out, err = cli("convert", tmp_path / "from_flax_msgpack", tmp_path / "out.safetensors",
                        "--at", "params")

@@ -8,7 +8,7 @@ people ask of a checkpoint::
     pytree-ckpt verify PATH                  every byte read, every checksum and binding checked
     pytree-ckpt steps DIR [--best METRIC]    a manager's steps: time, size, metrics, the best
     pytree-ckpt convert SRC DST [--at P]     Orbax, Flax msgpack or safetensors to ours; ours to
-                                             safetensors (DST ending in .safetensors)
+                                             safetensors (DST *.safetensors); --only/--exclude
     pytree-ckpt clean DIR [--yes]            incomplete saves and orphaned generations: listed,
                                              deleted with --yes (pytree_ckpt.clean)
 
@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from . import _cli_text
+from . import _cli_text, _graph
 from ._cli_text import emit, iso, jsonable, number, section, shape, short, show, size, table, written
 from ._diff import array_differences, checksum_verdicts, compare, under
 
@@ -82,6 +82,11 @@ def _fail(error: Exception, args: argparse.Namespace) -> int:
     status = (EXIT_FOUND if isinstance(error, pc.CorruptCheckpointError) else
               EXIT_STORAGE if storage else EXIT_USAGE)
     text = " ".join(str(error).split()) or type(error).__name__
+    # The library's messages name its Python arguments; here they are flags.
+    if "overwrite" in args:
+        text = text.replace("overwrite=True", "--overwrite")
+    if getattr(args, "at", None) is not None:
+        text = text.replace(f"at={args.at!r}", f"--at {args.at}")
     if not isinstance(error, pc.CheckpointError | _Nothing | OSError | ValueError | KeyError):
         text = f"{type(error).__name__}: {text}"  # not an error of the input: say what it is
     if len(text) > 1000:
@@ -167,6 +172,12 @@ def _parser() -> argparse.ArgumentParser:
                                                    "(e.g. params)")
     convert.add_argument("--to", choices=("pytree_ckpt", "safetensors"),
                          help="DST's format (default: from DST's name)")
+    convert.add_argument("--only", metavar="REGEX", type=_regex, action="append", default=[],
+                         help="convert only the leaves whose path (under --at) matches "
+                              "REGEX (a search; repeat for more)")
+    convert.add_argument("--exclude", metavar="REGEX", type=_regex, action="append", default=[],
+                         help="leave out the leaves whose path matches REGEX (e.g. 'rngs' "
+                              "for NNX RNG keys; repeat for more)")
     convert.add_argument("--overwrite", action="store_true", help="replace what is at DST")
     convert.set_defaults(run=_convert)
 
@@ -187,6 +198,13 @@ def _byte_count(text: str) -> int:
     if not match or not int(match[1]):
         raise argparse.ArgumentTypeError(f"not a positive size such as 4096 or 64M: {text!r}")
     return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2]]
+
+
+def _regex(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
 
 
 def _non_negative(text: str) -> float:
@@ -426,27 +444,40 @@ def _convert(pc: ModuleType, args: argparse.Namespace) -> int:
 
     to = args.to or ("safetensors" if args.dst.endswith(".safetensors") else "pytree_ckpt")
     info = pc.metadata(args.src)
-    tree, status = pc.restore(args.src, at=args.at, progress=_bars(args))
+    tree, _ = pc.restore(args.src, at=args.at, progress=_bars(args))
+    tree, left_out = _graph.select(tree, lambda path: (
+        (not args.only or any(r.search(path) for r in args.only))
+        and not any(r.search(path) for r in args.exclude)))
+    leaves = len(_graph.flatten(tree, treedef=False).paths)
+    if left_out and not leaves:
+        raise _Nothing(f"{info.path}: --only/--exclude leave none of its {len(left_out)} leaves")
+    # safetensors' __metadata__ goes on to safetensors; ours has no place for it: say so.
+    metadata = dict(info.writer.get("metadata") or {}) if info.format == "safetensors" else {}
     try:
         if to == "safetensors":  # one write of one buffer: no bar to show
-            written = pc.save_safetensors(tree, args.dst, overwrite=args.overwrite)
+            written = pc.save_safetensors(tree, args.dst, metadata=metadata,
+                                          overwrite=args.overwrite)
         else:
             written = pc.save(tree, args.dst, overwrite=args.overwrite, progress=_bars(args))
     except pc.UnsupportedLeafError as e:
-        if to != "safetensors" or args.at:
+        if to != "safetensors":
             raise
         raise pc.UnsupportedLeafError(
-            f"{e} (safetensors holds arrays only: convert a subtree of arrays, e.g. "
-            "--at params)") from None
-    leaves = len(status.matched)
+            f"{e} (safetensors holds arrays only: leave such leaves out with --exclude REGEX, "
+            "or convert a subtree of arrays, e.g. --at params)") from None
+    dropped = metadata if to != "safetensors" else {}
     nbytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
     if args.json:
         emit({"source": info.path, "source_format": info.format, "at": args.at,
-              "destination": written, "format": to, "leaf_count": leaves, "nbytes": nbytes})
+              "destination": written, "format": to, "leaf_count": leaves, "nbytes": nbytes,
+              "left_out": left_out, "metadata_dropped": dropped})
     else:
         part = f" at {args.at!r}" if args.at else ""
         print(f"{info.path} ({info.format}{part}, {leaves} leaves, {size(nbytes)}) -> "
-              f"{written} ({to})")
+              f"{written} ({to})" + (f"; {len(left_out)} leaves left out" if left_out else ""))
+    if dropped:
+        print(f"pytree-ckpt: note: the safetensors __metadata__ ({', '.join(dropped)}) is not "
+              f"in {written}: a pytree_ckpt checkpoint has no place for it", file=sys.stderr)
     return EXIT_OK
 
 
