@@ -82,8 +82,7 @@ def _fail(error: Exception, args: argparse.Namespace) -> int:
     status = (EXIT_FOUND if isinstance(error, pc.CorruptCheckpointError) else
               EXIT_STORAGE if storage else EXIT_USAGE)
     text = " ".join(str(error).split()) or type(error).__name__
-    # The library's messages name its Python arguments; here they are flags.
-    if "overwrite" in args:
+    if "overwrite" in args:  # the library's messages name its arguments; here they are flags
         text = text.replace("overwrite=True", "--overwrite")
     if getattr(args, "at", None) is not None:
         text = text.replace(f"at={args.at!r}", f"--at {args.at}")
@@ -173,11 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", choices=("pytree_ckpt", "safetensors"),
                          help="DST's format (default: from DST's name)")
     convert.add_argument("--only", metavar="REGEX", type=_regex, action="append", default=[],
-                         help="convert only the leaves whose path (under --at) matches "
-                              "REGEX (a search; repeat for more)")
+                         help="only the leaves whose path (under --at) matches; repeatable")
     convert.add_argument("--exclude", metavar="REGEX", type=_regex, action="append", default=[],
-                         help="leave out the leaves whose path matches REGEX (e.g. 'rngs' "
-                              "for NNX RNG keys; repeat for more)")
+                         help="leave out the leaves whose path matches (e.g. rngs); repeatable")
     convert.add_argument("--overwrite", action="store_true", help="replace what is at DST")
     convert.set_defaults(run=_convert)
 
@@ -451,7 +448,6 @@ def _convert(pc: ModuleType, args: argparse.Namespace) -> int:
     leaves = len(_graph.flatten(tree, treedef=False).paths)
     if left_out and not leaves:
         raise _Nothing(f"{info.path}: --only/--exclude leave none of its {len(left_out)} leaves")
-    # safetensors' __metadata__ goes on to safetensors; ours has no place for it: say so.
     metadata = dict(info.writer.get("metadata") or {}) if info.format == "safetensors" else {}
     try:
         if to == "safetensors":  # one write of one buffer: no bar to show
@@ -465,18 +461,17 @@ def _convert(pc: ModuleType, args: argparse.Namespace) -> int:
         raise pc.UnsupportedLeafError(
             f"{e} (safetensors holds arrays only: leave such leaves out with --exclude REGEX, "
             "or convert a subtree of arrays, e.g. --at params)") from None
-    dropped = metadata if to != "safetensors" else {}
     nbytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
     if args.json:
         emit({"source": info.path, "source_format": info.format, "at": args.at,
               "destination": written, "format": to, "leaf_count": leaves, "nbytes": nbytes,
-              "left_out": left_out, "metadata_dropped": dropped})
+              "left_out": left_out, "metadata_dropped": {} if to == "safetensors" else metadata})
     else:
         part = f" at {args.at!r}" if args.at else ""
         print(f"{info.path} ({info.format}{part}, {leaves} leaves, {size(nbytes)}) -> "
               f"{written} ({to})" + (f"; {len(left_out)} leaves left out" if left_out else ""))
-    if dropped:
-        print(f"pytree-ckpt: note: the safetensors __metadata__ ({', '.join(dropped)}) is not "
+    if metadata and to != "safetensors":  # ours has no place for it: say so
+        print(f"pytree-ckpt: note: the safetensors __metadata__ ({', '.join(metadata)}) is not "
               f"in {written}: a pytree_ckpt checkpoint has no place for it", file=sys.stderr)
     return EXIT_OK
 
