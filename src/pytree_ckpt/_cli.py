@@ -42,8 +42,9 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from . import _cli_text, _graph
+from . import _cli_text
 from ._cli_text import emit, iso, jsonable, number, section, shape, short, show, size, table, written
+from ._convert import convert, pattern
 from ._diff import array_differences, checksum_verdicts, compare, under
 
 EXIT_OK, EXIT_FOUND, EXIT_USAGE, EXIT_STORAGE = 0, 1, 2, 3
@@ -171,9 +172,9 @@ def _parser() -> argparse.ArgumentParser:
                                                    "(e.g. params)")
     convert.add_argument("--to", choices=("pytree_ckpt", "safetensors"),
                          help="DST's format (default: from DST's name)")
-    convert.add_argument("--only", metavar="REGEX", type=_regex, action="append", default=[],
+    convert.add_argument("--only", metavar="REGEX", type=pattern, action="append", default=[],
                          help="only the leaves whose path (under --at) matches; repeatable")
-    convert.add_argument("--exclude", metavar="REGEX", type=_regex, action="append", default=[],
+    convert.add_argument("--exclude", metavar="REGEX", type=pattern, action="append", default=[],
                          help="leave out the leaves whose path matches (e.g. rngs); repeatable")
     convert.add_argument("--overwrite", action="store_true", help="replace what is at DST")
     convert.set_defaults(run=_convert)
@@ -195,13 +196,6 @@ def _byte_count(text: str) -> int:
     if not match or not int(match[1]):
         raise argparse.ArgumentTypeError(f"not a positive size such as 4096 or 64M: {text!r}")
     return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2]]
-
-
-def _regex(text: str) -> re.Pattern:
-    try:
-        return re.compile(text)
-    except re.error as e:
-        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
 
 
 def _non_negative(text: str) -> float:
@@ -437,42 +431,20 @@ def _no_steps(pc: ModuleType, given: str, url: str) -> str:
 # ---- convert ----
 
 def _convert(pc: ModuleType, args: argparse.Namespace) -> int:
-    import jax
-
-    to = args.to or ("safetensors" if args.dst.endswith(".safetensors") else "pytree_ckpt")
-    info = pc.metadata(args.src)
-    tree, _ = pc.restore(args.src, at=args.at, progress=_bars(args))
-    tree, left_out = _graph.select(tree, lambda path: (
-        (not args.only or any(r.search(path) for r in args.only))
-        and not any(r.search(path) for r in args.exclude)))
-    leaves = len(_graph.flatten(tree, treedef=False).paths)
-    if left_out and not leaves:
-        raise _Nothing(f"{info.path}: --only/--exclude leave none of its {len(left_out)} leaves")
-    metadata = dict(info.writer.get("metadata") or {}) if info.format == "safetensors" else {}
-    try:
-        if to == "safetensors":  # one write of one buffer: no bar to show
-            written = pc.save_safetensors(tree, args.dst, metadata=metadata,
-                                          overwrite=args.overwrite)
-        else:
-            written = pc.save(tree, args.dst, overwrite=args.overwrite, progress=_bars(args))
-    except pc.UnsupportedLeafError as e:
-        if to != "safetensors":
-            raise
-        raise pc.UnsupportedLeafError(
-            f"{e} (safetensors holds arrays only: leave such leaves out with --exclude REGEX, "
-            "or convert a subtree of arrays, e.g. --at params)") from None
-    nbytes = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(tree))
+    report = convert(args.src, args.dst, at=args.at, to=args.to, only=args.only,
+                     exclude=args.exclude, overwrite=args.overwrite, progress=_bars(args))
     if args.json:
-        emit({"source": info.path, "source_format": info.format, "at": args.at,
-              "destination": written, "format": to, "leaf_count": leaves, "nbytes": nbytes,
-              "left_out": left_out, "metadata_dropped": {} if to == "safetensors" else metadata})
+        emit(report)
     else:
         part = f" at {args.at!r}" if args.at else ""
-        print(f"{info.path} ({info.format}{part}, {leaves} leaves, {size(nbytes)}) -> "
-              f"{written} ({to})" + (f"; {len(left_out)} leaves left out" if left_out else ""))
-    if metadata and to != "safetensors":  # ours has no place for it: say so
-        print(f"pytree-ckpt: note: the safetensors __metadata__ ({', '.join(metadata)}) is not "
-              f"in {written}: a pytree_ckpt checkpoint has no place for it", file=sys.stderr)
+        left_out = len(report["left_out"])
+        print(f"{report['source']} ({report['source_format']}{part}, {report['leaf_count']} "
+              f"leaves, {size(report['nbytes'])}) -> {report['destination']} "
+              f"({report['format']})" + (f"; {left_out} leaves left out" if left_out else ""))
+    if report["metadata_dropped"]:  # ours has no place for it: say so
+        print(f"pytree-ckpt: note: the safetensors __metadata__ "
+              f"({', '.join(report['metadata_dropped'])}) is not in {report['destination']}: "
+              "a pytree_ckpt checkpoint has no place for it", file=sys.stderr)
     return EXIT_OK
 
 

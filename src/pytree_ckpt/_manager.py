@@ -79,10 +79,9 @@ class CheckpointManager:
 
     **Raises:** :class:`LockedError` if another manager holds the directory (never with
     ``read_only``); :class:`NotACheckpointError` if ``manager.lock`` is a symbolic link or
-    not a file, or an Orbax manager's directory (unless ``read_only``; nothing written there);
-    ``OSError`` if it cannot be created (read-only media: use ``read_only``);
-    ``ValueError`` for a bad option, or ``handle_preemption=True`` outside the main thread or
-    with ``read_only``.
+    not a file, or the directory is an Orbax manager's (unless ``read_only``); ``OSError`` if
+    it cannot be created (read-only media: use ``read_only``); ``ValueError`` for a bad
+    option, or ``handle_preemption=True`` outside the main thread or with ``read_only``.
 
     Example, a training loop that resumes where it stopped and saves once more on SIGTERM::
 
@@ -245,7 +244,7 @@ class CheckpointManager:
         try:
             fut, objects = start_step(tree, self._path(step), self._carry.base, progress)
         except BaseException as e:  # nothing was written in the background yet
-            self._drop_failed(step, e)
+            self._drop_failed(step, stopped=isinstance(e, Exception))
             raise
         self._pending = (step, fut,
                          None if encoded is None else _steps.decode_metrics(encoded, ""), objects)
@@ -435,7 +434,7 @@ class CheckpointManager:
         try:
             fut.result()
         except BaseException as e:  # an interrupted wait leaves the save running
-            self._drop_failed(step, e)
+            self._drop_failed(step, stopped=isinstance(e, Exception))
             raise
         bisect.insort(self._steps, step)
         self._metrics[step] = metrics
@@ -466,11 +465,10 @@ class CheckpointManager:
         return _retention.best_steps(((s, self._load_metrics(s)) for s in self._steps),
                                      self._best_fn, self._best_mode, k or self._keep_best)
 
-    def _drop_failed(self, step: int, error: BaseException) -> None:
+    def _drop_failed(self, step: int, stopped: bool) -> None:
         try:  # the failed save's error is the one raised; what stays, the next start reclaims
-            if self._primary:  # all of it where the save failed (not a wait), its only writer
-                _clean.failed_save(self._loc, self._kv, step,
-                                   isinstance(error, Exception) and not self._multiprocess)
+            if self._primary:  # all of it where the save stopped, failing, and had no other writer
+                _clean.failed_save(self._loc, self._kv, step, stopped and not self._multiprocess)
         except Exception as e:
             _after_commit(f"{self._loc.url}: what failed step {step} left stays: {e!r}")
 
