@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -44,7 +44,7 @@ def convert(src: str, dst: str, *, at: str | None, to: str | None,
     to = to or ("safetensors" if dst.endswith(".safetensors") else "pytree_ckpt")
     info = _metadata(src)
     tree, _ = restore(src, at=at, progress=progress)
-    tree, left_out = _graph.select(tree, lambda path: (
+    tree, left_out = select(tree, lambda path: (
         (not only or any(r.search(path) for r in only))
         and not any(r.search(path) for r in exclude)))
     leaves = len(_graph.flatten(tree, treedef=False).paths)
@@ -67,3 +67,38 @@ def convert(src: str, dst: str, *, at: str | None, to: str | None,
     return {"source": info.path, "source_format": info.format, "at": at,
             "destination": written, "format": to, "leaf_count": leaves, "nbytes": nbytes,
             "left_out": left_out, "metadata_dropped": {} if to == "safetensors" else metadata}
+
+
+def select(tree: Any, keep: Callable[[str], bool]) -> tuple[Any, list[str]]:
+    """``tree`` with only the leaves whose path ``keep`` accepts, as nested dicts, lists and
+    tuples, and the paths of the leaves left out. A node left without leaves is left out (an
+    empty one is kept if ``keep`` accepts its path); a list or tuple that lost an element
+    becomes a dict of the indices left, so every kept leaf keeps its path.
+
+    >>> select({"a": [1, 2], "b": {"c": 3}}, lambda path: path != "a/0")
+    ({'a': {'1': 2}, 'b': {'c': 3}}, ['a/0'])
+    """
+    flat = _graph.flatten(tree, treedef=False)
+    kept = {p: v for p, v in zip(flat.paths, flat.leaves, strict=True) if keep(p)}
+    dropped = [p for p in flat.paths if p not in kept]
+    if not dropped:
+        return tree, []
+
+    def ancestors(paths: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for path in paths:
+            while path and (path := _graph.parent_and_name(path)[0]) not in found:
+                found.add(path)
+        return found | {""}
+
+    live, has_leaves = ancestors(list(kept)), ancestors(flat.paths)
+    chosen: set[str] = set()
+    for n in flat.nodes:  # parents before children
+        if n.path in live or (n.path not in has_leaves and keep(n.path)
+                              and _graph.parent_and_name(n.path)[0] in chosen):
+            chosen.add(n.path)
+    short = ({_graph.parent_and_name(p)[0] for p in dropped}
+             | {_graph.parent_and_name(n.path)[0] for n in flat.nodes if n.path not in chosen})
+    nodes = [n._replace(kind=_graph.DICT) if n.path in short and n.kind in (_graph.LIST, _graph.TUPLE) else n
+             for n in flat.nodes if n.path in chosen]
+    return _graph.rebuild(nodes, kept), dropped

@@ -386,41 +386,6 @@ def rebuild(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
     return built[""]
 
 
-def select(tree: Any, keep: Callable[[str], bool]) -> tuple[Any, list[str]]:
-    """``tree`` with only the leaves whose path ``keep`` accepts, as nested dicts, lists and
-    tuples, and the paths of the leaves left out. A node left without leaves is left out (an
-    empty one is kept if ``keep`` accepts its path); a list or tuple that lost an element
-    becomes a dict of the indices left, so every kept leaf keeps its path.
-
-    >>> select({"a": [1, 2], "b": {"c": 3}}, lambda path: path != "a/0")
-    ({'a': {'1': 2}, 'b': {'c': 3}}, ['a/0'])
-    """
-    flat = flatten(tree, treedef=False)
-    kept = {p: v for p, v in zip(flat.paths, flat.leaves, strict=True) if keep(p)}
-    dropped = [p for p in flat.paths if p not in kept]
-    if not dropped:
-        return tree, []
-
-    def ancestors(paths: Sequence[str]) -> set[str]:
-        found: set[str] = set()
-        for path in paths:
-            while path and (path := parent_and_name(path)[0]) not in found:
-                found.add(path)
-        return found | {""}
-
-    live, has_leaves = ancestors(list(kept)), ancestors(flat.paths)
-    chosen: set[str] = set()
-    for n in flat.nodes:  # parents before children
-        if n.path in live or (n.path not in has_leaves and keep(n.path)
-                              and parent_and_name(n.path)[0] in chosen):
-            chosen.add(n.path)
-    short = ({parent_and_name(p)[0] for p in dropped}
-             | {parent_and_name(n.path)[0] for n in flat.nodes if n.path not in chosen})
-    nodes = [n._replace(kind=DICT) if n.path in short and n.kind in (LIST, TUPLE) else n
-             for n in flat.nodes if n.path in chosen]
-    return rebuild(nodes, kept), dropped
-
-
 def _rebuild_recorded(nodes: Sequence[Node], values: Mapping[str, Any]) -> Any:
     """:func:`rebuild` when the root and every parent are recorded nodes, as in a commit
     file (fewer steps per leaf than the general way), else None.
