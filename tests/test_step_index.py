@@ -203,7 +203,9 @@ def test_retention_deletes_the_folder_before_the_marker(s3_dir, monkeypatch):
         def fail(loc, kv, prefix):
             raise OSError(f"deleting {prefix} failed")
 
-        with monkeypatch.context() as patch, pytest.raises(OSError, match="deleting 2 failed"):
+        # A failure after the commit is a warning (step 3 is saved), never an error.
+        with monkeypatch.context() as patch, pytest.warns(RuntimeWarning,
+                                                          match="deleting 2 failed"):
             patch.setattr(_storage, "delete_prefix", fail)
             mgr.save(3, {"w": np.ones(2)})
         # The commit file went first, the folder stayed: so did the marker.
