@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pytree_ckpt as pc
-from pytree_ckpt import _cli, _diff
+from pytree_ckpt import _cli, _cli_args, _diff
 
 SRC = pathlib.Path(pc.__file__).parents[1]
 
@@ -455,7 +455,7 @@ def test_diff_values_block_by_block_gives_whole_array_numbers(tmp_path, capsys):
     assert found["key"]["elements"] == 6
     tolerant = {d["path"] for d in docs["16", True]["values_differ"]}
     assert tolerant == {"bf16", "bool", "f32", "i8", "key", "u32", "zero_d", "zeros"}
-    assert [_cli._byte_count(t) for t in ("4096", "4K", "64MiB", "1g")] == [
+    assert [_cli_args.byte_count(t) for t in ("4096", "4K", "64MiB", "1g")] == [
         4096, 4096, 64 << 20, 1 << 30]
     with pytest.raises(SystemExit, match="^2$"):
         _cli.main(["diff", str(tmp_path / "a"), str(tmp_path / "b"), "--block-bytes", "0"])

@@ -24,7 +24,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import _async, _clean, _distributed, _lock, _retention, _retire, _shutdown, _steps, _storage
+from . import _async, _clean, _distributed, _lock, _retention, _retire, _scan, _shutdown, _steps, _storage
 from ._async import SaveFuture
 from ._errors import CheckpointExistsError, CheckpointNotFoundError
 from ._foreign import orbax_run
@@ -395,7 +395,7 @@ class CheckpointManager:
     def _list(self) -> list[int]:
         if self._orbax is not None:
             return self._orbax.steps()
-        return _scan(self._loc, self._kv, self._primary, self._carry)
+        return _scan.committed_steps(self._loc, self._kv, self._primary, self._carry)
 
     def _resolve(self, step: int | None) -> int:
         self._check_open()
@@ -481,38 +481,3 @@ class CheckpointManager:
 
 def _after_commit(message: str) -> None:  # bookkeeping no save depends on failed
     warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _scan(loc: _storage.Location, kv: Any, primary: bool, carry: _retire.Ledger) -> list[int]:
-    """Committed steps; the primary also deletes what a crash left behind. On an object store
-    with a complete index, only the marked steps are looked at; otherwise (and locally, where
-    listing is cheap) the whole directory is listed, and the primary brings the index up to
-    date."""
-    if loc.local is None:
-        marked = _steps.marked(loc, kv)
-        if marked is not None:
-            return _scan_marked(loc, kv, primary, marked, carry)
-    children = _storage.child_names(loc, kv)
-    steps = _steps.committed_in(children)
-    if not primary:
-        return steps
-    carry.find_retired(children, steps)
-    # Holding the lock, it is the only writer of its steps: every leftover is reclaimed
-    # (incomplete saves, and the metrics files of steps that never committed).
-    _clean.remove(loc, kv, _clean.leftovers(loc, kv, children, None))
-    _steps.rebuild_index(loc, kv, steps, children.get(_steps.INDEX))
-    return steps
-
-
-def _scan_marked(loc: _storage.Location, kv: Any, primary: bool, marked: list[int],
-                 carry: _retire.Ledger) -> list[int]:
-    """The committed steps among the marked ones; the primary reclaims the others (saves that
-    did not finish, steps deleted by hand) but retired ones (swept once the steps are known)."""
-    steps = _steps.committed_among(kv, marked)
-    if primary:
-        for step in sorted(set(marked) - set(steps)):
-            if not carry.keep_if_retired(step):
-                _clean.reclaim_step(loc, kv, step)
-        carry.sweep(steps)
-    return steps
-
