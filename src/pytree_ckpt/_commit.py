@@ -148,9 +148,9 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
     primary = me == 0
     old = _replaced_generations(kv, names) if primary else []
     data, name = _format.generation_folder(save_id), f"save/{save_id}"
-    error, cause, entries = None, None, []
+    error, cause, entries, crcs = None, None, [], {}
     try:
-        entries = _write.write_data(kv, data, snap, me, primary, progress and primary)
+        entries, crcs = _write.write_data(kv, data, snap, me, primary, progress and primary)
         if loc.local is not None:
             # A tree of Python leaves only writes no data: the folder must exist to be synced
             # (and it makes the checkpoint's own directory exist, durably, before the commit).
@@ -170,11 +170,11 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
         if primary:
             _discard(loc, kv, data)
         raise
-    entries, sizes = _gather_packed(name, entries, snap, me)
+    entries, sizes, crcs = _gather_written(name, entries, crcs, snap, me)
     error, refused, cause = None, None, None
     if primary:
         try:
-            _write_commit(loc, kv, snap, data, entries, sizes, old, seen)
+            _write_commit(loc, kv, snap, data, entries, sizes, crcs, old, seen)
         except (_LostRace, UnsupportedLeafError) as e:
             _discard(loc, kv, data)
             error, refused = str(e), e if isinstance(e, UnsupportedLeafError) else None
@@ -246,7 +246,8 @@ def _discard(loc: _storage.Location, kv: Any, data: str) -> None:
 
 
 def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, data: str,
-                  entries: list, sizes: list, old: list[str], seen: bytes | None) -> None:
+                  entries: list, sizes: list, crcs: list[_binding.ChunkCrcs], old: list[str],
+                  seen: bytes | None) -> None:
     """Writes the commit file (atomically; if ``seen``, only if its storage generation is
     still that), then deletes the generations it replaces.
 
@@ -261,7 +262,7 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
         writer=dict(_format.writer_info(_distributed.process_count(), time.time())),
         version=_format.FORMAT_VERSION, refs=snap.refs,
     )
-    encoded = _format.encode(commit, _chunk_crcs(kv, data, snap, commit))
+    encoded = _format.encode(commit, _chunk_crcs(crcs, snap, commit))
     _check_restorable(loc, encoded, commit)
     written = _storage.write_key(loc, kv, COMMIT_FILE, encoded, if_equal=seen)
     if not written.generation:  # TensorStore's answer to a failed condition
@@ -283,13 +284,14 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
                       "left behind (pc.clean reclaims it)", RuntimeWarning, stacklevel=2)
 
 
-def _chunk_crcs(kv: Any, data: str, snap: _snapshot.Snapshot, commit: _format.Commit
-                ) -> list[int]:
-    """Every zarr leaf's chunks' CRC-32C in commit order: read back from the trailers of the
-    chunks every process has written (they bind them to this commit), and for a carried
-    leaf, those its writer recorded."""
+def _chunk_crcs(crcs: list[_binding.ChunkCrcs], snap: _snapshot.Snapshot,
+                commit: _format.Commit) -> list[int]:
+    """Every zarr leaf's chunks' CRC-32C in commit order: those every process computed of
+    the chunks it wrote (they bind them to this commit; nothing is read back), and for a
+    carried leaf, those its writer recorded."""
     zarr = [r for r in commit.leaves.values() if r.storage.kind == "z"]
-    written = iter(_binding.read_trailers(kv, data, [r for r in zarr if not r.storage.ref]))
+    written = iter(_binding.recorded_column([r for r in zarr if not r.storage.ref],
+                                            crcs).tolist())
     out: list[int] = []
     for r in zarr:
         if r.storage.ref:
@@ -345,20 +347,24 @@ def _committed_generation(kv: Any) -> str | None:
     return None if raw is None else _decode.generation_of(raw)
 
 
-def _gather_packed(name: str, entries: list[tuple], snap: _snapshot.Snapshot, me: int
-                   ) -> tuple[list[tuple], list[tuple[int, int, int]]]:
-    """Every process's packed leaves and blob sizes (on the primary; others get theirs)."""
+def _gather_written(name: str, entries: list[tuple], crcs: _binding.ChunkCrcs,
+                    snap: _snapshot.Snapshot, me: int
+                    ) -> tuple[list[tuple], list[tuple[int, int, int]], list[_binding.ChunkCrcs]]:
+    """Every process's packed leaves, blob sizes and chunk CRCs (on the primary; others
+    get their own)."""
     sizes = [(me, k, n) for k, n in enumerate(snap.packing.part_sizes)]
-    if _distributed.is_multiprocess():
-        mine = base64.b64encode(msgpack.packb([entries, sizes])).decode()  # pyright: ignore[reportArgumentType]  # packb returns bytes
-        gathered = _distributed.gather_str(f"{name}/packed", mine,
-                                           _options.get("barrier_timeout_s"))
-        entries, sizes = [], []
-        for text in gathered or []:
-            e, s = msgpack.unpackb(base64.b64decode(text))
-            entries += [tuple(x) for x in e]
-            sizes += [tuple(x) for x in s]
-    return entries, sizes
+    if not _distributed.is_multiprocess():
+        return entries, sizes, [crcs]
+    mine = base64.b64encode(msgpack.packb([entries, sizes, _binding.pack_crcs(crcs)])).decode()  # pyright: ignore[reportArgumentType]  # packb returns bytes
+    gathered = _distributed.gather_str(f"{name}/packed", mine,
+                                       _options.get("barrier_timeout_s"))
+    entries, sizes, every = [], [], []
+    for text in gathered or []:
+        e, s, c = msgpack.unpackb(base64.b64decode(text))
+        entries += [tuple(x) for x in e]
+        sizes += [tuple(x) for x in s]
+        every.append(_binding.unpack_crcs(c))
+    return entries, sizes, every
 
 
 def _finish_records(snap: _snapshot.Snapshot, entries: list[tuple], blobs: list[tuple]

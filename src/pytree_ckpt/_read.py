@@ -1,11 +1,13 @@
 """Reading matched leaves of our own format, its chunks and packed blobs: the I/O half of
 restore (:mod:`._build` turns what is read into leaves as the target asks).
 
-Zarr arrays are read region by region, each device's region straight into a 64-byte-aligned
-buffer that the CPU backend adopts without a copy, a window of slabs in flight at a time
-(see :class:`_ZarrReads`). Packed small leaves are read as byte ranges of their blobs (nearby ranges
-coalesced), a few ranges in flight at a time, each leaf checked against its checksum and turned
-into leaves before its bytes are dropped, so a restore holds little beyond the tree itself.
+Zarr arrays are read region by region, each device's region into a 64-byte-aligned buffer
+that the CPU backend adopts without a copy: from an object store (format 5) each chunk whole,
+by key, once (one request per chunk), else through TensorStore's zarr driver; a window of
+reads in flight at a time (see :class:`_ZarrReads`). Packed small leaves are read as byte
+ranges of their blobs (nearby ranges coalesced), a few ranges in flight at a time, each leaf
+checked against its checksum and turned into leaves before its bytes are dropped, so a
+restore holds little beyond the tree itself.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from . import (
     _binding,
     _build,
+    _decode,
     _faults,
     _format,
     _gc_pause,
@@ -82,7 +85,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
         with _gc_pause.paused():
             zarr = _ZarrReads(url, commit, by_kind["z"], layouts,
                               stores or (lambda rec: (kv, commit.data)),
-                              sharing.parts if sharing else None)
+                              sharing.parts if sharing else None, by_key=remote)
             zarr.fill()  # the first arrays' reads run while the packed leaves are read
         policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
         groups = _range_groups(by_kind["p"], policy.most)
@@ -116,18 +119,27 @@ class _ZarrReads:
     Issued all at once, the reads would let the file threads run far ahead of the copying,
     and those chunk buffers would pile up (a large part of the tree, kept by malloc after).
     Through the window they cost about the window, whatever the tree's size.
+
+    With ``by_key`` (an object store) and from format 5 (chunks' CRCs recorded), each chunk
+    a region needs is read whole, once, by key (:class:`_Chunk`): its data and trailer in one
+    request, checked against each other and against the commit file
+    (:func:`_binding.checked_chunk`), then its part of each region copied in. Otherwise
+    TensorStore's zarr driver reads the slabs, and the chunks' trailers are read beside
+    (:class:`_binding.Trailers`): from a local disk that is faster (a chunk read whole into
+    Python ``bytes`` costs a fresh buffer's page faults, about twice a restore's CPU).
     """
 
     def __init__(self, url: str, commit: Commit, jobs: list[Job], layouts: Layouts,
                  stores: Callable[[LeafRecord], tuple[Any, str]],
-                 parts: Callable[[int, tuple], list[tuple]] | None = None) -> None:
+                 parts: Callable[[int, tuple], list[tuple]] | None = None,
+                 by_key: bool = False) -> None:
         self._url, self._commit, self._stores = url, commit, stores
         self._layouts = layouts
         # What to read of a job's region (its index, the region): its parts this process
         # reads where several share it (_share), else all of it.
         self._parts = parts or (lambda _job, key: [key])
         self._opening = collections.deque(
-            (job, path, rec, want, _open(stores, rec))
+            (job, path, rec, want, *_recorded_or_opened(stores, commit, rec, by_key))
             for job, (path, rec, want) in enumerate(jobs))
         self._slabs: Iterator[tuple] = self._all_slabs()
         self._in_flight: collections.deque = collections.deque()
@@ -139,9 +151,12 @@ class _ZarrReads:
         ``[job, regions, slabs not yet read, trailers]`` and ``chunks`` how many chunks the slab
         touches; ``source`` is None for a leaf with none."""
         while self._opening:
-            job, path, rec, want, opening = self._opening.popleft()
-            store = opening.result()
+            job, path, rec, want, recorded, opening = self._opening.popleft()
             stored = _leaves.DTYPES[rec.storage.stored_dtype]
+            if opening is None:  # by key
+                yield from self._chunks(job, path, rec, want, recorded, stored)
+                continue
+            store = opening.result()
             regions, slabs, parts = {}, [], []
             for key in _build.region_keys(rec, want, self._layouts):
                 buf = regions[key] = _allocate(key, stored, rec, self._url)
@@ -157,16 +172,35 @@ class _ZarrReads:
             for source, buf, chunks in slabs or [(None, None, 0)]:
                 yield leaf, source, buf, chunks
 
+    def _chunks(self, job: int, path: str, rec: LeafRecord, want: Want,
+                recorded: np.ndarray, stored: np.dtype) -> Iterator[tuple]:
+        """The slabs of a leaf read chunk by chunk, by key: ``(leaf, chunk, None, 1)``."""
+        regions = {key: _allocate(key, stored, rec, self._url)
+                   for key in _build.region_keys(rec, want, self._layouts)}
+        pieces = [(key, part) for key in regions for part in self._parts(job, key)]
+        kv, data = self._stores(rec)
+        cost = max(_binding.chunk_bytes(rec) + _binding.TRAILER, _CHUNK_COST)
+        reads = [_Chunk(kv, data, index, int(recorded[flat]), copies, cost)
+                 for index, flat, copies in _binding.chunk_copies(rec, pieces)]
+        leaf = [(path, rec, want), regions, len(reads), None]
+        for chunk in reads or [None]:
+            yield leaf, chunk, None, 1
+
     def fill(self) -> None:
         while self._bytes < self._window:
             slab = next(self._slabs, None)
             if slab is None:
                 return
             leaf, source, buf, chunks = slab
-            future = _build.read_into(source, buf) if source is not None else None
-            # A slab of many tiny chunks costs TensorStore more than its bytes.
-            nbytes = max(buf.nbytes, chunks * _CHUNK_COST) if buf is not None else 0
-            self._in_flight.append((leaf, future, nbytes))
+            if type(source) is _Chunk:
+                future = source.kv.read(_binding.chunk_key(source.data, leaf[0][1],
+                                                           source.index))
+                nbytes = source.nbytes
+            else:
+                future = _build.read_into(source, buf) if source is not None else None
+                # A slab of many tiny chunks costs TensorStore more than its bytes.
+                nbytes = max(buf.nbytes, chunks * _CHUNK_COST) if buf is not None else 0
+            self._in_flight.append((leaf, source, future, nbytes))
             self._bytes += nbytes
 
     def __iter__(self) -> Iterator[tuple[str, LeafRecord, Want, dict[tuple, np.ndarray]]]:
@@ -174,26 +208,55 @@ class _ZarrReads:
             self.fill()
             if not self._in_flight:
                 return
-            leaf, future, nbytes = self._in_flight.popleft()
+            leaf, source, future, nbytes = self._in_flight.popleft()
             (path, rec, want), regions, _count, trailers = leaf
             if future is not None:
                 try:
-                    future.result()
+                    result = future.result()
                 except Exception as e:
                     raise _faults.read_failed(
                         self._url, e,
                         f"{self._url}: leaf {rec.path!r}: cannot read its array data ({e})"
                     ) from e
+                if type(source) is _Chunk:
+                    chunk = _binding.checked_chunk(self._url, source.data, rec, source.index,
+                                                   result, source.recorded)
+                    for key, src, dst in source.copies:
+                        regions[key][dst] = chunk[src]
+                    del result, chunk
             self._bytes -= nbytes
             leaf[2] -= 1
             if leaf[2] <= 0:
-                trailers.check(self._url)
+                if trailers is not None:
+                    trailers.check(self._url)
                 yield path, rec, want, regions
 
 
 def window_bytes() -> int:
     """The read window in force: the option ``read_window_bytes``, read when a read starts."""
     return int(_options.get("read_window_bytes"))
+
+
+class _Chunk(NamedTuple):
+    """A chunk read whole, by key, from ``kv``'s generation ``data``: its ``copies`` into
+    the regions (see _binding.chunk_copies) once it matches the ``recorded`` CRC."""
+
+    kv: Any
+    data: str
+    index: tuple[int, ...]  # pyright: ignore[reportIncompatibleMethodOverride]  # a field
+    recorded: int
+    copies: list
+    nbytes: int
+
+
+def _recorded_or_opened(stores: Callable[[LeafRecord], tuple[Any, str]], commit: Commit,
+                        rec: LeafRecord, by_key: bool) -> tuple[Any, Any]:
+    """``(recorded CRCs, None)`` for a leaf read by key (``by_key`` and format 5 on), else
+    ``(None, the zarr array opening)``."""
+    recorded = _decode.chunk_crcs(commit, rec.path) if by_key else None
+    if recorded is not None:
+        return recorded, None
+    return None, _open(stores, rec)
 
 
 def _open(stores: Callable[[LeafRecord], tuple[Any, str]], rec: LeafRecord) -> Any:
