@@ -130,7 +130,7 @@ def tree(devices):
 JOB = TREE + r"""
 import time
 import pytree_ckpt as pc
-from pytree_ckpt import _build, _share
+from pytree_ckpt import _binding, _build, _share
 
 _share.ROUND_BYTES, _share._MIN_SEND = 256 << 10, 1  # several rounds for "w"
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("replica", "model"))  # replica: processes
@@ -161,21 +161,22 @@ check(off, "not shared")
 print("EQUAL", process_id)
 
 # A share that fails: process 1's reads raise; both processes raise, naming it.
-real = _build.read_into
-def failing(source, buf):
+# (Chunks are read through TensorStore's zarr driver, or by key from an object store.)
+real, real_chunk = _build.read_into, _binding.checked_chunk
+def failing(*args):
     raise RuntimeError("injected read failure")
 if process_id == 1:
-    _build.read_into = failing
+    _build.read_into = _binding.checked_chunk = failing
 t = time.monotonic()
 try:
     pc.restore(args["fail"], target)
 except Exception as e:
     print("FAILED", process_id, type(e).__name__, round(time.monotonic() - t, 1), str(e)[:400])
-_build.read_into = real
+_build.read_into, _binding.checked_chunk = real, real_chunk
 
 # A process killed mid-read: process 0 raises within the liveness timeout, naming it.
 if process_id == 1:
-    _build.read_into = lambda source, buf: crash()
+    _build.read_into = _binding.checked_chunk = lambda *args: crash()
 t = time.monotonic()
 try:
     pc.restore(args["fail"], target)

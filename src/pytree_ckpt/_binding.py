@@ -189,11 +189,11 @@ def checked_chunk(url: str, data: str, rec: LeafRecord, index: tuple[int, ...],
                 f"{url}: leaf {rec.path!r:.200}: chunk {index} is not the chunk this "
                 "checkpoint wrote there (its checksum is another chunk's: moved or copied "
                 "from another leaf, position or checkpoint)")
-    if problem is not None:
+    if problem is not None or value is None:
         raise CorruptCheckpointError(
             f"{url}: leaf {rec.path!r:.200}: cannot read its array data ({problem})")
     dtype = _little(_leaves.DTYPES[rec.storage.stored_dtype])
-    return np.frombuffer(value, dtype, math.prod(rec.storage.chunks)).reshape(  # pyright: ignore[reportArgumentType]  # value is bytes here
+    return np.frombuffer(value, dtype, math.prod(rec.storage.chunks)).reshape(
         rec.storage.chunks)
 
 

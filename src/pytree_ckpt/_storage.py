@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import json
 import math
 import os
 import stat
@@ -487,14 +486,6 @@ def array_spec(shape: Iterable[int], chunks: Iterable[int], stored_dtype: str) -
         "fill_missing_data_reads": False,
         "store_data_equal_to_fill_value": True,
     }
-
-
-def zarr_json(store: ts.TensorStore) -> bytes:
-    """The ``zarr.json`` of an array opened with its metadata assumed (as TensorStore writes
-    it on create: compact, keys sorted), for a writer that writes it itself rather than
-    have a create read it first (one request less per array)."""
-    meta = store.spec(retain_context=False).to_json()["metadata"]
-    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
 def open_array(kv: ts.KvStore, key: str, spec: dict[str, Any], *, create: bool) -> ts.Future:

@@ -11,6 +11,7 @@ were issued (on the writing thread: tqdm's counter is not safe to advance from T
 from __future__ import annotations
 
 import collections
+import json
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,7 @@ def _write_data(kv: Any, data: str, snap: _snapshot.Snapshot, me: int, primary: 
             store = opening.result()
             if primary:
                 futures.append((0, kv.write(f"{data}/a/{w.index}/zarr.json",
-                                            _storage.zarr_json(store))))
+                                            _zarr_json(store))))
             for index, host in w.shards:
                 host = np.asarray(host)  # a CPU snapshot copy is a jax.Array: waits, no copy
                 if host.dtype.name != w.stored_dtype:
@@ -126,3 +127,11 @@ def release_part(snap: _snapshot.Snapshot, k: int) -> None:
     if part is not None:
         snap.parts[k] = None
         _packing.pool.give(part)
+
+
+def _zarr_json(store: Any) -> bytes:
+    """The ``zarr.json`` of an array opened with its metadata assumed (as TensorStore writes
+    it on create: compact, keys sorted), for a writer that writes it itself rather than
+    have a create read it first (one request less per array)."""
+    meta = store.spec(retain_context=False).to_json()["metadata"]
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
