@@ -73,6 +73,19 @@ def proxied(request, monkeypatch) -> Iterator[tuple[FaultProxy, str]]:
             storage.forget_contexts()
 
 
+
+@pytest.fixture
+def deadline():
+    """``set(seconds)``: the storage deadline for this test (the default again after)."""
+    import pytree_ckpt as pc
+
+    def set_(seconds):
+        pc.configure(storage_deadline_s=seconds)
+        return seconds
+    yield set_
+    pc.configure(storage_deadline_s=None)
+
+
 # ---- End of object-storage servers ----
 
 

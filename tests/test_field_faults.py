@@ -33,16 +33,6 @@ def check(restored):
     assert restored["step"] == 7
 
 
-@pytest.fixture
-def deadline():
-    """Sets a storage deadline for the test (and clears it after)."""
-    def set_(seconds):
-        pc.configure(storage_deadline_s=seconds)
-        return seconds
-    yield set_
-    pc.configure(storage_deadline_s=None)
-
-
 # ---- the proxy itself ----
 
 def test_proxy_classifies_both_protocols():

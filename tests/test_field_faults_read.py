@@ -37,15 +37,6 @@ def whole_w(url):
 
 
 @pytest.fixture
-def deadline():
-    def set_(seconds):
-        pc.configure(storage_deadline_s=seconds)
-        return seconds
-    yield set_
-    pc.configure(storage_deadline_s=None)
-
-
-@pytest.fixture
 def saved(proxied):
     """``(proxy, url)`` of a committed checkpoint of TREE behind the proxy, no rule yet."""
     proxy, url = proxied
