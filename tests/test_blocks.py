@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 
 import pytree_ckpt as pc
 from pytree_ckpt import _blocks
+from pytree_ckpt._foreign import safetensors_read
 
 
 def leaves() -> dict:
@@ -173,6 +174,37 @@ def test_a_region_of_a_safetensors_tensor_reads_its_bytes_only(tmp_path):
     np.testing.assert_array_equal(column, value[10:12, 5:6])
     assert bytes_read() - before < 64 << 10  # from [10, 5] to [11, 5]: one row of 32 KiB
     check_blocks(tmp_path / "m.safetensors", "model/embed", value, 3 << 20)
+
+
+def test_a_column_of_a_large_safetensors_tensor_reads_its_rows_not_the_tensor(tmp_path):
+    """64 MiB in rows of 32 KiB: a column is read row by row (its rows lie 32 KiB apart),
+    a few KiB, not the 64 MiB from its first element to its last; columns of rows 4 KiB
+    apart are read as shared ranges, in pieces, still equal to NumPy's slices."""
+    value = np.arange(16 << 20, dtype=np.float32).reshape(2048, 8192)
+    save_file({"model.embed": value}, str(tmp_path / "m.safetensors"))
+    before = bytes_read()
+    [(index, column)] = pc.read_blocks(tmp_path / "m.safetensors", "model/embed",
+                                       index=np.s_[:, 5:6], block_bytes=4 << 20)
+    used = bytes_read() - before
+    assert index == (slice(0, 2048), slice(5, 6))
+    np.testing.assert_array_equal(column, value[:, 5:6])
+    assert used < 64 << 10, used  # 8 KiB of column, and the header
+    before = bytes_read()
+    [(_, columns)] = pc.read_blocks(tmp_path / "m.safetensors", "model/embed",
+                                    index=np.s_[3:2000, 100:164], block_bytes=4 << 20)
+    used = bytes_read() - before
+    np.testing.assert_array_equal(columns, value[3:2000, 100:164])
+    assert used < 1 << 20, used  # 500 KiB of columns
+    narrow = value.reshape(16384, 1024)  # rows 4 KiB apart: read in shared ranges
+    save_file({"t": narrow}, str(tmp_path / "n.safetensors"))
+    [(_, column)] = pc.read_blocks(tmp_path / "n.safetensors", "t", index=np.s_[1:-1, -1:],
+                                   block_bytes=4 << 20)
+    np.testing.assert_array_equal(column, narrow[1:-1, -1:])
+    # Requests: one a row 32 KiB apart; one per 8 MiB piece for rows 4 KiB apart.
+    assert len(list(safetensors_read._parts(((0, 2048), (5, 6)), value.shape, 4))) == 2048
+    parts = list(safetensors_read._parts(((1, 16383), (1023, 1024)), narrow.shape, 4))
+    assert parts[:2] == [((1, 2049), (1023, 1024)), ((2049, 4097), (1023, 1024))]
+    assert len(parts) == 8
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Orbax's own

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save, save_file
 import pytree_ckpt as pc
 from pytree_ckpt import _build, _open, _source, _storage
 from pytree_ckpt._foreign import safetensors as _safetensors
+from pytree_ckpt._foreign import safetensors_read
 
 # Every dtype the package writes from NumPy, with the name our reader gives it.
 DTYPE_MATRIX = {
@@ -128,7 +129,7 @@ def test_a_sharded_target_reads_only_its_rows(tmp_path):
     rec = _open.open_source(_storage.location(path)).leaves["w"]
     want = _build.Want("jax", np.dtype(np.float32), (16, 6), sharding)
     files = [_source.file_at(_storage.location(path))]
-    ranges = sorted(r for _leaf, _buf, r, _f in _safetensors._pieces(
+    ranges = sorted(r for _leaf, _buf, r, _f in safetensors_read._pieces(
         files, [("w", rec, want)], _build.Layouts()))
     start = rec.storage.offset
     assert ranges == [(start + k * 96, start + (k + 1) * 96) for k in range(4)]

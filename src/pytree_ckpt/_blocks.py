@@ -1,9 +1,9 @@
 """read_blocks: one leaf's data as NumPy blocks, each read by itself, never the whole leaf.
 
 Each block is a region of the leaf handed to the checkpoint's reader, which reads only what
-the region needs: the zarr chunks it touches (ours, Orbax), the byte range from its first
-element to its last (safetensors). A Flax msgpack file has no index: it is read whole when
-opened, as :func:`restore` reads it.
+the region needs: the zarr chunks it touches (ours, Orbax), its byte ranges (safetensors:
+from its first element to its last, or row by row for a sparse region such as a column).
+A Flax msgpack file has no index: it is read whole when opened, as :func:`restore` reads it.
 
 Blocks are contiguous in C order, and their bounds depend only on the region's shape, the
 dtype's size and ``block_bytes``: two checkpoints holding a leaf of one shape and dtype give
@@ -39,7 +39,7 @@ def read_blocks(path: str | os.PathLike | dict, leaf: str, *, index: Any = None,
 
     For a leaf too large to restore whole (a 10 GB embedding table on a laptop), or to read
     a few rows of it. Only what each block needs is read: the stored chunks it touches
-    (ours, Orbax) or its byte range (safetensors). A Flax msgpack file is read whole when
+    (ours, Orbax) or its byte ranges (safetensors). A Flax msgpack file is read whole when
     opened, as :func:`restore` reads it; an Orbax array stored as one chunk is read whole
     for each block.
 

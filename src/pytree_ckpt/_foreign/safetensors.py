@@ -14,13 +14,12 @@ model comes as several files named by ``model.safetensors.index.json``
 
 The header is untrusted: its size is bounded, names appear once, dtypes are known, every
 tensor's byte count agrees with its shape and lies inside the file, and no two overlap.
-A tensor is read as byte ranges: for a sharded target or a region (:func:`pytree_ckpt.read_blocks`),
-each region is read as the bytes from its first element to its last, not the whole tensor.
+A tensor is read as byte ranges (:mod:`.safetensors_read`): for a sharded target or a region
+(:func:`pytree_ckpt.read_blocks`), each region's bytes, not the whole tensor's.
 """
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import json
 import math
@@ -32,20 +31,19 @@ from typing import Any
 import jax
 import numpy as np
 
-from .. import _build, _gc_pause, _graph, _leaves, _source, _storage
+from .. import _graph, _leaves, _source, _storage
 from .._errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
     PathCollisionError,
     UnsupportedLeafError,
 )
-from .._faults import faults, read_failed
+from .._faults import faults
 from .._format import LeafRecord, Storage
+from . import safetensors_read
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's bound
-_PIECE_BYTES = 8 << 20  # a tensor's bytes are read as ranges of about this size, concurrently
-_BYTES_IN_FLIGHT = 256 << 20  # ranges issued and not yet copied out
 
 # safetensors dtype -> NumPy / ml_dtypes name (_leaves.DTYPES). The sub-byte float types
 # (F4, F6_*) are packed and not read.
@@ -111,7 +109,7 @@ def _make_source(url: str, files: list[_source.File], entries: list[tuple[str, L
     return _source.Source(
         format=_source.SAFETENSORS, url=url, version=0, leaves=leaves, nodes=nodes,
         tree_nodes=_source.checked_nodes(url, nodes, leaves),
-        read=lambda jobs: read(files, jobs),
+        read=lambda jobs: safetensors_read.read(files, jobs),
         writer={"library": "safetensors", "files": len(files), "metadata": dict(metadata)})
 
 
@@ -206,113 +204,6 @@ def _record(url: str, name: str, spec: Any, base: int, number: int) -> LeafRecor
                   f"({nbytes} bytes)")
     return LeafRecord(path_of(name), _leaves.NUMPY, DTYPES[dtype], tuple(shape), None,
                       Storage("s", index=number, offset=base + offsets[0], nbytes=nbytes), None)
-
-
-# -- reading -------------------------------------------------------------------------------
-
-
-def read(files: list[_source.File], jobs: list[_build.Job]) -> dict[str, Any]:
-    """The restored leaves of ``jobs`` by target path: each region read as one range of
-    bytes (:func:`_span`), in pieces of ~_PIECE_BYTES, at most ~_BYTES_IN_FLIGHT of them in
-    flight."""
-    layouts = _build.Layouts()
-    out: dict[str, Any] = {}
-    in_flight: collections.deque = collections.deque()
-    waiting = 0
-    for leaf, buf, piece, future in _pieces(files, jobs, layouts):
-        in_flight.append((leaf, buf, piece, future))
-        waiting += len(buf)
-        while waiting > _BYTES_IN_FLIGHT or (in_flight and in_flight[0][3] is None):
-            waiting -= _finish(files, in_flight.popleft(), layouts, out)
-    while in_flight:
-        _finish(files, in_flight.popleft(), layouts, out)
-    return out
-
-
-def _pieces(files: list[_source.File], jobs: list[_build.Job], layouts: _build.Layouts
-            ) -> Iterator[tuple[list, np.ndarray, tuple[int, int], Any]]:
-    """``(leaf, bytes of its buffer, (start, stop) in the file, read future)`` for every
-    piece; ``leaf`` is ``[job, regions, pieces not yet read]``. A leaf with no bytes gives
-    one item with no future."""
-    for path, rec, want in jobs:
-        f, offset = files[rec.storage.index], rec.storage.offset
-        dtype = _leaves.DTYPES[rec.dtype]
-        regions: dict[tuple, np.ndarray] = {}
-        todo = []
-        for key in _build.region_keys(rec, want, layouts):
-            first, stop = _span(key, rec.shape)
-            regions[key] = span = _source.host_buffer(f.url, rec, (stop - first,))
-            flat = span.view(np.uint8)
-            start = offset + first * dtype.itemsize
-            for lo in range(0, len(flat), _PIECE_BYTES):
-                hi = min(lo + _PIECE_BYTES, len(flat))
-                todo.append((flat[lo:hi], (start + lo, start + hi)))
-        leaf = [(path, rec, want), regions, len(todo)]
-        if not todo:
-            yield leaf, np.empty(0, np.uint8), (0, 0), None
-        for buf, (lo, hi) in todo:
-            yield leaf, buf, (lo, hi), f.kv.read(f.key, byte_range=slice(lo, hi))
-
-
-def _finish(files: list[_source.File], item: tuple, layouts: _build.Layouts,
-            out: dict[str, Any]) -> int:
-    leaf, buf, (lo, hi), future = item
-    (path, rec, want), regions, _count = leaf
-    if future is not None:
-        try:
-            result = future.result()
-            data = result.value if result.state == "value" else b""
-        except Exception as e:
-            url = files[rec.storage.index].url
-            raise read_failed(url, e, f"{url}: entry {rec.path!r:.200}: cannot read bytes "
-                              f"{lo}-{hi} ({e})") from e
-        if len(data) != hi - lo:
-            raise CorruptCheckpointError(
-                f"{files[rec.storage.index].url}: entry {rec.path!r:.200}: bytes {lo}-{hi} lie "
-                "past the end of the file")
-        buf[:] = np.frombuffer(data, np.uint8)
-    leaf[2] -= 1
-    if leaf[2] <= 0:
-        with _gc_pause.paused():  # building, not the wait above: see _gc_pause
-            out[path] = _build.build(rec, want, _regions(rec, regions), layouts, whole=False)
-    return len(buf)
-
-
-def _span(key: tuple[tuple[int, int], ...], shape: tuple[int, ...]) -> tuple[int, int]:
-    """The elements ``[first, stop)`` of the C-order tensor ``shape`` from the first element
-    of the region ``key`` ((start, stop) per axis) to its last: the bytes to read for it."""
-    if any(b <= a for a, b in key):
-        return 0, 0
-    first = last = 0
-    for (a, b), stride in zip(key, _strides(shape), strict=True):
-        first += a * stride
-        last += (b - 1) * stride
-    return first, last + 1
-
-
-def _strides(shape: tuple[int, ...]) -> list[int]:
-    """C-order strides of ``shape``, in elements."""
-    out, step = [], 1
-    for d in reversed(shape):
-        out.append(step)
-        step *= d
-    return out[::-1]
-
-
-def _regions(rec: LeafRecord, spans: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray]:
-    """Each region's array from the span read for it (:func:`_span`): the span itself
-    where the region is contiguous, else a copy of its elements (a host piece must be
-    contiguous)."""
-    out = {}
-    for key, span in spans.items():
-        shape = tuple(b - a for a, b in key)
-        if span.size == math.prod(shape):
-            out[key] = span.reshape(shape)
-        else:
-            strides = [s * span.itemsize for s in _strides(rec.shape)]
-            out[key] = np.ascontiguousarray(
-                np.lib.stride_tricks.as_strided(span, shape, strides, writeable=False))
-    return out
 
 
 # -- writing -------------------------------------------------------------------------------
