@@ -1,3 +1,4 @@
+import functools
 import inspect
 
 import pytree_ckpt as pc
@@ -68,6 +69,10 @@ def test_public_records_share_one_vocabulary():
                                       "problems")
     assert fields["CleanReport"] == ("path", "incomplete", "orphaned", "kept", "deleted")
     assert fields["CheckpointMetadata"][:2] == ("path", "format_version")
+    # `tree` is a cached property built on first use (metadata() of a large tree need not
+    # build it), not a field.
+    assert "tree" not in fields["CheckpointMetadata"]
+    assert isinstance(inspect.getattr_static(pc.CheckpointMetadata, "tree"), functools.cached_property)
     assert fields["LeafMetadata"][0] == "path"
     every = {f for names in fields.values() for f in names}
     assert not every & {"version", "directory", "url", "location", "leaf_paths"}

@@ -226,6 +226,20 @@ def test_metadata_reads_structure_without_array_data(where):
     assert "<table>" in info._repr_html_()
 
 
+def test_metadata_builds_its_tree_on_first_use_and_keeps_it(where):
+    # Most callers read `leaves`; the nested tree costs about as much again to build.
+    pc.save({"a": [1, (2.5, "x")], "b": {"c": np.zeros(3, np.float32)}}, where)
+    info = pc.metadata(where)
+    assert "tree" not in vars(info)
+    tree = info.tree
+    assert isinstance(tree["a"], list) and isinstance(tree["a"][1], tuple)
+    assert tree["a"][1][1].value == "x" and tree["b"]["c"] == info.leaves["b/c"]
+    assert info.tree is tree
+    again = pc.metadata(where)
+    assert again == info and hash(again) == hash(info) and again.tree == tree
+    assert dataclasses.replace(info, path="elsewhere").tree == tree
+
+
 def test_metadata_gives_every_leaf_its_own_shape_across_ranks(tmp_path):
     shapes = [(), (3,), (2, 5), (0,), (1, 0, 4), (7,), (), (2, 3, 4, 5), (4, 2)]
     tree = {f"l{i}": np.zeros(shape, np.int16) for i, shape in enumerate(shapes)}

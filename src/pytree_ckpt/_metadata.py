@@ -46,7 +46,8 @@ class LeafMetadata(NamedTuple):
 class CheckpointMetadata:
     """A checkpoint's structure, read from its commit file only.
 
-    - ``tree``: the saved tree rebuilt as nested dicts/lists/tuples of :class:`LeafMetadata`.
+    - ``tree``: the saved tree rebuilt as nested dicts/lists/tuples of :class:`LeafMetadata`
+      (a property, built on first use and kept: most callers read ``leaves`` only).
     - ``leaves``: :class:`LeafMetadata` by path, in save order.
     - ``node_types``: the saved inner nodes' type names by path (for display; never imported).
     - ``nbytes``: the total bytes of array data.
@@ -61,13 +62,19 @@ class CheckpointMetadata:
 
     path: str
     format_version: int
-    tree: Any
     leaves: Mapping[str, LeafMetadata]
     node_types: Mapping[str, str]
     nbytes: int
     writer: Mapping[str, Any]
     format: str = "pytree_ckpt"
     carried: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    _nodes: tuple[_graph.Node, ...] = dataclasses.field(default=(), repr=False)  # for ``tree``
+
+    @functools.cached_property
+    def tree(self) -> Any:
+        """The saved tree as nested dicts/lists/tuples of :class:`LeafMetadata`."""
+        with _gc_pause.paused():
+            return _graph.rebuild(self._nodes, self.leaves)
 
     @property
     def carried_nbytes(self) -> int:
@@ -200,6 +207,6 @@ def _metadata(loc: _storage.Location) -> CheckpointMetadata:
         leaves = dict(zip(paths, map(_LEAF, rows), strict=True))
         return CheckpointMetadata(
             path=loc.url, format_version=ckpt.version, format=ckpt.format,
-            tree=_graph.rebuild(nodes, leaves),
             leaves=leaves, node_types={n.path: n.type_name for n in nodes},
-            nbytes=sum(nbytes), writer=dict(ckpt.writer), carried=dict(ckpt.carried))
+            nbytes=sum(nbytes), writer=dict(ckpt.writer), carried=dict(ckpt.carried),
+            _nodes=nodes)
