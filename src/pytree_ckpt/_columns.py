@@ -145,8 +145,9 @@ class Columns(Mapping):
         c = self._columns
         values: list = [None] * len(c.paths)
         python = np.flatnonzero(c.kind == VALUE).tolist()
-        for k, record in zip(python, self.records([c.paths[k] for k in python]), strict=True):
-            values[k] = record.storage.value
+        if python:  # records() gathers every column, even for no paths
+            for k, record in zip(python, self.records([c.paths[k] for k in python]), strict=True):
+                values[k] = record.storage.value
         return (c.paths, _ORIGINS[c.origin].tolist(), _runs(c.dims, c.starts, c.rank),
                 self._dtype_names[c.dtype].tolist(), self._nbytes.tolist(),
                 self._shardings[c.sharding].tolist(), values)

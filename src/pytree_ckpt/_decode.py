@@ -156,7 +156,7 @@ def _validate(f: Any, where: str, version: int) -> Commit:
 
 def _strings(f: dict, key: str, where: str, limit: int | None = None) -> list[str]:
     value = f[key]
-    if not (type(value) is list and all(type(s) is str for s in value)
+    if not (type(value) is list and set(map(type, value)) <= {str}
             and (limit is None or len(value) <= limit)):
         raise _fail(where, f"bad {key!r} list")
     return value
