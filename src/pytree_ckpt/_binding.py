@@ -165,6 +165,23 @@ def recorded_column(records: Iterable[LeafRecord], crcs: Sequence[ChunkCrcs]) ->
     return np.concatenate(columns) if columns else np.zeros(0, np.uint32)
 
 
+def chunk_fault(value: bytes | None, n: int, recorded: int | None) -> str | None:
+    """What is wrong with a chunk's whole stored ``value`` (``n`` bytes before its trailer):
+    ``"missing"``, ``"length"`` (another length), ``"damaged"`` (its bytes do not match its
+    trailer), ``"moved"`` (its trailer is not the commit file's ``recorded`` CRC for that
+    place: another chunk's), or None. Restore's reads by key and verify both ask this."""
+    if value is None:
+        return "missing"
+    if len(value) != n + TRAILER:
+        return "length"
+    trailer = int.from_bytes(value[n:], "little")
+    if _CRC32C(np.frombuffer(value, np.uint8, n)) != trailer:
+        return "damaged"
+    if recorded is not None and trailer != recorded:
+        return "moved"
+    return None
+
+
 def checked_chunk(url: str, data: str, rec: LeafRecord, index: tuple[int, ...],
                   result: Any, recorded: int) -> np.ndarray:
     """Chunk ``index`` of ``rec`` (shape: its chunk shape, its stored dtype) from ``result``,
@@ -175,21 +192,18 @@ def checked_chunk(url: str, data: str, rec: LeafRecord, index: tuple[int, ...],
     damaged (a checksum mismatch), or another chunk than the one this checkpoint wrote there."""
     n, key = chunk_bytes(rec), chunk_key(data, rec, index)
     value = result.value if result.state == "value" else None
-    problem = None
-    if value is None:
-        problem = f"chunk {index} ({key}) is missing"
-    elif len(value) != n + TRAILER:
-        problem = f"chunk {index} ({key}) has {len(value)} bytes, not {n + TRAILER}"
-    else:
-        trailer = int.from_bytes(value[n:], "little")
-        if _CRC32C(np.frombuffer(value, np.uint8, n)) != trailer:
-            problem = f"chunk {index} ({key}): checksum mismatch, the stored bytes are damaged"
-        elif trailer != recorded:
-            raise CorruptCheckpointError(
-                f"{url}: leaf {rec.path!r:.200}: chunk {index} is not the chunk this "
-                "checkpoint wrote there (its checksum is another chunk's: moved or copied "
-                "from another leaf, position or checkpoint)")
-    if problem is not None or value is None:
+    fault = chunk_fault(value, n, recorded)
+    if fault == "moved":
+        raise CorruptCheckpointError(
+            f"{url}: leaf {rec.path!r:.200}: chunk {index} is not the chunk this "
+            "checkpoint wrote there (its checksum is another chunk's: moved or copied "
+            "from another leaf, position or checkpoint)")
+    if fault is not None or value is None:
+        problem = {"missing": f"chunk {index} ({key}) is missing",
+                   "length": f"chunk {index} ({key}) has {len(value or b'')} bytes, not "
+                             f"{n + TRAILER}",
+                   "damaged": f"chunk {index} ({key}): checksum mismatch, the stored bytes "
+                              "are damaged"}[fault or "missing"]
         raise CorruptCheckpointError(
             f"{url}: leaf {rec.path!r:.200}: cannot read its array data ({problem})")
     dtype = _little(_leaves.DTYPES[rec.storage.stored_dtype])

@@ -281,19 +281,18 @@ class _Checker:
                 self.fail(rec.path, result)
                 continue
             value = bytes(result.value) if result.state == "value" else None
-            if value is None:
+            self.add(len(value or b""))
+            fault = _binding.chunk_fault(value, n, None if recorded is None
+                                         else int(recorded[flat]))
+            if fault == "missing":
                 self.fail(rec.path, f"chunk {index} ({key}) is missing")
-                continue
-            self.add(len(value))
-            if len(value) != n + _binding.TRAILER:
-                self.fail(rec.path, f"chunk {index} ({key}) has {len(value)} bytes, not "
-                          f"{n + _binding.TRAILER}")
-                continue
-            trailer = int.from_bytes(value[n:], "little")
-            if _format.LEAF_CRC[5](np.frombuffer(value, np.uint8, n)) != trailer:
+            elif fault == "length":
+                self.fail(rec.path, f"chunk {index} ({key}) has {len(value or b'')} bytes, "
+                          f"not {n + _binding.TRAILER}")
+            elif fault == "damaged":
                 self.fail(rec.path, f"chunk {index} ({key}): checksum mismatch (the stored "
                           "bytes are damaged)")
-            elif recorded is not None and trailer != int(recorded[flat]):
+            elif fault == "moved":
                 self.fail(rec.path, f"chunk {index} ({key}) is not the chunk this checkpoint "
                           "wrote there (moved or copied from another leaf, position or "
                           "checkpoint)")
