@@ -259,11 +259,7 @@ def test_shared_by_default_from_object_stores_only(monkeypatch):
     rec = type("R", (), {"shape": (16, 4), "storage": storage})()
     want = _build.Want(_leaves.JAX, np.dtype(np.float32), (16, 4), NamedSharding(mesh, P()))
     jobs = [("w", rec, want)]
-    assert _share.plan_reads(jobs, remote=True) is not None
-    assert _share.plan_reads(jobs, remote=False) is None
+    assert _share.plan_reads(jobs, remote=True, share=None) is not None
+    assert _share.plan_reads(jobs, remote=False, share=None) is None
     for flag, remote, shared in [(True, False, True), (False, True, False)]:
-        token = _share.enabled.set(flag)
-        try:
-            assert (_share.plan_reads(jobs, remote=remote) is not None) is shared
-        finally:
-            _share.enabled.reset(token)
+        assert (_share.plan_reads(jobs, remote=remote, share=flag) is not None) is shared

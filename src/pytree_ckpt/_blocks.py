@@ -99,7 +99,9 @@ def _reads(ckpt: _source.Source, rec: LeafRecord, regions: Iterator[Region]
     for region in regions:
         want = Want(_leaves.NUMPY, dtype, tuple(b - a for a, b in region), region=region)
         # Yielded straight from the read: this frame keeps no block while the next is read.
-        yield tuple(slice(a, b) for a, b in region), ckpt.read([(rec.path, rec, want)])[rec.path]
+        # Not shared: each process reads its blocks alone (share_reads=False).
+        yield tuple(slice(a, b) for a, b in region), ckpt.read([(rec.path, rec, want)],
+                                                               False)[rec.path]
 
 
 def blocks(region: Region, itemsize: int, most: int | None) -> Iterator[Region]:

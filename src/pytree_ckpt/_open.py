@@ -74,10 +74,12 @@ def open_source(loc: _storage.Location) -> _source.Source:
         writer=commit.writer, carried=_refs.carried_from(commit))
 
 
-def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -> dict[str, Any]:
-    """:func:`read_leaves`, once nothing in a local generation folder is a FIFO, device or
-    socket (TensorStore's read of one would block forever): one ``stat`` per file. A failure
-    while the commit file no longer names ``commit``'s generation is :class:`OverwrittenError`."""
+def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list,
+                  share: bool | None) -> dict[str, Any]:
+    """:func:`read_leaves` (``share``: restore's ``share_reads``), once nothing in a local
+    generation folder is a FIFO, device or socket (TensorStore's read of one would block
+    forever): one ``stat`` per file. A failure while the commit file no longer names
+    ``commit``'s generation is :class:`OverwrittenError`."""
     try:
         if loc.local is not None:
             _storage.check_regular_tree(os.path.join(loc.local, commit.data))
@@ -85,7 +87,8 @@ def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list) -
         if commit.refs:  # carried leaves: read from the step folders that wrote them
             stores = _refs.Stores(loc, kv, commit)
             stores.check(rec for _path, rec, _want in jobs)
-        return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote, stores=stores)
+        return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote, share=share,
+                           stores=stores)
     except Exception as e:
         if isinstance(e, StorageError):
             raise  # the store failed: whether it was overwritten meanwhile is not known

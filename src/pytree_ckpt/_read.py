@@ -67,18 +67,20 @@ _ONE_DEVICE = jax.sharding.SingleDeviceSharding
 
 
 def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False,
+                share: bool | None = None,
                 stores: Callable[[LeafRecord], tuple[Any, str]] | None = None
                 ) -> dict[str, Any]:
     """Reads every job's data and returns the restored leaves by target path (``remote``:
-    from an object store, see :data:`_REMOTE_RANGES`; ``stores``: the kvstore and generation
-    of each zarr leaf, see _refs.Stores; by default ``kv`` and the commit's own)."""
+    from an object store, see :data:`_REMOTE_RANGES`; ``share``: restore's ``share_reads``,
+    see :func:`_share.plan_reads`; ``stores``: the kvstore and generation of each zarr leaf,
+    see _refs.Stores; by default ``kv`` and the commit's own)."""
     out: dict[str, Any] = {}
     layouts = Layouts()
     by_kind: dict[str, list[Job]] = {"z": [], "p": [], "v": []}  # one pass over the jobs
     for job in jobs:
         by_kind[job[1].storage.kind].append(job)
     # Regions held by several processes: read once, split among them (see _share).
-    sharing = _share.plan_reads(by_kind["z"], remote)
+    sharing = _share.plan_reads(by_kind["z"], remote, share)
     with sharing.guard() if sharing else contextlib.nullcontext():
         # The per-leaf loops run with the collector paused; the waits for reads between
         # them (in _packed_ranges and the zarr iterator) never do: see _gc_pause.

@@ -23,7 +23,6 @@ from . import (
     _match,
     _placement,
     _progress,
-    _share,
     _source,
     _storage,
     _transform,
@@ -128,26 +127,22 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
         ([0.0, 1.0, 2.0], ('w',))
     """
     rules = _transform.Rules(transform) if transform is not None else None
-    sharing = _share.enabled.set(share_reads)
-    try:
-        for attempt in range(_ATTEMPTS):
-            try:
-                tree, status = _restore(path, target, at, rename, rules, progress)
-                break
-            except OverwrittenError:
-                if attempt == _ATTEMPTS - 1:
-                    raise
-        else:
-            raise AssertionError("unreachable: the last attempt returns or raises")
-    finally:
-        _share.enabled.reset(sharing)
+    for attempt in range(_ATTEMPTS):
+        try:
+            tree, status = _restore(path, target, at, rename, rules, progress, share_reads)
+            break
+        except OverwrittenError:
+            if attempt == _ATTEMPTS - 1:
+                raise
+    else:
+        raise AssertionError("unreachable: the last attempt returns or raises")
     if strict:
         check_complete(status, _storage.location(path).url, "call restore without strict=True")
     return tree, status
 
 
 def _restore(path: Any, target: Any, at: str | None, rename: Any,
-             rules: _transform.Rules | None, progress: bool = False
+             rules: _transform.Rules | None, progress: bool, share: bool | None
              ) -> tuple[Any, RestoreStatus]:
     loc = _storage.location(path)
     ckpt = open_source(loc)
@@ -155,10 +150,10 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any,
     with _gc_pause.paused():
         entries = _match.select(ckpt, at, rename_fn, loc.url)
     if target is None:
-        return _restore_saved(ckpt, entries, at, rename_fn, rules, progress)
+        return _restore_saved(ckpt, entries, at, rename_fn, rules, progress, share)
     with _gc_pause.paused():  # the per-leaf loops, never the reads: see _gc_pause
         flat, jobs, transforms, status = _match_target(ckpt, entries, target, rules)
-    values = _read_all(ckpt, jobs, progress)
+    values = _read_all(ckpt, jobs, progress, share)
     if transforms:  # the user's functions, outside the pause
         casts: list[Cast] = []
         for path, record, want, fn in transforms:
@@ -223,17 +218,19 @@ def _transformed(url: str, path: str, rec: LeafRecord, want: Want, fn: Callable,
     return _build.build(result, want, {(): host}, _build.Layouts(), whole=True)
 
 
-def _read_all(ckpt: _source.Source, jobs: list, progress: bool) -> dict[str, Any]:
-    """Reads ``jobs``; with ``progress``, under a bar (process 0's only: one bar per job)."""
+def _read_all(ckpt: _source.Source, jobs: list, progress: bool, share: bool | None
+              ) -> dict[str, Any]:
+    """Reads ``jobs`` (``share``: restore's ``share_reads``); with ``progress``, under a bar
+    (process 0's only: one bar per job)."""
     if not progress or jax.process_index() != 0:
-        return ckpt.read(jobs)
-    return _progress.read_with_bar(ckpt.read, jobs, "restore")
+        return ckpt.read(jobs, share)
+    return _progress.read_with_bar(lambda batch: ckpt.read(batch, share), jobs, "restore")
 
 
 
 def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None,
                    rename_fn: Callable[[str], str] | None, rules: _transform.Rules | None,
-                   progress: bool = False) -> tuple[Any, RestoreStatus]:
+                   progress: bool, share: bool | None) -> tuple[Any, RestoreStatus]:
     with _gc_pause.paused():  # the per-leaf loops, never the reads: see _gc_pause
         saved_nodes = ckpt.tree_nodes()  # before reading any data
         records = ckpt.leaves.records(list(entries.values()))
@@ -249,7 +246,7 @@ def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None
             if narrow and want.kind is _leaves.JAX and want.dtype in narrow:
                 want = _match.narrowed(path, rec, want, narrow, casts)
             jobs.append((path, rec, want))
-    values = _read_all(ckpt, jobs, progress)
+    values = _read_all(ckpt, jobs, progress, share)
     for path, rec, fn in transforms:  # the user's functions, outside the pause
         # The kind it was saved as, in the shape and dtype fn gives, on the default device
         # (a saved sharding was made for the saved shape).

@@ -24,7 +24,6 @@ Bytes travel as bytes (``uint8``): bool, sub-byte and 16-bit floats arrive bit f
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import hashlib
 import itertools
@@ -45,9 +44,6 @@ Key = tuple[tuple[int, int], ...]  # a region: (start, stop) per axis
 ROUND_BYTES = 64 << 20
 _MIN_SEND = 256 << 10
 
-# Restore's ``share_reads``: True, False, or None for "from an object store only" (from a
-# local disk the all-gather over gloo cost more than the reads it saved: see README).
-enabled: contextvars.ContextVar[bool | None] = contextvars.ContextVar("share_reads", default=None)
 _restores = itertools.count()  # names each sharing read's meetings; advances on every process
 
 
@@ -175,11 +171,12 @@ def local(part: Key, key: Key) -> tuple[slice, ...]:
     return tuple(slice(x - a, y - a) for (x, y), (a, _b) in zip(part, key, strict=True))
 
 
-def plan_reads(jobs: list[Job], remote: bool, send_most: int | None = None) -> Sharing | None:
+def plan_reads(jobs: list[Job], remote: bool, share: bool | None,
+               send_most: int | None = None) -> Sharing | None:
     """A :class:`Sharing` for the zarr leaves ``jobs`` (``remote``: from an object store),
-    or None when restore does not share (turned off, one process, or no region held by two
-    processes)."""
-    share = enabled.get()
+    or None when restore does not share: ``share`` (restore's ``share_reads``) False, or
+    None and not ``remote`` (from a local disk the all-gather over gloo cost more than the
+    reads it saved: see README); one process; or no region held by two processes."""
     if not (remote if share is None else share) or not _distributed.is_multiprocess():
         return None
     count = _distributed.process_count()

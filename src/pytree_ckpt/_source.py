@@ -37,7 +37,8 @@ class Source(NamedTuple):
     leaves: Records | Columns  # by path, with records(paths) and summaries()
     nodes: tuple[_graph.Node, ...]  # inner nodes, root first
     tree_nodes: Callable[[], tuple[_graph.Node, ...]]  # nodes, checked to form one tree
-    read: Callable[[list], dict[str, Any]]  # jobs (_build.Job) -> restored leaves by path
+    # (jobs (_build.Job), restore's share_reads) -> restored leaves by path
+    read: Callable[[list, bool | None], dict[str, Any]]
     writer: Mapping[str, Any]
     carried: Mapping[str, str] = {}  # carried leaf path -> step folder (ours, format 6)
 

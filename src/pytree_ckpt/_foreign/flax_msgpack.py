@@ -204,8 +204,9 @@ def _unchunk(url: str, path: str, node: dict) -> np.ndarray:
     return np.concatenate(arrays).reshape(dims)
 
 
-def read(jobs: list[_build.Job]) -> dict[str, Any]:
-    """The restored leaves of ``jobs`` (their values are decoded already)."""
+def read(jobs: list[_build.Job], share: bool | None = None) -> dict[str, Any]:
+    """The restored leaves of ``jobs`` (their values are decoded already, so no read is
+    there to share: ``share`` is restore's ``share_reads``, unused)."""
     layouts = _build.Layouts()
     out = {}
     for path, rec, want in jobs:

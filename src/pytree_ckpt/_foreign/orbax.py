@@ -122,7 +122,7 @@ def _make_source(loc: _storage.Location, recs: list[LeafRecord], kinds: dict[str
     return _source.Source(
         format=_source.ORBAX, url=loc.url, version=0, leaves=leaves, nodes=nodes,
         tree_nodes=_source.checked_nodes(loc.url, nodes, leaves),
-        read=lambda jobs: read(loc.url, jobs), writer=writer)
+        read=lambda jobs, _share: read(loc.url, jobs), writer=writer)
 
 
 def _context() -> ts.Context:
