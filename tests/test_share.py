@@ -263,3 +263,26 @@ def test_shared_by_default_from_object_stores_only(monkeypatch):
     assert _share.plan_reads(jobs, remote=False, share=None) is None
     for flag, remote, shared in [(True, False, True), (False, True, False)]:
         assert (_share.plan_reads(jobs, remote=remote, share=flag) is not None) is shared
+
+
+def test_share_reads_reaches_the_plan_from_restore_and_the_manager(monkeypatch):
+    # The keyword's way down (restore and CheckpointManager.restore -> the source's read ->
+    # the plan), one process: what the plan does with it is the job's test above.
+    import jax.numpy as jnp
+
+    import pytree_ckpt as pc
+    seen = []
+    real = _share.plan_reads
+
+    def recording(jobs, remote, share, *args):
+        seen.append(share)
+        return real(jobs, remote, share, *args)
+
+    monkeypatch.setattr(_share, "plan_reads", recording)
+    with pc.CheckpointManager("memory://share/mgr", async_save=False) as mgr:
+        mgr.save(1, {"w": jnp.ones((64, 64))})
+        for flag in (None, True, False):
+            mgr.restore(1, {"w": jnp.zeros((64, 64))}, share_reads=flag)
+            pc.restore(f"{mgr.directory}/1", share_reads=flag)
+        mgr.restore(1)
+    assert seen == [None, None, True, True, False, False, None]

@@ -335,9 +335,12 @@ class CheckpointManager:
     def restore(self, step: int | None = None, target: Any = None, *, at: str | None = None,
                 rename: Mapping[str, str] | Callable[[str], str] | None = None,
                 transform: Sequence[tuple[Any, Callable]] | None = None,
-                strict: bool = True, progress: bool = False) -> tuple[Any, RestoreStatus]:
+                strict: bool = True, progress: bool = False, share_reads: bool | None = None
+                ) -> tuple[Any, RestoreStatus]:
         """Restores committed step ``step`` (the latest if None); see :func:`restore` for
-        ``target``, ``at``, ``rename``, ``transform`` and ``progress``.
+        ``target``, ``at``, ``rename``, ``transform``, ``progress`` and ``share_reads`` (in a
+        multi-process job, a region several processes hold is read from storage once and
+        all-gathered: by default from an object store, not from a local path).
 
         Strict by default (``strict=True``, unlike :func:`restore`): a resume that would leave
         target leaves unmatched or mismatched (a layer renamed, a width changed, another run's
@@ -353,7 +356,7 @@ class CheckpointManager:
         """
         path = self._path(self._resolve(step))
         tree, status = _restore(path, target, at=at, rename=rename, transform=transform,
-                                progress=progress)
+                                progress=progress, share_reads=share_reads)
         if strict:
             check_complete(status, _storage.location(path).url, "pass strict=False")
         return tree, status
