@@ -259,10 +259,12 @@ def test_shared_by_default_from_object_stores_only(monkeypatch):
     rec = type("R", (), {"shape": (16, 4), "storage": storage})()
     want = _build.Want(_leaves.JAX, np.dtype(np.float32), (16, 4), NamedSharding(mesh, P()))
     jobs = [("w", rec, want)]
-    assert _share.plan_reads(jobs, remote=True, share=None) is not None
-    assert _share.plan_reads(jobs, remote=False, share=None) is None
+    grid = _share.zarr_grid
+    assert isinstance(_share.plan_reads(jobs, grid, remote=True, share=None), _share.Sharing)
+    assert _share.plan_reads(jobs, grid, remote=False, share=None) is _share.ALONE
     for flag, remote, shared in [(True, False, True), (False, True, False)]:
-        assert (_share.plan_reads(jobs, remote=remote, share=flag) is not None) is shared
+        got = _share.plan_reads(jobs, grid, remote=remote, share=flag)
+        assert isinstance(got, _share.Sharing) is shared and (got is _share.ALONE) is not shared
 
 
 def test_share_reads_reaches_the_plan_from_restore_and_the_manager(monkeypatch):
@@ -274,9 +276,9 @@ def test_share_reads_reaches_the_plan_from_restore_and_the_manager(monkeypatch):
     seen = []
     real = _share.plan_reads
 
-    def recording(jobs, remote, share, *args):
+    def recording(jobs, grid, remote, share, *args):
         seen.append(share)
-        return real(jobs, remote, share, *args)
+        return real(jobs, grid, remote, share, *args)
 
     monkeypatch.setattr(_share, "plan_reads", recording)
     with pc.CheckpointManager("memory://share/mgr", async_save=False) as mgr:

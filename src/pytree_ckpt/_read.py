@@ -13,7 +13,6 @@ restore holds little beyond the tree itself.
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -80,14 +79,14 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
     for job in jobs:
         by_kind[job[1].storage.kind].append(job)
     # Regions held by several processes: read once, split among them (see _share).
-    sharing = _share.plan_reads(by_kind["z"], remote, share)
-    with sharing.guard() if sharing else contextlib.nullcontext():
+    sharing = _share.plan_reads(by_kind["z"], _share.zarr_grid, remote, share)
+    with sharing.guard():
         # The per-leaf loops run with the collector paused; the waits for reads between
         # them (in _packed_ranges and the zarr iterator) never do: see _gc_pause.
         with _gc_pause.paused():
             zarr = _ZarrReads(url, commit, by_kind["z"], layouts,
                               stores or (lambda rec: (kv, commit.data)),
-                              sharing.parts if sharing else None, by_key=remote)
+                              sharing.parts, by_key=remote)
             zarr.fill()  # the first arrays' reads run while the packed leaves are read
         policy = _REMOTE_RANGES if remote else _LOCAL_RANGES
         groups = _range_groups(by_kind["p"], policy.most)
@@ -104,7 +103,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
                                                         weak_type=want.weak)
                     else:
                         out[path] = _build.build(rec, want, {(): host}, layouts, whole=True)
-        for path, rec, want, regions in sharing.complete(zarr) if sharing else zarr:
+        for path, rec, want, regions in sharing.complete(zarr):
             out[path] = _build.build(rec, want, regions, layouts, whole=False)
     with _gc_pause.paused():
         for path, rec, want in by_kind["v"]:

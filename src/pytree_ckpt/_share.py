@@ -7,7 +7,8 @@ per holder. Here (:func:`plan`, pure, the same on every process: it sees every d
 through ``devices_indices_map`` and each device's process) the chunk rows of such a region,
 along its first axis that spans two chunk rows or more, are split among its holders as evenly
 as whole rows allow; a region of one chunk goes whole to one holder. Each process reads its
-parts through the usual reader (``_read``: a part is a smaller region), then
+parts through its format's usual reader (a part is a smaller region: our own ``_read``,
+Orbax's zarr arrays by their chunks, safetensors tensors by rows of the leading axis), then
 :meth:`Sharing.complete` fills in the rest of each region from the others' parts, in rounds of
 at most about :data:`ROUND_BYTES` gathered, so host memory stays within a restore without
 sharing plus one round.
@@ -36,6 +37,7 @@ import numpy as np
 
 from . import _distributed, _leaves, _options
 from ._build import Job, aligned_empty
+from ._format import LeafRecord
 
 Key = tuple[tuple[int, int], ...]  # a region: (start, stop) per axis
 
@@ -171,14 +173,26 @@ def local(part: Key, key: Key) -> tuple[slice, ...]:
     return tuple(slice(x - a, y - a) for (x, y), (a, _b) in zip(part, key, strict=True))
 
 
-def plan_reads(jobs: list[Job], remote: bool, share: bool | None,
-               send_most: int | None = None) -> Sharing | None:
-    """A :class:`Sharing` for the zarr leaves ``jobs`` (``remote``: from an object store),
-    or None when restore does not share: ``share`` (restore's ``share_reads``) False, or
-    None and not ``remote`` (from a local disk the all-gather over gloo cost more than the
-    reads it saved: see README); one process; or no region held by two processes."""
+Grid = Callable[[LeafRecord], tuple[tuple[int, ...], int]]
+
+
+def zarr_grid(rec: LeafRecord) -> tuple[tuple[int, ...], int]:
+    """A :data:`Grid` for our own format's zarr leaves: their chunks and stored itemsize."""
+    return rec.storage.chunks, _leaves.DTYPES[rec.storage.stored_dtype].itemsize
+
+
+def plan_reads(jobs: list[Job], grid: Grid, remote: bool, share: bool | None,
+               send_most: int | None = None) -> Sharing | Alone:
+    """How ``jobs`` (every one read from storage) are read: a :class:`Sharing`, or
+    :data:`ALONE` where restore does not share: ``share`` (restore's ``share_reads``) False,
+    or None and not ``remote`` (from a local disk the all-gather over gloo cost more than
+    the reads it saved: see README); one process; or no region held by two processes.
+
+    ``grid`` gives each leaf's chunk shape (its rows are what holders split; a format
+    without chunks names the rows it can read alone) and the itemsize of the buffers its
+    reader fills (the bytes gathered)."""
     if not (remote if share is None else share) or not _distributed.is_multiprocess():
-        return None
+        return ALONE
     count = _distributed.process_count()
     if send_most is None:
         send_most = max(ROUND_BYTES // count, _MIN_SEND)
@@ -194,12 +208,28 @@ def plan_reads(jobs: list[Job], remote: bool, share: bool | None,
                     found = cache[(want.sharding, rec.shape)] = holders(want.sharding, rec.shape)
             except TypeError:  # an unhashable sharding
                 found = holders(want.sharding, rec.shape)
-        leaves.append(Leaf(found or {}, rec.storage.chunks,
-                           _leaves.DTYPES[rec.storage.stored_dtype].itemsize))
+        leaves.append(Leaf(found or {}, *grid(rec)))
     the_plan = plan(leaves, _distributed.process_index(), send_most)
     if not the_plan.rounds:
-        return None
+        return ALONE
     return Sharing(the_plan, _distributed.process_index(), count)
+
+
+class Alone:
+    """Reads not shared: :class:`Sharing`'s interface, where each region is read whole by
+    every process that holds it."""
+
+    def parts(self, job: int, key: Key) -> list[Key]:
+        return [key]
+
+    def guard(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def complete(self, leaves: Iterable[tuple]) -> Iterator[tuple]:
+        return iter(leaves)
+
+
+ALONE = Alone()
 
 
 class Sharing:
@@ -241,8 +271,9 @@ class Sharing:
                 "(paths, shapes, shardings)")
 
     def complete(self, leaves: Iterable[tuple]) -> Iterator[tuple]:
-        """``leaves`` (``(path, rec, want, regions)`` per job, in job order) with every shared
-        region filled in, each yielded once its last round has run."""
+        """``leaves`` (``(path, rec, want, regions)`` per job, in job order; ``regions``
+        maps each region to its C-contiguous buffer, this process's parts read) with every
+        shared region filled in, each yielded once its last round has run."""
         rounds = self._plan.rounds
         need = [max(p.job for p, _o in r) for r in rounds]  # read up to this job first
         last: dict[int, int] = {}  # job -> the last round it takes part in here
