@@ -16,6 +16,7 @@ Kinds, for both protocols:
 - ``"other"``: anything else.
 
 ``key`` is the object name inside the bucket (a listing's is its ``prefix``), URL-decoded.
+``answers`` holds each forwarded request's kind, key, ``Range`` header and answer bytes.
 
 Use it as a context manager (the fixtures in ``tests/conftest.py`` do); it stops serving,
 and closes its socket, on exit however the block ends.
@@ -77,6 +78,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self.log: list[tuple[str, str, str]] = []
+        # Per forwarded request: (kind, key, its Range header or None, bytes of the answer).
+        self.answers: list[tuple[str, str, str | None, int]] = []
         self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), self._handler())
         self._server.daemon_threads = True
         self.endpoint = f"http://{LOOPBACK}:{self._server.server_address[1]}"
@@ -100,6 +103,7 @@ class FaultProxy:
         with self._lock:
             self._rules.clear()
             self.log.clear()
+            self.answers.clear()
 
     def counts(self) -> collections.Counter:
         """Requests seen so far, by kind (``"get"``, ``"list"``, ``"put"``, ...)."""
@@ -172,7 +176,9 @@ class FaultProxy:
                     return
                 if rule is not None and rule.delay:
                     time.sleep(rule.delay)
-                self._forward(body)
+                sent = self._forward(body)
+                with proxy._lock:
+                    proxy.answers.append((kind, key, self.headers.get("Range"), sent))
 
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -187,7 +193,8 @@ class FaultProxy:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes) -> int:
+                """Forwards the request; returns the bytes of the answer's body."""
                 conn = http.client.HTTPConnection(*proxy._upstream, timeout=_UPSTREAM_TIMEOUT_S)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
@@ -204,6 +211,7 @@ class FaultProxy:
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(payload)
+                    return len(payload) if self.command != "HEAD" else 0
                 finally:
                     conn.close()
 
