@@ -3,7 +3,9 @@ jobs on loopback, restores that read each replicated byte from the store once.""
 
 from __future__ import annotations
 
+import collections
 import itertools
+import re
 
 import jax
 import numpy as np
@@ -125,6 +127,8 @@ def tree(devices):
         "key": jax.random.key(7),
         "step": 7,
     }
+
+FOREIGN = ("w", "bf16", "bool", "u8", "uneven")  # also written as Orbax and safetensors
 """
 
 JOB = TREE + r"""
@@ -160,6 +164,24 @@ off, _ = pc.restore(args["off"], target, share_reads=False)
 check(off, "not shared")
 print("EQUAL", process_id)
 
+# Other tools' files: an Orbax item and a safetensors file, shared (by default, from an
+# object store) and not. Orbax's "w" is split by chunk rows within each model shard; the
+# safetensors "w", replicated, by rows, read as ranges small enough to be split.
+from pytree_ckpt._foreign import safetensors_read
+safetensors_read._PIECE_BYTES = 64 << 10
+for fmt, w_spec in (("orbax", spec["w"]), ("st", P())):
+    specs = {k: w_spec if k == "w" else spec[k] for k in FOREIGN}
+    ftarget = {k: jax.ShapeDtypeStruct(saved[k].shape, saved[k].dtype,
+                                       sharding=NamedSharding(mesh, specs[k])) for k in FOREIGN}
+    on, status = pc.restore(args[f"{fmt}_on"], ftarget)
+    assert set(status.matched) == set(FOREIGN), (fmt, status)
+    off, _ = pc.restore(args[f"{fmt}_off"], ftarget, share_reads=False)
+    for k in FOREIGN:
+        for a, b in zip(on[k].addressable_shards, off[k].addressable_shards, strict=True):
+            assert a.index == b.index and np.asarray(a.data).tobytes() == np.asarray(
+                b.data).tobytes() == saved[k][a.index].tobytes(), (fmt, k)
+print("FOREIGN EQUAL", process_id)
+
 # A share that fails: process 1's reads raise; both processes raise, naming it.
 # (Chunks are read through TensorStore's zarr driver, or by key from an object store.)
 real, real_chunk = _build.read_into, _binding.checked_chunk
@@ -185,15 +207,43 @@ except Exception as e:
 """
 
 
+def _foreign_files(tree, tmp_path):
+    """The tree's FOREIGN leaves as an Orbax item (zarr without OCDBT: an object per chunk)
+    and a safetensors file, each written by its own library; returns their local paths and
+    the safetensors file's byte range of "w"."""
+    import json
+
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import save_file
+
+    namespace: dict = {}
+    exec(TREE, namespace)
+    leaves = {k: tree[k] for k in namespace["FOREIGN"]}
+    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False)).save(
+        str(tmp_path / "orbax"), leaves)
+    save_file({k: np.asarray(v) for k, v in leaves.items()}, str(tmp_path / "st.safetensors"))
+    data = (tmp_path / "st.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:8 + n])["w"]["data_offsets"]
+    return tmp_path / "orbax", tmp_path / "st.safetensors", (8 + n + begin, 8 + n + end)
+
+
+def _range_bytes(proxy, key, span):
+    """GETs of ``key`` whose ranges lie in ``span`` ([start, stop)), and their bytes."""
+    got = [(r, n) for kind, k, r, n in proxy.answers if kind == "get" and k == key and r]
+    inside = [n for r, n in got
+              if span[0] <= int(re.match(r"bytes=(\d+)-", r)[1]) < span[1]]
+    return len(inside), sum(inside)
+
+
 def _chunk_gets(proxy, prefix):
     """GETs of each chunk object under ``prefix`` (data and, where still read, trailers)."""
-    import collections
-    import re
     return collections.Counter(k[k.index("/a/"):] for k in proxy.keys("get")
                                if k.startswith(prefix) and re.search(r"/a/\d+/c/", k))
 
 
 def test_two_processes_read_each_chunk_once_and_fail_together(s3_server, monkeypatch, tmp_path):
+    import _upload
     from _multiprocess import format_results, run_multiprocess
     from _proxy import FaultProxy
 
@@ -206,6 +256,7 @@ def test_two_processes_read_each_chunk_once_and_fail_together(s3_server, monkeyp
     saved = {k: np.asarray(v) for k, v in tree.items() if k not in ("key", "step")}
     saved["bf16"], saved["int4"] = saved["bf16"].view(np.uint16), saved["int4"].astype(np.int8)
     np.savez(tmp_path / "saved.npz", **saved)
+    orbax_dir, st_file, w_span = _foreign_files(tree, tmp_path)
     with FaultProxy(s3_server.endpoint) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         monkeypatch.setenv("AWS_REGION", s3_server.region)
@@ -215,6 +266,9 @@ def test_two_processes_read_each_chunk_once_and_fail_together(s3_server, monkeyp
             pc.save(tree, f"{url}/on")
             pc.save(tree, f"{url}/off")
             pc.save(tree, f"{url}/fail")
+            for mode in ("on", "off"):
+                _upload.upload(str(orbax_dir), f"{url}/orbax_{mode}")
+                _upload.write(f"{url}/st_{mode}.safetensors", st_file.read_bytes())
             objects = [k[k.index("/a/"):] for k in proxy.keys("put")
                        if k.startswith("test_share/on/") and "/a/" in k and "/c/" in k]
             proxy.clear()
@@ -222,7 +276,9 @@ def test_two_processes_read_each_chunk_once_and_fail_together(s3_server, monkeyp
                 JOB, num_processes=2, devices_per_process=2, timeout_s=150,
                 heartbeat_timeout_s=60, env={"PYTREE_CKPT_LIVENESS_TIMEOUT_S": "4"},
                 args={"on": f"{url}/on", "off": f"{url}/off", "fail": f"{url}/fail",
-                      "npz": str(tmp_path / "saved.npz")})
+                      "npz": str(tmp_path / "saved.npz"),
+                      **{f"{fmt}_{mode}": f"{url}/{fmt}_{mode}" + (".safetensors" * (fmt == "st"))
+                         for fmt in ("orbax", "st") for mode in ("on", "off")}})
         finally:
             _storage.forget_contexts()
     out = format_results(results)
@@ -234,6 +290,21 @@ def test_two_processes_read_each_chunk_once_and_fail_together(s3_server, monkeyp
     assert len(per_read) == 1 and set(off.values()) == {2 * min(per_read)}, (on, off)
     print(f"chunk objects {len(objects)}: GETs shared {sum(on.values())}, "
           f"not shared {sum(off.values())}")
+    # Other tools' files, bit for bit, each chunk (Orbax) or byte ("w" in the safetensors
+    # file) read once with sharing, twice without.
+    assert "FOREIGN EQUAL 0" in results[0].stdout and "FOREIGN EQUAL 1" in results[1].stdout, out
+    orbax = {mode: collections.Counter(
+        k.split("/", 2)[2] for k in proxy.keys("get")
+        if k.startswith(f"test_share/orbax_{mode}/") and re.search(r"/\d+(\.\d+)*$", k))
+        for mode in ("on", "off")}
+    assert len(orbax["on"]) == 37 and set(orbax["on"]) == set(orbax["off"]), orbax
+    assert set(orbax["on"].values()) == {1} and set(orbax["off"].values()) == {2}, orbax
+    st = {mode: _range_bytes(proxy, f"test_share/st_{mode}.safetensors", w_span)
+          for mode in ("on", "off")}
+    w_bytes = w_span[1] - w_span[0]
+    assert st == {"on": (16, w_bytes), "off": (32, 2 * w_bytes)}, st
+    print(f"orbax chunk GETs shared {sum(orbax['on'].values())}, not shared "
+          f"{sum(orbax['off'].values())}; safetensors 'w' GETs, bytes {st}")
     failed = [line for r in results for line in r.stdout.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 2, out
     assert failed[1].startswith("FAILED 1 RuntimeError") and "injected read failure" in failed[1]

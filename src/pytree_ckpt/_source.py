@@ -118,13 +118,15 @@ def checked_nodes(where: str, nodes: tuple[_graph.Node, ...], leaves: Mapping[st
 
 
 class File(NamedTuple):
-    """One file in a kvstore: the store of its folder and its key there, and its path on
-    a local disk (None elsewhere)."""
+    """One file in a kvstore: the store of its folder and its key there, its path on a
+    local disk (None elsewhere), and whether it is in an object store (see
+    :attr:`_storage.Location.remote`)."""
 
     url: str
     kv: ts.KvStore
     key: str
     local: str | None = None
+    remote: bool = False
 
 
 MAX_RANK = 64
@@ -208,14 +210,14 @@ def file_at(loc: _storage.Location) -> File | None:
         spec["path"] = "/"
     kv = ts.KvStore.open(spec, context=_storage.context()).result()
     local = loc.local.rstrip("/") if loc.local is not None else None
-    return File(loc.url.rstrip("/"), kv, name, local)
+    return File(loc.url.rstrip("/"), kv, name, local, loc.remote)
 
 
 def sibling(f: File, name: str) -> File:
     """The file ``name`` in ``f``'s folder (a shard named by an index file)."""
     parent = f.url.rstrip("/").rpartition("/")[0]
     local = os.path.join(os.path.dirname(f.local), name) if f.local is not None else None
-    return File(f"{parent}/{name}", f.kv, name, local)
+    return File(f"{parent}/{name}", f.kv, name, local, f.remote)
 
 
 def read_range(f: File, start: int, stop: int, what: str) -> bytes:

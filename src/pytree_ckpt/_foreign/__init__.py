@@ -38,7 +38,7 @@ def detect(loc: _storage.Location, kv: Any) -> _source.Source | None:
     if _exists(loc, kv, safetensors.INDEX_FILE):
         local = os.path.join(loc.local, safetensors.INDEX_FILE) if loc.local else None
         f = _source.File(f"{loc.url.rstrip('/')}/{safetensors.INDEX_FILE}", kv,
-                         safetensors.INDEX_FILE, local)
+                         safetensors.INDEX_FILE, local, loc.remote)
         return safetensors.open_index(f)
     f = _file(loc)
     if f is None:

@@ -116,7 +116,8 @@ def _make_source(loc: _storage.Location, recs: list[LeafRecord], kinds: dict[str
     return _source.Source(
         format=_source.ORBAX, url=loc.url, version=0, leaves=leaves, nodes=nodes,
         tree_nodes=_source.checked_nodes(loc.url, nodes, leaves),
-        read=lambda jobs, _share: orbax_read.read(loc.url, jobs), writer=writer)
+        read=lambda jobs, share: orbax_read.read(loc.url, jobs, loc.remote, share),
+        writer=writer)
 
 
 def _context() -> ts.Context:

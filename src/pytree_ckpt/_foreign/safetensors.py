@@ -109,7 +109,7 @@ def _make_source(url: str, files: list[_source.File], entries: list[tuple[str, L
     return _source.Source(
         format=_source.SAFETENSORS, url=url, version=0, leaves=leaves, nodes=nodes,
         tree_nodes=_source.checked_nodes(url, nodes, leaves),
-        read=lambda jobs, _share: safetensors_read.read(files, jobs),
+        read=lambda jobs, share: safetensors_read.read(files, jobs, share),
         writer={"library": "safetensors", "files": len(files), "metadata": dict(metadata)})
 
 
