@@ -108,7 +108,7 @@ def _serve() -> None:
         try:
             seconds = run_op(sides[command["side"]], case, command["op"], command["path"],
                              check=command["check"], recycle=command["recycle"],
-                             drop_cache=command["drop_cache"])
+                             drop_cache=command["drop_cache"], wait_idle=not hello["smoke"])
         except Exception:
             reply({"error": traceback.format_exc()})
             break

@@ -5,7 +5,9 @@ Orbax runs in a worker process of its own and the other sides in another, for th
 module drives the workers from the benchmark's process and, inside a worker, times one call.
 Every side runs every operation once as a warm-up (not recorded, and checked: each
 restore must give back the saved values on the target's shardings, so no side is timed
-doing less than the others), then `repeats` times.
+doing less than the others), then `repeats` times. A smoke run (tiny trees, timings
+that mean nothing) makes its one round the checked warm-up, and skips the wait for idle
+CPUs below.
 Within a repeat each operation is timed for all sides back to back, the side order
 reversed on every other repeat, so no side always goes first (or last) after the disk
 has been busy. Every save goes into a fresh directory; every checkpoint is deleted when
@@ -85,7 +87,8 @@ def time_sides(tree: str, smoke: bool, spec: Any, side_names: Sequence[str], rep
         sides = [handles[name] for name in side_names]
         recycle = 2 * tree_bytes(spec)
         previous_root = None
-        for repeat in range(-1, repeats):
+        # A smoke run's one round is its warm-up too: checked, and recorded.
+        for repeat in range(0 if smoke else -1, repeats):
             print(
                 f"  {workdir}: {'warm-up' if repeat < 0 else f'round {repeat + 1}/{repeats}'}",
                 file=sys.stderr,
@@ -94,7 +97,7 @@ def time_sides(tree: str, smoke: bool, spec: Any, side_names: Sequence[str], rep
             order = list(sides) if repeat % 2 == 0 else list(reversed(sides))
             root = f"{workdir}/round{repeat + 1}"
             checkpoints = _one_round(order, has_subtree, root, cold, runs, recycle,
-                                     record=repeat >= 0)
+                                     record=repeat >= 0, check=repeat < 0 or smoke)
             if previous_root:
                 _remove(previous_root)
             previous_root = root
@@ -106,7 +109,7 @@ def time_sides(tree: str, smoke: bool, spec: Any, side_names: Sequence[str], rep
 
 def _one_round(
     order: list[SideHandle], has_subtree: bool, root: str, cold: bool, runs: Runs,
-    recycle: int, record: bool,
+    recycle: int, record: bool, check: bool,
 ) -> dict[str, str]:
     os.makedirs(root)
     paths = {side.name: os.path.join(root, side.name) for side in order}
@@ -114,7 +117,7 @@ def _one_round(
         for side in order:
             if op not in side.ops or (op == "restore_at" and not has_subtree):
                 continue
-            seconds = side.run(op, paths[side.name], check=not record,
+            seconds = side.run(op, paths[side.name], check=check,
                                drop_cache=cold and op not in ("save", "save_async"),
                                recycle=recycle if op in RECYCLED_OPS else 0)
             for key, value in seconds.items():
@@ -126,10 +129,10 @@ def _one_round(
 
 
 def run_op(side: Side, case: TreeCase, op: str, path: str, *, check: bool, recycle: int,
-           drop_cache: bool) -> dict[str, float]:
+           drop_cache: bool, wait_idle: bool) -> dict[str, float]:
     """In a side's worker: settles, then times `op` (checking a restore's values if
     `check`); `{key: seconds}`."""
-    settle(drop_cache, recycle)
+    settle(drop_cache, recycle, wait_idle)
     return _timers(case, path, check)[op](side)
 
 
@@ -173,14 +176,17 @@ def _timed_async(side: Side, tree: Any, path: str) -> dict[str, float]:
     return {"save_async_block": blocked, "save_async_total": time.perf_counter() - start}
 
 
-def settle(drop_cache: bool, recycle: int) -> None:
-    """What every timed call starts from (see the module's docstring)."""
+def settle(drop_cache: bool, recycle: int, wait_idle: bool = True) -> None:
+    """What every timed call starts from (see the module's docstring). ``wait_idle=False``
+    (smoke runs, whose timings mean nothing) skips the wait for idle CPUs: beside another
+    busy process, as in the test suite, each wait would last its full 3 s."""
     gc.collect()
     os.sync()
     if drop_cache:
         drop_page_cache()
     recycle_memory(recycle)
-    _wait_until_idle()
+    if wait_idle:
+        _wait_until_idle()
 
 
 def recycle_memory(nbytes: int) -> None:

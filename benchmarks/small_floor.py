@@ -110,7 +110,7 @@ def _time(args: argparse.Namespace, workdir: str) -> dict:
     del warm
     for round_ in range(args.rounds):
         for name in (list(calls) if round_ % 2 else list(calls)[::-1]):
-            settle(False, 2 * nbytes)
+            settle(False, 2 * nbytes, wait_idle=not args.smoke)
             start = time.perf_counter()
             result = calls[name]()
             seconds[name].append(time.perf_counter() - start)
