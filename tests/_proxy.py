@@ -17,6 +17,8 @@ Kinds, for both protocols:
 
 ``key`` is the object name inside the bucket (a listing's is its ``prefix``), URL-decoded.
 ``answers`` holds each forwarded request's kind, key, ``Range`` header and answer bytes.
+:meth:`FaultProxy.sent` adds up the request bodies of a kind (an upload's bytes as sent,
+protocol framing such as a multipart upload's headers included).
 
 Use it as a context manager (the fixtures in ``tests/conftest.py`` do); it stops serving,
 and closes its socket, on exit however the block ends.
@@ -80,6 +82,7 @@ class FaultProxy:
         self.log: list[tuple[str, str, str]] = []
         # Per forwarded request: (kind, key, its Range header or None, bytes of the answer).
         self.answers: list[tuple[str, str, str | None, int]] = []
+        self._sizes: list[int] = []  # each logged request's body length
         self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), self._handler())
         self._server.daemon_threads = True
         self.endpoint = f"http://{LOOPBACK}:{self._server.server_address[1]}"
@@ -104,6 +107,7 @@ class FaultProxy:
             self._rules.clear()
             self.log.clear()
             self.answers.clear()
+            self._sizes.clear()
 
     def counts(self) -> collections.Counter:
         """Requests seen so far, by kind (``"get"``, ``"list"``, ``"put"``, ...)."""
@@ -115,9 +119,17 @@ class FaultProxy:
         with self._lock:
             return [k for _m, kd, k in self.log if kd == kind]
 
-    def _decide(self, method: str, kind: str, key: str) -> Rule | None:
+    def sent(self, kind: str, key: str | None = None) -> int:
+        """The bytes of the bodies of the requests of ``kind`` seen so far (those whose key
+        matches the regex ``key``, if given)."""
+        with self._lock:
+            return sum(n for (_m, kd, k), n in zip(self.log, self._sizes, strict=True)
+                       if kd == kind and (key is None or re.search(key, k) is not None))
+
+    def _decide(self, method: str, kind: str, key: str, size: int = 0) -> Rule | None:
         with self._lock:
             self.log.append((method, kind, key))
+            self._sizes.append(size)
             for rule in self._rules:
                 if rule.matches(method, kind, key):
                     rule.hits += 1
@@ -150,7 +162,7 @@ class FaultProxy:
             def _any(self) -> None:
                 body = self._body()
                 kind, key = classify(self.command, self.path)
-                rule = proxy._decide(self.command, kind, key)
+                rule = proxy._decide(self.command, kind, key, len(body))
                 if rule is not None and rule.drop:
                     # RST, not FIN: the connection is reset, as a broken network does.
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
