@@ -83,6 +83,9 @@ def test_retention_keeps_what_kept_steps_carry(tmp_path, base):
     assert sorted(os.listdir(tmp_path / "1")) == [_gen(tmp_path, 5), "retired"]
     assert not (tmp_path / "2").exists() and not (tmp_path / "3").exists()
     assert pc.latest(tmp_path) == str(tmp_path / "5")
+    with pytest.raises(pc.CheckpointNotFoundError, match=r"/1: step 1 was deleted; its folder "
+                       r"keeps only data that later steps carry"):
+        pc.restore(tmp_path / "1")
     for step in (4, 5):
         assert_state(pc.restore(tmp_path / str(step))[0], base, step)
         assert pc.verify(tmp_path / str(step)).ok

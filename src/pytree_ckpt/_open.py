@@ -22,6 +22,7 @@ from ._errors import (
 )
 from ._format import COMMIT_FILE, Commit, is_ours
 from ._read import read_leaves
+from ._retire import RETIRED
 
 
 def commit_file(loc: _storage.Location) -> str:
@@ -47,6 +48,11 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
         names = _storage.top_level_names(loc, kv)
         if not names:
             raise CheckpointNotFoundError(f"{loc.url}: no checkpoint there (nothing exists)")
+        if RETIRED in names:  # see _retire
+            step = loc.url.rstrip("/").rpartition("/")[2]
+            raise CheckpointNotFoundError(
+                f"{loc.url}: step {step} was deleted; its folder keeps only data that later "
+                "steps carry, so nothing here is restorable (restore those steps)")
         if any(map(is_ours, names)):
             raise IncompleteCheckpointError(
                 f"{loc.url}: incomplete checkpoint (data but no {COMMIT_FILE}): a save did not "
