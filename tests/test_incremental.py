@@ -4,6 +4,7 @@ alone, through retention, copies, restarts and two processes (see the README, "I
 steps"). The SIGKILL campaign is in test_crash.py (mode "incremental")."""
 
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -12,9 +13,10 @@ import pytest
 from _multiprocess import assert_all_ok, format_results, run_multiprocess
 
 import pytree_ckpt as pc
-from pytree_ckpt import _decode, _format
+from pytree_ckpt import _decode, _format, _storage
 
 BASE = 1 << 20  # elements: a 4 MiB frozen float32 base
+CHUNK = re.compile(r"/d-[0-9a-f]+/a/(\d+)/c/")  # a zarr chunk's key: its array id
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +214,70 @@ def test_a_forged_reference_cannot_leave_the_directory(tmp_path, base):
         with pytest.raises(pc.CorruptCheckpointError, match="bad 'refs' list"):
             _decode.decode(_format.encode(forged, crcs), "forged")
 
+
+
+def _keys(kv, prefix):
+    return sorted(k.decode() for k in kv.list(_storage.prefix_range(prefix)).result())
+
+
+def test_incremental_steps_on_an_object_store(proxied, base, monkeypatch):
+    """The same guarantees through moto's S3 and fake-gcs-server, every request counted."""
+    from pytree_ckpt._cli import main
+
+    proxy, url = proxied
+    run = f"{url}/run"
+    kv = _storage.open_kvstore(_storage.location(url))
+    name = url.rpartition("/")[2]
+    with pc.CheckpointManager(run, keep=2, async_save=False) as mgr:
+        mgr.save(1, state(base, 1))
+        first = [k for k in proxy.keys("put") if CHUNK.search(k)]
+        proxy.clear()
+        mgr.save(2, state(base, 2))
+        # Step 2 PUTs the chunks of "mu" only (one array; "lora" is packed): none of "base".
+        puts = [k for k in proxy.keys("put") if CHUNK.search(k)]
+        assert puts and all(k.startswith(f"{name}/run/2/") for k in puts), puts
+        assert len({CHUNK.search(k).group(1) for k in puts}) == 1, puts
+        assert len(first) > len(puts)
+        assert proxy.sent("put", r"/a/\d+/c/") < BASE  # base: 4 MiB, carried
+        info = mgr.metadata(2)
+        assert info.carried == {"base": "1"} and info.carried_nbytes == BASE * 4
+        mgr.save(3, state(base, 3))  # retention deletes 1, the step that wrote the base
+        assert mgr.steps() == [2, 3]
+    # Step 1 is retired: its commit file and all but the base's array are gone.
+    left = _keys(kv, "run/1/")
+    assert "run/1/retired" in left and f"run/1/{_format.COMMIT_FILE}" not in left
+    commit = _decode.decode(kv.read(f"run/3/{_format.COMMIT_FILE}").result().value, "")
+    assert {k.split("/a/")[1].split("/")[0] for k in left if "/a/" in k} == {
+        str(commit.leaves["base"].storage.index)}
+    assert pc.latest(run) == f"{run}/3"
+    with pytest.raises(pc.CheckpointNotFoundError, match="step 1 was deleted"):
+        pc.restore(f"{run}/1")
+    for step in (2, 3):
+        assert_state(pc.restore(f"{run}/{step}")[0], base, step)
+        assert pc.verify(f"{run}/{step}").ok
+    # clean, told every leftover is old, never deletes the retired folder's data.
+    monkeypatch.setenv("PYTREE_CKPT_CLEAN_AFTER_S", "0")
+    report = pc.clean(run, delete=True)
+    assert f"{run}/1" not in report.incomplete + report.orphaned
+    assert _keys(kv, "run/1/") == left
+    assert_state(pc.restore(f"{run}/3")[0], base, 3)
+    # A step copied alone fails naming what is missing; convert writes a whole copy.
+    for key in _keys(kv, "run/3/"):
+        kv.write(f"alone/3/{key[len('run/3/'):]}", kv.read(key).result().value).result()
+    with pytest.raises(pc.CheckpointNotFoundError,
+                       match=rf"leaf 'base' is carried from step 1 \({url}/alone/1/d-.*"
+                             r"pytree-ckpt convert"):
+        pc.restore(f"{url}/alone/3")
+    assert main(["convert", f"{run}/3", f"{url}/whole"]) == 0
+    assert pc.metadata(f"{url}/whole").carried == {}
+    # A new base: no kept step needs step 1's data, so its folder goes.
+    with pc.CheckpointManager(run, keep=2, async_save=False) as mgr:
+        for step in (4, 5):
+            mgr.save(step, state(base + 1, step))
+    assert _keys(kv, "run/1/") == [] and _keys(kv, "run/.steps/") == [
+        "run/.steps/4", "run/.steps/5", "run/.steps/complete"]
+    assert_state(pc.restore(f"{url}/whole")[0], base, 3)
+    assert_state(pc.restore(f"{run}/5")[0], base + 1, 5)
 
 JOB = r"""
 import jax, jax.numpy as jnp, numpy as np, pytree_ckpt as pc
