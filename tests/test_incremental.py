@@ -200,6 +200,22 @@ def test_steps_shows_bytes_written_and_carried(tmp_path, base, capsys):
     assert rows[1]["written_bytes"] == rows[1]["nbytes"] - BASE * 4
     assert main(["ls", str(tmp_path / "2")]) == 0
     assert "carries 4.0 MiB from step(s) 1 (1 leaves)" in capsys.readouterr().out
+    # Step 1 deleted: its folder, retired, keeps the base for step 2, and is listed so.
+    # (Step 3, the first after a restart, writes the base anew.)
+    with pc.CheckpointManager(tmp_path, keep=None, async_save=False) as mgr:
+        mgr.save(3, state(base, 3))
+        mgr.delete(1)
+    assert main(["steps", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["steps"]
+    assert [(r["step"], r["state"]) for r in rows] == [
+        (1, "retired"), (2, "committed"), (3, "committed")]
+    assert rows[0]["nbytes"] == BASE * 4 and rows[0]["leaf_count"] == 1
+    assert rows[0]["carried_by"] == [2] and rows[0]["written_bytes"] is None
+    assert main(["steps", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path}: 2 committed steps, latest 3")
+    assert re.search(r"^ *1  retired +4\.0 MiB +1 +carried by 2$", out, re.M), out
+    assert "retired: a deleted step's folder" in out and "pytree-ckpt clean" not in out
 
 
 def test_a_forged_reference_cannot_leave_the_directory(tmp_path, base):

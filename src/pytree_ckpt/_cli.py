@@ -248,17 +248,29 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
         steps = mgr.steps()
         directory = mgr.directory
         rows = []
+        # A carried leaf's data stays in the step folder that wrote it, under the same path;
+        # where that step was deleted, its folder is retired and keeps only that data.
+        carriers: dict[int, list[int]] = {}
+        kept: dict[int, dict[str, int]] = {}
         for step in steps:
             info = mgr.metadata(step)
             rows.append({"step": step, "state": "committed",
                          "time": iso(info.writer.get("time")), **_cli_text.byte_counts(info),
                          "leaf_count": len(info.leaves),
                          "metrics": jsonable(dict(mgr.metrics(step) or {}))})
+            for path, source in info.carried.items():
+                carriers.setdefault(int(source), []).append(step)
+                kept.setdefault(int(source), {})[path] = info.leaves[path].nbytes
         best = mgr.best_step()
+    for step in sorted(set(carriers) - set(steps)):
+        rows.append({"step": step, "state": "retired", "time": None,
+                     "nbytes": sum(kept[step].values()), "written_bytes": None,
+                     "carried_bytes": None, "leaf_count": len(kept[step]), "metrics": {},
+                     "carried_by": sorted(set(carriers[step]))})
     # What clean would remove (incomplete saves, orphaned generations, metrics files of steps
     # that never committed), and what it keeps as young enough to be a save still writing.
     leftovers = pc.clean(args.directory)
-    listed = set(steps)
+    listed = set(steps) | set(carriers)
     for state, paths in (("incomplete", leftovers.incomplete), ("saving?", leftovers.kept)):
         for path in paths:
             step = _step_of(path, directory)
@@ -287,11 +299,16 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
             *("" if r[k] is None else size(r[k]) for k in ("nbytes", "written_bytes", "carried_bytes")),
             "" if r["leaf_count"] is None else str(r["leaf_count"]),
             short(", ".join(f"{k}={number(v)}" for k, v in r["metrics"].items())),
-            "best" if r["best"] else "") for r in rows], right={0, 3, 4, 5, 6})
+            "best" if r["best"] else
+            "carried by " + ", ".join(map(str, r.get("carried_by", ()))) if "carried_by" in r
+            else "") for r in rows], right={0, 3, 4, 5, 6})
     if any(r["state"] == "saving?" for r in rows):
         print("saving?: incomplete, and recent enough to be a save still writing")
+    if any(r["state"] == "retired" for r in rows):
+        print("retired: a deleted step's folder, keeping only the data (bytes, leaves) that "
+              "later steps carry; the manager deletes it once no kept step does")
     section(f"orphaned generations ({len(orphaned)})", [(p,) for p in orphaned])
-    if len(rows) > len(steps) or orphaned:
+    if any(r["state"] in ("incomplete", "saving?") for r in rows) or orphaned:
         print("pytree-ckpt clean DIR --yes removes what is incomplete or orphaned and not recent")
     return EXIT_OK
 

@@ -71,7 +71,9 @@ def parser(run: Mapping[str, Callable[..., int]]) -> argparse.ArgumentParser:
     steps = commands.add_parser(
         "steps", parents=[common], help="list a CheckpointManager directory's steps",
         description="The committed steps of a CheckpointManager's directory: time, size, "
-                    "metrics. Reads only: takes no lock, deletes nothing.")
+                    "metrics; besides them, incomplete saves, and the folders of deleted steps "
+                    "kept for the data later steps carry (retired). Reads only: takes no "
+                    "lock, deletes nothing.")
     steps.add_argument("directory", metavar="DIR", help="a CheckpointManager's directory")
     steps.add_argument("--best", metavar="METRIC",
                        help="mark the step with the highest (--min: lowest) METRIC")
