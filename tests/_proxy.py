@@ -15,7 +15,8 @@ Kinds, for both protocols:
 - ``"delete"``: S3 ``DELETE`` or a multi-object delete (``POST ?delete``); GCS ``DELETE``;
 - ``"other"``: anything else.
 
-``key`` is the object name inside the bucket (a listing's is its ``prefix``), URL-decoded.
+``key`` is the object name inside the bucket (a listing's is its ``prefix``, or on GCS its
+``startOffset`` where it has no prefix), URL-decoded.
 ``answers`` holds each forwarded request's kind, key, ``Range`` header and answer bytes.
 :meth:`FaultProxy.sent` adds up the request bodies of a kind (an upload's bytes as sent,
 protocol framing such as a multipart upload's headers included).
@@ -243,7 +244,9 @@ def classify(method: str, target: str) -> tuple[str, str]:
         if upload:
             return "put", query.get("name", [""])[0]
         if name is None:
-            return ("list" if method == "GET" else "other"), query.get("prefix", [""])[0]
+            # TensorStore lists a GCS key range by its bounds (startOffset, endOffset)
+            start = query.get("prefix") or query.get("startOffset") or [""]
+            return ("list" if method == "GET" else "other"), start[0]
         key = urllib.parse.unquote(name)
         if method == "DELETE":
             return "delete", key
