@@ -231,7 +231,6 @@ def test_a_forged_reference_cannot_leave_the_directory(tmp_path, base):
             _decode.decode(_format.encode(forged, crcs), "forged")
 
 
-
 def _keys(kv, prefix):
     return sorted(k.decode() for k in kv.list(_storage.prefix_range(prefix)).result())
 
@@ -259,16 +258,21 @@ def test_incremental_steps_on_an_object_store(proxied, base, monkeypatch):
         assert info.carried == {"base": "1"} and info.carried_nbytes == BASE * 4
         mgr.save(3, state(base, 3))  # retention deletes 1, the step that wrote the base
         assert mgr.steps() == [2, 3]
+        proxy.clear()
+        mgr.save(4, state(base, 4))  # deletes 2; step 1's folder, pruned, is not listed again
+        assert mgr.steps() == [3, 4]
+        assert not [k for k in proxy.keys("list") if k.startswith(f"{name}/run/1")], \
+            proxy.keys("list")
     # Step 1 is retired: its commit file and all but the base's array are gone.
     left = _keys(kv, "run/1/")
     assert "run/1/retired" in left and f"run/1/{_format.COMMIT_FILE}" not in left
     commit = _decode.decode(kv.read(f"run/3/{_format.COMMIT_FILE}").result().value, "")
     assert {k.split("/a/")[1].split("/")[0] for k in left if "/a/" in k} == {
         str(commit.leaves["base"].storage.index)}
-    assert pc.latest(run) == f"{run}/3"
+    assert pc.latest(run) == f"{run}/4"
     with pytest.raises(pc.CheckpointNotFoundError, match="step 1 was deleted"):
         pc.restore(f"{run}/1")
-    for step in (2, 3):
+    for step in (3, 4):
         assert_state(pc.restore(f"{run}/{step}")[0], base, step)
         assert pc.verify(f"{run}/{step}").ok
     # clean, told every leftover is old, never deletes the retired folder's data.
@@ -276,24 +280,24 @@ def test_incremental_steps_on_an_object_store(proxied, base, monkeypatch):
     report = pc.clean(run, delete=True)
     assert f"{run}/1" not in report.incomplete + report.orphaned
     assert _keys(kv, "run/1/") == left
-    assert_state(pc.restore(f"{run}/3")[0], base, 3)
+    assert_state(pc.restore(f"{run}/4")[0], base, 4)
     # A step copied alone fails naming what is missing; convert writes a whole copy.
-    for key in _keys(kv, "run/3/"):
-        kv.write(f"alone/3/{key[len('run/3/'):]}", kv.read(key).result().value).result()
+    for key in _keys(kv, "run/4/"):
+        kv.write(f"alone/4/{key[len('run/4/'):]}", kv.read(key).result().value).result()
     with pytest.raises(pc.CheckpointNotFoundError,
                        match=rf"leaf 'base' is carried from step 1 \({url}/alone/1/d-.*"
                              r"pytree-ckpt convert"):
-        pc.restore(f"{url}/alone/3")
-    assert main(["convert", f"{run}/3", f"{url}/whole"]) == 0
+        pc.restore(f"{url}/alone/4")
+    assert main(["convert", f"{run}/4", f"{url}/whole"]) == 0
     assert pc.metadata(f"{url}/whole").carried == {}
     # A new base: no kept step needs step 1's data, so its folder goes.
     with pc.CheckpointManager(run, keep=2, async_save=False) as mgr:
-        for step in (4, 5):
+        for step in (5, 6):
             mgr.save(step, state(base + 1, step))
     assert _keys(kv, "run/1/") == [] and _keys(kv, "run/.steps/") == [
-        "run/.steps/4", "run/.steps/5", "run/.steps/complete"]
-    assert_state(pc.restore(f"{url}/whole")[0], base, 3)
-    assert_state(pc.restore(f"{run}/5")[0], base + 1, 5)
+        "run/.steps/5", "run/.steps/6", "run/.steps/complete"]
+    assert_state(pc.restore(f"{url}/whole")[0], base, 4)
+    assert_state(pc.restore(f"{run}/6")[0], base + 1, 6)
 
 JOB = r"""
 import jax, jax.numpy as jnp, numpy as np, pytree_ckpt as pc

@@ -43,6 +43,10 @@ class Ledger:
         self._known: dict[int, dict[str, set[str]]] = {}
         self.base: _carry.Base | None = None
         self.retired: set[int] = set()
+        # Retired step -> the keys it was last pruned to: while the kept steps need all of
+        # them, nothing else is left in its folder and a sweep skips it (on an object store,
+        # pruning lists every key of the folder).
+        self._pruned: dict[int, set[str]] = {}
 
     def committed(self, step: int, objects: Mapping[str, weakref.ref]) -> None:
         """Reads back the commit file of ``step``, just committed: the next step's base
@@ -95,9 +99,12 @@ class Ledger:
         if needed is not None and str(step) not in needed:
             _steps.delete_step(self._loc, self._kv, step)
         else:
-            retire(self._loc, self._kv, step, None if needed is None else needed[str(step)])
+            keys = None if needed is None else needed[str(step)]
+            retire(self._loc, self._kv, step, keys)
             _storage.delete_file(self._loc, self._kv, _steps.metrics_name(step))
             self.retired.add(step)
+            if keys is not None:
+                self._pruned[step] = keys
         self.sweep(kept)
 
     def find_retired(self, children: Mapping[str, set[str] | None], steps: list[int]) -> None:
@@ -105,6 +112,7 @@ class Ledger:
         _storage.child_names) and sweeps them (``steps``: the committed ones)."""
         self.retired = {int(n) for n, inside in children.items()
                         if _steps.is_step(n) and is_retired(inside)}
+        self._pruned.clear()
         self.sweep(steps)
 
     def keep_if_retired(self, step: int) -> bool:
@@ -117,7 +125,8 @@ class Ledger:
 
     def sweep(self, kept: Iterable[int]) -> None:
         """Deletes what no ``kept`` step needs of the retired folders: all of a folder once
-        nothing of it is needed (``retired`` first, then the rest, then its index marker)."""
+        nothing of it is needed (``retired`` first, then the rest, then its index marker). A
+        folder this ledger pruned to keys that are all still needed is left unread."""
         if not self.retired:
             return
         needed = self.needed(kept)
@@ -126,12 +135,16 @@ class Ledger:
         for step in sorted(self.retired):
             name = str(step)
             if name in needed:
-                prune(self._loc, self._kv, name, needed[name])
+                pruned = self._pruned.get(step)
+                if pruned is None or not needed[name] >= pruned:
+                    prune(self._loc, self._kv, name, needed[name])
+                    self._pruned[step] = needed[name]
                 continue
             _storage.delete_file(self._loc, self._kv, f"{name}/{RETIRED}")
             _storage.delete_prefix(self._loc, self._kv, name)
             _steps.unmark(self._loc, self._kv, step)
             self.retired.discard(step)
+            self._pruned.pop(step, None)
 
 
 def retire(loc: _storage.Location, kv: Any, step: int, needed: set[str] | None) -> None:
