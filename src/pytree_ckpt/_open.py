@@ -1,8 +1,8 @@
 """Opening a checkpoint: its commit file (ours), or another tool's files.
 
-:func:`open_source` gives a :class:`~._source.Source` for any format: our commit file,
-validated as untrusted input (:func:`load_commit`), or, where there is none, what
-``_foreign.detect`` recognizes. Reading our leaves goes through :func:`_read.read_leaves`,
+:func:`open_source` (:func:`open_path` from a user's path) gives a :class:`~._source.Source`
+for any format: our commit file, validated as untrusted input (:func:`load_commit`), or, where
+there is none, what ``_foreign.detect`` recognizes. Reading our leaves goes through :func:`_read.read_leaves`,
 guarded against an overwrite that lands while they are read (:class:`OverwrittenError`).
 """
 
@@ -63,9 +63,19 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
     return decode(data, commit_file(loc))
 
 
+def open_path(path: str | os.PathLike | dict) -> tuple[_storage.Location, _source.Source]:
+    """The location a user's ``path`` names (as for ``save``), and the checkpoint there."""
+    loc = _storage.location(path)
+    kv = _storage.open_kvstore(loc)
+    return loc, _opened(loc, kv)
+
+
 def open_source(loc: _storage.Location) -> _source.Source:
     """The checkpoint at ``loc``: ours (its commit file), or another tool's files."""
-    kv = _storage.open_kvstore(loc)
+    return _opened(loc, _storage.open_kvstore(loc))
+
+
+def _opened(loc: _storage.Location, kv: Any) -> _source.Source:
     try:
         commit = load_commit(loc, kv)
     except CheckpointNotFoundError:

@@ -24,13 +24,12 @@ from . import (
     _placement,
     _progress,
     _source,
-    _storage,
     _transform,
 )
 from ._build import Want, default_device
 from ._errors import OverwrittenError
 from ._format import LeafRecord
-from ._open import open_source
+from ._open import open_path
 from ._status import Cast, RestoreStatus, check_complete
 
 # A restore that finds its checkpoint overwritten while it reads starts again this many times
@@ -129,7 +128,8 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     rules = _transform.Rules(transform) if transform is not None else None
     for attempt in range(_ATTEMPTS):
         try:
-            tree, status = _restore(path, target, at, rename, rules, progress, share_reads)
+            tree, status, url = _restore(path, target, at, rename, rules, progress,
+                                         share_reads)
             break
         except OverwrittenError:
             if attempt == _ATTEMPTS - 1:
@@ -137,20 +137,20 @@ def restore(path: str | os.PathLike | dict, target: Any = None, *, at: str | Non
     else:
         raise AssertionError("unreachable: the last attempt returns or raises")
     if strict:
-        check_complete(status, _storage.location(path).url, "call restore without strict=True")
+        check_complete(status, url, "call restore without strict=True")
     return tree, status
 
 
 def _restore(path: Any, target: Any, at: str | None, rename: Any,
              rules: _transform.Rules | None, progress: bool, share: bool | None
-             ) -> tuple[Any, RestoreStatus]:
-    loc = _storage.location(path)
-    ckpt = open_source(loc)
+             ) -> tuple[Any, RestoreStatus, str]:
+    """The restored tree, its status, and the checkpoint's URL (for messages)."""
+    loc, ckpt = open_path(path)
     rename_fn = _graph.renamer(rename) if rename is not None else None
     with _gc_pause.paused():
         entries = _match.select(ckpt, at, rename_fn, loc.url)
     if target is None:
-        return _restore_saved(ckpt, entries, at, rename_fn, rules, progress, share)
+        return *_restore_saved(ckpt, entries, at, rename_fn, rules, progress, share), loc.url
     with _gc_pause.paused():  # the per-leaf loops, never the reads: see _gc_pause
         flat, jobs, transforms, status = _match_target(ckpt, entries, target, rules)
     values = _read_all(ckpt, jobs, progress, share)
@@ -162,7 +162,7 @@ def _restore(path: Any, target: Any, at: str | None, rename: Any,
                                      transformed=tuple(t[0] for t in transforms))
     with _gc_pause.paused():
         leaves = [values.get(p, leaf) for p, leaf in zip(flat.paths, flat.leaves, strict=True)]
-        return jax.tree_util.tree_unflatten(flat.treedef, leaves), status
+        return jax.tree_util.tree_unflatten(flat.treedef, leaves), status, loc.url
 
 
 def _match_target(ckpt: _source.Source, entries: dict[str, str], target: Any,
