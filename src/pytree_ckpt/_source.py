@@ -21,7 +21,7 @@ import tensorstore as ts
 from . import _build, _decode, _graph, _leaves, _storage
 from ._columns import Columns
 from ._errors import CorruptCheckpointError
-from ._faults import read_failed
+from ._faults import faults, is_storage_fault, read_failed, storage_error
 from ._format import LeafRecord
 
 # CheckpointMetadata.format values.
@@ -196,6 +196,35 @@ def check_file(f: File) -> None:
     TensorStore's read of one would block until a writer came, maybe forever."""
     if f.local is not None:
         _storage.check_regular(f.local)
+
+
+def read_file(f: File) -> bytes | None:
+    """All of ``f``, or None if there is no such file; :func:`check_file` first. A fault of
+    the store is a :class:`StorageError`."""
+    check_file(f)
+    return _whole(f)
+
+
+def read_head(f: File, n: int) -> bytes | None:
+    """The first ``n`` bytes of ``f`` (all of a shorter file), or None if it is not a file
+    (a folder, or a name the store cannot read); :func:`check_file` first. A fault of the
+    store is a :class:`StorageError`, never "no file there"."""
+    check_file(f)
+    try:
+        result = f.kv.read(f.key, byte_range=slice(0, n)).result()
+    except Exception as e:
+        if is_storage_fault(e):  # refused or failing: not "no file there"
+            raise storage_error(f.url, e) from e
+        if "OUT_OF_RANGE" not in str(e):  # a folder, or a name the store cannot read
+            return None
+        return _whole(f)  # shorter than n
+    return bytes(result.value) if result.state == "value" else None
+
+
+def _whole(f: File) -> bytes | None:
+    with faults(f.url):
+        result = f.kv.read(f.key).result()
+    return bytes(result.value) if result.state == "value" else None
 
 
 def file_at(loc: _storage.Location) -> File | None:

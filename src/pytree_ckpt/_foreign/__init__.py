@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 from .. import _source, _storage
-from .._faults import faults, is_storage_fault, storage_error
+from .._faults import is_storage_fault, storage_error
 from . import flax_msgpack, orbax, safetensors
 
 _HEAD_BYTES = 16
@@ -43,8 +43,7 @@ def detect(loc: _storage.Location, kv: Any) -> _source.Source | None:
     f = _file(loc)
     if f is None:
         return None
-    _source.check_file(f)
-    head = _head(f)
+    head = _source.read_head(f, _HEAD_BYTES)
     if head is None:
         return None
     if f.key.endswith(".json"):
@@ -61,20 +60,6 @@ def _file(loc: _storage.Location) -> _source.File | None:
         return _source.file_at(loc)
     except Exception:  # a path no store can open as a file's folder
         return None
-
-
-def _head(f: _source.File) -> bytes | None:
-    """The file's first bytes (all of a shorter file), or None if it is not a file."""
-    try:
-        result = f.kv.read(f.key, byte_range=slice(0, _HEAD_BYTES)).result()
-    except Exception as e:
-        if is_storage_fault(e):  # refused or failing: not "no file there"
-            raise storage_error(f.url, e) from e
-        if "OUT_OF_RANGE" not in str(e):  # a folder, or a name the store cannot read
-            return None
-        with faults(f.url):
-            result = f.kv.read(f.key).result()  # shorter than _HEAD_BYTES
-    return bytes(result.value) if result.state == "value" else None
 
 
 def _exists(loc: _storage.Location, kv: Any, key: str) -> bool:

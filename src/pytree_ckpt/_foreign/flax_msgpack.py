@@ -32,7 +32,6 @@ import numpy as np
 
 from .. import _build, _gc_pause, _graph, _leaves, _source
 from .._errors import CorruptCheckpointError
-from .._faults import faults
 from .._format import LeafRecord, Storage
 from .._unpack import count_values
 
@@ -115,10 +114,7 @@ def _ext(where: str) -> Any:
 
 def open_file(f: _source.File) -> _source.Source:
     """The Flax msgpack file ``f`` as a :class:`_source.Source`."""
-    _source.check_file(f)
-    with faults(f.url):
-        result = f.kv.read(f.key).result()
-    data = bytes(result.value) if result.state == "value" else b""
+    data = _source.read_file(f) or b""
     try:
         with _gc_pause.paused():
             tree = _unpack(data, f.url, _ext(f.url))

@@ -38,7 +38,6 @@ from .._errors import (
     PathCollisionError,
     UnsupportedLeafError,
 )
-from .._faults import faults
 from .._format import LeafRecord, Storage
 from . import safetensors_read
 
@@ -114,15 +113,12 @@ def _make_source(url: str, files: list[_source.File], entries: list[tuple[str, L
 
 
 def _index(f: _source.File) -> tuple[dict[str, str], dict[str, Any]]:
-    _source.check_file(f)
-    with faults(f.url):
-        result = f.kv.read(f.key).result()
-    if result.state != "value":
+    data = _source.read_file(f)
+    if data is None:
         raise CorruptCheckpointError(f"{f.url}: cannot read the index file")
-    if len(result.value) > MAX_HEADER_BYTES:
-        raise CorruptCheckpointError(f"{f.url}: index file of {len(result.value)} bytes is "
-                                     "too large")
-    doc = _json(f.url, bytes(result.value))
+    if len(data) > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(f"{f.url}: index file of {len(data)} bytes is too large")
+    doc = _json(f.url, data)
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not (isinstance(weight_map, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
