@@ -53,11 +53,11 @@ Python exception rather than an abort.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import textwrap
 import threading
@@ -65,6 +65,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from _zygote import Zygote
 
 __all__ = [
     "MultiprocessError",
@@ -96,20 +98,22 @@ class MultiprocessError(AssertionError):
     every process's output."""
 
 
-# The program each child runs (`python -c`). Parent -> child: environment and stdin;
-# child -> parent: stdout, stderr and the control pipe.
+# The program each child runs, forked by a warm zygote (``_zygote.py``: JAX is imported
+# once, not once per child). Parent -> child: environment and a FIFO of commands;
+# child -> parent: stdout and stderr (files the parent follows) and a control file.
 _BOOTSTRAP = r"""
-import ctypes, json, os, signal, sys, traceback
+import ctypes, json, os, select, signal, sys, traceback
 
-# Die with the parent, so no child is orphaned even if the parent is SIGKILLed.
-# (PR_SET_PDEATHSIG = 1; it fires when the parent *thread* that forked us exits.)
+# Die with the zygote (which dies with the parent), so no child is orphaned even if the
+# parent is SIGKILLed. (PR_SET_PDEATHSIG = 1: it fires when the forking thread exits.)
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 if os.getppid() != int(os.environ["_MP_PARENT_PID"]):
-    os._exit(111)  # the parent already died before prctl took effect
+    os._exit(111)  # the zygote already died before prctl took effect
 
 process_id = int(os.environ["_MP_PROCESS_ID"])
 num_processes = int(os.environ["_MP_NUM_PROCESSES"])
-control = os.fdopen(int(os.environ["_MP_CONTROL_FD"]), "w")
+# Opened now, before the parent may write to it: a FIFO with no reader refuses writers.
+commands = os.open(os.environ["_MP_COMMANDS"], os.O_RDONLY | os.O_NONBLOCK)
 
 import jax
 
@@ -157,11 +161,17 @@ except BaseException:
     rc = 1
 sys.stdout.flush()
 sys.stderr.flush()
-control.write(f"done {rc}\n")
-control.flush()
+with open(os.environ["_MP_CONTROL"], "w") as control:
+    control.write(f"done {rc}\n")
 
-command = sys.stdin.readline().strip()  # "" (EOF) when the parent is gone
-if command == "shutdown":
+command = b""
+while not command.endswith(b"\n"):
+    select.select([commands], [], [])
+    more = os.read(commands, 64)
+    if not more:  # the parent closed the FIFO without a command
+        break
+    command += more
+if command.strip() == b"shutdown":
     try:
         jax.distributed.shutdown()
     except BaseException:
@@ -222,7 +232,6 @@ def run_multiprocess(
             _MP_CODE=str(code_path),
             _MP_ARGS=json.dumps(args),
             _MP_NUM_PROCESSES=str(num_processes),
-            _MP_PARENT_PID=str(os.getpid()),
             _MP_INIT_TIMEOUT=str(init_timeout_s),
             _MP_HEARTBEAT_TIMEOUT=str(heartbeat_timeout_s),
             _MP_SHUTDOWN_TIMEOUT=str(shutdown_timeout_s),
@@ -311,70 +320,103 @@ def _reserve_port() -> socket.socket:
 
 
 class _Child:
-    """One process and the threads that drain its pipes."""
+    """One process, forked by the zygote, and the thread that follows its output."""
 
-    def __init__(self, rank: int, env: dict[str, str], cwd: str, marker: str | None) -> None:
+    def __init__(self, rank: int, env: dict[str, str], cwd: str, files: str,
+                 marker: str | None) -> None:
         self.rank = rank
         self.marker = marker
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         self.done = threading.Event()  # the snippet finished (the child now waits)
         self.port_taken = threading.Event()
-        control_read, control_write = os.pipe()
-        env = dict(env, _MP_PROCESS_ID=str(rank), _MP_CONTROL_FD=str(control_write))
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP],
-                env=env,
-                cwd=cwd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(control_write,),
-                text=True,
-                errors="replace",
-            )
-        finally:
-            os.close(control_write)  # the child holds its copy; EOF when it exits
-        self.threads = [
-            threading.Thread(target=self._drain, args=(self.proc.stdout, self.stdout), daemon=True),
-            threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr), daemon=True),
-            threading.Thread(target=self._control, args=(control_read,), daemon=True),
-        ]
+        self.returncode: int | None = None
+        self._zygote = _zygote()
+        self._files = {name: os.path.join(files, f"{rank}.{name}")
+                       for name in ("out", "err", "control", "commands")}
+        os.mkfifo(self._files["commands"])
+        env = dict(env, _MP_PROCESS_ID=str(rank), _MP_PARENT_PID=str(self._zygote.pid),
+                   _MP_CONTROL=self._files["control"], _MP_COMMANDS=self._files["commands"])
+        self.pid = self._zygote.start(_BOOTSTRAP, env=env, replace_env=True, cwd=cwd,
+                                      out=self._files["out"], err=self._files["err"])
+        self.threads = [threading.Thread(target=self._follow, daemon=True)]
         for t in self.threads:
             t.start()
 
-    def _drain(self, stream: Any, lines: list[str]) -> None:
-        for line in stream:
-            lines.append(line)
-            if self.marker is not None and stream is self.proc.stdout and self.marker in line:
-                self.kill()
-            if self.rank == 0 and _PORT_TAKEN in line:
-                self.port_taken.set()
+    def _follow(self) -> None:
+        """Reads the child's output files as they grow, line by line, until it has exited."""
+        streams = [(self._files["out"], self.stdout, True), (self._files["err"], self.stderr, False)]
+        partial = ["", ""]
+        offsets = [0, 0]
+        while True:
+            exited = not self.running()  # before the last read: nothing is written after
+            for i, (path, lines, is_stdout) in enumerate(streams):
+                try:
+                    with open(path, errors="replace") as f:
+                        f.seek(offsets[i])
+                        text = f.read()
+                        offsets[i] = f.tell()
+                except FileNotFoundError:  # not created yet
+                    continue
+                *complete, partial[i] = (partial[i] + text).split("\n")
+                for line in complete:
+                    self._line(line + "\n", lines, is_stdout)
+            if not self.done.is_set() and os.path.exists(self._files["control"]):
+                with open(self._files["control"]) as f:
+                    if f.read().startswith("done"):
+                        self.done.set()
+            if exited:
+                for i, (_path, lines, is_stdout) in enumerate(streams):
+                    if partial[i]:
+                        self._line(partial[i], lines, is_stdout)
+                return
+            time.sleep(0.02)
 
-    def _control(self, fd: int) -> None:
-        with os.fdopen(fd) as f:
-            for line in f:
-                if line.startswith("done"):
-                    self.done.set()
+    def _line(self, line: str, lines: list[str], is_stdout: bool) -> None:
+        lines.append(line)
+        if self.marker is not None and is_stdout and self.marker in line:
+            self.kill()
+        if self.rank == 0 and _PORT_TAKEN in line:
+            self.port_taken.set()
 
     def running(self) -> bool:
-        return self.proc.poll() is None
+        if self.returncode is None:
+            self.returncode = self._zygote.exit_code(self.pid)
+        return self.returncode is None
 
     def send(self, command: str) -> None:
         try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass  # it died meanwhile: nothing to tell it
+            fd = os.open(self._files["commands"], os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            return  # no reader: it died meanwhile, nothing to tell it
+        try:
+            os.write(fd, (command + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.running():
             try:
-                self.proc.kill()
+                os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def wait(self) -> None:
+        """Until the child has exited and been reaped."""
+        self.returncode = self._zygote.wait(self.pid, None)
+
+
+_ZYGOTE: list[Zygote] = []
+
+
+def _zygote() -> Zygote:
+    """This process's zygote, started on first use and closed at exit."""
+    if not _ZYGOTE:
+        _ZYGOTE.append(Zygote(_child_env(1, None)))
+        atexit.register(_ZYGOTE[0].close)
+    return _ZYGOTE[0]
 
 
 class _Run:
@@ -385,8 +427,9 @@ class _Run:
         self.port = _reserve_port()
         env = dict(env, _MP_PORT=str(self.port.getsockname()[1]))
         try:
+            files = tempfile.mkdtemp(prefix="run-", dir=cwd)  # this attempt's pipes and output
             for rank in range(n):
-                self.children.append(_Child(rank, env, cwd, kill_on.get(rank)))
+                self.children.append(_Child(rank, env, cwd, files, kill_on.get(rank)))
         except BaseException:
             self.close()
             raise
@@ -429,18 +472,12 @@ class _Run:
         for c in self.children:
             c.kill()
         for c in self.children:
-            c.proc.wait()
+            c.wait()
             for t in c.threads:
                 t.join(timeout=5)
-            for stream in (c.proc.stdin, c.proc.stdout, c.proc.stderr):
-                if stream is not None:
-                    try:
-                        stream.close()
-                    except OSError:
-                        pass
 
     def results(self) -> list[ProcessResult]:
         return [
-            ProcessResult(c.proc.returncode, "".join(c.stdout), "".join(c.stderr))
+            ProcessResult(c.returncode, "".join(c.stdout), "".join(c.stderr))
             for c in self.children
         ]
