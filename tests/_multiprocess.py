@@ -18,10 +18,11 @@ Usage::
     assert_all_ok(results)
     assert "I am 1 of 2" in results[1].stdout
 
-Each child initializes ``jax.distributed`` (gloo CPU collectives, a fresh loopback
-port) and starts its backend before the snippet runs (backend start-up waits for every
-process, so a process killed early in the snippet would otherwise hang the others
-there). The snippet sees these globals:
+Each child is forked from a warm zygote (``_zygote.py``: one per test process, JAX and
+pytree_ckpt imported once, no backend), gets the job's environment, initializes
+``jax.distributed`` (gloo CPU collectives, a fresh loopback port) and starts its backend
+before the snippet runs (backend start-up waits for every process, so a process killed
+early in the snippet would otherwise hang the others there). The snippet sees these globals:
 
 - ``process_id``, ``num_processes``: this process and the job size.
 - ``args``: the JSON round trip of ``run_multiprocess(..., args=...)``.
@@ -41,9 +42,10 @@ How the children end (the part that is easy to get wrong):
   survivors to exit without it: processes other than 0 first, and process 0, which
   hosts the coordination service, only once they are gone. A client whose service
   disappears aborts itself, so the order matters.
-- Children get ``PR_SET_PDEATHSIG=SIGKILL``, so none outlives the parent (pytest
-  itself being killed included); every exit path of ``run_multiprocess`` kills and
-  reaps whatever is still running.
+- Children and the zygote get ``PR_SET_PDEATHSIG=SIGKILL`` (a child dies with the zygote,
+  the zygote with the parent), so none outlives the parent (pytest itself being killed
+  included); every exit path of ``run_multiprocess`` kills whatever is still running
+  and waits until the zygote has reaped it.
 
 JAX facts this relies on (jax 0.10.2): a dead process is noticed only after
 ``heartbeat_timeout_s``, and then JAX aborts every other process. Timeouts in the
@@ -236,6 +238,7 @@ def run_multiprocess(
             _MP_HEARTBEAT_TIMEOUT=str(heartbeat_timeout_s),
             _MP_SHUTDOWN_TIMEOUT=str(shutdown_timeout_s),
         )
+        _zygote()  # started (once per test process) before the run's time starts
         deadline = time.monotonic() + timeout_s
         for _ in range(_PORT_ATTEMPTS):
             run = _Run(num_processes, base_env, tmp, dict(kill_on or {}))

@@ -33,7 +33,7 @@ LAYOUTS = [pytest.param(2, 2, id="2proc-x2dev"), pytest.param(4, 1, id="4proc-x1
 
 # Every multi-process run must finish well inside the pytest timeout, so that a hang
 # is reported by the harness, with every process's output, rather than by pytest.
-# (90 s: on 2 cores that other jobs load, 4 processes took over 40 s to import JAX.)
+# (90 s: generous, for two cores that other jobs load.)
 RUN_TIMEOUT_S = 90
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,7 +54,7 @@ def _run(code: str, num_processes: int, devices: int, **kwargs) -> list[ProcessR
         num_processes=num_processes,
         devices_per_process=devices,
         timeout_s=RUN_TIMEOUT_S,
-        init_timeout_s=60,  # the last process may still be importing JAX
+        init_timeout_s=60,  # generous: the last process may start late on busy cores
         **kwargs,
     )
 
@@ -430,11 +430,10 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.timeout(200)
 def test_harness_timeout_kills_every_process():
-    # 30 s: each process imports JAX and joins the job before the snippet prints its PID,
-    # which on two busy cores took more than 3 s about every other run, and over 10 s when
-    # other jobs loaded them.
+    # 10 s: each process joins the job before the snippet prints its PID (forked warm, with
+    # JAX imported: about a second, more on two busy cores).
     t = time.monotonic()
-    with pytest.raises(MultiprocessError, match=r"did not finish within 30 s") as info:
+    with pytest.raises(MultiprocessError, match=r"did not finish within 10 s") as info:
         run_multiprocess(
             """
             import os, time
@@ -442,7 +441,7 @@ def test_harness_timeout_kills_every_process():
             time.sleep(300)
             """,
             num_processes=2,
-            timeout_s=30,
+            timeout_s=10,
             init_timeout_s=60,
         )
     # Killed at the limit, not after the 300 s sleep (the bound leaves the load 90 s).

@@ -77,7 +77,7 @@ def test_a_refused_commit_file_is_a_storage_error(saved, reader):
 
 def test_a_commit_file_failing_past_the_deadline_is_a_storage_error(saved, deadline):
     proxy, url = saved
-    seconds = deadline(2.0)
+    seconds = deadline(1.0)
     proxy.fail(kind="get", key=COMMIT, status=503)
     for reader in sorted(READERS):
         start = time.monotonic()
@@ -150,11 +150,11 @@ def test_transient_faults_on_every_reader_are_survived(saved):
 
 def test_a_slow_server_is_waited_for_within_the_deadline(saved, deadline):
     proxy, url = saved
-    deadline(2.0)  # bounds retries of failures, not how long an answer takes
-    proxy.fail(kind="get", key=DATA + "a/", delay=5.0, count=1)
+    deadline(1.0)  # bounds retries of failures, not how long an answer takes
+    proxy.fail(kind="get", key=DATA + "a/", delay=2.5, count=1)
     start = time.monotonic()
     check(pc.restore(url)[0])
-    assert time.monotonic() - start >= 5.0
+    assert time.monotonic() - start >= 2.5
 
 
 # ---- latest, a manager's start-up ----
