@@ -17,9 +17,11 @@ LATEST := .venv-latest
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-# The suite in 2 worker processes (pytest-xdist), each given whole files: a module's shared
-# fixtures (a multi-process job, a warm child) are then made once.
-PYTEST := -m pytest -q -n 2 --dist loadfile
+# The suite in 3 worker processes (pytest-xdist), each given whole files: a module's shared
+# fixtures (a multi-process job, a warm child) are then made once. Three even on two cores:
+# many tests spend their time waiting (on storage servers, child processes, deadlines), and
+# a third worker runs while they wait.
+PYTEST := -m pytest -q -n 3 --dist loadfile
 
 .PHONY: setup demo test bench lint lock test-latest clean
 
