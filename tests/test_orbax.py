@@ -250,3 +250,16 @@ def test_object_stores(tmp_path, bucket):
     status.assert_consumed()
     _equal(restored["params"]["w"], tree["params"]["w"])
     assert restored["step"] == 3
+
+
+
+def test_a_weakly_typed_target_leaf_comes_back_weakly_typed(tmp_path):
+    # As from our own format: the target's weak type is kept (a Python scalar's jax.Array
+    # promotes as a scalar would); a strongly typed target gets a strongly typed leaf.
+    path = _standard(str(tmp_path / "o"), {"w": jnp.asarray(2.0)})
+    weak, strong = jnp.asarray(0.0), jnp.asarray(np.float32(0.0))
+    assert weak.weak_type and not strong.weak_type
+    restored, _ = pc.restore(path, {"w": weak})
+    assert restored["w"].weak_type and float(restored["w"]) == 2.0
+    restored, _ = pc.restore(path, {"w": strong})
+    assert not restored["w"].weak_type and float(restored["w"]) == 2.0

@@ -50,7 +50,8 @@ def read(url: str, jobs: list[_build.Job], remote: bool, share: bool | None
                     # The common small leaf, read with read(): TensorStore's array is not
                     # aligned, so JAX copies it either way; asked to, it copies at once, the
                     # cheaper way per leaf.
-                    out[path] = _transfer.to_device(host, want.sharding, copy=True)
+                    out[path] = _transfer.to_device(host, want.sharding, copy=True,
+                                                    weak_type=want.weak)
                 else:
                     out[path] = _build.build(rec, want, regions, layouts, whole=False)
     return out
