@@ -65,6 +65,7 @@ class Zygote:
         self._changed = threading.Condition()
         self._pids: list[int] = []  # replies to requests, in order
         self._exits: dict[int, int] = {}
+        self._reader: threading.Thread | None = None
         if self._proc.stdout.readline().strip() != "ready":
             self.close()
             raise RuntimeError("the zygote did not start")
@@ -135,6 +136,8 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=5)  # it ends at the zygote's EOF
         self._proc.stdout.close()
         self._dir.cleanup()
 
