@@ -113,6 +113,8 @@ _CRC32C = (google_crc32c.value if google_crc32c.implementation == "c"
 # (google_crc32c takes no memoryview).
 LEAF_CRC = {2: zlib.crc32, 3: _CRC32C, 4: _CRC32C, 5: _CRC32C, 6: _CRC32C}
 COMMIT_FILE = "checkpoint.msgpack"
+# The file marking a deleted step's folder that keeps only data later steps carry (_retire).
+RETIRED = "retired"
 # ~50 bytes a leaf: room for millions of leaves, and decoding a forged file of this size
 # takes at most a few GB (see _decode's body limits).
 MAX_COMMIT_BYTES = 256 << 20

@@ -20,9 +20,8 @@ from ._errors import (
     OverwrittenError,
     StorageError,
 )
-from ._format import COMMIT_FILE, Commit, is_ours
+from ._format import COMMIT_FILE, RETIRED, Commit, is_ours
 from ._read import read_leaves
-from ._retire import RETIRED
 
 
 def commit_file(loc: _storage.Location) -> str:

@@ -15,9 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import _carry, _decode, _steps, _storage
-from ._format import COMMIT_FILE, Commit
-
-RETIRED = "retired"
+from ._format import COMMIT_FILE, RETIRED, Commit
 
 
 def needs(commit: Commit) -> dict[str, set[str]]:
