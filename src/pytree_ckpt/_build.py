@@ -14,12 +14,12 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import tensorstore as ts
+from jax.sharding import SingleDeviceSharding
 
 from . import _leaves, _transfer
 from ._format import LeafRecord
 
 _ALIGN = 64  # the CPU backend adopts 64-byte-aligned host memory without a copy
-_ONE_DEVICE = jax.sharding.SingleDeviceSharding
 
 
 class Want(NamedTuple):
@@ -62,7 +62,7 @@ class Layouts:
     def __call__(self, sharding: Any, shape: tuple[int, ...]) -> list[tuple[Any, tuple, tuple]]:
         key = (id(sharding), shape)  # the wants keep every sharding alive meanwhile
         if key not in self._cache:
-            if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            if isinstance(sharding, SingleDeviceSharding):
                 device = _transfer.device_of(sharding)
                 whole = tuple(slice(0, d) for d in shape)
                 self._cache[key] = [(device, whole, _region_key(whole, shape))]
@@ -138,7 +138,7 @@ def _assemble(rec: LeafRecord, want: Want, regions: dict[tuple, np.ndarray], lay
               whole: bool) -> jax.Array:
     # Packed leaves are views into a whole range of a blob: copy them (``copy=whole``), so
     # that no restored leaf keeps the range alive (that held the small-leaf tree twice).
-    if type(want.sharding) is _ONE_DEVICE:
+    if type(want.sharding) is SingleDeviceSharding:
         # One device, one piece: no layout to look up (each target leaf has a sharding
         # object of its own, so Layouts' cache misses).
         (host,) = regions.values()

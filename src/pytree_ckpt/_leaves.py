@@ -17,6 +17,7 @@ Anything else raises :class:`UnsupportedLeafError` naming the leaf's path. Nothi
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any, NamedTuple
 
@@ -60,6 +61,12 @@ class LeafInfo(NamedTuple):
 
 
 _NAMES: dict[Any, str] = {}
+
+
+def nbytes(origin: str, shape: tuple[int, ...], dtype: str) -> int:
+    """The bytes of a leaf's array (``dtype`` by its name, see :data:`DTYPES`); 0 for a
+    Python value."""
+    return 0 if origin == PY else math.prod(shape) * DTYPES[dtype].itemsize
 
 
 def dtype_name(dtype: Any) -> str:

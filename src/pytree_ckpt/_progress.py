@@ -11,7 +11,6 @@ the bar by each batch's bytes.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,7 +44,7 @@ def _nothing(n: int) -> None:
 def read_with_bar(read: Callable[[list], dict[str, Any]], jobs: list, what: str
                   ) -> dict[str, Any]:
     """``read(jobs)``, batch by batch under a bar titled ``what``."""
-    sizes = [_nbytes(rec) for _, rec, _ in jobs]
+    sizes = [_leaves.nbytes(rec.origin, rec.shape, rec.dtype) for _, rec, _ in jobs]
     out: dict[str, Any] = {}
     with bar(sum(sizes), what, True) as advance:
         for batch, nbytes in _batches(jobs, sizes):
@@ -67,7 +66,3 @@ def _batches(jobs: list, sizes: list[int]) -> Iterator[tuple[list, int]]:
         yield batch, total
 
 
-def _nbytes(rec: Any) -> int:
-    if rec.origin == _leaves.PY:
-        return 0
-    return math.prod(rec.shape) * _leaves.DTYPES[rec.dtype].itemsize

@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
+from jax.sharding import SingleDeviceSharding
 
 from . import (
     _binding,
@@ -62,7 +62,6 @@ _SLAB_BYTES = 8 << 20  # large regions are read as slabs of about this size, con
 # What a chunk in flight costs at least, counted in the window: TensorStore's state for each
 # chunk it reads (a slab of 65,536 chunks of a few bytes is otherwise "a few bytes").
 _CHUNK_COST = 4 << 10
-_ONE_DEVICE = jax.sharding.SingleDeviceSharding
 
 
 def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: bool = False,
@@ -96,7 +95,7 @@ def read_leaves(url: str, kv: Any, commit: Commit, jobs: list[Job], *, remote: b
             with _gc_pause.paused():
                 for path, rec, want in group:
                     host = _checked(url, data, start, rec, blob, crc)
-                    if (want.kind == _leaves.JAX and type(want.sharding) is _ONE_DEVICE
+                    if (want.kind == _leaves.JAX and type(want.sharding) is SingleDeviceSharding
                             and host.dtype == want.dtype):
                         # The common case, without build's dispatch (per leaf).
                         out[path] = _transfer.to_device(host, want.sharding, copy=True,

@@ -53,15 +53,11 @@ class Records(dict):
         """``(paths, origins, shapes, dtypes, nbytes, shardings, values)``, as Columns'."""
         recs = list(self.values())
         return ([r.path for r in recs], [r.origin for r in recs], [r.shape for r in recs],
-                [r.dtype for r in recs], [_nbytes(r) for r in recs],
+                [r.dtype for r in recs], [_leaves.nbytes(r.origin, r.shape, r.dtype) for r in recs],
                 [r.sharding for r in recs],
                 [r.storage.value if r.origin == _leaves.PY else None for r in recs])
 
 
-def _nbytes(rec: LeafRecord) -> int:
-    if rec.origin == _leaves.PY:
-        return 0
-    return math.prod(rec.shape) * _leaves.DTYPES[rec.dtype].itemsize
 
 
 def records(where: str, items: Iterable[LeafRecord]) -> Records:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import jax
+from jax.sharding import SingleDeviceSharding
 
 from .. import _build, _gc_pause, _leaves, _share, _source, _transfer
 from .._faults import read_failed
@@ -21,7 +21,6 @@ from .._format import LeafRecord
 
 _BYTES_IN_FLIGHT = 256 << 20
 _SMALL_BYTES = 1 << 20
-_ONE_DEVICE = jax.sharding.SingleDeviceSharding
 
 
 def read(url: str, jobs: list[_build.Job], remote: bool, share: bool | None
@@ -43,7 +42,7 @@ def read(url: str, jobs: list[_build.Job], remote: bool, share: bool | None
         for path, rec, want, regions in sharing.complete(
                 _arrays(url, arrays, layouts, sharing.parts)):
             with _gc_pause.paused():  # building, not the reads: see _gc_pause
-                host = next(iter(regions.values())) if type(want.sharding) is _ONE_DEVICE \
+                host = next(iter(regions.values())) if type(want.sharding) is SingleDeviceSharding \
                     else None  # one device: one region
                 if host is not None and want.kind == _leaves.JAX and host.dtype == want.dtype \
                         and host.nbytes < _SMALL_BYTES:
