@@ -26,7 +26,11 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @pytest.fixture(scope="module")
-def recorded_s3(tmp_path_factory) -> Iterator[S3Server]:
+def recorded_s3(tmp_path_factory, s3_server) -> Iterator[S3Server]:
+    # After the session's server (s3_server, which this module's other tests use): its
+    # credentials are then in the environment this fixture restores at its end. Started
+    # in this fixture's time instead, they would be undone with ours, and every later test
+    # on the session's server would be refused (403).
     recording = tmp_path_factory.mktemp("moto") / "recording.jsonl"
     with (patched_environ({"MOTO_RECORDER_FILEPATH": str(recording)}), moto_s3_server() as server,
           patched_environ(server.env())):
