@@ -32,8 +32,8 @@ from typing import Any, NamedTuple
 
 from . import _decode, _options, _steps, _storage
 from ._foreign import orbax_run
-from ._format import COMMIT_FILE, is_generation, is_ours
-from ._steps import METRICS_FILE, is_step
+from ._format import COMMIT_FILE, is_generation, is_ours, is_step_name
+from ._steps import METRICS_FILE
 
 _TIMED = "c"  # the 13th hex digit of a save id that starts with its time (uuid4's is "4")
 
@@ -132,7 +132,7 @@ def leftovers(loc: _storage.Location, kv: Any, children: dict[str, set[str] | No
         checkpoints = {"": set(children)}  # a checkpoint itself
     else:
         checkpoints = {n: inside for n, inside in children.items()
-                       if is_step(n) and inside is not None}
+                       if is_step_name(n) and inside is not None}
     for name, inside in sorted(checkpoints.items()):
         where = loc.child(name) if name else loc
         generations = sorted(n for n in inside if is_generation(n))

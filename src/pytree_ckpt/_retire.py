@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import _carry, _decode, _steps, _storage
-from ._format import COMMIT_FILE, RETIRED, Commit
+from ._format import COMMIT_FILE, RETIRED, Commit, is_step_name
 
 
 def needs(commit: Commit) -> dict[str, set[str]]:
@@ -109,7 +109,7 @@ class Ledger:
         """Takes the retired folders among a manager directory's ``children`` (see
         _storage.child_names) and sweeps them (``steps``: the committed ones)."""
         self.retired = {int(n) for n, inside in children.items()
-                        if _steps.is_step(n) and is_retired(inside)}
+                        if is_step_name(n) and is_retired(inside)}
         self._pruned.clear()
         self.sweep(steps)
 

@@ -50,11 +50,11 @@ import jax
 import msgpack
 import numpy as np
 
-from . import _format, _storage
+from . import _storage
 from ._errors import CorruptCheckpointError, NotACheckpointError
 from ._faults import faults
 from ._foreign import orbax_run
-from ._format import COMMIT_FILE
+from ._format import COMMIT_FILE, is_step_name
 
 Metrics = Mapping[str, Any]
 INDEX = ".steps"
@@ -62,11 +62,6 @@ COMPLETE = "complete"
 # A manager's metrics file of a step, or a temporary file of its write (TensorStore's).
 METRICS_FILE = re.compile(r"(0|[1-9][0-9]*)\.metrics\.msgpack(\..+)?")
 _MAX_METRICS_BYTES = 1 << 20
-
-
-def is_step(name: str) -> bool:
-    """Whether ``name`` names a step: a decimal number without leading zeros."""
-    return _format.is_step_name(name)  # the format names steps too (references)
 
 
 def check_step(step: Any) -> int:
@@ -90,7 +85,7 @@ def committed_in(children: dict[str, set[str] | None]) -> list[int]:
     :func:`_storage.child_names`), ascending: folders named by a step, holding a commit file.
     A file, or a link, named like a step is not one of the manager's and is left alone."""
     return sorted(int(n) for n, inside in children.items()
-                  if inside is not None and is_step(n) and COMMIT_FILE in inside)
+                  if inside is not None and is_step_name(n) and COMMIT_FILE in inside)
 
 
 def committed_among(kv: Any, steps: list[int]) -> list[int]:
@@ -154,7 +149,7 @@ def marked(loc: _storage.Location, kv: Any) -> list[int] | None:
 
 def marked_in(names: set[str] | None) -> list[int]:
     """The steps among the names in the index folder, ascending."""
-    return sorted(int(n) for n in names or () if is_step(n))
+    return sorted(int(n) for n in names or () if is_step_name(n))
 
 
 def mark(loc: _storage.Location, kv: Any, step: int | str) -> None:
