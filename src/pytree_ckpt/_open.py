@@ -65,16 +65,12 @@ def load_commit(loc: _storage.Location, kv: Any) -> Commit:
 def open_path(path: str | os.PathLike | dict) -> tuple[_storage.Location, _source.Source]:
     """The location a user's ``path`` names (as for ``save``), and the checkpoint there."""
     loc = _storage.location(path)
-    kv = _storage.open_kvstore(loc)
-    return loc, _opened(loc, kv)
+    return loc, open_source(loc)
 
 
 def open_source(loc: _storage.Location) -> _source.Source:
     """The checkpoint at ``loc``: ours (its commit file), or another tool's files."""
-    return _opened(loc, _storage.open_kvstore(loc))
-
-
-def _opened(loc: _storage.Location, kv: Any) -> _source.Source:
+    kv = _storage.open_kvstore(loc)
     try:
         commit = load_commit(loc, kv)
     except CheckpointNotFoundError:
