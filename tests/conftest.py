@@ -73,7 +73,6 @@ def proxied(request, monkeypatch) -> Iterator[tuple[FaultProxy, str]]:
             storage.forget_contexts()
 
 
-
 @pytest.fixture
 def deadline():
     """``set(seconds)``: the storage deadline for this test (the default again after)."""

@@ -252,7 +252,6 @@ def test_object_stores(tmp_path, bucket):
     assert restored["step"] == 3
 
 
-
 def test_a_weakly_typed_target_leaf_comes_back_weakly_typed(tmp_path):
     # As from our own format: the target's weak type is kept (a Python scalar's jax.Array
     # promotes as a scalar would); a strongly typed target gets a strongly typed leaf.

@@ -170,8 +170,6 @@ def _column(f: dict, key: str, fmt: str, count: int, where: str) -> np.ndarray:
     return np.frombuffer(raw, dtype)
 
 
-
-
 def _bad(where: str, paths: list[str], which: np.ndarray, what: str) -> CorruptCheckpointError:
     """The error naming the first offending leaf; ``which``: a mask or leaf indices."""
     first = int(np.flatnonzero(which)[0] if which.dtype == bool else which[0])
@@ -365,7 +363,6 @@ def _sharding_table(f: dict, c: Leaves, where: str, version: int
     return [None, *shardings]
 
 
-
 def _leaf_view(f: dict, where: str, blob_sizes: list[int], arrays: int, version: int,
                refs: int) -> Columns:
     """Leaf records by path, from the commit file's columns, validated with NumPy as a whole
@@ -480,8 +477,6 @@ def validate_sharding(s: Any, at: str, rank: int, version: int = 4
     return SavedSharding(tuple(s[0]), tuple(s[1]), spec,
                          None if types is None else tuple(types),
                          None if ids is None else tuple(ids))
-
-
 
 
 def tree_nodes(commit: Commit, where: str) -> tuple[_graph.Node, ...]:

@@ -281,7 +281,6 @@ def _encode_sharding(s: SavedSharding, version: int) -> list:
     return [*head, list(s.axis_types or ()), list(s.device_ids or ())]
 
 
-
 def writer_info(processes: int, time: float) -> Mapping[str, Any]:
     from importlib.metadata import version
 

@@ -27,7 +27,6 @@ def saved_want(rec: LeafRecord, placement: Placement) -> Want:
     return Want(rec.origin, dtype, rec.shape, placement(rec), impl=rec.impl, weak=rec.weak)
 
 
-
 class Placement:
     """Where a restore without a target puts each saved jax.Array or PRNG key: on its saved
     mesh, made once per saved sharding, when this process's devices can hold it, else on
@@ -80,7 +79,6 @@ class Placement:
             raise CorruptCheckpointError(
                 f"leaf {rec.path!r:.200}: saved mesh {tuple(saved)!r:.100} cannot be made "
                 f"here ({e})") from None
-
 
 
 def devices_for(saved: SavedSharding, devices: list[Any]) -> list[Any] | None:

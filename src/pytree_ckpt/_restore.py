@@ -227,7 +227,6 @@ def _read_all(ckpt: _source.Source, jobs: list, progress: bool, share: bool | No
     return _progress.read_with_bar(lambda batch: ckpt.read(batch, share), jobs, "restore")
 
 
-
 def _restore_saved(ckpt: _source.Source, entries: dict[str, str], at: str | None,
                    rename_fn: Callable[[str], str] | None, rules: _transform.Rules | None,
                    progress: bool, share: bool | None) -> tuple[Any, RestoreStatus]:

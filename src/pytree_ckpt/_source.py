@@ -58,8 +58,6 @@ class Records(dict):
                 [r.storage.value if r.origin == _leaves.PY else None for r in recs])
 
 
-
-
 def records(where: str, items: Iterable[LeafRecord]) -> Records:
     """``items`` by path, refusing a path twice (other tools let names collide, e.g. Orbax's
     ``{"a.b": x, "a": {"b": y}}``, silently losing one value)."""

@@ -64,7 +64,6 @@ def unpack(data: bytes, where: str, limits: Limits) -> Any:
         raise CorruptCheckpointError(f"{where}: not a valid commit file ({e})") from None
 
 
-
 # msgpack type bytes -> (bytes of length field, fixed bytes after it) for strings, binaries,
 # extension types and numbers (containers and single-byte values are handled apart).
 _SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),
