@@ -350,18 +350,16 @@ class _Child:
         """Reads the child's output files as they grow, line by line, until it has exited."""
         streams = [(self._files["out"], self.stdout, True), (self._files["err"], self.stderr, False)]
         partial = ["", ""]
-        offsets = [0, 0]
+        opened: list[Any] = [None, None]  # kept open: each read goes on where the last ended
         while True:
             exited = not self.running()  # before the last read: nothing is written after
             for i, (path, lines, is_stdout) in enumerate(streams):
-                try:
-                    with open(path, errors="replace") as f:
-                        f.seek(offsets[i])
-                        text = f.read()
-                        offsets[i] = f.tell()
-                except FileNotFoundError:  # not created yet
-                    continue
-                *complete, partial[i] = (partial[i] + text).split("\n")
+                if opened[i] is None:
+                    try:
+                        opened[i] = open(path, errors="replace")
+                    except FileNotFoundError:  # not created yet
+                        continue
+                *complete, partial[i] = (partial[i] + opened[i].read()).split("\n")
                 for line in complete:
                     self._line(line + "\n", lines, is_stdout)
             if not self.done.is_set() and os.path.exists(self._files["control"]):
@@ -372,6 +370,8 @@ class _Child:
                 for i, (_path, lines, is_stdout) in enumerate(streams):
                     if partial[i]:
                         self._line(partial[i], lines, is_stdout)
+                    if opened[i] is not None:
+                        opened[i].close()
                 return
             time.sleep(0.02)
 
