@@ -84,7 +84,7 @@ class FaultProxy:
         # Per forwarded request: (kind, key, its Range header or None, bytes of the answer).
         self.answers: list[tuple[str, str, str | None, int]] = []
         self._sizes: list[int] = []  # each logged request's body length
-        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), self._handler())
+        self._server = _Server((LOOPBACK, 0), self._handler())
         self._server.daemon_threads = True
         self.endpoint = f"http://{LOOPBACK}:{self._server.server_address[1]}"
         self._thread: threading.Thread | None = None
@@ -231,6 +231,13 @@ class FaultProxy:
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any  # noqa: N815
 
         return Handler
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # socketserver's listen backlog is 5. TensorStore sends tens of requests to a store at
+    # once, each on a connection of its own here (HTTP/1.0); a connection dropped by a full
+    # backlog is retried by the client's TCP after 1 s, a second no real bucket charges.
+    request_queue_size = 1024
 
 
 def classify(method: str, target: str) -> tuple[str, str]:
