@@ -272,12 +272,13 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
     try:
         if loc.local is not None:
             _storage.fsync_dir(os.path.dirname(loc.local.rstrip("/")))
-        # Re-read: never delete what the commit file now names (should another writer's
-        # commit have landed after ours, it names its own generation, not one in ``old``).
-        current = _committed_generation(kv)
-        for generation in old:
-            if generation not in (data, current):
-                _storage.delete_prefix(loc, kv, generation)
+        if old:
+            # Re-read: never delete what the commit file now names (should another writer's
+            # commit have landed after ours, it names its own generation, not one in ``old``).
+            current = _committed_generation(kv)
+            for generation in old:
+                if generation not in (data, current):
+                    _storage.delete_prefix(loc, kv, generation)
     except Exception as e:
         warnings.warn(f"{loc.url}: the checkpoint was committed, but cleaning up after it "
                       f"failed ({type(e).__name__}: {e}); an overwritten generation may be "
