@@ -15,7 +15,7 @@ import pytest
 from _manager_child import init_state, train, train_step
 
 import pytree_ckpt as pc
-from pytree_ckpt import _async, _lock
+from pytree_ckpt import _async, _lock, _steps
 
 CHILD = pathlib.Path(__file__).with_name("_manager_child.py")
 SRC = pathlib.Path(pc.__file__).parents[1]
@@ -115,6 +115,33 @@ def test_interval_force_and_existing_steps():
             mgr.save(1.0, {})
         with pytest.raises(ValueError, match="step must be >= 0"):
             mgr.save(-1, {})
+
+
+def test_async_retention_deletes_in_the_background(tmp_path, monkeypatch):
+    # With async_save, the deletes of the steps retention drops run after the commit in a
+    # thread of their own: the training loop does not wait for them; wait() does.
+    entered, release = threading.Event(), threading.Event()
+    real = _steps.delete_step
+
+    def held(loc, kv, step):
+        entered.set()
+        assert release.wait(5), "the manager waited for retention's deletes"
+        real(loc, kv, step)
+
+    monkeypatch.setattr(_steps, "delete_step", held)
+    with pc.CheckpointManager(tmp_path, keep=1) as mgr:
+        assert mgr.save(1, {"x": np.ones(2)}) and mgr.save(2, {"x": np.full(2, 2.0)})
+        while mgr.latest_step() != 2:  # step 2 commits, then step 1 is dropped
+            time.sleep(0.01)
+        assert entered.wait(5) and not release.is_set()
+        assert mgr.steps() == [2] and (tmp_path / "1").exists()  # deleting, not yet deleted
+        with pytest.raises(pc.CheckpointNotFoundError, match="committed steps: \\[2\\]"):
+            mgr.restore(1)
+        assert mgr.save(3, {"x": np.full(2, 3.0)})  # the next step starts meanwhile
+        release.set()
+        mgr.wait()
+        assert mgr.steps() == [3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".steps", "3", "manager.lock"]
 
 
 def test_deletion_waits_for_the_newer_commit(monkeypatch):

@@ -19,6 +19,7 @@ the lock, cleans, writes metrics files and deletes old steps.
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -68,7 +69,10 @@ class CheckpointManager:
       in the step last committed, referring to the others (README, "Incremental steps").
 
     Retention runs after each save commits (never before): steps outside the newest ``keep``,
-    the multiples of ``keep_every_n_steps`` and the best are deleted. Steps only go up: a
+    the multiples of ``keep_every_n_steps`` and the best are deleted. With ``async_save`` the
+    deleting runs in the background too, while the next step is taken and written (as
+    Orbax's async manager does it); the next call that waits for a save (:meth:`save`,
+    :meth:`wait`, :meth:`delete`, :meth:`close`) also waits for it. Steps only go up: a
     step older than the latest committed one is refused (after a rollback, retention would
     otherwise delete the new steps and keep the diverged ones); delete the newer steps
     first with :meth:`delete`, as Orbax asks. Only committed steps
@@ -120,6 +124,9 @@ class CheckpointManager:
         self._orbax = None if indexed else orbax_run.OrbaxRun.find(self._loc, self._kv, read_only)
         self._multiprocess = _distributed.is_multiprocess()
         self._pending: tuple[int, SaveFuture, Metrics | None, dict] | None = None
+        # Retention's deletes running in the background (with async_save), and their thread.
+        self._deleting: concurrent.futures.Future[list[tuple[int, Exception]]] | None = None
+        self._deleter: concurrent.futures.ThreadPoolExecutor | None = None
         self._carry = _retire.Ledger(self._loc, self._kv, incremental)
         self._metrics: dict[int, Metrics | None] = {}
         self._preempted = self._closed = False
@@ -285,6 +292,7 @@ class CheckpointManager:
         if self._read_only:
             raise ValueError(f"{self!r} is read-only: it cannot delete")
         step = self._resolve(step)
+        self._finish_deleting()
         if self._lock is not None:
             self._lock.check()
         self._carry.delete(step, [s for s in self._steps if s != step], self._primary)
@@ -292,12 +300,14 @@ class CheckpointManager:
         self._metrics.pop(step, None)
 
     def wait(self) -> None:
-        """Waits for the save in flight to commit, then applies retention.
+        """Waits for the save in flight to commit, then applies retention and waits for its
+        deletes.
 
         **Raises:** :class:`SaveError` if that save failed. What fails after the commit
         (retention's deletes, releasing the lock at close) is a ``RuntimeWarning``."""
         self._check_open()
         self._finish_pending()
+        self._finish_deleting()
 
     def close(self) -> None:
         """Waits for the save in flight, applies retention, restores the SIGTERM handler and
@@ -312,6 +322,9 @@ class CheckpointManager:
         try:
             self._finish_pending()
         finally:
+            self._finish_deleting()
+            if self._deleter is not None:
+                self._deleter.shutdown()
             if self._preemption is not None:
                 self._preemption.restore()
             try:
@@ -439,30 +452,62 @@ class CheckpointManager:
         except BaseException as e:  # an interrupted wait leaves the save running
             self._drop_failed(step, stopped=isinstance(e, Exception))
             raise
+        self._finish_deleting()
         bisect.insort(self._steps, step)
         self._metrics[step] = metrics
         self._carry.committed(step, objects)
         self._apply_retention()
 
     def _apply_retention(self) -> None:
-        """Deletes the steps retention no longer keeps. A save has committed: a failure here
-        (a delete refused, an unreadable metrics file, ``best_fn`` raising) is a warning,
-        never raised by a later call; an undeleted step stays, for the next retention."""
+        """Drops the steps retention no longer keeps and deletes them: in the background
+        with ``async_save``, else at once. A save has committed: a failure here (a delete
+        refused, an unreadable metrics file, ``best_fn`` raising) is a warning, never raised
+        by a later call; an undeleted step is a step again, for the next retention."""
         try:
             best = self._best()
         except Exception as e:
             return _after_commit(f"{self._loc.url}: retention deleted nothing: {e!r}")
         expired = _retention.expired(self._steps, self._keep, self._keep_every, best)
+        if not expired:
+            return
         kept = [s for s in self._steps if s not in expired]
+        for step in expired:
+            self._steps.remove(step)
+            self._metrics.pop(step, None)
+        # A closing manager deletes at once: close may run at interpreter exit, when no new
+        # thread starts.
+        if not self._async or self._closed:
+            return self._relist(self._delete(expired, kept))
+        if self._deleter is None:
+            self._deleter = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="pytree_ckpt-retention")
+        # The deleting thread touches only the ledger's retired folders and needed sets, which
+        # nothing else reads or changes until _finish_deleting; it never deletes the newest
+        # step, so the base a save in flight carries from stays.
+        self._deleting = self._deleter.submit(self._delete, expired, kept)
+
+    def _delete(self, expired: list[int], kept: list[int]) -> list[tuple[int, Exception]]:
+        """Deletes (or retires) the ``expired`` steps; returns those that failed."""
+        failed = []
         for step in expired:
             try:
                 self._carry.delete(step, kept, self._primary)
             except Exception as e:
-                _after_commit(f"{self._loc.url}: retention could not delete step {step} "
-                              f"(tried again after the next save): {e!r}")
-                continue
-            self._steps.remove(step)
-            self._metrics.pop(step, None)
+                failed.append((step, e))
+        return failed
+
+    def _finish_deleting(self) -> None:
+        """Waits for retention's deletes; a step that could not be deleted is listed again."""
+        if self._deleting is None:
+            return
+        deleting, self._deleting = self._deleting, None
+        self._relist(deleting.result())
+
+    def _relist(self, failed: list[tuple[int, Exception]]) -> None:
+        for step, e in failed:
+            bisect.insort(self._steps, step)
+            _after_commit(f"{self._loc.url}: retention could not delete step {step} "
+                          f"(tried again after the next save): {e!r}")
 
     def _best(self, k: int | None = None) -> list[int]:  # the keep_best best by default
         return _retention.best_steps(((s, self._load_metrics(s)) for s in self._steps),
