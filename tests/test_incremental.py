@@ -254,6 +254,8 @@ def test_incremental_steps_on_an_object_store(proxied, base, monkeypatch):
         assert len({CHUNK.search(k).group(1) for k in puts}) == 1, puts
         assert len(first) > len(puts)
         assert proxy.sent("put", r"/a/\d+/c/") < BASE  # base: 4 MiB, carried
+        # The next step's base is the commit file the manager wrote: nothing is read back.
+        assert f"{name}/run/2/{_format.COMMIT_FILE}" not in proxy.keys("get")
         info = mgr.metadata(2)
         assert info.carried == {"base": "1"} and info.carried_nbytes == BASE * 4
         mgr.save(3, state(base, 3))  # retention deletes 1, the step that wrote the base

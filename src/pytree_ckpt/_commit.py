@@ -129,9 +129,10 @@ def _tree_digest(snap: _snapshot.Snapshot) -> str:
 
 
 def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set[str],
-           save_id: str, seen: bytes | None, progress: bool = False) -> str:
+           save_id: str, seen: bytes | None, progress: bool = False) -> bytes | None:
     """Writes and commits the snapshot (every process takes part), in the background; with
-    ``progress``, the primary shows a bar of the bytes it writes."""
+    ``progress``, the primary shows a bar of the bytes it writes. Returns the commit file
+    the primary wrote (None on the other processes)."""
     try:
         with _distributed.alive(_options.get("liveness_timeout_s")):
             return _write_and_commit(loc, kv, snap, names, save_id, seen, progress)
@@ -143,7 +144,7 @@ def finish(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, names: set
 
 def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
                       names: set[str], save_id: str, seen: bytes | None,
-                      progress: bool) -> str:
+                      progress: bool) -> bytes | None:
     me = _distributed.process_index()
     primary = me == 0
     old = _replaced_generations(kv, names) if primary else []
@@ -171,10 +172,10 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
             _discard(loc, kv, data)
         raise
     entries, sizes, crcs = _gather_written(name, entries, crcs, snap, me)
-    error, refused, cause = None, None, None
+    error, refused, cause, written = None, None, None, None
     if primary:
         try:
-            _write_commit(loc, kv, snap, data, entries, sizes, crcs, old, seen)
+            written = _write_commit(loc, kv, snap, data, entries, sizes, crcs, old, seen)
         except (_LostRace, UnsupportedLeafError) as e:
             _discard(loc, kv, data)
             error, refused = str(e), e if isinstance(e, UnsupportedLeafError) else None
@@ -186,7 +187,7 @@ def _write_and_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot,
         if refused is not None:
             raise refused from e
         raise
-    return loc.url
+    return written
 
 
 def _commit_failure(loc: _storage.Location, kv: Any, data: str, e: Exception) -> str | None:
@@ -247,9 +248,9 @@ def _discard(loc: _storage.Location, kv: Any, data: str) -> None:
 
 def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, data: str,
                   entries: list, sizes: list, crcs: list[_binding.ChunkCrcs], old: list[str],
-                  seen: bytes | None) -> None:
+                  seen: bytes | None) -> bytes:
     """Writes the commit file (atomically; if ``seen``, only if its storage generation is
-    still that), then deletes the generations it replaces.
+    still that), then deletes the generations it replaces; returns the file written.
 
     The commit file is first read back as restore reads it: what restore would refuse is
     refused here (:class:`UnsupportedLeafError`), before it is written. Once it is written
@@ -283,6 +284,7 @@ def _write_commit(loc: _storage.Location, kv: Any, snap: _snapshot.Snapshot, dat
         warnings.warn(f"{loc.url}: the checkpoint was committed, but cleaning up after it "
                       f"failed ({type(e).__name__}: {e}); an overwritten generation may be "
                       "left behind (pc.clean reclaims it)", RuntimeWarning, stacklevel=2)
+    return encoded
 
 
 def _chunk_crcs(crcs: list[_binding.ChunkCrcs], snap: _snapshot.Snapshot,

@@ -26,13 +26,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _async, _clean, _distributed, _lock, _retention, _retire, _scan, _shutdown, _steps, _storage
-from ._async import SaveFuture
 from ._errors import CheckpointExistsError, CheckpointNotFoundError
 from ._foreign import orbax_run
 from ._metadata import CheckpointMetadata
 from ._metadata import metadata as _metadata
 from ._restore import restore as _restore
-from ._save import start_step
+from ._save import Step, start_step
 from ._status import RestoreStatus, check_complete
 from ._steps import Metrics, check_step
 
@@ -123,7 +122,7 @@ class CheckpointManager:
         indexed = self._loc.local is None and _steps.marked(self._loc, self._kv) is not None
         self._orbax = None if indexed else orbax_run.OrbaxRun.find(self._loc, self._kv, read_only)
         self._multiprocess = _distributed.is_multiprocess()
-        self._pending: tuple[int, SaveFuture, Metrics | None, dict] | None = None
+        self._pending: tuple[int, Step, Metrics | None] | None = None
         # Retention's deletes running in the background (with async_save), and their thread.
         self._deleting: concurrent.futures.Future[list[tuple[int, Exception]]] | None = None
         self._deleter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -249,12 +248,12 @@ class CheckpointManager:
             _steps.mark(self._loc, self._kv, step)  # before any of the step's data
             _steps.write_metrics(self._loc, self._kv, step, encoded)
         try:
-            fut, objects = start_step(tree, self._path(step), self._carry.base, progress)
+            started = start_step(tree, self._path(step), self._carry.base, progress)
         except BaseException as e:  # nothing was written in the background yet
             self._drop_failed(step, stopped=isinstance(e, Exception))
             raise
-        self._pending = (step, fut,
-                         None if encoded is None else _steps.decode_metrics(encoded, ""), objects)
+        self._pending = (step, started,
+                         None if encoded is None else _steps.decode_metrics(encoded, ""))
         if not self._async or preempt or self._sigterm():
             self._finish_pending()
             if preempt or self._sigterm():
@@ -438,24 +437,24 @@ class CheckpointManager:
         if self._read_only:
             self._steps = self._list()
             return
-        if (self._pending is not None and self._pending[1].done()
-                and self._pending[1].exception() is None):
+        if (self._pending is not None and self._pending[1].future.done()
+                and self._pending[1].future.exception() is None):
             self._finish_pending()
 
     def _finish_pending(self) -> None:
         if self._pending is None:
             return
-        step, fut, metrics, objects = self._pending
+        step, started, metrics = self._pending
         self._pending = None
         try:
-            fut.result()
+            started.future.result()
         except BaseException as e:  # an interrupted wait leaves the save running
             self._drop_failed(step, stopped=isinstance(e, Exception))
             raise
         self._finish_deleting()
         bisect.insort(self._steps, step)
         self._metrics[step] = metrics
-        self._carry.committed(step, objects)
+        self._carry.committed(step, started.objects, next(iter(started.written), None))
         self._apply_retention()
 
     def _apply_retention(self) -> None:

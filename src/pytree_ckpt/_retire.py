@@ -46,17 +46,19 @@ class Ledger:
         # pruning lists every key of the folder).
         self._pruned: dict[int, set[str]] = {}
 
-    def committed(self, step: int, objects: Mapping[str, weakref.ref]) -> None:
-        """Reads back the commit file of ``step``, just committed: the next step's base
-        (every process reads the same file, so all offer the same data). Where it cannot be
-        read, the next step is written in full."""
+    def committed(self, step: int, objects: Mapping[str, weakref.ref],
+                  written: bytes | None = None) -> None:
+        """Takes the commit file of ``step``, just committed, as the next step's base: the
+        one this process ``written``, else read back (every process decodes the same file,
+        so all offer the same data). Where it cannot be read, the next step is written in
+        full."""
         self.base = None
         if not (self._enabled and objects):
             return
         key = f"{step}/{COMMIT_FILE}"
         try:
-            commit = _decode.decode(_storage.read_key(self._kv, key) or b"",
-                                    f"{self._loc.url}/{key}")
+            raw = written if written is not None else _storage.read_key(self._kv, key)
+            commit = _decode.decode(raw or b"", f"{self._loc.url}/{key}")
         except Exception:
             return
         self._known[step] = needs(commit)

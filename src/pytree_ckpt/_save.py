@@ -19,7 +19,7 @@ Until the commit file exists, nothing is restorable and earlier checkpoints are 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _async, _carry, _commit, _snapshot, _storage
 from ._errors import CheckpointExistsError, NotACheckpointError
@@ -106,18 +106,30 @@ def save_async(tree: Any, path: str | os.PathLike | dict, *, overwrite: bool = F
     return _start(tree, path, overwrite, progress, copy=True)
 
 
+class Step(NamedTuple):
+    """A manager's step in flight (:func:`start_step`)."""
+
+    future: _async.SaveFuture
+    objects: dict[str, Any]  # weak references to the tree's zarr jax.Arrays, by path
+    written: list[bytes]  # once committed, on the primary: the commit file it wrote
+
+
 def start_step(tree: Any, path: str | os.PathLike | dict, base: _carry.Base | None,
-               progress: bool) -> tuple[_async.SaveFuture, dict[str, Any]]:
+               progress: bool) -> Step:
     """:func:`save_async` of a manager's step, carrying what ``base`` holds unchanged (see
-    _carry); also returns weak references to the tree's zarr jax.Arrays by path, for the
-    next step's base."""
+    _carry); what it returns besides the future makes the next step's base without
+    reading the commit file back where it was written."""
     objects: dict[str, Any] = {}
-    return _start(tree, path, False, progress, copy=True, base=base, objects=objects), objects
+    written: list[bytes] = []
+    future = _start(tree, path, False, progress, copy=True, base=base, objects=objects,
+                    written=written)
+    return Step(future, objects, written)
 
 
 def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, progress: bool,
            copy: bool, base: _carry.Base | None = None,
-           objects: dict[str, Any] | None = None) -> _async.SaveFuture:
+           objects: dict[str, Any] | None = None,
+           written: list[bytes] | None = None) -> _async.SaveFuture:
     global _save_counter
     _save_counter += 1  # every call takes part in its meeting, failed or not: no drift
     loc: _storage.Location | None = None
@@ -136,8 +148,15 @@ def _start(tree: Any, path: str | os.PathLike | dict, overwrite: bool, progress:
         raise  # agree raises e; kept for readers and type checkers
     save_id, carry = _commit.agree(str(_save_counter), loc.url, snap, None)
     snap = _snapshot.settle(snap, carry)
-    return _async.submit(
-        lambda: _commit.finish(loc, kv, snap, names, save_id, seen, progress), loc.url)
+    url = loc.url
+
+    def write() -> str:
+        commit_file = _commit.finish(loc, kv, snap, names, save_id, seen, progress)
+        if written is not None and commit_file is not None:
+            written.append(commit_file)
+        return url
+
+    return _async.submit(write, url)
 
 
 def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> set[str]:
