@@ -3,12 +3,15 @@
 The tree: a frozen base (``--base-mib``, in 16 arrays: the same jax.Arrays at every step)
 plus trained leaves (``--trained-mib``, in 8 arrays) and their Adam moments (``mu`` and
 ``nu``, as large), all new arrays at every step. Two CheckpointManagers save the same steps
-into two directories of the same store, one with ``incremental=False``; ``async_save=False``,
-so each save is timed until it is committed. Step 1 is a full save on both sides; every
-later step is timed and its bytes counted twice, *written* and *stored*. Then each side's
-last step is restored into an abstract target (until every array is ready), alternating
-sides. Every timed call follows ``os.sync()`` and a wait for idle CPUs
-(``_timing.settle``); medians are printed.
+into two directories of the same store, one with ``incremental=False``, both with ``keep=2``
+and the default ``async_save``. Step 1 is a full save on both sides; every later step is
+timed from ``save()`` until it is committed (``latest_step()`` says so: polled every
+millisecond), and its bytes counted twice, *written* and *stored*; then ``wait()`` is timed
+apart: what is left of retention's deletes of the step two before, which run in the
+background after the commit (*later step + deletes* is the sum, what a save with
+``async_save=False`` takes). Then each side's last step is restored into an abstract target
+(until every array is ready), alternating sides. Every timed call follows ``os.sync()`` and
+a wait for idle CPUs (``_timing.settle``); medians are printed.
 
 ``--where`` picks the stores, each measured in turn (both by default):
 
@@ -124,10 +127,10 @@ def measure(store, args, base: list, trained: list, settle) -> dict:
 
     import pytree_ckpt as pc
 
-    managers = {name: pc.CheckpointManager(f"{store.root}/{name}", keep=2, async_save=False,
-                                           incremental=flag)
+    managers = {name: pc.CheckpointManager(f"{store.root}/{name}", keep=2, incremental=flag)
                 for name, flag in SIDES.items()}
-    results: dict = {name: {"time": [], "counts": [], "restore": []} for name in SIDES}
+    results: dict = {name: {"time": [], "deletes": [], "counts": [], "restore": []}
+                     for name in SIDES}
     try:
         for step in range(1, args.steps + 2):
             new = [x + step for x in trained]  # new arrays at every step, as training makes
@@ -139,12 +142,18 @@ def measure(store, args, base: list, trained: list, settle) -> dict:
                 store.start()
                 start = time.perf_counter()
                 managers[name].save(step, state)
+                while managers[name].latest_step() != step:
+                    time.sleep(0.001)
                 seconds = time.perf_counter() - start
+                start = time.perf_counter()
+                managers[name].wait()
+                deletes = time.perf_counter() - start
                 counts = store.counted(f"{store.root}/{name}", step)
                 if step == 1:
                     results[name]["first"] = {"time": seconds, **counts}
                 else:
                     results[name]["time"].append(seconds)
+                    results[name]["deletes"].append(deletes)
                     results[name]["counts"].append(counts)
         last = args.steps + 1
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -165,6 +174,8 @@ def measure(store, args, base: list, trained: list, settle) -> dict:
     report: dict = {}
     for name, r in results.items():
         report[name] = {"later_step_s": statistics.median(r["time"]),
+                        "with_deletes_s": statistics.median(
+                            t + d for t, d in zip(r["time"], r["deletes"], strict=True)),
                         "restore_s": statistics.median(r["restore"]), "first": r["first"]}
         for key in r["counts"][0]:
             report[name][f"later_step_{key}"] = statistics.median(c[key] for c in r["counts"])
@@ -173,6 +184,7 @@ def measure(store, args, base: list, trained: list, settle) -> dict:
         "bytes (written)": inc["later_step_written"] / full["later_step_written"],
         "bytes (stored)": inc["later_step_stored"] / full["later_step_stored"],
         "time": inc["later_step_s"] / full["later_step_s"],
+        "time with deletes": inc["with_deletes_s"] / full["with_deletes_s"],
         "restore": inc["restore_s"] / full["restore_s"],
     }
     return report
@@ -219,11 +231,13 @@ def main(argv: list[str] | None = None) -> dict:
     for where in args.where:
         print(f"\n{where}: written = {'wchar' if where == 'local' else 'PUT bodies'}, "
               f"stored = {'on disk' if where == 'local' else 'objects below the step'}")
-        print(f"{'':12} {'later step':>11} {'written':>12} {'stored':>12} {'restore':>9}")
+        print(f"{'':12} {'later step':>11} {'+ deletes':>10} {'written':>12} {'stored':>12} "
+              f"{'restore':>9}")
         for name in SIDES:
             r = report[where][name]
             puts = f" ({r['later_step_puts']:.0f} PUTs)" if "later_step_puts" in r else ""
-            print(f"{name:12} {r['later_step_s']:10.3f}s {r['later_step_written'] / mib:8.1f} MiB"
+            print(f"{name:12} {r['later_step_s']:10.3f}s {r['with_deletes_s']:9.3f}s "
+                  f"{r['later_step_written'] / mib:8.1f} MiB"
                   f" {r['later_step_stored'] / mib:8.1f} MiB {r['restore_s']:8.3f}s{puts}")
         print("incremental / full: " + ", ".join(
             f"{k} {v:.3f}" for k, v in report[where]["ratios"].items()))

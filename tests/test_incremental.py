@@ -368,7 +368,8 @@ def test_the_benchmark_runs(tmp_path):
         assert inc["later_step_stored"] < full["later_step_stored"] / 2, where
         assert inc["later_step_written"] < full["later_step_written"] / 2, where
         assert set(report[where]["ratios"]) == {"bytes (written)", "bytes (stored)", "time",
-                                                "restore"}
+                                                "time with deletes", "restore"}
+        assert full["with_deletes_s"] >= full["later_step_s"] > 0, where
     # On S3 the base's 16 arrays (a zarr.json and a chunk each) are PUT by the full side only.
     assert report["s3"]["full"]["later_step_puts"] >= report["s3"]["incremental"][
         "later_step_puts"] + 32
