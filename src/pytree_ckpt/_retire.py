@@ -49,9 +49,9 @@ class Ledger:
     def committed(self, step: int, objects: Mapping[str, weakref.ref],
                   written: bytes | None = None) -> None:
         """Takes the commit file of ``step``, just committed, as the next step's base: the
-        one this process ``written``, else read back (every process decodes the same file,
-        so all offer the same data). Where it cannot be read, the next step is written in
-        full."""
+        bytes this process wrote (``written``), else read back (every process decodes the
+        same file, so all offer the same data). Where it cannot be read, the next step is
+        written in full."""
         self.base = None
         if not (self._enabled and objects):
             return
