@@ -258,8 +258,12 @@ def test_incremental_steps_on_an_object_store(proxied, base, monkeypatch):
         assert f"{name}/run/2/{_format.COMMIT_FILE}" not in proxy.keys("get")
         info = mgr.metadata(2)
         assert info.carried == {"base": "1"} and info.carried_nbytes == BASE * 4
+        proxy.clear()
         mgr.save(3, state(base, 3))  # retention deletes 1, the step that wrote the base
         assert mgr.steps() == [2, 3]
+        # Retiring it lists its folder once, then deletes what is not needed.
+        assert len([k for k in proxy.keys("list") if k.startswith(f"{name}/run/1")]) == 1, \
+            proxy.keys("list")
         proxy.clear()
         mgr.save(4, state(base, 4))  # deletes 2; step 1's folder, pruned, is not listed again
         assert mgr.steps() == [3, 4]

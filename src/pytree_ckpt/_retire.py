@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from . import _carry, _decode, _steps, _storage
+from ._faults import faults
 from ._format import COMMIT_FILE, RETIRED, Commit, is_step_name
 
 
@@ -163,7 +164,18 @@ def retire(loc: _storage.Location, kv: Any, step: int, needed: set[str] | None) 
 
 def prune(loc: _storage.Location, kv: Any, name: str, needed: set[str]) -> None:
     """Deletes every key below step folder ``name`` but ``retired`` and the arrays in
-    ``needed`` (keys ``<generation>/a/<id>`` below it), each deletion of unneeded keys only."""
+    ``needed`` (keys ``<generation>/a/<id>`` below it), each deletion of unneeded keys only.
+    On an object store, one listing of the folder, then every unneeded key deleted at once;
+    locally, the folders walked, and what is unneeded deleted a folder at a time."""
+    if loc.local is None:
+        prefix, arrays = f"{name}/".encode(), tuple(f"{k}/".encode() for k in needed)
+        with faults(f"{loc.url}/{name}"):
+            keys = _storage.listing(loc, kv, f"{loc.url}/{name}", f"{name}/")
+            deletes = [kv.write(prefix + k, None) for k in keys
+                       if k != RETIRED.encode() and not k.startswith(arrays)]
+            for delete in deletes:
+                delete.result()
+        return
     for top in sorted(_storage.folder_names(loc, kv, name) or ()):
         if top == RETIRED:
             continue
@@ -178,14 +190,11 @@ def prune(loc: _storage.Location, kv: Any, name: str, needed: set[str]) -> None:
                 _delete(loc, kv, f"{name}/{top}/a/{array}")
 
 
-def _delete(loc: _storage.Location, kv: Any, key: str) -> None:
-    if loc.local is not None and not os.path.isdir(os.path.join(loc.local, key)):
+def _delete(loc: _storage.Location, kv: Any, key: str) -> None:  # a local file or folder
+    if os.path.isdir(os.path.join(str(loc.local), key)):
+        _storage.delete_prefix(loc, kv, key)
+    else:
         _storage.delete_file(loc, kv, key)
-    elif loc.local is not None:
-        _storage.delete_prefix(loc, kv, key)
-    else:  # an object store: the key itself, and everything below it
-        kv.write(key, None).result()
-        _storage.delete_prefix(loc, kv, key)
 
 
 def is_retired(inside: set[str] | None) -> bool:
