@@ -77,14 +77,25 @@ def test_plan_splits_each_region_among_its_holders_exactly_once(procs):
                 parts[(0, ((0, 29), (0, 5)))] if r == me) for me in range(procs)]
     assert rows == [len(range(i * 10 // procs, (i + 1) * 10 // procs)) for i in range(procs)]
     # No process sends more than send_most in a round, unless one piece (a chunk row) is
-    # larger: that piece then goes alone.
+    # larger: that piece is then the only one its reader sends in the round.
     for rnd, width in zip(plans[0].rounds, plans[0].width, strict=True):
-        loads = {}
+        loads, sent = {}, collections.Counter(piece.reader for piece, _o in rnd)
         for piece, offset in rnd:
             assert offset == loads.get(piece.reader, 0)
             loads[piece.reader] = offset + piece.nbytes
         assert max(loads.values()) == width
-        assert width <= 40 or [p.nbytes for p, _o in rnd if p.nbytes == width] == [width]
+        assert all(load <= 40 or sent[r] == 1 for r, load in loads.items()), rnd
+
+
+def test_pieces_larger_than_a_round_share_it_with_other_readers():
+    """Chunk rows of 4 MiB among 4 holders, each sending at most 1 MiB a round: a round
+    carries one row from each holder (as wide as one row), not one row alone."""
+    mesh = _mesh((4,), ("x",))
+    leaf = _share.Leaf(_share.holders(NamedSharding(mesh, P()), (12 * 1024, 1024),
+                                      process_of=lambda d: d.id), (1024, 1024), 4)
+    plan = _share.plan([leaf], 0, send_most=1 << 20)
+    assert [sorted(p.reader for p, _o in rnd) for rnd in plan.rounds] == [[0, 1, 2, 3]] * 3
+    assert plan.width == [4 << 20] * 3
 
 
 def test_plan_leaves_singly_held_regions_alone():

@@ -94,7 +94,8 @@ def holders(sharding: Any, shape: tuple[int, ...],
 def plan(leaves: Sequence[Leaf], me: int, send_most: int) -> Plan:
     """The plan, identical on every process: ``leaves`` in job order, ``me`` this process,
     ``send_most`` the bytes a process sends per round (a piece of one chunk row larger than
-    that travels in a round of its own)."""
+    that is the only one its reader sends in its round; other readers' pieces go beside it,
+    as the round's gather is that wide anyway)."""
     reads: dict[tuple[int, Key], list[Key]] = {}
     pieces: list[Piece] = []
     for job, leaf in enumerate(leaves):
@@ -116,11 +117,11 @@ def plan(leaves: Sequence[Leaf], me: int, send_most: int) -> Plan:
     width: list[int] = []
     loads: dict[int, int] = {}
     for piece in pieces:
-        if not rounds or loads.get(piece.reader, 0) + piece.nbytes > send_most:
+        offset = loads.get(piece.reader, 0)
+        if not rounds or offset and offset + piece.nbytes > send_most:
             rounds.append([])
             width.append(0)
-            loads = {}
-        offset = loads.get(piece.reader, 0)
+            loads, offset = {}, 0
         rounds[-1].append((piece, offset))
         loads[piece.reader] = offset + piece.nbytes
         width[-1] = max(width[-1], loads[piece.reader])
