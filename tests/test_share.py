@@ -106,6 +106,45 @@ def test_plan_leaves_singly_held_regions_alone():
     assert plan.rounds == [] and plan.reads == {}
 
 
+def test_a_leaf_of_several_rounds_is_gathered_whole(monkeypatch):
+    """Process 0 of 2 invented ones, a replicated leaf of 8 rows (chunk rows of 1) in
+    rounds of 2 rows a process: each round sends this process's next rows and puts the
+    other's where they belong; the leaf comes out, bit for bit, once its last round ran."""
+    from pytree_ckpt import _distributed
+
+    truth = np.arange(32, dtype=np.float32).reshape(8, 4)
+    key = ((0, 8), (0, 4))
+    plan = _share.plan([_share.Leaf({key: (0, 1)}, (1, 4), 4)], 0, send_most=32)
+    sharing = _share.Sharing(plan, 0, 2)
+    assert sharing.parts(0, key) == [((0, 2), (0, 4)), ((2, 4), (0, 4))]
+    meetings, sent = [], []
+    monkeypatch.setattr(_distributed, "exchange",
+                        lambda name, value, *a, **k: meetings.append(name) or [value] * 2)
+
+    def all_gather(send, count):  # what process 1 sends: its rows of this round
+        sent.append(send.view(np.float32).reshape(-1, 4).copy())
+        theirs = np.zeros_like(send)
+        for piece, offset in plan.rounds[len(sent) - 1]:
+            if piece.reader == 1:
+                (a, b), _ = piece.part
+                theirs[offset:offset + piece.nbytes] = truth[a:b].view(np.uint8).reshape(-1)
+        return np.stack([send, theirs])
+
+    monkeypatch.setattr(_share, "_all_gather", all_gather)
+    buf = np.full((8, 4), np.nan, np.float32)
+    buf[:4] = truth[:4]  # this process's rows, as its reader read them
+
+    def leaves():
+        yield "w", None, None, {key: buf}
+        assert len(sent) == 2  # both rounds ran once the leaf came, before it went on
+
+    assert [leaf[0] for leaf in sharing.complete(leaves())] == ["w"]
+    assert len(meetings) == 2 and len(set(meetings)) == 2  # one agreement per round
+    np.testing.assert_array_equal(sent[0], truth[0:2])
+    np.testing.assert_array_equal(sent[1], truth[2:4])
+    assert buf.tobytes() == truth.tobytes()
+
+
 def test_local_places_a_part_in_its_region():
     assert _share.local(((4, 6), (2, 3)), ((3, 9), (0, 5))) == (slice(1, 3), slice(2, 3))
     assert _share.local((), ()) == ()

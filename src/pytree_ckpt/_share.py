@@ -42,8 +42,10 @@ from ._format import LeafRecord
 Key = tuple[tuple[int, int], ...]  # a region: (start, stop) per axis
 
 # The bytes one round gathers, from all processes together; each process sends up to
-# ROUND_BYTES // processes (at least _MIN_SEND) in it.
-ROUND_BYTES = 64 << 20
+# ROUND_BYTES // processes (at least _MIN_SEND) in it. A large leaf then takes several
+# smaller all-gathers, which took less time in all than one large one (see README,
+# Performance, "Shared reads").
+ROUND_BYTES = 16 << 20
 _MIN_SEND = 256 << 10
 
 _restores = itertools.count()  # names each sharing read's meetings; advances on every process
