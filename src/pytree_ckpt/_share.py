@@ -120,7 +120,7 @@ def plan(leaves: Sequence[Leaf], me: int, send_most: int) -> Plan:
     loads: dict[int, int] = {}
     for piece in pieces:
         offset = loads.get(piece.reader, 0)
-        if not rounds or offset and offset + piece.nbytes > send_most:
+        if not rounds or (offset and offset + piece.nbytes > send_most):
             rounds.append([])
             width.append(0)
             loads, offset = {}, 0
