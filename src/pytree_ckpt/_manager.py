@@ -19,7 +19,6 @@ the lock, cleans, writes metrics files and deletes old steps.
 from __future__ import annotations
 
 import bisect
-import concurrent.futures
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -68,17 +67,15 @@ class CheckpointManager:
       in the step last committed, referring to the others (README, "Incremental steps").
 
     Retention runs after each save commits (never before): steps outside the newest ``keep``,
-    the multiples of ``keep_every_n_steps`` and the best are deleted. With ``async_save`` the
-    deleting runs in the background too, while the next step is taken and written (as
-    Orbax's async manager does it); the next call that waits for a save (:meth:`save`,
-    :meth:`wait`, :meth:`delete`, :meth:`close`) also waits for it. Steps only go up: a
-    step older than the latest committed one is refused (after a rollback, retention would
-    otherwise delete the new steps and keep the diverged ones); delete the newer steps
-    first with :meth:`delete`, as Orbax asks. Only committed steps
-    count: :meth:`steps`, :meth:`latest_step` and :meth:`restore` never see a save that did
-    not finish. One manager at a time may hold a directory (:class:`LockedError` otherwise);
-    a manager is meant for one thread. Close it (or use ``with``) to wait for the last save,
-    apply retention and release the lock.
+    the multiples of ``keep_every_n_steps`` and the best are deleted (with ``async_save``, in
+    the background, as Orbax's async manager does; :meth:`save`, :meth:`wait`, :meth:`delete`
+    and :meth:`close` wait for it). Steps only go up: a step older than the latest committed
+    one is refused (after a rollback, retention would otherwise delete the new steps and keep
+    the diverged ones); delete the newer steps first with :meth:`delete`, as Orbax asks. Only
+    committed steps count: :meth:`steps`, :meth:`latest_step` and :meth:`restore` never see
+    a save that did not finish. One manager at a time may hold a directory
+    (:class:`LockedError` otherwise); a manager is meant for one thread. Close it (or use
+    ``with``) to wait for the last save, apply retention and release the lock.
 
     **Raises:** :class:`LockedError` if another manager holds the directory (never with
     ``read_only``); :class:`NotACheckpointError` if ``manager.lock`` is a symbolic link or
@@ -123,9 +120,6 @@ class CheckpointManager:
         self._orbax = None if indexed else orbax_run.OrbaxRun.find(self._loc, self._kv, read_only)
         self._multiprocess = _distributed.is_multiprocess()
         self._pending: tuple[int, Step, Metrics | None] | None = None
-        # Retention's deletes running in the background (with async_save), and their thread.
-        self._deleting: concurrent.futures.Future[list[tuple[int, Exception]]] | None = None
-        self._deleter: concurrent.futures.ThreadPoolExecutor | None = None
         self._carry = _retire.Ledger(self._loc, self._kv, incremental)
         self._metrics: dict[int, Metrics | None] = {}
         self._preempted = self._closed = False
@@ -322,8 +316,7 @@ class CheckpointManager:
             self._finish_pending()
         finally:
             self._finish_deleting()
-            if self._deleter is not None:
-                self._deleter.shutdown()
+            self._carry.close()
             if self._preemption is not None:
                 self._preemption.restore()
             try:
@@ -473,37 +466,14 @@ class CheckpointManager:
         for step in expired:
             self._steps.remove(step)
             self._metrics.pop(step, None)
-        # A closing manager deletes at once: close may run at interpreter exit, when no new
-        # thread starts.
-        if not self._async or self._closed:
-            return self._relist(self._delete(expired, kept))
-        if self._deleter is None:
-            self._deleter = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="pytree_ckpt-retention")
-        # The deleting thread touches only the ledger's retired folders and needed sets, which
-        # nothing else reads or changes until _finish_deleting; it never deletes the newest
-        # step, so the base a save in flight carries from stays.
-        self._deleting = self._deleter.submit(self._delete, expired, kept)
-
-    def _delete(self, expired: list[int], kept: list[int]) -> list[tuple[int, Exception]]:
-        """Deletes (or retires) the ``expired`` steps; returns those that failed."""
-        failed = []
-        for step in expired:
-            try:
-                self._carry.delete(step, kept, self._primary)
-            except Exception as e:
-                failed.append((step, e))
-        return failed
+        background = self._async and not self._closed  # close may run at interpreter exit
+        self._carry.delete_steps(expired, kept, self._primary, background)
+        if not background:
+            self._finish_deleting()
 
     def _finish_deleting(self) -> None:
         """Waits for retention's deletes; a step that could not be deleted is listed again."""
-        if self._deleting is None:
-            return
-        deleting, self._deleting = self._deleting, None
-        self._relist(deleting.result())
-
-    def _relist(self, failed: list[tuple[int, Exception]]) -> None:
-        for step, e in failed:
+        for step, e in self._carry.finish():
             bisect.insort(self._steps, step)
             _after_commit(f"{self._loc.url}: retention could not delete step {step} "
                           f"(tried again after the next save): {e!r}")

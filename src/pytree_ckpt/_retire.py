@@ -9,6 +9,7 @@ needs any more.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import weakref
 from collections.abc import Iterable, Mapping
@@ -46,6 +47,9 @@ class Ledger:
         # them, nothing else is left in its folder and a sweep skips it (on an object store,
         # pruning lists every key of the folder).
         self._pruned: dict[int, set[str]] = {}
+        # delete_steps' deletes, and the thread that runs them in the background.
+        self._deleting: concurrent.futures.Future[list[tuple[int, Exception]]] | None = None
+        self._deleter: concurrent.futures.ThreadPoolExecutor | None = None
 
     def committed(self, step: int, objects: Mapping[str, weakref.ref],
                   written: bytes | None = None) -> None:
@@ -107,6 +111,40 @@ class Ledger:
             if keys is not None:
                 self._pruned[step] = keys
         self.sweep(kept)
+
+    def delete_steps(self, steps: list[int], kept: list[int], primary: bool,
+                     background: bool) -> None:
+        """:meth:`delete` of each of ``steps``, at once or, with ``background``, in a thread
+        of the ledger's own; :meth:`finish` waits for them. Meanwhile only that thread uses
+        the retired folders and needed sets; the base stays (the newest step is never
+        deleted), so a save may start from it."""
+        if not background:
+            self._deleting = concurrent.futures.Future()
+            self._deleting.set_result(self._delete_all(steps, kept, primary))
+            return
+        if self._deleter is None:
+            self._deleter = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="pytree_ckpt-retention")
+        self._deleting = self._deleter.submit(self._delete_all, steps, kept, primary)
+
+    def _delete_all(self, steps: list[int], kept: list[int], primary: bool
+                    ) -> list[tuple[int, Exception]]:
+        failed = []
+        for step in steps:
+            try:
+                self.delete(step, kept, primary)
+            except Exception as e:
+                failed.append((step, e))
+        return failed
+
+    def finish(self) -> list[tuple[int, Exception]]:
+        """Waits for :meth:`delete_steps`; returns the steps it could not delete, with why."""
+        deleting, self._deleting = self._deleting, None
+        return [] if deleting is None else deleting.result()
+
+    def close(self) -> None:
+        if self._deleter is not None:
+            self._deleter.shutdown()
 
     def find_retired(self, children: Mapping[str, set[str] | None], steps: list[int]) -> None:
         """Takes the retired folders among a manager directory's ``children`` (see
