@@ -4,7 +4,8 @@ The data a committed step refers to (see ``_carry``) is *needed*. Deleting a ste
 kept step needs *retires* it: ``<step>/retired`` is written, then the commit file deleted,
 then everything but the needed arrays. A folder holding ``retired`` and no commit file is no
 save's leftover (``_clean`` never deletes it); a manager's sweep deletes what no kept step
-needs any more.
+needs any more. The steps retention drops are deleted at once, or (a manager with
+``async_save``) in a thread of the ledger's own while the next step is written.
 """
 
 from __future__ import annotations
