@@ -90,16 +90,25 @@ def _read_checked(loc: _storage.Location, kv: Any, commit: Commit, jobs: list,
     """:func:`read_leaves` (``share``: restore's ``share_reads``), once nothing in a local
     generation folder is a FIFO, device or socket (TensorStore's read of one would block
     forever): one ``stat`` per file. A failure while the commit file no longer names
-    ``commit``'s generation is :class:`OverwrittenError`."""
+    ``commit``'s generation is :class:`OverwrittenError`; one of a step whose carried leaves'
+    step folders are not there, the :class:`CheckpointNotFoundError` naming them (locally
+    checked before reading, with the FIFOs; on an object store only once a read failed,
+    rather than a request before every read)."""
     try:
         if loc.local is not None:
             _storage.check_regular_tree(os.path.join(loc.local, commit.data))
         stores = None
         if commit.refs:  # carried leaves: read from the step folders that wrote them
             stores = _refs.Stores(loc, kv, commit)
-            stores.check(rec for _path, rec, _want in jobs)
-        return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote, share=share,
-                           stores=stores)
+            if loc.local is not None:
+                stores.check(rec for _path, rec, _want in jobs)
+        try:
+            return read_leaves(loc.url, kv, commit, jobs, remote=loc.remote, share=share,
+                               stores=stores)
+        except Exception:
+            if stores is not None and loc.local is None:
+                stores.check(rec for _path, rec, _want in jobs)
+            raise
     except Exception as e:
         if isinstance(e, StorageError):
             raise  # the store failed: whether it was overwritten meanwhile is not known
