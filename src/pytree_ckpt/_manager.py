@@ -68,14 +68,15 @@ class CheckpointManager:
 
     Retention runs after each save commits (never before): steps outside the newest ``keep``,
     the multiples of ``keep_every_n_steps`` and the best are deleted (with ``async_save``, in
-    the background, as Orbax's async manager does; :meth:`save`, :meth:`wait`, :meth:`delete`
-    and :meth:`close` wait for it). Steps only go up: a step older than the latest committed
-    one is refused (after a rollback, retention would otherwise delete the new steps and keep
-    the diverged ones); delete the newer steps first with :meth:`delete`, as Orbax asks. Only
-    committed steps count: :meth:`steps`, :meth:`latest_step` and :meth:`restore` never see
-    a save that did not finish. One manager at a time may hold a directory
-    (:class:`LockedError` otherwise); a manager is meant for one thread. Close it (or use
-    ``with``) to wait for the last save, apply retention and release the lock.
+    the background while the next step is written, as Orbax's async manager deletes; the save
+    after it, :meth:`wait`, :meth:`delete` and :meth:`close` wait). Steps only go up: a step
+    older than the latest committed one is refused (after a rollback, retention would
+    otherwise delete the new steps and keep the diverged ones); delete the newer steps first
+    with :meth:`delete`, as Orbax asks. Only committed steps count: :meth:`steps`,
+    :meth:`latest_step` and :meth:`restore` never see a save that did not finish. One manager
+    at a time may hold a directory (:class:`LockedError` otherwise); a manager is meant for
+    one thread. Close it (or use ``with``) to wait for the last save, apply retention and
+    release the lock.
 
     **Raises:** :class:`LockedError` if another manager holds the directory (never with
     ``read_only``); :class:`NotACheckpointError` if ``manager.lock`` is a symbolic link or
@@ -293,8 +294,7 @@ class CheckpointManager:
         self._metrics.pop(step, None)
 
     def wait(self) -> None:
-        """Waits for the save in flight to commit, then applies retention and waits for its
-        deletes.
+        """Waits for the save in flight to commit, then for retention and its deletes.
 
         **Raises:** :class:`SaveError` if that save failed. What fails after the commit
         (retention's deletes, releasing the lock at close) is a ``RuntimeWarning``."""
@@ -451,10 +451,10 @@ class CheckpointManager:
         self._apply_retention()
 
     def _apply_retention(self) -> None:
-        """Drops the steps retention no longer keeps and deletes them: in the background
-        with ``async_save``, else at once. A save has committed: a failure here (a delete
-        refused, an unreadable metrics file, ``best_fn`` raising) is a warning, never raised
-        by a later call; an undeleted step is a step again, for the next retention."""
+        """Drops the steps retention no longer keeps and deletes them (in the background with
+        ``async_save``). A save has committed: a failure here (a delete refused, an unreadable
+        metrics file, ``best_fn`` raising) is a warning, never raised by a later call; an
+        undeleted step is a step again, for the next retention."""
         try:
             best = self._best()
         except Exception as e:
