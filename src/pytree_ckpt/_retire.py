@@ -61,14 +61,19 @@ class Ledger:
         self.base = None
         if not (self._enabled and objects):
             return
-        key = f"{step}/{COMMIT_FILE}"
         try:
-            raw = written if written is not None else _storage.read_key(self._kv, key)
-            commit = _decode.decode(raw or b"", f"{self._loc.url}/{key}")
+            commit = self._commit(step, written)
         except Exception:
             return
         self._known[step] = needs(commit)
         self.base = _carry.Base(str(step), commit, objects)
+
+    def _commit(self, step: int, raw: bytes | None = None) -> Commit:
+        """Step ``step``'s commit file, decoded: ``raw``, else read."""
+        key = f"{step}/{COMMIT_FILE}"
+        if raw is None:
+            raw = _storage.read_key(self._kv, key)
+        return _decode.decode(raw or b"", f"{self._loc.url}/{key}")
 
     def dropped(self, step: int) -> None:
         """``step`` is no longer a committed step of the manager's."""
@@ -82,10 +87,8 @@ class Ledger:
         out: dict[str, set[str]] = {}
         for step in kept:
             if step not in self._known:
-                key = f"{step}/{COMMIT_FILE}"
                 try:
-                    commit = _decode.decode(_storage.read_key(self._kv, key) or b"",
-                                            f"{self._loc.url}/{key}")
+                    commit = self._commit(step)
                 except Exception:
                     return None
                 self._known[step] = needs(commit)
