@@ -300,7 +300,7 @@ def _steps(pc: ModuleType, args: argparse.Namespace) -> int:
             "" if r["leaf_count"] is None else str(r["leaf_count"]),
             short(", ".join(f"{k}={number(v)}" for k, v in r["metrics"].items())),
             "best" if r["best"] else
-            "carried by " + ", ".join(map(str, r.get("carried_by", ()))) if "carried_by" in r
+            "carried by " + ", ".join(map(str, r["carried_by"])) if "carried_by" in r
             else "") for r in rows], right={0, 3, 4, 5, 6})
     if any(r["state"] == "saving?" for r in rows):
         print("saving?: incomplete, and recent enough to be a save still writing")
