@@ -80,10 +80,10 @@ class FaultProxy:
         self._upstream = (parsed.hostname, parsed.port)
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
-        self.log: list[tuple[str, str, str]] = []
+        # Per request seen: (method, kind, key, bytes of its body).
+        self.log: list[tuple[str, str, str, int]] = []
         # Per forwarded request: (kind, key, its Range header or None, bytes of the answer).
         self.answers: list[tuple[str, str, str | None, int]] = []
-        self._sizes: list[int] = []  # each logged request's body length
         self._server = _Server((LOOPBACK, 0), self._handler())
         self._server.daemon_threads = True
         self.endpoint = f"http://{LOOPBACK}:{self._server.server_address[1]}"
@@ -108,29 +108,27 @@ class FaultProxy:
             self._rules.clear()
             self.log.clear()
             self.answers.clear()
-            self._sizes.clear()
 
     def counts(self) -> collections.Counter:
         """Requests seen so far, by kind (``"get"``, ``"list"``, ``"put"``, ...)."""
         with self._lock:
-            return collections.Counter(kind for _m, kind, _k in self.log)
+            return collections.Counter(kind for _m, kind, _k, _n in self.log)
 
     def keys(self, kind: str) -> list[str]:
         """The keys of the requests of ``kind`` seen so far, in order."""
         with self._lock:
-            return [k for _m, kd, k in self.log if kd == kind]
+            return [k for _m, kd, k, _n in self.log if kd == kind]
 
     def sent(self, kind: str, key: str | None = None) -> int:
         """The bytes of the bodies of the requests of ``kind`` seen so far (those whose key
         matches the regex ``key``, if given)."""
         with self._lock:
-            return sum(n for (_m, kd, k), n in zip(self.log, self._sizes, strict=True)
+            return sum(n for _m, kd, k, n in self.log
                        if kd == kind and (key is None or re.search(key, k) is not None))
 
     def _decide(self, method: str, kind: str, key: str, size: int = 0) -> Rule | None:
         with self._lock:
-            self.log.append((method, kind, key))
-            self._sizes.append(size)
+            self.log.append((method, kind, key, size))
             for rule in self._rules:
                 if rule.matches(method, kind, key):
                     rule.hits += 1
