@@ -185,5 +185,3 @@ def _runs(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> list[tup
         for k, run in zip(which.tolist(), runs, strict=True):
             out[k] = run
     return out
-
-

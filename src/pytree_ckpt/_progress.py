@@ -64,5 +64,3 @@ def _batches(jobs: list, sizes: list[int]) -> Iterator[tuple[list, int]]:
         total += size
     if batch:
         yield batch, total
-
-

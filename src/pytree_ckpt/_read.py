@@ -390,5 +390,3 @@ def _checked(url: str, data: memoryview, start: int, rec: LeafRecord, blob: int,
             f"{url}: leaf {rec.path!r}: checksum mismatch in packed blob {blob} "
             "(the stored bytes are damaged or missing)")
     return host
-
-

@@ -176,4 +176,3 @@ def _check_destination(loc: _storage.Location, kv: Any, overwrite: bool) -> set[
             f"{loc.url}: a checkpoint already exists; pass overwrite=True to replace it"
         )
     return names
-

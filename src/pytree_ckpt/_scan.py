@@ -40,4 +40,3 @@ def _marked_steps(loc: _storage.Location, kv: Any, primary: bool, marked: list[i
                 _clean.reclaim_step(loc, kv, step)
         carry.sweep(steps)
     return steps
-
